@@ -13,11 +13,38 @@ imports Triton or builds the extension.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
+from pathlib import Path
 
 from ._backend import BACKENDS, BackendUnavailable
 from .info import extension_info
 
 __version__ = "0.1.0"
+
+
+def _map_source_checkout_kernels() -> None:
+    """In a plain source checkout (PYTHONPATH=repo, no install), make `rlhf_fast.kernels` load ./kernels.
+
+    Installs map kernels/ to rlhf_fast.kernels through setup.py's package_dir; a bare copy of the tree
+    (as benchmarks/gpu_check.sh uses) has no such mapping, so the same module is registered here.
+    """
+    if (Path(__file__).parent / "kernels").is_dir() or "rlhf_fast.kernels" in sys.modules:
+        return
+    if importlib.util.find_spec("rlhf_fast.kernels") is not None:  # editable install's finder
+        return
+    init = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    if not init.is_file():
+        return
+    spec = importlib.util.spec_from_file_location("rlhf_fast.kernels", init,
+                                                  submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["rlhf_fast.kernels"] = module
+    spec.loader.exec_module(module)
+    globals()["kernels"] = module
+
+
+_map_source_checkout_kernels()
 
 # public name -> module that defines it
 _LAZY = {
