@@ -1,0 +1,196 @@
+"""Input checks and Triton launchers shared by the three attention ops.
+
+Padded (B, H, T, D) and packed (total, H, D) tensors reach the same kernels: every tensor is described
+by (batch stride, head stride, token stride) with a unit head-dim stride, and a packed batch passes
+`cu_seqlens` so each program finds its sequence's first token and length (batch stride 0). The
+log-sum-exp is kept in fp32 and in log2 units (the kernels work with exp2), laid out (B, Hq, T)
+padded or (Hq, total) packed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _validate
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def check_qkv(q, k, v, *, token_dim: int, ndim: int) -> None:
+    """Shape/dtype/device checks common to the padded (ndim 4) and packed (ndim 3) layouts.
+
+    token_dim is the axis of the sequence; the head axis is 1 in both layouts.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _validate.check_tensor(name, t, ndim=ndim, dtypes=_validate.FLOAT_DTYPES)
+    _validate.check_same_device(q=q, k=k, v=v)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"k and v must have q's dtype {q.dtype}, got k {k.dtype} and v {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if ndim == 4 and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k and v must have q's batch size {q.shape[0]} at dim 0, got shape {tuple(k.shape)}")
+    if k.shape[token_dim] != q.shape[token_dim]:
+        raise ValueError(f"k and v must have q's sequence length {q.shape[token_dim]} at dim {token_dim}, "
+                         f"got shape {tuple(k.shape)}")
+    check_heads_and_dim(q, k)
+
+
+def check_heads_and_dim(q, k, *, k_name: str = "k") -> None:
+    d = q.shape[-1]
+    if d not in HEAD_DIMS:
+        raise ValueError(f"q head dim (last dim) must be one of {HEAD_DIMS}, got {d}")
+    if k.shape[-1] != d:
+        raise ValueError(f"{k_name} must have q's head dim {d} as last dim, got shape {tuple(k.shape)}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"q heads ({hq}) must be a multiple of {k_name} heads ({hkv}) at dim 1 (MHA, GQA, MQA)")
+
+
+def default_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    return float(scale)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> None:
+    """Value checks on cu_seqlens; reads it on the host (one sync), so it runs inside the custom op."""
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+    if bounds[-1] > total:
+        raise ValueError(f"cu_seqlens[-1] ({bounds[-1]}) must be <= q.shape[0] ({total})")
+    if max(lengths, default=0) > max_seqlen:
+        raise ValueError(f"max_seqlen ({max_seqlen}) must be >= the longest sequence ({max(lengths)})")
+
+
+# ----------------------------------------------------------------------------------------------- layout
+def unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any batch/head/token strides but need a unit head-dim stride."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def empty_like_unit_last(t: torch.Tensor) -> torch.Tensor:
+    """An output laid out like `t` (a (B, T, H, D) view stays one) with a unit head-dim stride.
+
+    The fake (meta) functions allocate their outputs with this too, so fake and real strides agree.
+    """
+    out = torch.empty_like(t)
+    return out if out.stride(-1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def bht_strides(t: torch.Tensor, packed: bool) -> tuple[int, int, int]:
+    """(batch, head, token) strides of a (B, H, T, D) or packed (total, H, D) tensor."""
+    if packed:
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def arch_of(device: torch.device) -> int:
+    """Config table to use: 90 on Hopper and newer, 80 otherwise (and in the CPU interpreter)."""
+    if device.type != "cuda":
+        return 80
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def lse_shape(q: torch.Tensor, packed: bool) -> tuple[int, ...]:
+    return (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[1], q.shape[2])
+
+
+def lse_strides(lse: torch.Tensor, packed: bool) -> tuple[int, int]:
+    """(batch, head) strides of the LSE; its token stride is 1."""
+    return (0, lse.stride(0)) if packed else (lse.stride(0), lse.stride(1))
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
+    """Forward. Padded: q (B, Hq, T, D), cu_seqlens None. Packed: q (total, Hq, D), cu_seqlens (n+1,).
+
+    Returns (out like q, lse fp32 (B, Hq, T) or (Hq, total), log2 units).
+    """
+    import triton
+
+    from rlhf_fast.kernels import causal_attention as kern
+
+    packed = cu_seqlens is not None
+    out = empty_like_unit_last(q)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    lse = torch.empty(lse_shape(q, packed), device=q.device, dtype=torch.float32)
+    n_seq = cu_seqlens.numel() - 1 if packed else q.shape[0]
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    if n_seq == 0 or max_seqlen == 0 or q.numel() == 0:
+        return out.zero_(), lse.fill_(0.0)
+    cfg = kern.config("fwd", arch_of(q.device), d, q.dtype)
+    grid = (triton.cdiv(max_seqlen, cfg.block_m), n_seq * hq)
+    kern._attn_fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens if packed else lse,
+        *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(out, packed),
+        *lse_strides(lse, packed),
+        max_seqlen, hq, hq // hkv, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_VARLEN=packed,
+        IEEE_FP32=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, lse
+
+
+def attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float, deterministic: bool):
+    """Backward (FlashAttention-2): dK/dV per KV block summed over the query heads of each group, then dQ.
+
+    deterministic=True computes dQ in a separate pass over the KV blocks (no atomics); False accumulates
+    dQ with fp32 atomics inside the dK/dV pass, saving the recomputation of the scores.
+    """
+    import triton
+
+    from rlhf_fast.kernels import causal_attention as kern
+
+    packed = cu_seqlens is not None
+    dq, dk, dv = empty_like_unit_last(q), empty_like_unit_last(k), empty_like_unit_last(v)
+    do, q, k, v, out = (unit_last(t) for t in (do, q, k, v, out))
+    n_seq = cu_seqlens.numel() - 1 if packed else q.shape[0]
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    if n_seq == 0 or max_seqlen == 0 or q.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if packed:  # rows past cu_seqlens[-1] belong to no sequence; their gradient is 0
+        dq.zero_(), dk.zero_(), dv.zero_()
+    arch = arch_of(q.device)
+    cu = cu_seqlens if packed else lse
+    common = dict(HEAD_DIM=d, IS_VARLEN=packed, IEEE_FP32=q.dtype == torch.float32)
+
+    delta = torch.empty_like(lse)
+    cfg = kern.config("bwd_pre", arch, d, q.dtype)
+    kern._attn_bwd_preprocess_kernel[(triton.cdiv(max_seqlen, cfg.block_m), n_seq * hq)](
+        out, do, delta, cu, *bht_strides(out, packed), *bht_strides(do, packed), *lse_strides(delta, packed),
+        max_seqlen, hq, HEAD_DIM=d, BLOCK_M=cfg.block_m, IS_VARLEN=packed,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    atomic = not deterministic
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
+    cfg = kern.config("bwd_dkdv_atomic" if atomic else "bwd_dkdv", arch, d, q.dtype)
+    kern._attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg.block_n), n_seq * hkv)](
+        q, k, v, do, lse, delta, dk, dv, dq_acc, cu,
+        *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(do, packed),
+        *bht_strides(dk, packed), *bht_strides(dv, packed), *bht_strides(dq_acc, packed),
+        *lse_strides(lse, packed),
+        max_seqlen, hkv, hq // hkv, scale, scale * LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic, **common,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if atomic:
+        return dq.copy_(dq_acc), dk, dv
+
+    cfg = kern.config("bwd_dq", arch, d, q.dtype)
+    kern._attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg.block_m), n_seq * hq)](
+        q, k, v, do, lse, delta, dq, cu,
+        *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(do, packed),
+        *bht_strides(dq, packed), *lse_strides(lse, packed),
+        max_seqlen, hq, hq // hkv, scale, scale * LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dq, dk, dv

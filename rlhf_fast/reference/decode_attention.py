@@ -1,0 +1,30 @@
+"""One-query attention over a KV cache in plain PyTorch: the CPU path and test oracle of `decode_attention`."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .causal_attention import compute_dtype
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                     *, scale: float | None = None, backend: str = "reference") -> torch.Tensor:
+    """Attention of one new query per sequence over the first cache_seqlens[b] cache positions.
+
+    q (B, Hq, D), k_cache and v_cache (B, Hkv, Tmax, D), cache_seqlens int32 (B,) in [0, Tmax].
+    Returns (B, Hq, D) in q's dtype; a row with cache_seqlens[b] == 0 attends to nothing and returns 0.
+    Computes in fp32 for half-precision inputs (fp64 for fp64).
+    """
+    out_dtype = q.dtype
+    ct = compute_dtype(q.dtype)
+    q, k, v = q.to(ct), k_cache.to(ct), v_cache.to(ct)
+    b, hq, d = q.shape
+    hkv, tmax = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qg = q.view(b, hkv, hq // hkv, d)  # query heads grouped by the KV head they read
+    scores = (qg @ k.transpose(-1, -2)) * scale  # (B, Hkv, G, Tmax)
+    valid = torch.arange(tmax, device=q.device)[None, :] < cache_seqlens.to(q.device).long()[:, None]  # (B, Tmax)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.nan_to_num(scores.softmax(dim=-1), nan=0.0)  # all-masked rows give 0, not NaN
+    return (probs @ v).reshape(b, hq, d).to(out_dtype)
