@@ -77,7 +77,7 @@ setup(
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "scipy", "safetensors"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "transformers", "scipy", "safetensors"],
         "train": ["tqdm", "matplotlib", "pyyaml", "safetensors"],
     },
     entry_points={"console_scripts": ["rlhf-fast = rlhf_fast.cli:main"]},
