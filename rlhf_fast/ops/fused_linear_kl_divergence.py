@@ -1,0 +1,109 @@
+"""fused_linear_kl_divergence: exact KL(pi || pi_ref) from both models' hidden states and lm_heads,
+never materializing either model's (N, V) logits."""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ..reference import fused_linear_kl_divergence as ref
+
+_OP = "fused_linear_kl_divergence"
+
+
+def _empty(t):
+    return t.new_empty(0)
+
+
+@torch.library.custom_op("rlhf_fast::fused_linear_kl_divergence_fwd", mutates_args=())
+def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ref_hidden: torch.Tensor,
+            ref_weight: torch.Tensor, ref_bias: torch.Tensor | None, temperature: float, chunk_size: int,
+            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _backend.resolve(_OP, backend, hidden.device, gpu="triton") == "triton":
+        from . import _fused_linear_triton as tri
+        return tri.kl_forward(hidden.contiguous(), weight.contiguous(), bias, ref_hidden.contiguous(),
+                              ref_weight.contiguous(), ref_bias, temperature)
+    return ref.forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, chunk_size or None)
+
+
+@_fwd_op.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, chunk_size, backend):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("rlhf_fast::fused_linear_kl_divergence_bwd", mutates_args=())
+def _bwd_op(grad_kl: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            ref_hidden: torch.Tensor, ref_weight: torch.Tensor, ref_bias: torch.Tensor | None,
+            lse_p: torch.Tensor, lse_q: torch.Tensor, kl: torch.Tensor, temperature: float, chunk_size: int,
+            need: list[bool], backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _backend.resolve(_OP, backend, hidden.device, gpu="triton") == "triton":
+        from . import _fused_linear_triton as tri
+        grads = tri.kl_backward(grad_kl.contiguous(), hidden.contiguous(), weight.contiguous(), bias,
+                                ref_hidden.contiguous(), ref_weight.contiguous(), ref_bias, lse_p, lse_q, kl,
+                                temperature, need)
+    else:
+        grads = ref.backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl,
+                             temperature, chunk_size or None, need)
+    return tuple(g if g is not None else _empty(hidden) for g in grads)
+
+
+@_bwd_op.register_fake
+def _(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl, temperature,
+      chunk_size, need, backend):
+    return (torch.empty_like(hidden) if need[0] else _empty(hidden),
+            torch.empty_like(weight) if need[1] else _empty(hidden),
+            torch.empty_like(bias) if bias is not None and need[2] else _empty(hidden))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, chunk_size, backend = inputs
+    kl, lse_p, lse_q = output
+    ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl)
+    ctx.args = (temperature, chunk_size, backend)
+
+
+def _backward(ctx, grad_kl, _g_lse_p, _g_lse_q):
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl = ctx.saved_tensors
+    temperature, chunk_size, backend = ctx.args
+    need = [bool(x) for x in ctx.needs_input_grad[:3]]
+    need[2] = need[2] and bias is not None
+    d_h, d_w, d_b = _bwd_op(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl,
+                            temperature, chunk_size, need, backend)
+    return (d_h if need[0] else None, d_w if need[1] else None, d_b if need[2] else None,
+            None, None, None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_linear_kl_divergence(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
+                               ref_weight: torch.Tensor, *, bias: torch.Tensor | None = None,
+                               ref_bias: torch.Tensor | None = None, temperature: float = 1.0,
+                               chunk_size: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """Exact per-token KL(pi || pi_ref) over the whole vocab, from hidden states and lm_head weights.
+
+    Args:
+        hidden: (N, H) float32/bfloat16/float16, the policy's final hidden states.
+        weight: (V, H) same dtype (policy lm_head); bias: optional (V,).
+        ref_hidden: (N, H_ref) the reference model's hidden states (any float dtype; H_ref may differ).
+        ref_weight: (V, H_ref) same dtype as ref_hidden; ref_bias: optional (V,).
+        temperature: > 0, applied to both models' logits.
+        chunk_size: tokens per chunk for the reference backend (Triton tiles on its own).
+        backend: "auto" | "triton" | "reference".
+
+    Returns:
+        (N,) float32, equal to ``kl_divergence(linear(hidden, weight, bias), linear(ref_hidden,
+        ref_weight, ref_bias), temperature=T)``, i.e.
+        ``(lp.exp() * (lp - lq)).sum(-1)`` with lp, lq the two log_softmax(logits.float() / T).
+
+    Differentiable in hidden, weight and bias. The reference model is a constant: ref_* tensors that
+    require grad raise ValueError (pass them detached). The backward recomputes both models' logit
+    blocks (two more matmuls) and accumulates d(weight) in fp32.
+
+    Backends: "triton" (both matmuls tiled with tl.dot, logit tiles kept on chip with online
+    log-sum-exp for both models, fp32 atomics for d(hidden)/d(weight)), "reference" (chunked PyTorch).
+    """
+    ref.validate(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, temperature, chunk_size)
+    _backend.check_backend_arg(backend)
+    kl, _, _ = _fwd_op(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, float(temperature),
+                       chunk_size or 0, backend)
+    return kl

@@ -1,0 +1,140 @@
+"""token_logprobs: per-token log pi(target) and entropy from materialized logits, one pass over the vocab.
+
+Layers (FlashAttention style): Triton launchers -> torch.library custom ops (forward, backward) with
+fake shape functions and a registered autograd formula -> the public function with the spec.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ..reference import token_logprobs as ref
+
+_OP = "token_logprobs"
+
+
+def _triton_forward(logits, targets, temperature, want_entropy, ignore_index):
+    from ..kernels import token_logprobs as k
+    n, vocab = logits.shape
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return logp, entropy, lse
+    cfg = k.pick_config(vocab)
+    k._token_logprobs_fwd_kernel[(n,)](
+        logits, targets, logp, entropy, lse, logits.stride(0), vocab, 1.0 / temperature, ignore_index,
+        WANT_ENTROPY=want_entropy, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return logp, entropy, lse
+
+
+def _triton_backward(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index):
+    from ..kernels import token_logprobs as k
+    n, vocab = logits.shape
+    grad = torch.empty_like(logits)
+    if n == 0:
+        return grad
+    have_ent = grad_entropy is not None
+    cfg = k.pick_config(vocab)
+    k._token_logprobs_bwd_kernel[(n,)](
+        logits, targets, lse, entropy if have_ent else lse, grad_logp,
+        grad_entropy if have_ent else grad_logp, grad, logits.stride(0), grad.stride(0), vocab,
+        1.0 / temperature, ignore_index, HAVE_ENTROPY=have_ent, BLOCK_V=cfg.block_v,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return grad
+
+
+@torch.library.custom_op("rlhf_fast::token_logprobs_fwd", mutates_args=())
+def _fwd_op(logits: torch.Tensor, targets: torch.Tensor, temperature: float, want_entropy: bool,
+            ignore_index: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ref.check_targets_in_range(targets, logits.shape[-1], ignore_index)
+    chosen = _backend.resolve(_OP, backend, logits.device, gpu="triton")
+    if chosen == "triton":
+        return _triton_forward(logits.contiguous(), targets.contiguous(), temperature, want_entropy,
+                               ignore_index)
+    return ref.forward(logits, targets, temperature, want_entropy, ignore_index)
+
+
+@_fwd_op.register_fake
+def _(logits, targets, temperature, want_entropy, ignore_index, backend):
+    n = logits.shape[0]
+    new = lambda m: logits.new_empty(m, dtype=torch.float32)  # noqa: E731
+    return new(n), new(n if want_entropy else 0), new(n)
+
+
+@torch.library.custom_op("rlhf_fast::token_logprobs_bwd", mutates_args=())
+def _bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
+            targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
+            ignore_index: int, backend: str) -> torch.Tensor:
+    chosen = _backend.resolve(_OP, backend, logits.device, gpu="triton")
+    if chosen == "triton":
+        return _triton_backward(grad_logp.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
+                                logits.contiguous(), targets.contiguous(), lse, entropy, temperature,
+                                ignore_index)
+    return ref.backward(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index)
+
+
+@_bwd_op.register_fake
+def _(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, backend):
+    return torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, targets, temperature, want_entropy, ignore_index, backend = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, targets, lse, entropy)
+    ctx.args = (temperature, want_entropy, ignore_index, backend)
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    logits, targets, lse, entropy = ctx.saved_tensors
+    temperature, want_entropy, ignore_index, backend = ctx.args
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    if not want_entropy:
+        grad_entropy = None
+    grad = _bwd_op(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, backend)
+    return grad, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                   return_entropy: bool = False, ignore_index: int = -100, backend: str = "auto"):
+    """Log-probability of each target token (and the entropy) without an (N, V) fp32 copy of the logits.
+
+    Args:
+        logits: (..., V) float32, bfloat16 or float16.
+        targets: (...) int64 (or int32), each in [0, V) or equal to ``ignore_index``.
+        temperature: > 0; the distribution is softmax(logits / temperature).
+        return_entropy: also return the entropy of that distribution.
+        ignore_index: targets equal to it give logp = 0 and entropy = 0, and no gradient.
+        backend: "auto" | "triton" | "reference" (see ``rlhf_fast._backend``).
+
+    Returns:
+        logp (...) float32, or (logp, entropy) when ``return_entropy``. For non-ignored positions::
+
+            z = logits.float() / temperature
+            logp = z.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+            entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+
+        i.e. trl's ``selective_log_softmax(logits / T, targets)`` and ``entropy_from_logits(logits / T)``,
+        computed in float32 whatever the input dtype.
+
+    Differentiable in ``logits``; the backward writes d(logits) in the logits' dtype directly (no (N, V)
+    fp32 intermediate). Targets outside [0, V) raise ValueError (the check reads the targets, so on
+    CUDA it costs one host sync).
+
+    Backends: "triton" (one program per row, online max/sum over vocab tiles; CUDA tensors, or CPU
+    tensors under TRITON_INTERPRET=1), "reference" (chunked PyTorch, any device). "auto" picks Triton
+    for CUDA tensors and the reference for CPU tensors.
+    """
+    ref.validate(logits, targets, temperature, ignore_index)
+    _backend.check_backend_arg(backend)
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    logp, entropy, _ = _fwd_op(logits.reshape(-1, vocab), targets.reshape(-1), float(temperature),
+                               bool(return_entropy), ignore_index, backend)
+    if return_entropy:
+        return logp.reshape(lead), entropy.reshape(lead)
+    return logp.reshape(lead)

@@ -1,0 +1,102 @@
+"""Pure-PyTorch fused-linear KL(pi || pi_ref): both lm_head matmuls and the exact KL, chunked over tokens.
+
+Only one (chunk_rows, V) fp32 block of each model's logits exists at a time; the backward recomputes
+both blocks and accumulates d(weight) in fp32. Gradients flow to the policy side only.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import fused_linear_logprobs as fll
+from . import kl_divergence as kld
+from . import token_logprobs as tl
+
+
+def validate(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, temperature, chunk_size) -> None:
+    fll.validate(hidden, weight, None, bias, temperature, 0, chunk_size)
+    fll.validate(ref_hidden, ref_weight, None, ref_bias, temperature, 0, chunk_size,
+                 names=("ref_hidden", "ref_weight", "targets", "ref_bias"))
+    if ref_hidden.shape[0] != hidden.shape[0]:
+        raise ValueError(f"ref_hidden must have {hidden.shape[0]} rows (hidden.shape[0]), "
+                         f"got shape {tuple(ref_hidden.shape)}")
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight must have vocab size {weight.shape[0]} (weight.shape[0]), "
+                         f"got shape {tuple(ref_weight.shape)}")
+    if ref_hidden.device != hidden.device:
+        raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
+    for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+        if t is not None and t.requires_grad:
+            raise ValueError(f"{name} requires grad, but only the policy side (hidden, weight, bias) is "
+                             f"differentiated; pass {name}.detach()")
+
+
+def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature: float,
+            chunk_rows: int | None = None):
+    """-> (kl, lse_p, lse_q), each (N,) fp32."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    chunk_rows = min(chunk_rows or tl.rows_per_chunk(vocab), max(n, 1))
+    out = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+    buf = torch.empty(2, chunk_rows, vocab, dtype=torch.float32, device=hidden.device)
+    for s in range(0, n, chunk_rows):
+        e = min(n, s + chunk_rows)
+        z = fll.logits_chunk(hidden[s:e], weight, bias, temperature, buf[0])
+        zr = fll.logits_chunk(ref_hidden[s:e], ref_weight, ref_bias, temperature, buf[1])
+        for o, v in zip(out, kld.row_stats(z, zr)):
+            o[s:e] = v
+    return tuple(out)
+
+
+def backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl,
+             temperature: float, chunk_rows: int | None = None, need=(True, True, True)):
+    """Returns (d hidden, d weight, d bias), None where not needed."""
+    need_h, need_w, need_b = need[0], need[1], need[2] and bias is not None
+    n, vocab = hidden.shape[0], weight.shape[0]
+    chunk_rows = min(chunk_rows or tl.rows_per_chunk(vocab), max(n, 1))
+    fp32 = hidden.dtype == torch.float32
+    d_hidden = torch.empty_like(hidden) if need_h else None
+    d_weight32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    d_bias32 = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+    buf = torch.empty(2, chunk_rows, vocab, dtype=torch.float32, device=hidden.device)
+    for s in range(0, n, chunk_rows):
+        e = min(n, s + chunk_rows)
+        z = fll.logits_chunk(hidden[s:e], weight, bias, temperature, buf[0])
+        zr = fll.logits_chunk(ref_hidden[s:e], ref_weight, ref_bias, temperature, buf[1])
+        dz, _ = kld.grads_(z, zr, lse_p[s:e], lse_q[s:e], kl[s:e], grad_kl[s:e], temperature, False)
+        if need_h:
+            if fp32:
+                torch.mm(dz, weight, out=d_hidden[s:e])
+            else:
+                d_hidden[s:e] = dz.to(weight.dtype) @ weight
+        if need_w:
+            d_weight32.addmm_(dz.t(), hidden[s:e] if fp32 else hidden[s:e].float())
+        if need_b:
+            d_bias32 += dz.sum(0)
+    d_weight = None if d_weight32 is None else d_weight32.to(weight.dtype)
+    d_bias = None if d_bias32 is None else d_bias32.to(bias.dtype)
+    return d_hidden, d_weight, d_bias
+
+
+class _FusedLinearKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, chunk_rows):
+        kl, lse_p, lse_q = forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature,
+                                   chunk_rows)
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl)
+        ctx.args = (temperature, chunk_rows)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl = ctx.saved_tensors
+        temperature, chunk_rows = ctx.args
+        grads = backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl,
+                         temperature, chunk_rows, ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None)
+
+
+def fused_linear_kl_divergence(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None,
+                               temperature=1.0, chunk_size=None):
+    """Reference twin of rlhf_fast.fused_linear_kl_divergence (see its docstring for the contract)."""
+    validate(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, temperature, chunk_size)
+    return _FusedLinearKL.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, float(temperature),
+                                chunk_size)

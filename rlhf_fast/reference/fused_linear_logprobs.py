@@ -1,0 +1,130 @@
+"""Pure-PyTorch fused_linear_logprobs: lm_head matmul + token logprob/entropy, chunked over tokens.
+
+Only one chunk of logits, (chunk_rows, V) fp32, exists at a time. The backward recomputes each chunk's
+logits (one extra matmul) instead of keeping them, and accumulates d(weight) over chunks in fp32.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validate
+from . import token_logprobs as tl
+
+
+def validate(hidden, weight, targets, bias, temperature, ignore_index, chunk_size,
+             names=("hidden", "weight", "targets", "bias")) -> None:
+    """Data-free checks; `names` lets the KL op reuse this for its ref_* arguments."""
+    h_name, w_name, t_name, b_name = names
+    _validate.check_tensor(h_name, hidden, ndim=2, dtypes=_validate.FLOAT_DTYPES)
+    _validate.check_tensor(w_name, weight, ndim=2, dtypes=(hidden.dtype,))
+    _validate.check_dim(w_name, weight, 1, hidden.shape[1], f"hidden size ({h_name}.shape[1])")
+    if bias is not None:
+        _validate.check_tensor(b_name, bias, ndim=1, dtypes=(hidden.dtype,))
+        _validate.check_dim(b_name, bias, 0, weight.shape[0], f"vocab size ({w_name}.shape[0])")
+    if targets is not None:
+        _validate.check_tensor(t_name, targets, ndim=1, dtypes=(torch.int64, torch.int32))
+        _validate.check_dim(t_name, targets, 0, hidden.shape[0], f"token count ({h_name}.shape[0])")
+    _validate.check_same_device(**{h_name: hidden, w_name: weight, t_name: targets, b_name: bias})
+    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature must be a Python float, got {type(temperature).__name__}")
+    _validate.check_positive("temperature", temperature)
+    if not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+def logits_chunk(hidden, weight, bias, temperature: float, out: torch.Tensor) -> torch.Tensor:
+    """out[:n] <- (hidden @ weight.T + bias) / T in fp32, for hidden (n, H). Reuses `out` (no fresh pages)."""
+    buf = out[: hidden.shape[0]]
+    if hidden.dtype == torch.float32:
+        if bias is None:
+            torch.mm(hidden, weight.t(), out=buf)
+        else:
+            torch.addmm(bias, hidden, weight.t(), out=buf)
+    else:
+        buf.copy_(torch.nn.functional.linear(hidden, weight, bias))
+    if temperature != 1.0:
+        buf.div_(temperature)
+    return buf
+
+
+def forward(hidden, weight, bias, targets, temperature: float, want_entropy: bool, ignore_index: int,
+            chunk_rows: int | None = None):
+    """hidden (N, H), weight (V, H) -> (logp (N,), entropy (N,) or (0,), lse (N,)), fp32."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    chunk_rows = min(chunk_rows or tl.rows_per_chunk(vocab), max(n, 1))
+    dev = hidden.device
+    logp = torch.empty(n, dtype=torch.float32, device=dev)
+    entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    buf = torch.empty(chunk_rows, vocab, dtype=torch.float32, device=dev)
+    for s in range(0, n, chunk_rows):
+        e = min(n, s + chunk_rows)
+        z = logits_chunk(hidden[s:e], weight, bias, temperature, buf)
+        lp, ent, ls = tl.row_stats(z, targets[s:e], ignore_index, want_entropy)
+        logp[s:e], lse[s:e] = lp, ls
+        if want_entropy:
+            entropy[s:e] = ent
+    return logp, entropy, lse
+
+
+def backward(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature: float,
+             ignore_index: int, chunk_rows: int | None = None, need=(True, True, True)):
+    """Returns (d hidden, d weight, d bias); an entry is None where `need` says it is not wanted."""
+    need_h, need_w, need_b = need[0], need[1], need[2] and bias is not None
+    n, vocab = hidden.shape[0], weight.shape[0]
+    chunk_rows = min(chunk_rows or tl.rows_per_chunk(vocab), max(n, 1))
+    fp32 = hidden.dtype == torch.float32
+    d_hidden = torch.empty_like(hidden) if need_h else None
+    d_weight32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    d_bias32 = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+    buf = torch.empty(chunk_rows, vocab, dtype=torch.float32, device=hidden.device)
+    for s in range(0, n, chunk_rows):
+        e = min(n, s + chunk_rows)
+        z = logits_chunk(hidden[s:e], weight, bias, temperature, buf)
+        ent = entropy[s:e] if grad_entropy is not None else None
+        g_e = grad_entropy[s:e] if grad_entropy is not None else None
+        dz = tl.grad_z_(z, targets[s:e], lse[s:e], ent, grad_logp[s:e], g_e, ignore_index, temperature)
+        if need_h:
+            if fp32:
+                torch.mm(dz, weight, out=d_hidden[s:e])
+            else:
+                d_hidden[s:e] = dz.to(weight.dtype) @ weight
+        if need_w:
+            d_weight32.addmm_(dz.t(), hidden[s:e] if fp32 else hidden[s:e].float())
+        if need_b:
+            d_bias32 += dz.sum(0)
+    d_weight = None if d_weight32 is None else d_weight32.to(weight.dtype)
+    d_bias = None if d_bias32 is None else d_bias32.to(bias.dtype)
+    return d_hidden, d_weight, d_bias
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_rows):
+        logp, entropy, lse = forward(hidden, weight, bias, targets, temperature, want_entropy,
+                                     ignore_index, chunk_rows)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.args = (temperature, want_entropy, ignore_index, chunk_rows)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        temperature, want_entropy, ignore_index, chunk_rows = ctx.args
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        grads = backward(grad_logp, grad_entropy if want_entropy else None, hidden, weight, bias, targets,
+                         lse, entropy, temperature, ignore_index, chunk_rows, ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None)
+
+
+def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False,
+                          ignore_index=-100, chunk_size=None):
+    """Reference twin of rlhf_fast.fused_linear_logprobs (see its docstring for the contract)."""
+    validate(hidden, weight, targets, bias, temperature, ignore_index, chunk_size)
+    tl.check_targets_in_range(targets, weight.shape[0], ignore_index)
+    logp, entropy = _FusedLinearLogprobs.apply(hidden, weight, bias, targets, float(temperature),
+                                               bool(return_entropy), ignore_index, chunk_size)
+    return (logp, entropy) if return_entropy else logp

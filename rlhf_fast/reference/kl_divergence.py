@@ -1,0 +1,110 @@
+"""Pure-PyTorch exact KL(pi || pi_ref) per row over the whole vocab, chunked over rows.
+
+With z = logits / T, zr = ref_logits / T, p = softmax(z), q = softmax(zr):
+    KL = sum_v p (log p - log q) = sum_v p (z - zr) - lse(z) + lse(zr)
+    dKL/dz = p * (log p - log q - KL) / T,   dKL/dzr = (q - p) / T
+Only per-row statistics are saved; the backward recomputes p and q one chunk of rows at a time.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validate
+from . import token_logprobs as tl
+
+
+def validate(logits, ref_logits, temperature) -> None:
+    _validate.check_tensor("logits", logits, dtypes=_validate.FLOAT_DTYPES)
+    _validate.check_tensor("ref_logits", ref_logits, dtypes=_validate.FLOAT_DTYPES)
+    if logits.dim() < 1:
+        raise ValueError(f"logits must have at least 1 dimension (..., V), got shape {tuple(logits.shape)}")
+    if tuple(ref_logits.shape) != tuple(logits.shape):
+        raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}, "
+                         f"got {tuple(ref_logits.shape)}")
+    _validate.check_same_device(logits=logits, ref_logits=ref_logits)
+    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature must be a Python float, got {type(temperature).__name__}")
+    _validate.check_positive("temperature", temperature)
+
+
+def row_stats(z: torch.Tensor, zr: torch.Tensor):
+    """z, zr (n, V) fp32 (already / T) -> (kl, lse_p, lse_q), each (n,) fp32."""
+    lse_p = torch.logsumexp(z, dim=-1)
+    lse_q = torch.logsumexp(zr, dim=-1)
+    kl = (torch.exp(z - lse_p[:, None]) * (z - zr)).sum(-1) - lse_p + lse_q
+    return kl, lse_p, lse_q
+
+
+def grads_(z, zr, lse_p, lse_q, kl, grad_kl, temperature: float, need_ref: bool):
+    """Overwrite z (and zr when need_ref) with d/d(logits) (and d/d(ref_logits)); returns (dz, dzr or None)."""
+    g = grad_kl.float()[:, None]
+    z.sub_(lse_p[:, None])                      # log p
+    zr.sub_(lse_q[:, None])                     # log q
+    diff = (z - zr).sub_(kl[:, None])
+    z.exp_()                                    # p
+    dzr = None
+    if need_ref:
+        dzr = zr.exp_().sub_(z).mul_(g)         # (q - p) g
+        if temperature != 1.0:
+            dzr.div_(temperature)
+    dz = z.mul_(diff).mul_(g)
+    if temperature != 1.0:
+        dz.div_(temperature)
+    return dz, dzr
+
+
+def _f32(x, temperature):
+    return x.to(torch.float32, copy=True).div_(temperature)
+
+
+def forward(logits, ref_logits, temperature: float, chunk_rows: int | None = None):
+    """logits, ref_logits (N, V) -> (kl, lse_p, lse_q), each (N,) fp32."""
+    n, vocab = logits.shape
+    chunk_rows = chunk_rows or tl.rows_per_chunk(vocab)
+    out = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3)]
+    for s in range(0, n, chunk_rows):
+        e = min(n, s + chunk_rows)
+        for o, v in zip(out, row_stats(_f32(logits[s:e], temperature), _f32(ref_logits[s:e], temperature))):
+            o[s:e] = v
+    return tuple(out)
+
+
+def backward(grad_kl, logits, ref_logits, lse_p, lse_q, kl, temperature: float, need_ref: bool,
+             chunk_rows: int | None = None):
+    """Returns (d logits, d ref_logits or None), in the inputs' dtypes."""
+    n, vocab = logits.shape
+    chunk_rows = chunk_rows or tl.rows_per_chunk(vocab)
+    d_logits = torch.empty_like(logits)
+    d_ref = torch.empty_like(ref_logits) if need_ref else None
+    for s in range(0, n, chunk_rows):
+        e = min(n, s + chunk_rows)
+        dz, dzr = grads_(_f32(logits[s:e], temperature), _f32(ref_logits[s:e], temperature), lse_p[s:e],
+                         lse_q[s:e], kl[s:e], grad_kl[s:e], temperature, need_ref)
+        d_logits[s:e] = dz
+        if need_ref:
+            d_ref[s:e] = dzr
+    return d_logits, d_ref
+
+
+class _KLDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, ref_logits, temperature):
+        kl, lse_p, lse_q = forward(logits, ref_logits, temperature)
+        ctx.save_for_backward(logits, ref_logits, lse_p, lse_q, kl)
+        ctx.temperature = temperature
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        logits, ref_logits, lse_p, lse_q, kl = ctx.saved_tensors
+        d_logits, d_ref = backward(grad_kl, logits, ref_logits, lse_p, lse_q, kl, ctx.temperature,
+                                   ctx.needs_input_grad[1])
+        return d_logits, d_ref, None
+
+
+def kl_divergence(logits, ref_logits, *, temperature=1.0):
+    """Reference twin of rlhf_fast.kl_divergence (see its docstring for the contract)."""
+    validate(logits, ref_logits, temperature)
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    kl = _KLDivergence.apply(logits.reshape(-1, vocab), ref_logits.reshape(-1, vocab), float(temperature))
+    return kl.reshape(lead)

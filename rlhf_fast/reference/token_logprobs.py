@@ -1,0 +1,151 @@
+"""Pure-PyTorch token_logprobs: log_softmax(logits / T) at the target, and the entropy, chunked over rows.
+
+The forward keeps only per-row statistics (lse, entropy); the backward recomputes softmax one chunk of
+rows at a time and writes d(logits) straight into a tensor of the logits' dtype, so the largest fp32
+temporary is (rows_per_chunk, V), never (N, V).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validate
+
+# Elements of the largest fp32 temporary: (rows_per_chunk, V). 2**22 * 4 bytes = 16 MiB.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def rows_per_chunk(vocab: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    return max(1, chunk_elements // max(vocab, 1))
+
+
+def validate(logits, targets, temperature: float, ignore_index: int, name: str = "logits") -> None:
+    """Shape/dtype/device checks that need no data (safe to run under torch.compile)."""
+    _validate.check_tensor(name, logits, dtypes=_validate.FLOAT_DTYPES)
+    _validate.check_tensor("targets", targets, dtypes=(torch.int64, torch.int32))
+    if logits.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dimension (..., V), got shape {tuple(logits.shape)}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])} ({name}.shape[:-1]), "
+                         f"got {tuple(targets.shape)}")
+    _validate.check_same_device(**{name: logits, "targets": targets})
+    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature must be a Python float, got {type(temperature).__name__}")
+    _validate.check_positive("temperature", temperature)
+    if not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Raise ValueError if a target is outside [0, vocab) and is not ignore_index (reads the data)."""
+    if targets.numel() == 0:
+        return
+    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    if bool(bad.any()):
+        first = targets[bad].flatten()[0].item()
+        raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                         f"found {first}")
+
+
+def row_stats(z: torch.Tensor, targets: torch.Tensor, ignore_index: int, want_entropy: bool):
+    """z: (n, V) fp32 logits already divided by T; returns (logp, entropy or None, lse), each (n,) fp32.
+
+    Ignored rows get logp = entropy = 0 (lse is still the true one; backward masks them).
+    """
+    lse = torch.logsumexp(z, dim=-1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0).long()
+    logp = torch.where(valid, z.gather(-1, safe[:, None]).squeeze(-1) - lse, 0.0)
+    entropy = None
+    if want_entropy:
+        p = torch.exp(z - lse[:, None])
+        entropy = torch.where(valid, lse - (p * z).sum(-1), 0.0)
+    return logp, entropy, lse
+
+
+def grad_z_(z: torch.Tensor, targets, lse, entropy, grad_logp, grad_entropy, ignore_index: int,
+            temperature: float) -> torch.Tensor:
+    """Overwrite z (n, V) fp32 with d(loss)/d(logits) for one chunk and return it.
+
+    d logp / dz = onehot(t) - p;  d H / dz = -p * (log p + H);  then divided by T (z = logits / T).
+    """
+    valid = targets != ignore_index
+    g_logp = torch.where(valid, grad_logp.float(), 0.0) if grad_logp is not None else torch.zeros_like(lse)
+    # z <- log p
+    z.sub_(lse[:, None])
+    if grad_entropy is not None:
+        g_ent = torch.where(valid, grad_entropy.float(), 0.0)
+        coef = (z + entropy[:, None]).mul_(g_ent[:, None]).add_(g_logp[:, None])
+    else:
+        coef = g_logp[:, None]
+    z.exp_().mul_(coef).neg_()
+    safe = torch.where(valid, targets, 0).long()
+    z.scatter_add_(-1, safe[:, None], g_logp[:, None])
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+def forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float, want_entropy: bool,
+            ignore_index: int, chunk_rows: int | None = None):
+    """logits (N, V), targets (N,) -> (logp (N,), entropy (N,) or (0,), lse (N,)), fp32."""
+    n, vocab = logits.shape
+    chunk_rows = chunk_rows or rows_per_chunk(vocab)
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    for s in range(0, n, chunk_rows):
+        e = min(n, s + chunk_rows)
+        z = logits[s:e].float() / temperature
+        lp, ent, ls = row_stats(z, targets[s:e], ignore_index, want_entropy)
+        logp[s:e], lse[s:e] = lp, ls
+        if want_entropy:
+            entropy[s:e] = ent
+    return logp, entropy, lse
+
+
+def backward(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature: float,
+             ignore_index: int, chunk_rows: int | None = None) -> torch.Tensor:
+    """Returns d(logits), same shape and dtype as logits."""
+    n, vocab = logits.shape
+    chunk_rows = chunk_rows or rows_per_chunk(vocab)
+    grad = torch.empty_like(logits)
+    for s in range(0, n, chunk_rows):
+        e = min(n, s + chunk_rows)
+        z = logits[s:e].to(torch.float32, copy=True).div_(temperature)
+        ent = entropy[s:e] if grad_entropy is not None else None
+        g_e = grad_entropy[s:e] if grad_entropy is not None else None
+        g_l = grad_logp[s:e] if grad_logp is not None else None
+        grad[s:e] = grad_z_(z, targets[s:e], lse[s:e], ent, g_l, g_e, ignore_index, temperature)
+    return grad
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, want_entropy, ignore_index):
+        logp, entropy, lse = forward(logits, targets, temperature, want_entropy, ignore_index)
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.temperature, ctx.ignore_index, ctx.want_entropy = temperature, ignore_index, want_entropy
+        ctx.mark_non_differentiable(lse)
+        return logp, entropy, lse
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, _grad_lse):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        if not ctx.want_entropy:
+            grad_entropy = None
+        grad = backward(grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature,
+                        ctx.ignore_index)
+        return grad, None, None, None, None
+
+
+def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, ignore_index=-100):
+    """Reference twin of rlhf_fast.token_logprobs (see its docstring for the contract)."""
+    validate(logits, targets, temperature, ignore_index)
+    vocab = logits.shape[-1]
+    check_targets_in_range(targets, vocab, ignore_index)
+    lead = logits.shape[:-1]
+    logp, entropy, _ = _TokenLogprobs.apply(logits.reshape(-1, vocab), targets.reshape(-1),
+                                            float(temperature), bool(return_entropy), ignore_index)
+    if return_entropy:
+        return logp.reshape(lead), entropy.reshape(lead)
+    return logp.reshape(lead)
