@@ -1,0 +1,8 @@
+"""The minimal GPT that the RLHF pipeline trains and samples from, on rlhf_fast's fused ops."""
+from .config import GPTConfig
+from .generate import GenerationOutput, decode_n_tokens, decode_one_token, generate, prefill
+from .gpt import GPT
+from .layers import KVCache
+
+__all__ = ["GPT", "GPTConfig", "GenerationOutput", "KVCache", "generate", "prefill", "decode_one_token",
+           "decode_n_tokens"]

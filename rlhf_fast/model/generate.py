@@ -1,0 +1,176 @@
+"""Batched sampling from a GPT: prefill once, then one decode step per new token over a static KV cache.
+
+Ragged prompts are left-aligned (right-padded) before prefill, so every row's cache starts at slot 0
+and holds only its own tokens: prefill runs the padded `causal_attention` (pads after a row's last
+token are invisible to it), and each decode step appends at the row's own length and attends with
+`decode_attention(..., cache_seqlens)`. No pad token ever enters a row's attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import rlhf_fast
+
+from .gpt import GPT
+from .layers import KVCache
+
+# how often (in steps) the host checks whether every row has hit EOS; each check is a device sync
+_STOP_CHECK_EVERY = 8
+
+
+@dataclass
+class GenerationOutput:
+    tokens: torch.Tensor  # (B, max_new_tokens) int64: sampled tokens, pad_token_id after a row's EOS
+    logprobs: torch.Tensor  # (B, max_new_tokens) fp32: logprob of each token under the processed distribution; 0 on pads
+    mask: torch.Tensor  # (B, max_new_tokens) int64: 1 for real response tokens (EOS included), 0 for padding
+    prompts: torch.Tensor  # (B, P) int64: the prompts, left-padded with pad_token_id to the longest, P
+    prompt_mask: torch.Tensor  # (B, P) int64: 1 on real prompt tokens
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        """(B, P + max_new_tokens) prompt + response; pass `attention_mask` along to the model."""
+        return torch.cat((self.prompts, self.tokens), dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, P + max_new_tokens): one contiguous run of real tokens per row, as GPT.forward expects."""
+        return torch.cat((self.prompt_mask, self.mask), dim=1)
+
+
+def prefill(model: GPT, idx: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Right-padded prompts idx (B, P), lengths (B,) -> next-token logits (B, V) fp32; fills the cache."""
+    return model.prefill(idx, lengths, cache)
+
+
+def decode_one_token(model: GPT, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """token (B,) appended to each row's cache -> next-token logits (B, V) fp32. Static shapes throughout."""
+    return model.decode(token, cache)
+
+
+def decode_n_tokens(model: GPT, logits: torch.Tensor, cache: KVCache | None, n: int, sampling: dict,
+                    eos_token_id: int | None, pad_token_id: int, recompute=None):
+    """Sample n tokens per row starting from `logits` (B, V) -> tokens, logprobs, mask, each (B, n).
+
+    Step i samples with seed offset i. A row that emitted EOS keeps stepping (shapes stay static) but
+    its outputs are replaced by padding. `recompute(tokens_so_far, step)` replaces the cached decode
+    step with a full forward (the no-cache path used to check the cache).
+    """
+    B, device = logits.shape[0], logits.device
+    tokens = torch.full((B, n), pad_token_id, dtype=torch.int64, device=device)
+    logprobs = torch.zeros((B, n), dtype=torch.float32, device=device)
+    mask = torch.zeros((B, n), dtype=torch.int64, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(n):
+        token, logprob = rlhf_fast.sample(logits, offset=step, return_logprobs=True, **sampling)
+        tokens[:, step] = token.masked_fill(done, pad_token_id)
+        logprobs[:, step] = logprob.float().masked_fill(done, 0.0)
+        mask[:, step] = (~done).long()
+        if eos_token_id is not None:
+            done |= token == eos_token_id
+            if (step + 1) % _STOP_CHECK_EVERY == 0 and bool(done.all()):
+                break
+        if step + 1 < n:
+            logits = recompute(tokens, step + 1) if recompute is not None else decode_one_token(model, token, cache)
+    return tokens, logprobs, mask
+
+
+@torch.no_grad()
+def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+             eos_token_id: int | None = None, pad_token_id: int = 0, seed: int | None = None,
+             use_cache: bool = True, sample_backend: str | None = None) -> GenerationOutput:
+    """Sample up to `max_new_tokens` tokens after each prompt.
+
+    prompts: a list of B 1-D int tensors of any lengths >= 1, or a (B, P) int tensor; with a tensor,
+        `attention_mask` (B, P) marks the real tokens (one contiguous run per row, e.g. left padding).
+    temperature, top_k, top_p, min_p: as `rlhf_fast.sample` (its docstring defines greedy decoding
+        and the order of the filters). The returned logprobs are those `sample` reports: the chosen
+        tokens' logprobs under the processed (tempered, filtered) distribution.
+    eos_token_id: a row stops after emitting it (EOS is kept, mask 1); later slots get pad_token_id,
+        logprob 0, mask 0. None: every row runs max_new_tokens.
+    seed: with a seed, step i calls `rlhf_fast.sample(seed=seed, offset=i)`, so the same call gives the
+        same tokens; None draws fresh randomness.
+    use_cache: False reruns the full forward over all tokens for every new token (slow; the oracle
+        that the KV cache is checked against).
+    sample_backend: backend of `rlhf_fast.sample` (whose fused kernel is the "cuda" extension, not
+        Triton); None means "reference" when model.config.backend is "reference", else "auto".
+
+    Prompt length + max_new_tokens must fit in model.config.block_size. The model is not switched to
+    eval mode: call model.eval() first if it has dropout.
+
+    CUDA graphs: `decode_one_token` has static shapes whatever the options (the cache is preallocated;
+    per-row lengths and positions are device tensors), so the model step can be captured. Sampling
+    can join it when `rlhf_fast.sample` gets seed and offset as one-element device tensors and
+    check_nan=False (its NaN check syncs): that is how to capture seeded sampling; greedy
+    (temperature=0) needs no RNG state at all. This function itself passes offset as a Python int
+    and keeps the NaN check, and its EOS test every few steps is a host sync: it runs eagerly.
+    """
+    if not isinstance(model, GPT) or model.head != "lm":
+        raise ValueError("model must be a GPT with head='lm'")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    device = next(model.parameters()).device
+    idx, lengths, prompts_left, prompt_mask = _right_pad(prompts, attention_mask, pad_token_id, device)
+    B, P = idx.shape
+    if P + max_new_tokens > model.config.block_size:
+        raise ValueError(f"longest prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"block_size={model.config.block_size}")
+    if sample_backend is None:
+        sample_backend = "reference" if model.config.backend == "reference" else "auto"
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                    backend=sample_backend)
+    if use_cache:
+        cache_dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                       else next(model.parameters()).dtype)
+        cache = KVCache(model.config, B, P + max_new_tokens, device, cache_dtype)
+        logits = prefill(model, idx, lengths, cache)
+        recompute = None
+    else:
+        cache = None
+        buf = torch.cat((idx, torch.full((B, max_new_tokens), pad_token_id, dtype=idx.dtype, device=device)), 1)
+        rows = torch.arange(B, device=device)
+
+        def recompute(tokens, step):  # all tokens so far, right-padded; logits after each row's last one
+            buf[rows[:, None], lengths[:, None].long() + torch.arange(step, device=device)] = tokens[:, :step]
+            out = model(buf[:, :P + step])  # (B, P + step, V)
+            return out[rows, lengths.long() + step - 1].float()
+
+        logits = recompute(idx.new_zeros((B, 0)), 0)
+    tokens, logprobs, mask = decode_n_tokens(model, logits, cache, max_new_tokens, sampling, eos_token_id,
+                                             pad_token_id, recompute)
+    return GenerationOutput(tokens, logprobs, mask, prompts_left, prompt_mask)
+
+
+def _right_pad(prompts, attention_mask, pad_token_id: int, device):
+    """-> idx (B, P) right-padded, lengths (B,) int32, and the same prompts left-padded with their mask."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2 or prompts.dtype not in (torch.int64, torch.int32) or prompts.shape[1] == 0:
+            raise ValueError(f"prompts as a tensor must be (B, P) int with P >= 1, got {tuple(prompts.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(prompts)
+        elif attention_mask.shape != prompts.shape:
+            raise ValueError(f"attention_mask must have the shape of prompts {tuple(prompts.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        mask = attention_mask.to(torch.bool)
+        prompts = [row[m] for row, m in zip(prompts, mask)]
+    elif attention_mask is not None:
+        raise ValueError("attention_mask is only accepted with prompts given as a (B, P) tensor")
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of 1-D int tensors or a (B, P) int tensor")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0 or p.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"prompts[{i}] must be a non-empty 1-D int tensor, got "
+                             f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
+    B, P = len(prompts), max(p.numel() for p in prompts)
+    idx = torch.full((B, P), pad_token_id, dtype=torch.int64, device=device)
+    left = torch.full((B, P), pad_token_id, dtype=torch.int64, device=device)
+    left_mask = torch.zeros((B, P), dtype=torch.int64, device=device)
+    for b, p in enumerate(prompts):
+        n = p.numel()
+        idx[b, :n] = p
+        left[b, P - n:] = p
+        left_mask[b, P - n:] = 1
+    lengths = torch.tensor([p.numel() for p in prompts], dtype=torch.int32, device=device)
+    return idx, lengths, left, left_mask

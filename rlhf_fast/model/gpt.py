@@ -1,0 +1,241 @@
+"""GPT: GPT-2's decoder (module names match its checkpoint) with GQA, RoPE, RMSNorm and SwiGLU switches.
+
+Inputs come in three layouts (see layers.py for how attention handles each):
+
+- `model(idx)`, idx (B, T): every row is real tokens. Attention: `causal_attention`.
+- `model(idx, attention_mask=m)`, m (B, T) with 1 on real tokens: rows may be left- and/or
+  right-padded, but each row's real tokens must be contiguous. Left pads would sit *before* a row's
+  real tokens, where a causal query sees them, so each row is first rolled left by its number of
+  leading pads: its real tokens then fill columns 0..len-1 and every pad sits after them, invisible
+  to causal attention. Positions are 0..len-1 as for the prompt alone, so a prompt alone and inside
+  a padded batch give the same outputs. Results are rolled back; outputs at pad positions are
+  unspecified (logprobs there are 0). All shapes are static (torch.compile-friendly).
+- `model(idx, cu_seqlens=cu, max_seqlen=m)`, idx (N,): packed sequences, no padding at all.
+  Attention: `causal_attention_varlen`; positions restart at each sequence.
+
+What comes out depends on `head` and `targets`:
+
+==========  ====================  =====================================================
+head        targets               returns
+==========  ====================  =====================================================
+"lm"        None                  logits (B, T, V)
+"lm"        (B, T) token ids      (logprobs (B, T) fp32, entropy (B, T) fp32 or None),
+                                  via `fused_linear_logprobs`: no (B, T, V) logits in memory
+"value"     -                     values (B, T) fp32: one scalar per token (PPO critic)
+"reward"    -                     rewards (B,) fp32 at each row's last real token
+==========  ====================  =====================================================
+(with packed inputs, B*T reads N and B reads the number of sequences.)
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import rlhf_fast
+
+from .config import GPTConfig
+from .layers import Block, Decode, KVCache, Packed, Padded, init_weights, make_norm, rope_cos_sin
+
+HEADS = ("lm", "value", "reward")
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, head: str = "lm"):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise ValueError(f"config must be a GPTConfig, got {type(config).__name__}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.config, self.head = config, head
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=make_norm(config),
+        ))
+        if config.pos_emb == "learned":
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        if head == "lm":
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        else:  # a scalar per token (value) or per sequence (reward)
+            self.score = nn.Linear(config.n_embd, 1, bias=True)
+        init_weights(self, config)
+        if head == "lm" and config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None, temperature: float = 1.0, return_entropy: bool = True,
+                ignore_index: int = -100):
+        """See the module docstring for layouts and outputs.
+
+        idx: (B, T) int64, or (N,) with cu_seqlens (S + 1,) int32 and max_seqlen (int).
+        targets: same shape as idx, token ids whose logprob under logits / temperature is returned
+            (already shifted by the caller: targets[..., t] is scored by the logits at t);
+            `ignore_index` marks positions to skip (logprob 0). lm head only.
+        """
+        if targets is not None and self.head != "lm":
+            raise ValueError(f"targets are only accepted by the 'lm' head, this model has head={self.head!r}")
+        if cu_seqlens is not None:
+            return self._forward_packed(idx, targets, cu_seqlens, max_seqlen, temperature, return_entropy,
+                                        ignore_index)
+        _check_idx(idx, 2, self.config)
+        B, T = idx.shape
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        if attention_mask is None:
+            x = self._backbone(idx, pos, Padded(self.config.backend))  # (B, T, C)
+            last = torch.full((B,), T - 1, device=idx.device)
+        else:
+            _check_mask(attention_mask, idx)
+            mask = attention_mask.to(torch.bool)
+            lead = (mask.cumsum(1) == 0).sum(1)  # (B,) leading pads per row
+            roll = (pos[None, :] + lead[:, None]) % T  # rolled[b, j] = original[b, roll[b, j]]
+            unroll = (pos[None, :] - lead[:, None]) % T  # original[b, t] = rolled[b, unroll[b, t]]
+            x = self._backbone(idx.gather(1, roll), pos, Padded(self.config.backend))  # (B, T, C) rolled
+            x = x.gather(1, unroll[:, :, None].expand_as(x))  # (B, T, C) original layout
+            last = lead + mask.sum(1) - 1  # (B,) last real token
+            if targets is not None:
+                targets = targets.masked_fill(~mask, ignore_index)
+        return self._head(x, last, targets, temperature, return_entropy, ignore_index)
+
+    def _forward_packed(self, idx, targets, cu_seqlens, max_seqlen, temperature, return_entropy, ignore_index):
+        _check_idx(idx, 1, self.config)
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+            raise ValueError("cu_seqlens must be a 1-D int32 tensor of sequence boundaries (S + 1,)")
+        if not isinstance(max_seqlen, int) or not 0 < max_seqlen <= self.config.block_size:
+            raise ValueError(f"max_seqlen must be an int in [1, block_size={self.config.block_size}] "
+                             f"with packed inputs, got {max_seqlen!r}")
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        N = idx.shape[0]
+        starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff().long()  # (S,)
+        seq = torch.repeat_interleave(torch.arange(len(lengths), device=idx.device), lengths, output_size=N)
+        pos = torch.arange(N, device=idx.device) - starts[seq]  # (N,) position inside its own sequence
+        x = self._backbone(idx, pos, Packed(self.config.backend, cu_seqlens, max_seqlen))  # (N, C)
+        return self._head(x, cu_seqlens[1:].long() - 1, targets, temperature, return_entropy, ignore_index)
+
+    def _backbone(self, idx: torch.Tensor, pos: torch.Tensor, attend) -> torch.Tensor:
+        """Token ids (...,) at positions pos (broadcastable to idx) -> final-normed hidden (..., C)."""
+        tf, cfg = self.transformer, self.config
+        x = tf.wte(idx)  # (..., C)
+        rope = None
+        if cfg.pos_emb == "learned":
+            x = x + tf.wpe(pos)
+        else:
+            rope = rope_cos_sin(pos, cfg.head_size, cfg.rope_theta)
+        x = tf.drop(x)
+        remat = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer, block in enumerate(tf.h):
+            if remat:
+                x = checkpoint(block, x, layer, attend, rope, use_reentrant=False)
+            else:
+                x = block(x, layer, attend, rope)
+        return tf.ln_f(x)
+
+    def _head(self, x, last, targets, temperature, return_entropy, ignore_index):
+        """x (..., C) final hidden; last: index into dim -2 of x (or dim 0 when packed) of each sequence's end."""
+        if self.head == "value":
+            return self.score(x).squeeze(-1).float()  # (...,)
+        if self.head == "reward":
+            if x.dim() == 3:
+                x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, C)
+            else:
+                x = x[last]  # (S, C)
+            return self.score(x).squeeze(-1).float()  # (B,)
+        if targets is None:
+            return self.lm_head(x)  # (..., V)
+        hidden, weight = x.reshape(-1, x.shape[-1]), self.lm_head.weight  # (N, C), (V, C)
+        if torch.is_autocast_enabled(x.device.type):  # custom ops are not autocast: cast as a matmul would
+            dtype = torch.get_autocast_dtype(x.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        out = rlhf_fast.fused_linear_logprobs(hidden, weight, targets.reshape(-1), temperature=temperature,
+                                              return_entropy=return_entropy, ignore_index=ignore_index,
+                                              backend=self.config.backend)
+        if return_entropy:
+            logprobs, entropy = out
+            return logprobs.view(targets.shape), entropy.view(targets.shape)
+        return out.view(targets.shape), None
+
+    # ---------------------------------------------------------------- generation steps (used by generate.py)
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Right-padded prompts idx (B, T), lengths (B,) -> logits (B, V) fp32 after each row's last token.
+
+        Fills cache slots 0..T-1 (slots past lengths[b] hold pad keys that decoding overwrites or masks)
+        and sets cache.seqlens = lengths.
+        """
+        T = idx.shape[1]
+        x = self._backbone(idx, torch.arange(T, device=idx.device), Padded(self.config.backend, cache))
+        cache.seqlens.copy_(lengths)
+        x = x[cache.rows, lengths.long() - 1]  # (B, C)
+        return self.lm_head(x).float()
+
+    @torch.no_grad()
+    def decode(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Append one token per row, token (B,), at position cache.seqlens -> logits (B, V) fp32 for the next."""
+        x = self._backbone(token, cache.seqlens.long(), Decode(self.config.backend, cache))  # (B, C)
+        cache.seqlens += 1
+        return self.lm_head(x).float()
+
+    # ---------------------------------------------------------------- conveniences
+    def generate(self, prompts, max_new_tokens: int, **kwargs):
+        """`rlhf_fast.model.generate(self, prompts, max_new_tokens, **kwargs)`."""
+        from .generate import generate
+        return generate(self, prompts, max_new_tokens, **kwargs)
+
+    def with_head(self, head: str) -> "GPT":
+        """A new model with this backbone's weights (copied) and a fresh `head`: e.g. a critic from the SFT model."""
+        model = GPT(copy.deepcopy(self.config), head=head)
+        param = next(self.parameters())
+        model.to(device=param.device, dtype=param.dtype)
+        model.transformer.load_state_dict(self.transformer.state_dict())
+        return model
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    @classmethod
+    def from_hf_gpt2(cls, model_or_state_dict, config=None, *, head: str = "lm") -> "GPT":
+        """Load transformers' GPT2LMHeadModel (or GPT2Model, or their state dict + config). See hf.py."""
+        from .hf import from_hf_gpt2
+        return from_hf_gpt2(model_or_state_dict, config, head=head)
+
+    @classmethod
+    def from_pretrained(cls, path, *, head: str = "lm") -> "GPT":
+        """Load a local Hugging Face GPT-2 folder (config.json + *.safetensors). See hf.py."""
+        from .hf import from_pretrained
+        return from_pretrained(path, head=head)
+
+
+def _check_idx(idx, ndim: int, config: GPTConfig) -> None:
+    if not isinstance(idx, torch.Tensor) or idx.dim() != ndim or idx.dtype not in (torch.int64, torch.int32):
+        want = "(B, T)" if ndim == 2 else "(N,) with cu_seqlens"
+        got = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"idx must be an int64 or int32 tensor of shape {want}, got {got}")
+    T = idx.shape[-1] if ndim == 2 else 0
+    if T > config.block_size:
+        raise ValueError(f"idx has {T} positions, more than block_size={config.block_size}")
+
+
+def _check_mask(attention_mask, idx) -> None:
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != idx.shape:
+        raise ValueError(f"attention_mask must be a tensor of the shape of idx {tuple(idx.shape)}")
+    if torch.compiler.is_compiling():
+        return
+    mask = attention_mask.to(torch.bool)
+    T = mask.shape[1]
+    col = torch.arange(T, device=mask.device)
+    first = torch.where(mask, col, T).amin(1)
+    last = torch.where(mask, col, -1).amax(1)
+    if bool(((last - first + 1) != mask.sum(1)).any()) or bool((mask.sum(1) == 0).any()):
+        raise ValueError("attention_mask must mark one contiguous, non-empty run of real tokens per row "
+                         "(left and/or right padding)")

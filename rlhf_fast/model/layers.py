@@ -1,0 +1,180 @@
+"""The pieces of a GPT block, and the three attention layouts they run in.
+
+Every block computes q, k, v with one Linear and hands them to an attention *context* that knows the
+layout of the batch and calls the matching rlhf_fast op:
+
+- `Padded`  tokens (B, T): `causal_attention`; with a `KVCache` it also stores k, v for decoding.
+- `Packed`  tokens (N,) holding sequences cut by `cu_seqlens`: `causal_attention_varlen`.
+- `Decode`  one new token per row (B,): appends k, v to the `KVCache` at each row's own length and
+  attends over that row's cache with `decode_attention`.
+
+So the blocks are written once, and the layout is a property of the call, not of the module.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rlhf_fast
+
+from .config import GPTConfig
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_cos_sin(pos: torch.Tensor, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape pos.shape + (1, head_size), fp32, broadcasting over the head dim of q and k.
+
+    Computed from `pos` every call (not a buffer) so that model.to(bfloat16) cannot round the frequencies.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_size, 2, device=pos.device, dtype=torch.float32) / head_size)
+    angles = pos.to(torch.float32)[..., None] * inv_freq  # (..., D/2)
+    angles = torch.cat((angles, angles), dim=-1)[..., None, :]  # (..., 1, D)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., H, D) by the angles in cos/sin (..., 1, D): the rotate-half (GPT-NeoX / LLaMA) form."""
+    x32 = x.to(torch.float32)
+    x1, x2 = x32.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Static key/value buffers for generation; each row's cache starts at slot 0.
+
+    k, v: (n_layer, B, n_kv_head, max_len, head_size); seqlens: (B,) int32, the valid length per row.
+    Shapes never change after allocation, so decode steps can be captured in a CUDA graph.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype: torch.dtype):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.seqlens = torch.zeros(batch_size, device=device, dtype=torch.int32)
+        self.rows = torch.arange(batch_size, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+class Padded:
+    """(B, T) batches whose pads, if any, sit after each row's real tokens (causal queries never see them)."""
+
+    def __init__(self, backend: str, cache: KVCache | None = None):
+        self.backend, self.cache = backend, cache
+
+    def __call__(self, layer: int, q, k, v):  # q (B, T, Hq, D), k/v (B, T, Hkv, D)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if self.cache is not None:
+            T = k.shape[2]
+            self.cache.k[layer, :, :, :T] = k
+            self.cache.v[layer, :, :, :T] = v
+        y = rlhf_fast.causal_attention(q, k, v, backend=self.backend)  # (B, Hq, T, D)
+        return y.transpose(1, 2)  # (B, T, Hq, D)
+
+
+class Packed:
+    """(N,) tokens of several sequences laid end to end; sequence i is rows cu_seqlens[i]:cu_seqlens[i+1]."""
+
+    def __init__(self, backend: str, cu_seqlens: torch.Tensor, max_seqlen: int):
+        self.backend, self.cu_seqlens, self.max_seqlen = backend, cu_seqlens, max_seqlen
+
+    def __call__(self, layer: int, q, k, v):  # q (N, Hq, D), k/v (N, Hkv, D)
+        return rlhf_fast.causal_attention_varlen(q, k, v, self.cu_seqlens, self.max_seqlen,
+                                                 backend=self.backend)  # (N, Hq, D)
+
+
+class Decode:
+    """One new token per row: write its k, v at slot cache.seqlens[b], attend over slots 0..seqlens[b]."""
+
+    def __init__(self, backend: str, cache: KVCache):
+        self.backend, self.cache = backend, cache
+        self.lengths = cache.seqlens + 1  # (B,) int32, lengths including the new token
+
+    def __call__(self, layer: int, q, k, v):  # q (B, Hq, D), k/v (B, Hkv, D)
+        cache = self.cache
+        slot = cache.seqlens.long()
+        cache.k[layer][cache.rows, :, slot] = k.to(cache.k.dtype)  # (B, Hkv, D) into (B, Hkv, Tmax, D)
+        cache.v[layer][cache.rows, :, slot] = v.to(cache.v.dtype)
+        return rlhf_fast.decode_attention(q.to(cache.k.dtype), cache.k[layer], cache.v[layer], self.lengths,
+                                          backend=self.backend)  # (B, Hq, D)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.n_kv_head, config.head_size
+        # q, k, v in one matmul: GPT-2's c_attn when n_kv_head == n_head
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_size,
+                                bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, layer: int, attend, rope=None):  # x (..., C): (B, T, C), (N, C) or (B, C)
+        lead = x.shape[:-1]
+        D = self.head_size
+        q, k, v = self.c_attn(x).split([self.n_head * D, self.n_kv_head * D, self.n_kv_head * D], dim=-1)
+        q = q.view(*lead, self.n_head, D)  # (..., Hq, D)
+        k = k.view(*lead, self.n_kv_head, D)  # (..., Hkv, D)
+        v = v.view(*lead, self.n_kv_head, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = attend(layer, q, k, v)  # (..., Hq, D)
+        y = y.reshape(*lead, self.n_head * D).to(x.dtype)  # (..., C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        hidden = config.mlp_hidden
+        # SwiGLU packs its gate and up projections into c_fc: (C, 2 * hidden)
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, layer: int, attend, rope=None):
+        x = x + self.attn(self.ln_1(x), layer, attend, rope)
+        return x + self.mlp(self.ln_2(x))
+
+
+def init_weights(module: nn.Module, config: GPTConfig) -> None:
+    """GPT-2's init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)."""
+    for name, p in module.named_parameters():
+        if name.endswith("c_proj.weight"):
+            nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
+        elif p.dim() >= 2:
+            nn.init.normal_(p, std=0.02)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+        else:
+            nn.init.ones_(p)
