@@ -11,6 +11,8 @@ Huang et al. 2024 ("The N implementation details of RLHF with PPO").
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 
@@ -59,8 +61,12 @@ def _check_2d(name: str, t) -> None:
         raise ValueError(f"{name} must have shape (B, T), got {tuple(t.shape)}")
 
 
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _check_clip_range(clip_range) -> None:
-    if not isinstance(clip_range, (int, float)) or not clip_range > 0:
+    if not _is_real(clip_range) or not clip_range > 0:
         raise ValueError(f"clip_range must be a number > 0, got {clip_range!r}")
 
 
@@ -83,18 +89,19 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     x: (B, T) float, or any shape; mask: same shape. Returns ``sum(x * mask) / sum(mask)``, a scalar
     for ``dim=None`` or reduced over ``dim``. ``dim=None`` with an all-zero mask raises ValueError; a
     row with no response token along ``dim`` gives 0 (it carries no information, and a NaN would
-    poison the batch).
+    poison the batch). Entries where the mask is 0 are never read, so padding may hold inf or NaN.
     """
     _check_float("x", x)
     _check_mask(mask, x, "x")
     m = mask.to(x.dtype)
+    weighted = torch.where(mask != 0, x, 0.0) * m  # padding may hold inf/NaN: select, don't multiply
     if dim is None:
         denom = m.sum()
         if not bool(denom > 0):
             raise ValueError("mask must have at least one nonzero entry (masked_mean of nothing)")
-        return (x * m).sum() / denom
+        return weighted.sum() / denom
     denom = m.sum(dim)
-    num = (x * m).sum(dim)
+    num = weighted.sum(dim)
     return torch.where(denom > 0, num / torch.where(denom > 0, denom, 1), torch.zeros_like(num))
 
 
@@ -151,7 +158,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     _check_same_shape("values", values, "rewards", rewards)
     _check_mask(mask, rewards, "rewards")
     for name, v in (("gamma", gamma), ("lam", lam)):
-        if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+        if not _is_real(v) or not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
     _check_finite("rewards", rewards)
     _check_finite("values", values)
@@ -186,21 +193,26 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
     ``approx_kl`` is the k3 estimator of KL(pi_old || pi) (Schulman, "Approximating KL
     divergence"): unbiased for samples from pi_old and never negative, as CleanRL logs it.
-    Returns ``(pg_loss, {"clipfrac", "approx_kl"})``; the stats are detached scalars.
+    Half-precision inputs are upcast to float32 (the ratio is compared with 1 +- clip_range).
+    Returns ``(pg_loss, {"clipfrac", "approx_kl"})``; the stats are detached scalars. Padding may hold
+    inf: it is zeroed before use, so the loss and the gradient stay finite.
     """
     _check_float("logprobs", logprobs)
     _check_same_shape("old_logprobs", old_logprobs, "logprobs", logprobs)
     _check_same_shape("advantages", advantages, "logprobs", logprobs)
     _check_mask(mask, logprobs, "logprobs")
     _check_clip_range(clip_range)
-    log_ratio = logprobs - old_logprobs.detach()
+    dtype = _compute_dtype(logprobs, old_logprobs, advantages)
+    valid = mask != 0
+    # Padding is zeroed before exp: an inf there would turn the zero gradient into 0 * inf = NaN.
+    log_ratio = torch.where(valid, logprobs.to(dtype) - old_logprobs.detach().to(dtype), 0.0)
     ratio = torch.exp(log_ratio)
-    adv = advantages.detach()
+    adv = torch.where(valid, advantages.detach().to(dtype), 0.0)
     pg_losses = -adv * ratio
     pg_losses_clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), mask)
     with torch.no_grad():
-        clipfrac = masked_mean((pg_losses_clipped > pg_losses).to(logprobs.dtype), mask)
+        clipfrac = masked_mean((pg_losses_clipped > pg_losses).to(dtype), mask)
         approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
     return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
 
@@ -216,21 +228,25 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         vf_loss   = 0.5 * masked_mean(max((values - returns)**2, (v_clipped - returns)**2))
         vf_clipfrac = masked_mean(float((v_clipped - returns)**2 > (values - returns)**2))
 
-    Returns ``(vf_loss, {"vf_clipfrac"})``; the stat is a detached scalar.
+    Half-precision inputs are upcast to float32. Returns ``(vf_loss, {"vf_clipfrac"})``; the stat
+    is a detached scalar. Padding is zeroed before use, so the loss and the gradient stay finite.
     """
     _check_float("values", values)
     _check_same_shape("old_values", old_values, "values", values)
     _check_same_shape("returns", returns, "values", values)
     _check_mask(mask, values, "values")
     _check_clip_range(clip_range)
-    old = old_values.detach()
-    target = returns.detach()
+    dtype = _compute_dtype(values, old_values, returns)
+    valid = mask != 0
+    values = torch.where(valid, values.to(dtype), 0.0)  # padding zeroed: finite loss and gradient
+    old = torch.where(valid, old_values.detach().to(dtype), 0.0)
+    target = torch.where(valid, returns.detach().to(dtype), 0.0)
     v_clipped = old + torch.clamp(values - old, -clip_range, clip_range)
     losses = (values - target) ** 2
     losses_clipped = (v_clipped - target) ** 2
     loss = 0.5 * masked_mean(torch.maximum(losses, losses_clipped), mask)
     with torch.no_grad():
-        vf_clipfrac = masked_mean((losses_clipped > losses).to(values.dtype), mask)
+        vf_clipfrac = masked_mean((losses_clipped > losses).to(dtype), mask)
     return loss, {"vf_clipfrac": vf_clipfrac}
 
 
@@ -270,7 +286,7 @@ def per_token_rewards(score: torch.Tensor, kl: torch.Tensor, kl_coef: float,
     if score.device != kl.device:
         raise ValueError(f"score is on {score.device} but kl is on {kl.device}")
     _check_mask(mask, kl, "kl")
-    if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not kl_coef >= 0:
+    if not _is_real(kl_coef) or not kl_coef >= 0:
         raise ValueError(f"kl_coef must be a number >= 0, got {kl_coef!r}")
     valid = mask != 0
     has_token = valid.any(dim=1)
@@ -295,6 +311,18 @@ def _as_float(name: str, value) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+def _as_count(name: str, value) -> int:
+    """Python, numpy or integer-tensor int >= 0 (bools and floats are refused)."""
+    if not isinstance(value, bool):
+        try:
+            count = operator.index(value)
+        except TypeError:
+            count = -1
+        if count >= 0:
+            return count
+    raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
 class FixedKLController:
@@ -340,10 +368,9 @@ class AdaptiveKLController:
 
     def update(self, current_kl, n_steps: int) -> None:
         current = _as_float("current_kl", current_kl)
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
-            raise ValueError(f"n_steps must be an int >= 0, got {n_steps!r}")
+        steps = _as_count("n_steps", n_steps)
         error = min(max(current / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
+        self.value *= 1.0 + error * steps / self.horizon
 
     def state_dict(self) -> dict:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}

@@ -158,6 +158,49 @@ def test_value_loss_clips_by_hand(device):
     torch.testing.assert_close(values.grad, t64([[0.0, 0.0, 0.25, -0.1, 0.0]], device), **F64)
 
 
+def test_padding_with_inf_and_nan_is_never_read(device):
+    # logprobs of pad tokens can be -inf; a NaN gradient there would poison the whole update
+    g = torch.Generator().manual_seed(5)
+    B, T = 3, 17
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, :17], mask[1, :1], mask[2, :9] = True, True, True
+    mask = mask.to(device)
+    pad = torch.tensor([-math.inf, math.inf, math.nan], dtype=torch.float64, device=device)
+
+    def padded(x):
+        junk = pad[torch.arange(B * T, device=device) % 3].view(B, T)
+        return torch.where(mask, x.to(device), junk)
+
+    clean = [torch.randn(B, T, generator=g, dtype=torch.float64) for _ in range(3)]
+    for fn in (policy_loss, value_loss):
+        ref_in = clean[0].to(device).clone().requires_grad_()
+        ref_loss, _ = fn(ref_in, clean[1].to(device), clean[2].to(device), mask, 0.2)
+        ref_loss.backward()
+        dirty_in = padded(clean[0]).detach().requires_grad_()
+        loss, stats = fn(dirty_in, padded(clean[1]), padded(clean[2]), mask, 0.2)
+        loss.backward()
+        torch.testing.assert_close(loss, ref_loss, **F64)
+        torch.testing.assert_close(dirty_in.grad, torch.where(mask, ref_in.grad, 0.0), **F64)
+        assert all(torch.isfinite(v) for v in stats.values())
+    torch.testing.assert_close(masked_whiten(padded(clean[0]), mask),
+                               masked_whiten(clean[0].to(device), mask), **F64)
+    torch.testing.assert_close(explained_variance(padded(clean[0]), padded(clean[1]), mask),
+                               explained_variance(clean[0].to(device), clean[1].to(device), mask), **F64)
+
+
+def test_half_precision_losses_upcast_to_float32(device):
+    g = torch.Generator().manual_seed(9)
+    logprobs, old, adv = (torch.randn(4, 33, generator=g).to(torch.bfloat16) for _ in range(3))
+    mask = torch.ones(4, 33, device=device)
+    loss, stats = policy_loss(logprobs.to(device), old.to(device), adv.to(device), mask, 0.2)
+    ref, ref_stats = policy_loss(logprobs.float().to(device), old.float().to(device), adv.float().to(device),
+                                 mask, 0.2)
+    assert loss.dtype == stats["approx_kl"].dtype == torch.float32
+    # the same float32 arithmetic on the same (bf16-representable) values
+    torch.testing.assert_close(loss, ref, atol=0, rtol=0)
+    torch.testing.assert_close(stats["approx_kl"], ref_stats["approx_kl"], atol=0, rtol=0)
+
+
 def test_explained_variance_by_hand(device):
     # returns [1,2,4]: mean 7/3, var 14/9; residual [0,0,1]: var 2/9; EV = 1 - 1/7
     values = t64([[1.0, 2.0, 3.0, 50.0]], device)
@@ -223,6 +266,7 @@ def _bad_inputs():
         ("horizon", lambda: AdaptiveKLController(0.1, 6.0, 0)),
         ("current_kl", lambda: AdaptiveKLController(0.1, 6.0, 100).update(math.nan, 1)),
         ("n_steps", lambda: AdaptiveKLController(0.1, 6.0, 100).update(1.0, -1)),
+        ("n_steps", lambda: AdaptiveKLController(0.1, 6.0, 100).update(1.0, 2.5)),
     ]
 
 
