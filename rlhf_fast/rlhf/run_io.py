@@ -135,7 +135,9 @@ class MetricsLogger:
     ``resume_step=None`` appends to whatever the file holds (creating it). ``resume_step=N``, for a
     run resumed from the checkpoint of step N, first drops every line with step > N (logged after
     that checkpoint, and about to be logged again), rewriting the file atomically, so a resumed run's
-    log matches an uninterrupted one. Use it as a context manager or call ``close()``.
+    log matches an uninterrupted one. Either way a torn last line (a kill mid-write) is dropped
+    first, so the next line never lands on its tail. Use it as a context manager or call ``close()``.
+    Single-writer: in a distributed run only the main rank should open it.
     """
 
     def __init__(self, path, resume_step: int | None = None):
@@ -143,14 +145,18 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             self.truncate_after(_as_step(resume_step))
+        elif self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+            self._rewrite(read_metrics(self.path))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def truncate_after(self, step: int) -> None:
         """Keep only the records with ``record["step"] <= step`` (also drops a torn last line)."""
         if not self.path.exists():
             return
-        kept = [r for r in read_metrics(self.path) if r["step"] <= step]
-        atomic_write_text("".join(json.dumps(r) + "\n" for r in kept), self.path)
+        self._rewrite([r for r in read_metrics(self.path) if r["step"] <= step])
+
+    def _rewrite(self, records: list[dict]) -> None:
+        atomic_write_text("".join(json.dumps(r) + "\n" for r in records), self.path)
 
     def log(self, step: int, **metrics) -> dict:
         """Append ``{"step": step, **metrics}``; tensors and numpy scalars become Python numbers."""
@@ -236,18 +242,22 @@ def get_rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what ``get_rng_state`` returned. A CUDA state is restored only when CUDA is available
-    (a GPU checkpoint resumed on CPU has no CUDA generator to set); a numpy state needs numpy."""
+    """Restore what ``get_rng_state`` returned (its tensors may have been loaded to any device).
+    CUDA states are restored only when CUDA is available (a GPU checkpoint resumed on CPU has no
+    CUDA generator to set), for the first ``torch.cuda.device_count()`` devices; a numpy state
+    needs numpy."""
     for key in ("python", "torch"):
         if key not in state:
             raise ValueError(f"state must have a {key!r} entry (from get_rng_state), got keys {sorted(state)}")
     python_state = state["python"]
     random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "numpy" in state:
         import numpy as np
         s = state["numpy"]
-        np.random.set_state((s["bit_generator"], s["key"].numpy().astype("uint32"), s["pos"],
+        np.random.set_state((s["bit_generator"], s["key"].cpu().numpy().astype("uint32"), s["pos"],
                              s["has_gauss"], s["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # a checkpoint from a machine with more GPUs restores the devices this one has
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)

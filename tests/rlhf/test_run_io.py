@@ -98,6 +98,11 @@ def test_metrics_resume_truncates_later_steps(tmp_path):
     with MetricsLogger(path) as logger:  # no resume_step: plain append
         logger.log(5, reward=50.0)
     assert [r["step"] for r in read_metrics(path)] == [0, 1, 2, 3, 4, 5]
+    with open(path, "a") as f:
+        f.write('{"step": 6, "rew')
+    with MetricsLogger(path) as logger:  # appending after a torn line must not glue onto it
+        logger.log(6, reward=60.0)
+    assert [r["step"] for r in read_metrics(path)] == [0, 1, 2, 3, 4, 5, 6]
 
 
 def test_read_metrics_reports_corrupt_line(tmp_path):
@@ -141,7 +146,7 @@ def test_rng_state_round_trip_through_checkpoint(tmp_path, device):
     atomic_torch_save({"rng": get_rng_state()}, tmp_path / "ckpt.pt")
     expected = _draws(device)
     _draws(device)
-    set_rng_state(torch.load(tmp_path / "ckpt.pt", weights_only=True)["rng"])
+    set_rng_state(torch.load(tmp_path / "ckpt.pt", map_location=device, weights_only=True)["rng"])
     assert _draws(device) == expected
     with pytest.raises(ValueError, match="'python'"):
         set_rng_state({"torch": torch.get_rng_state()})
