@@ -76,7 +76,7 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """Half-precision inputs are upcast: GAE and whitening accumulate over the whole batch."""
+    """float32 at least: GAE accumulates over T steps, and a bf16 ratio is too coarse to clip."""
     dtype = torch.float32
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
@@ -307,6 +307,8 @@ def _as_float(name: str, value) -> float:
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
+    if isinstance(value, bool) or not _is_real(value):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")

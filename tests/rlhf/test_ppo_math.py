@@ -265,6 +265,8 @@ def _bad_inputs():
         ("target", lambda: AdaptiveKLController(0.1, 0.0, 100)),
         ("horizon", lambda: AdaptiveKLController(0.1, 6.0, 0)),
         ("current_kl", lambda: AdaptiveKLController(0.1, 6.0, 100).update(math.nan, 1)),
+        ("current_kl", lambda: FixedKLController(0.1).update(torch.ones(2), 1)),
+        ("init_kl_coef", lambda: AdaptiveKLController("0.1", 6.0, 100)),
         ("n_steps", lambda: AdaptiveKLController(0.1, 6.0, 100).update(1.0, -1)),
         ("n_steps", lambda: AdaptiveKLController(0.1, 6.0, 100).update(1.0, 2.5)),
     ]
