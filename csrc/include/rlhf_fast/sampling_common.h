@@ -1,0 +1,66 @@
+// What the CPU (sampling_cpu.h) and CUDA (sampling.cuh) samplers share: the call's arguments, the
+// order-preserving float key the radix threshold search runs on, and the per-row parameter checks.
+//
+// The algorithm, per row (no sort):
+//   1. x = logits / T in float32 (log(probs) / T for sample_from_probs); max, argmax, NaN / +inf flags.
+//   2. top-k: the k-th largest key by a 3-digit (11/11/10-bit) radix select over counts: the smallest
+//      key t with #{key <= t} > V - k. Every token with key >= t stays (ties with the k-th value stay).
+//   3. top-p: the same select over masses e = exp(x - max) of the tokens top-k kept: the smallest key t
+//      with mass{key <= t} > (1 - top_p) * mass{kept}. This is transformers' "remove the ascending
+//      prefix whose cumulative probability is <= 1 - top_p", with a boundary tie kept whole.
+//   4. min-p: keep e >= min_p (p >= min_p * p_max, as e_max = 1).
+//   5. Z = sum of kept e; the token is the first index whose cumulative kept e exceeds u * Z, with u the
+//      row's Philox uniform; logprob = (x - max) - log Z.
+// A row whose input or parameters are invalid gets token -1 and logprob NaN.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "rlhf_fast/philox.h"
+
+namespace rlhf_fast {
+
+// One call of the sampler. Per-row parameters are arrays of `rows` elements; seed and offset point to
+// one int64 each (device memory for the CUDA kernels, so a CUDA graph can replay the call).
+struct SampleArgs {
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  int64_t row_stride = 0;        // elements between rows of the input; the inner stride is 1
+  bool from_probs = false;       // the input holds probabilities: x = log(p) / T
+  const float* temperature = nullptr;  // 0 = greedy
+  const int64_t* top_k = nullptr;      // 0 = off
+  const double* top_p = nullptr;       // 1 = off
+  const float* min_p = nullptr;        // 0 = off
+  const int64_t* seed = nullptr;
+  const int64_t* offset = nullptr;
+  int64_t* tokens = nullptr;           // (rows,) output
+  float* logprobs = nullptr;           // (rows,) output
+};
+
+constexpr int kRadixDigits = 3;
+constexpr int kRadixBins = 2048;  // the widest digit (11 bits)
+
+RLHF_FAST_HOST_DEVICE int radix_shift(int digit) { return digit == 0 ? 21 : (digit == 1 ? 10 : 0); }
+RLHF_FAST_HOST_DEVICE uint32_t radix_mask(int digit) { return digit == 2 ? 0x3FFu : 0x7FFu; }
+
+// Unsigned key with the order of the float (-inf lowest); -0 and +0 get the same key, as they compare equal.
+RLHF_FAST_HOST_DEVICE uint32_t order_key(float f) {
+  f = f + 0.0f;
+#if defined(__CUDA_ARCH__)
+  const uint32_t bits = __float_as_uint(f);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+#endif
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+RLHF_FAST_HOST_DEVICE bool row_params_valid(float temperature, int64_t top_k, double top_p, float min_p) {
+  return temperature >= 0.0f && top_k >= 0 && top_p > 0.0 && top_p <= 1.0 && min_p >= 0.0f && min_p < 1.0f;
+}
+
+// The top-p cut in the float32 arithmetic of transformers: cumulative_probs <= (1 - top_p).
+RLHF_FAST_HOST_DEVICE float top_p_remove_mass(double top_p) { return static_cast<float>(1.0 - top_p); }
+
+}  // namespace rlhf_fast

@@ -1,0 +1,234 @@
+// CPU port of the sort-free sampler (algorithm in sampling_common.h): rows in parallel with OpenMP,
+// one row per thread. The row is tempered once into a float buffer with its masses next to it; the
+// radix threshold searches then scan only the candidates that survive each digit.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "rlhf_fast/sampling_common.h"
+
+namespace rlhf_fast {
+namespace cpu {
+
+// 16-bit storage types, read as raw bits (the binding passes at::Half / at::BFloat16 data as these).
+struct Half16 {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+inline float bits_to_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(BFloat16 v) { return bits_to_float(static_cast<uint32_t>(v.bits) << 16); }
+inline float to_float(Half16 v) {
+  const uint32_t sign = (static_cast<uint32_t>(v.bits) & 0x8000u) << 16;
+  const uint32_t exponent = (v.bits >> 10) & 0x1Fu;
+  const uint32_t mantissa = v.bits & 0x3FFu;
+  if (exponent == 0x1F) return bits_to_float(sign | 0x7F800000u | (mantissa << 13));
+  if (exponent == 0) {
+    const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;  // 2^-24
+    return sign ? -magnitude : magnitude;
+  }
+  return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+// exp(x) for x <= 0 with ~1 ulp error (Cephes expf), branch-free so the mass loop vectorizes.
+inline float exp_nonpositive(float x) {
+  const float xc = std::max(x, -87.0f);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const int32_t biased = static_cast<int32_t>(n) + 127;
+  uint32_t scale_bits = static_cast<uint32_t>(biased) << 23;
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : y * scale;
+}
+
+// Per-thread scratch for one row.
+struct RowScratch {
+  std::vector<float> x;          // tempered logits
+  std::vector<float> mass;       // exp(x - max)
+  std::vector<uint32_t> key;     // order_key(x)
+  std::vector<int32_t> cand;     // candidate indices of the radix select
+  explicit RowScratch(int64_t vocab) : x(vocab), mass(vocab), key(vocab), cand(vocab) {}
+};
+
+// Smallest key t among tokens with key >= floor_key such that the weight of those with key <= t
+// exceeds target_scale * total + target_shift (total = their whole weight). Weight: 1 per token when
+// kCount, else its mass. Each digit histograms the surviving candidates, then keeps only its bin.
+template <bool kCount>
+uint32_t radix_threshold(RowScratch& s, int64_t vocab, uint32_t floor_key, double target_scale,
+                         double target_shift) {
+  double hist[kRadixBins];
+  double below = 0.0, target = 0.0;
+  uint32_t prefix = 0;
+  int64_t n = 0;
+  for (int digit = 0; digit < kRadixDigits; ++digit) {
+    const int shift = radix_shift(digit);
+    const uint32_t mask = radix_mask(digit);
+    std::fill(hist, hist + mask + 1, 0.0);
+    if (digit == 0) {
+      for (int64_t i = 0; i < vocab; ++i) {
+        if (s.key[i] >= floor_key) hist[(s.key[i] >> shift) & mask] += kCount ? 1.0 : s.mass[i];
+      }
+      double total = 0.0;
+      for (uint32_t b = 0; b <= mask; ++b) total += hist[b];
+      target = target_scale * total + target_shift;
+    } else {
+      for (int64_t c = 0; c < n; ++c) {
+        const int32_t i = s.cand[c];
+        hist[(s.key[i] >> shift) & mask] += kCount ? 1.0 : s.mass[i];
+      }
+    }
+    uint32_t chosen = mask + 1, last_nonempty = 0;
+    double acc = below;
+    for (uint32_t b = 0; b <= mask; ++b) {
+      if (hist[b] > 0.0) last_nonempty = b;
+      if (chosen > mask && acc + hist[b] > target) {
+        chosen = b;
+        below = acc;
+      }
+      acc += hist[b];
+    }
+    if (chosen > mask) {  // rounding left the target past the total: take the top bin
+      chosen = last_nonempty;
+      below = acc - hist[chosen];
+    }
+    prefix |= chosen << shift;
+    const uint32_t high_mask = ~((1u << shift) - 1u);  // bits fixed so far
+    int64_t kept = 0;
+    if (digit == 0) {
+      for (int64_t i = 0; i < vocab; ++i) {
+        if (s.key[i] >= floor_key && (s.key[i] & high_mask) == prefix) s.cand[kept++] = static_cast<int32_t>(i);
+      }
+    } else {
+      for (int64_t c = 0; c < n; ++c) {
+        if ((s.key[s.cand[c]] & high_mask) == prefix) s.cand[kept++] = s.cand[c];
+      }
+    }
+    n = kept;
+  }
+  return prefix;
+}
+
+template <typename T>
+void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
+  const int64_t V = a.vocab;
+  const float temperature = a.temperature[row];
+  const int64_t top_k = a.top_k[row];
+  const double top_p = a.top_p[row];
+  const float min_p = a.min_p[row];
+  const bool greedy = temperature == 0.0f;
+  const float t = greedy ? 1.0f : temperature;
+  float* x = s.x.data();
+  float x_max = -std::numeric_limits<float>::infinity();
+  int bad = 0;
+  for (int64_t i = 0; i < V; ++i) {
+    const float raw = a.from_probs ? std::log(to_float(in[i])) : to_float(in[i]);
+    const float v = raw / t;
+    x[i] = v;
+    bad |= (v != v) | (v == std::numeric_limits<float>::infinity());
+    x_max = std::max(x_max, v);
+  }
+  if (bad || !(x_max > -std::numeric_limits<float>::infinity()) ||
+      !row_params_valid(temperature, top_k, top_p, min_p)) {
+    a.tokens[row] = -1;
+    a.logprobs[row] = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  if (greedy) {
+    a.tokens[row] = std::find(x, x + V, x_max) - x;
+    a.logprobs[row] = 0.0f;
+    return;
+  }
+  float* mass = s.mass.data();
+  uint32_t* key = s.key.data();
+#pragma omp simd
+  for (int64_t i = 0; i < V; ++i) {
+    mass[i] = exp_nonpositive(x[i] - x_max);
+    key[i] = order_key(x[i]);
+  }
+  uint32_t threshold = 0;
+  if (top_k > 0 && top_k < V) {
+    threshold = radix_threshold<true>(s, V, 0, 1.0, -static_cast<double>(top_k));
+  }
+  const float remove_mass = top_p_remove_mass(top_p);
+  if (remove_mass > 0.0f) {
+    threshold = radix_threshold<false>(s, V, threshold, static_cast<double>(remove_mass), 0.0);
+  }
+  float z = 0.0f;
+#pragma omp simd reduction(+ : z)
+  for (int64_t i = 0; i < V; ++i) {
+    const bool keep = key[i] >= threshold && mass[i] >= min_p;
+    mass[i] = keep ? mass[i] : 0.0f;
+    z += mass[i];
+  }
+  // Inverse CDF in index order: blocks of 64 summed (vectorized), then a scan inside the crossing block.
+  const float target = philox_row_uniform(static_cast<uint64_t>(*a.seed), static_cast<uint64_t>(*a.offset),
+                                          static_cast<uint64_t>(row)) * z;
+  int64_t token = -1, last_positive = 0;
+  float running = 0.0f;
+  constexpr int64_t kBlock = 64;
+  for (int64_t start = 0; start < V && token < 0; start += kBlock) {
+    const int64_t end = std::min(start + kBlock, V);
+    float block = 0.0f;
+#pragma omp simd reduction(+ : block)
+    for (int64_t i = start; i < end; ++i) block += mass[i];
+    if (running + block <= target) {
+      running += block;
+      for (int64_t i = end - 1; i >= start; --i) {
+        if (mass[i] > 0.0f) {
+          last_positive = i;
+          break;
+        }
+      }
+      continue;
+    }
+    for (int64_t i = start; i < end; ++i) {
+      running += mass[i];
+      if (mass[i] > 0.0f) last_positive = i;
+      if (running > target) {
+        token = i;
+        break;
+      }
+    }
+  }
+  if (token < 0) token = last_positive;
+  a.tokens[row] = token;
+  a.logprobs[row] = (x[token] - x_max) - std::log(z);
+}
+
+// Sample every row of `input` ((rows, row_stride) with inner stride 1). Rows run in parallel.
+template <typename T>
+void sample_rows(const T* input, const SampleArgs& args) {
+#pragma omp parallel
+  {
+    RowScratch scratch(args.vocab);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t row = 0; row < args.rows; ++row) {
+      sample_row(input + row * args.row_stride, row, args, scratch);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace rlhf_fast
