@@ -8,10 +8,126 @@ from ..reference import fused_linear_logprobs as ref
 from ..reference import token_logprobs as ref_tl
 
 _OP = "fused_linear_logprobs"
+_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Rows of the fp32 d(weight) slice the Triton backward accumulates into when weight is not fp32:
+# the slice holds about this many elements (256 MiB), so extra memory does not grow with V.
+DW_SLICE_ELEMENTS = 1 << 26
+
+
+def _contig(t):
+    return None if t is None else t.contiguous()
 
 
 def _empty_bias(hidden):
     return hidden.new_empty(0)
+
+
+def tile_config(dtype: torch.dtype):
+    """(kernel module, TileConfig, dot precision) for the Triton fused-linear kernels."""
+    from ..kernels import fused_linear_logprobs as k
+    name = _TRITON_DTYPES[dtype]
+    if name == "bf16" and _backend.interpret_mode():
+        return k, k.CONFIGS[name], k.INTERPRET_BF16_PRECISION
+    return k, k.CONFIGS[name], k.DOT_PRECISION[name]
+
+
+def split_plan(n: int, vocab: int, cfg, device) -> tuple[int, int]:
+    """(tiles_per_split, splits): split the vocab so that about 4 programs per SM are in flight."""
+    n_tiles = triton_cdiv(vocab, cfg.block_v)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    want_splits = max(1, min(n_tiles, triton_cdiv(4 * sms, triton_cdiv(n, cfg.block_n))))
+    tiles_per_split = triton_cdiv(n_tiles, want_splits)
+    return tiles_per_split, triton_cdiv(n_tiles, tiles_per_split)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def grad_buffers(hidden, weight, bias, need):
+    """fp32 accumulators the backward kernels add into; fp32 inputs accumulate straight into the result."""
+    f32 = torch.float32
+    d_x = torch.zeros(hidden.shape, dtype=f32, device=hidden.device) if need[0] else None
+    d_b = torch.zeros(weight.shape[0], dtype=f32, device=weight.device) if need[2] else None
+    d_w = None
+    if need[1]:
+        d_w = torch.zeros(weight.shape, dtype=f32, device=weight.device) if weight.dtype == f32 else \
+            torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    return d_x, d_w, d_b
+
+
+def run_backward_slices(launch, hidden, weight, bias, need, cfg):
+    """Call launch(d_x32, d_w_slice32, d_b32, v_begin, v_end, grid) over vocab slices; return the grads.
+
+    fp32 weights take one slice that is the result itself; other dtypes accumulate each slice of
+    d(weight) in a bounded fp32 buffer and cast it into the result.
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    d_x, d_w, d_b = grad_buffers(hidden, weight, bias, need)
+    if weight.dtype == torch.float32 or not need[1]:
+        slice_rows = vocab
+    else:
+        slice_rows = max(cfg.block_v, DW_SLICE_ELEMENTS // max(weight.shape[1], 1) // cfg.block_v * cfg.block_v)
+    dummy = hidden.new_empty(1, dtype=torch.float32)
+    w_buf = None
+    for v_begin in range(0, vocab, slice_rows):
+        v_end = min(vocab, v_begin + slice_rows)
+        if need[1] and weight.dtype != torch.float32:
+            w_buf = torch.zeros(v_end - v_begin, weight.shape[1], dtype=torch.float32, device=weight.device) \
+                if w_buf is None or w_buf.shape[0] != v_end - v_begin else w_buf.zero_()
+        w_slice = d_w if weight.dtype == torch.float32 else w_buf
+        grid = (triton_cdiv(n, cfg.block_n), triton_cdiv(v_end - v_begin, cfg.block_v))
+        launch(d_x if d_x is not None else dummy, w_slice if w_slice is not None else dummy,
+               d_b if d_b is not None else dummy, v_begin, v_end, grid)
+        if need[1] and weight.dtype != torch.float32:
+            d_w[v_begin:v_end] = w_buf
+    return (None if d_x is None else d_x.to(hidden.dtype), d_w,
+            None if d_b is None else d_b.to(bias.dtype))
+
+
+def _triton_forward(hidden, weight, bias, targets, temperature, want_entropy, ignore_index):
+    k, cfg, prec = tile_config(hidden.dtype)
+    n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
+    if n == 0:
+        e = torch.empty(0, dtype=torch.float32, device=dev)
+        return e, e.clone(), e.clone()
+    tiles_per_split, splits = split_plan(n, vocab, cfg, dev)
+    part = torch.empty(4, splits, n, dtype=torch.float32, device=dev)
+    k._fused_linear_logprobs_fwd_kernel[(triton_cdiv(n, cfg.block_n), splits)](
+        hidden, weight, bias if bias is not None else hidden, targets, part, n, vocab, hidden.shape[1],
+        hidden.stride(0), weight.stride(0), 1.0 / temperature, ignore_index, tiles_per_split,
+        int(bias is not None), int(want_entropy), BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+        BLOCK_K=cfg.block_k, DOT_PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    m, s, sz, zt = part.unbind(0)
+    big_m = m.max(0).values
+    scale = torch.exp(m - big_m)
+    total = (s * scale).sum(0)
+    lse = big_m + torch.log(total)
+    valid = targets != ignore_index
+    logp = torch.where(valid, zt.sum(0) - lse, 0.0)
+    entropy = torch.where(valid, lse - (sz * scale).sum(0) / total, 0.0) if want_entropy else lse.new_empty(0)
+    return logp, entropy, lse
+
+
+def _triton_backward(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
+                     ignore_index, need):
+    k, cfg, prec = tile_config(hidden.dtype)
+    have_ent = grad_entropy is not None
+    need_x, need_w = bool(need[0]), bool(need[1])
+    if hidden.shape[0] == 0:
+        return (torch.zeros_like(hidden) if need_x else None, torch.zeros_like(weight) if need_w else None,
+                torch.zeros_like(bias) if need[2] else None)
+
+    def launch(d_x, d_w, d_b, v_begin, v_end, grid):
+        k._fused_linear_logprobs_bwd_kernel[grid](
+            hidden, weight, bias if bias is not None else hidden, targets, lse, entropy if have_ent else lse,
+            grad_logp, grad_entropy if have_ent else grad_logp, d_x, d_w, d_b, hidden.shape[0], weight.shape[0],
+            hidden.shape[1], v_begin, v_end, hidden.stride(0), weight.stride(0), hidden.shape[1],
+            weight.shape[1], 1.0 / temperature, ignore_index, int(bias is not None), int(have_ent),
+            int(bool(need[2])), NEED_X=need_x, NEED_W=need_w, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+            BLOCK_K=cfg.block_k, DOT_PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    return run_backward_slices(launch, hidden, weight, bias, need, cfg)
 
 
 @torch.library.custom_op("rlhf_fast::fused_linear_logprobs_fwd", mutates_args=())
@@ -21,9 +137,8 @@ def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     ref_tl.check_targets_in_range(targets, weight.shape[0], ignore_index)
     chosen = _backend.resolve(_OP, backend, hidden.device, gpu="triton")
     if chosen == "triton":
-        from . import _fused_linear_triton as tri
-        return tri.forward(hidden.contiguous(), weight.contiguous(), bias, targets.contiguous(),
-                           temperature, want_entropy, ignore_index)
+        return _triton_forward(hidden.contiguous(), weight.contiguous(), _contig(bias), targets.long().contiguous(),
+                               temperature, want_entropy, ignore_index)
     return ref.forward(hidden, weight, bias, targets, temperature, want_entropy, ignore_index,
                        chunk_size or None)
 
@@ -42,11 +157,11 @@ def _bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden: 
             need: list[bool], backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     chosen = _backend.resolve(_OP, backend, hidden.device, gpu="triton")
     if chosen == "triton":
-        from . import _fused_linear_triton as tri
-        d_h, d_w, d_b = tri.backward(grad_logp.contiguous(),
-                                     None if grad_entropy is None else grad_entropy.contiguous(),
-                                     hidden.contiguous(), weight.contiguous(), bias, targets.contiguous(),
-                                     lse, entropy, temperature, ignore_index, need)
+        d_h, d_w, d_b = _triton_backward(grad_logp.contiguous(),
+                                         None if grad_entropy is None else grad_entropy.contiguous(),
+                                         hidden.contiguous(), weight.contiguous(), _contig(bias),
+                                         targets.long().contiguous(), lse, entropy, temperature, ignore_index,
+                                         need)
     else:
         d_h, d_w, d_b = ref.backward(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy,
                                      temperature, ignore_index, chunk_size or None, need)

@@ -5,6 +5,7 @@ import torch
 
 from .. import _backend
 from ..reference import kl_divergence as ref
+from .token_logprobs import _pick_config
 
 _OP = "kl_divergence"
 
@@ -14,7 +15,7 @@ def _triton_forward(logits, ref_logits, temperature):
     n, vocab = logits.shape
     out = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3)]
     if n:
-        cfg = k.pick_config(vocab)
+        cfg = _pick_config(k.CONFIGS, vocab)
         k._kl_fwd_kernel[(n,)](logits, ref_logits, *out, logits.stride(0), ref_logits.stride(0), vocab,
                                1.0 / temperature, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
                                num_stages=cfg.num_stages)
@@ -27,7 +28,7 @@ def _triton_backward(grad_kl, logits, ref_logits, lse_p, lse_q, kl, temperature,
     d_logits = torch.empty_like(logits)
     d_ref = torch.empty_like(ref_logits) if need_ref else None
     if n:
-        cfg = k.pick_config(vocab)
+        cfg = _pick_config(k.CONFIGS, vocab)
         k._kl_bwd_kernel[(n,)](logits, ref_logits, lse_p, lse_q, kl, grad_kl, d_logits,
                                d_ref if need_ref else d_logits, logits.stride(0), ref_logits.stride(0),
                                vocab, 1.0 / temperature, NEED_REF=need_ref, BLOCK_V=cfg.block_v,

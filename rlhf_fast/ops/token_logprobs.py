@@ -13,6 +13,11 @@ from ..reference import token_logprobs as ref
 _OP = "token_logprobs"
 
 
+def _pick_config(configs, vocab):
+    """First config of the kernel module's table whose tile covers the row, else the widest (it loops)."""
+    return next((c for c in configs if c.block_v >= vocab), configs[-1])
+
+
 def _triton_forward(logits, targets, temperature, want_entropy, ignore_index):
     from ..kernels import token_logprobs as k
     n, vocab = logits.shape
@@ -21,7 +26,7 @@ def _triton_forward(logits, targets, temperature, want_entropy, ignore_index):
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return logp, entropy, lse
-    cfg = k.pick_config(vocab)
+    cfg = _pick_config(k.CONFIGS, vocab)
     k._token_logprobs_fwd_kernel[(n,)](
         logits, targets, logp, entropy, lse, logits.stride(0), vocab, 1.0 / temperature, ignore_index,
         WANT_ENTROPY=want_entropy, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -35,7 +40,7 @@ def _triton_backward(grad_logp, grad_entropy, logits, targets, lse, entropy, tem
     if n == 0:
         return grad
     have_ent = grad_entropy is not None
-    cfg = k.pick_config(vocab)
+    cfg = _pick_config(k.CONFIGS, vocab)
     k._token_logprobs_bwd_kernel[(n,)](
         logits, targets, lse, entropy if have_ent else lse, grad_logp,
         grad_entropy if have_ent else grad_logp, grad, logits.stride(0), grad.stride(0), vocab,
@@ -50,7 +55,7 @@ def _fwd_op(logits: torch.Tensor, targets: torch.Tensor, temperature: float, wan
     ref.check_targets_in_range(targets, logits.shape[-1], ignore_index)
     chosen = _backend.resolve(_OP, backend, logits.device, gpu="triton")
     if chosen == "triton":
-        return _triton_forward(logits.contiguous(), targets.contiguous(), temperature, want_entropy,
+        return _triton_forward(logits.contiguous(), targets.long().contiguous(), temperature, want_entropy,
                                ignore_index)
     return ref.forward(logits, targets, temperature, want_entropy, ignore_index)
 
@@ -69,7 +74,7 @@ def _bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, logits: 
     chosen = _backend.resolve(_OP, backend, logits.device, gpu="triton")
     if chosen == "triton":
         return _triton_backward(grad_logp.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
-                                logits.contiguous(), targets.contiguous(), lse, entropy, temperature,
+                                logits.contiguous(), targets.long().contiguous(), lse, entropy, temperature,
                                 ignore_index)
     return ref.backward(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index)
 

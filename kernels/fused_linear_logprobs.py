@@ -1,0 +1,187 @@
+"""Triton kernels for fused_linear_logprobs: lm_head matmul tiles (tl.dot) fused with the softmax statistics.
+
+A program owns BLOCK_N tokens and a run of BLOCK_V-wide vocab tiles. For each tile it computes the
+(BLOCK_N, BLOCK_V) logits in registers (K loop over the hidden size), folds them into per-row online
+(max, sum-exp, sum-exp*z, target logit), and drops them: the logits never reach global memory.
+Vocab splits (grid axis 1) write partial statistics that the launcher combines, so small N still fills
+the GPU. The backward recomputes each logit tile, forms d(logits) on chip and adds its products into
+fp32 d(hidden) and d(weight) buffers with atomics.
+"""
+from collections import namedtuple
+
+import triton
+import triton.language as tl
+
+from ._spec import KernelSpec
+
+TileConfig = namedtuple("TileConfig", "block_n block_v block_k num_warps num_stages")
+# One config per input dtype; the launcher uses exactly this table. fp32 takes a shorter K tile so
+# the pipelined shared memory stays well under sm_80's 164 KB; fp32 dots run in IEEE precision to
+# match torch's default (TF32 off) fp32 matmul.
+CONFIGS = {
+    "fp32": TileConfig(64, 128, 32, 8, 2),
+    "bf16": TileConfig(64, 128, 64, 8, 3),
+    "fp16": TileConfig(64, 128, 64, 8, 3),
+}
+DOT_PRECISION = {"fp32": "ieee", "bf16": "tf32", "fp16": "tf32"}
+# Triton's CPU interpreter (3.9) multiplies bf16 tl.dot operands wrongly; under TRITON_INTERPRET=1 the
+# launcher passes DOT_PRECISION="upcast" for bf16 so the interpreter sees fp32 operands. GPUs never do.
+INTERPRET_BF16_PRECISION = "upcast"
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    if DOT_PRECISION == "upcast":
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, K, stride_x, stride_w, inv_t, has_bias,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """(BLOCK_N, BLOCK_V) fp32 tile of (x @ w.T + b) / T, for x rows `rows` and w rows `cols`."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for k in range(0, K, BLOCK_K):
+        kmask = k + ks < K
+        a = tl.load(x_ptr + rows[:, None] * stride_x + (k + ks)[None, :],
+                    mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptr + cols[:, None] * stride_w + (k + ks)[None, :],
+                    mask=col_mask[:, None] & kmask[None, :], other=0.0)
+        acc = _dot(a, tl.trans(b), acc, DOT_PRECISION)
+    if has_bias:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc * inv_t
+
+
+@triton.jit
+def _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, rows, cols, row_mask, col_mask, v_begin, K,
+                   stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X: tl.constexpr,
+                   NEED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """Given d = d(loss)/d(logits) for one (BLOCK_N, BLOCK_V) tile (fp32, zero outside the masks), add
+    d @ w[cols] into dx[rows], d.T @ x[rows] into dw[cols - v_begin] and d.sum(0) into db[cols]."""
+    ks = tl.arange(0, BLOCK_K)
+    dd = d.to(x_ptr.dtype.element_ty)
+    if NEED_X:
+        for k in range(0, K, BLOCK_K):
+            kmask = k + ks < K
+            w = tl.load(w_ptr + cols[:, None] * stride_w + (k + ks)[None, :],
+                        mask=col_mask[:, None] & kmask[None, :], other=0.0)
+            part = _dot(dd, w, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), DOT_PRECISION)
+            tl.atomic_add(dx_ptr + rows[:, None] * stride_dx + (k + ks)[None, :], part,
+                          mask=row_mask[:, None] & kmask[None, :], sem="relaxed")
+    if NEED_W:
+        for k in range(0, K, BLOCK_K):
+            kmask = k + ks < K
+            x = tl.load(x_ptr + rows[:, None] * stride_x + (k + ks)[None, :],
+                        mask=row_mask[:, None] & kmask[None, :], other=0.0)
+            part = _dot(tl.trans(dd), x, tl.zeros((BLOCK_V, BLOCK_K), tl.float32), DOT_PRECISION)
+            tl.atomic_add(dw_ptr + (cols - v_begin)[:, None] * stride_dw + (k + ks)[None, :], part,
+                          mask=col_mask[:, None] & kmask[None, :], sem="relaxed")
+    if need_b:
+        tl.atomic_add(db_ptr + cols, tl.sum(d, 0), mask=col_mask, sem="relaxed")
+
+
+@triton.jit
+def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, H, stride_x, stride_w, inv_t,
+                                      ignore_index, tiles_per_split, has_bias, want_entropy,
+                                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                                      DOT_PRECISION: tl.constexpr):
+    """part (4, splits, N) fp32 <- per-split (max, sum exp(z - max), sum exp(z - max) z, z[target])."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    t = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    sz = tl.zeros((BLOCK_N,), tl.float32)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
+    v_begin = split * tiles_per_split * BLOCK_V
+    # A fixed trip count (not a bound derived from program_id): the launcher makes every split start
+    # inside the vocab, so the first tile has a finite max and later all-masked tiles change nothing.
+    for i in range(0, tiles_per_split):
+        cols = (v_begin + i * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < V
+        z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_t,
+                         has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 1))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])
+        s = s * alpha + tl.sum(e, 1)
+        if want_entropy:
+            sz = sz * alpha + tl.sum(tl.where(col_mask[None, :], e * z, 0.0), 1)
+        zt += tl.sum(tl.where(cols[None, :] == t[:, None], z, 0.0), 1)
+        m = m_new
+    n_splits = tl.num_programs(1)
+    out = part_ptr + split * N + rows
+    tl.store(out, m, mask=row_mask)
+    tl.store(out + n_splits * N, s, mask=row_mask)
+    tl.store(out + 2 * n_splits * N, sz, mask=row_mask)
+    tl.store(out + 3 * n_splits * N, zt, mask=row_mask)
+
+
+@triton.jit
+def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
+                                      dx_ptr, dw_ptr, db_ptr, N, V, H, v_begin, v_end, stride_x, stride_w,
+                                      stride_dx, stride_dw, inv_t, ignore_index, has_bias, have_entropy, need_b,
+                                      NEED_X: tl.constexpr, NEED_W: tl.constexpr, BLOCK_N: tl.constexpr,
+                                      BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                                      DOT_PRECISION: tl.constexpr):
+    """Vocab slice [v_begin, v_end): d(logits) = (g_logp (onehot - p) - g_H p (log p + H)) / T per tile."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = (v_begin + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    row_mask = rows < N
+    col_mask = cols < v_end
+    z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_t,
+                     has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+    t = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (t != ignore_index)
+    g_logp = tl.where(valid, tl.load(g_logp_ptr + rows, mask=row_mask, other=0.0), 0.0)
+    logp = z - tl.load(lse_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    p = tl.exp(logp)
+    coef = g_logp[:, None] + tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    if have_entropy:
+        g_ent = tl.where(valid, tl.load(g_ent_ptr + rows, mask=row_mask, other=0.0), 0.0)
+        ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+        coef += g_ent[:, None] * (logp + ent[:, None])
+    d = -p * coef
+    d = tl.where(cols[None, :] == t[:, None], d + g_logp[:, None], d) * inv_t
+    d = tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
+    _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, rows, cols, row_mask, col_mask, v_begin, H,
+                   stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V, BLOCK_K,
+                   DOT_PRECISION)
+
+
+# (NEED_X, NEED_W) pairs the launcher can request (a call that needs neither never launches).
+NEED_PAIRS = ((True, True), (True, False), (False, True))
+
+
+def static_configs():
+    specs = []
+    for dt, cfg in CONFIGS.items():
+        cx = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k,
+              "DOT_PRECISION": DOT_PRECISION[dt]}
+        tag = f"{dt},BN={cfg.block_n},BV={cfg.block_v},BK={cfg.block_k}"
+        specs.append(KernelSpec(
+            f"fused_linear_logprobs_fwd[{tag}]", _fused_linear_logprobs_fwd_kernel,
+            {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64", "part_ptr": "*fp32",
+             "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32", "inv_t": "fp32",
+             "ignore_index": "i32", "tiles_per_split": "i32", "has_bias": "i32", "want_entropy": "i32",
+             **{k: "constexpr" for k in cx}}, cx, cfg.num_warps, cfg.num_stages))
+        for need_x, need_w in NEED_PAIRS:
+            specs.append(KernelSpec(
+                f"fused_linear_logprobs_bwd[{tag},X={need_x},W={need_w}]", _fused_linear_logprobs_bwd_kernel,
+                {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64", "lse_ptr": "*fp32",
+                 "ent_ptr": "*fp32", "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "dx_ptr": "*fp32",
+                 "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "v_begin": "i32",
+                 "v_end": "i32", "stride_x": "i32", "stride_w": "i32", "stride_dx": "i32", "stride_dw": "i32",
+                 "inv_t": "fp32", "ignore_index": "i32", "has_bias": "i32", "have_entropy": "i32",
+                 "need_b": "i32", "NEED_X": "constexpr", "NEED_W": "constexpr", **{k: "constexpr" for k in cx}},
+                {**cx, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
+    return specs

@@ -1,0 +1,97 @@
+"""Triton kernels for token_logprobs: one program per row, one pass over the vocab.
+
+Forward: online max / sum-exp / sum(exp * z) over BLOCK_V tiles gives lse and entropy
+(H = lse - sum(p z)); the target logit is one scalar load. Backward recomputes p from the saved lse
+and writes d(logits) = (g_logp (onehot - p) - g_H p (log p + H)) / T in the logits' dtype.
+"""
+from collections import namedtuple
+
+import triton
+import triton.language as tl
+
+from ._spec import KernelSpec
+
+RowConfig = namedtuple("RowConfig", "block_v num_warps num_stages")
+# The launcher picks the first config whose block_v covers V, else the last one (looping over tiles).
+CONFIGS = (RowConfig(1024, 4, 2), RowConfig(4096, 8, 2))
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(logits_ptr, targets_ptr, logp_ptr, entropy_ptr, lse_ptr, stride_row, V,
+                               inv_t, ignore_index, WANT_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    sz = tl.zeros((), tl.float32)
+    for off in range(0, V, BLOCK_V):
+        mask = off + cols < V
+        z = tl.load(base + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(z, 0))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new)
+        s = s * alpha + tl.sum(e, 0)
+        if WANT_ENTROPY:
+            sz = sz * alpha + tl.sum(tl.where(mask, e * z, 0.0), 0)
+        m = m_new
+    lse = m + tl.log(s)
+    t = tl.load(targets_ptr + row)
+    valid = t != ignore_index
+    zt = tl.load(base + t, mask=valid, other=0.0).to(tl.float32) * inv_t
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, tl.where(valid, zt - lse, 0.0))
+    if WANT_ENTROPY:
+        tl.store(entropy_ptr + row, tl.where(valid, lse - sz / s, 0.0))
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(logits_ptr, targets_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, grad_ptr,
+                               stride_row, stride_grad, V, inv_t, ignore_index, HAVE_ENTROPY: tl.constexpr,
+                               BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    gbase = grad_ptr + row * stride_grad
+    cols = tl.arange(0, BLOCK_V)
+    t = tl.load(targets_ptr + row)
+    valid = t != ignore_index
+    lse = tl.load(lse_ptr + row)
+    g_logp = tl.where(valid, tl.load(g_logp_ptr + row), 0.0)
+    if HAVE_ENTROPY:
+        g_ent = tl.where(valid, tl.load(g_ent_ptr + row), 0.0)
+        ent = tl.load(entropy_ptr + row)
+    for off in range(0, V, BLOCK_V):
+        mask = off + cols < V
+        logp = tl.load(base + off + cols, mask=mask, other=0.0).to(tl.float32) * inv_t - lse
+        p = tl.exp(logp)
+        if HAVE_ENTROPY:
+            d = -p * (g_logp + g_ent * (logp + ent))
+        else:
+            d = -p * g_logp
+        d = tl.where(off + cols == t, d + g_logp, d) * inv_t
+        tl.store(gbase + off + cols, d.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def static_configs():
+    specs = []
+    for dt in _DTYPES:
+        for cfg in CONFIGS:
+            for flag in (False, True):
+                cx = {"BLOCK_V": cfg.block_v}
+                specs.append(KernelSpec(
+                    f"token_logprobs_fwd[{dt},BV={cfg.block_v},ENT={flag}]", _token_logprobs_fwd_kernel,
+                    {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
+                     "lse_ptr": "*fp32", "stride_row": "i32", "V": "i32", "inv_t": "fp32", "ignore_index": "i32",
+                     "WANT_ENTROPY": "constexpr", "BLOCK_V": "constexpr"},
+                    {**cx, "WANT_ENTROPY": flag}, cfg.num_warps, cfg.num_stages))
+                specs.append(KernelSpec(
+                    f"token_logprobs_bwd[{dt},BV={cfg.block_v},ENT={flag}]", _token_logprobs_bwd_kernel,
+                    {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
+                     "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "grad_ptr": f"*{dt}", "stride_row": "i32",
+                     "stride_grad": "i32", "V": "i32", "inv_t": "fp32", "ignore_index": "i32",
+                     "HAVE_ENTROPY": "constexpr", "BLOCK_V": "constexpr"},
+                    {**cx, "HAVE_ENTROPY": flag}, cfg.num_warps, cfg.num_stages))
+    return specs
