@@ -1,7 +1,11 @@
-"""Triton kernels for kl_divergence: one program per row, one pass over both rows of logits.
+"""Triton kernels for kl_divergence and fused_linear_kl_divergence.
 
-Forward keeps online (max, sum-exp) for p and q plus sum(exp(zp - m) (zp - zq)), so
-KL = E_p[zp - zq] - lse_p + lse_q. Backward recomputes p and q from the saved lse's.
+Row kernels: one program per row, one pass over both rows of logits, keeping online (max, sum-exp)
+for p and q plus sum(exp(zp - m) (zp - zq)), so KL = E_p[zp - zq] - lse_p + lse_q. Backward
+recomputes p and q from the saved lse's.
+
+Fused-linear kernels: the same statistics over (BLOCK_N, BLOCK_V) tiles of both models' logits,
+computed with tl.dot on chip (see kernels/fused_linear_logprobs.py for the tiling and the backward).
 """
 from collections import namedtuple
 
@@ -9,6 +13,8 @@ import triton
 import triton.language as tl
 
 from ._spec import KernelSpec
+from .fused_linear_logprobs import CONFIGS as TILE_CONFIGS
+from .fused_linear_logprobs import DOT_PRECISION, NEED_PAIRS, _grad_products, _logits_tile
 
 RowConfig = namedtuple("RowConfig", "block_v num_warps num_stages")
 # The launcher picks the first config whose block_v covers V, else the last one (looping over tiles).
@@ -66,7 +72,106 @@ def _kl_bwd_kernel(p_ptr, q_ptr, lse_p_ptr, lse_q_ptr, kl_ptr, g_ptr, dp_ptr, dq
                      mask=mask)
 
 
+@triton.jit
+def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, part_ptr, N, V, H, HR,
+                                           stride_x, stride_w, stride_xr, stride_wr, inv_t, tiles_per_split,
+                                           has_bias, has_ref_bias, BLOCK_N: tl.constexpr,
+                                           BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                                           DOT_PRECISION: tl.constexpr):
+    """part (5, splits, N) <- per-split (m_p, sum exp(zp - m_p), sum exp(zp - m_p) (zp - zq), m_q, s_q)."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    m_p = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    m_q = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s_p = tl.zeros((BLOCK_N,), tl.float32)
+    s_q = tl.zeros((BLOCK_N,), tl.float32)
+    s_d = tl.zeros((BLOCK_N,), tl.float32)
+    v_begin = split * tiles_per_split * BLOCK_V
+    for i in range(0, tiles_per_split):
+        cols = (v_begin + i * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < V
+        zp = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_t,
+                          has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        zq = _logits_tile(xr_ptr, wr_ptr, br_ptr, rows, cols, row_mask, col_mask, HR, stride_xr, stride_wr,
+                          inv_t, has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        diff = tl.where(col_mask[None, :], zp - zq, 0.0)
+        zp = tl.where(col_mask[None, :], zp, float("-inf"))
+        zq = tl.where(col_mask[None, :], zq, float("-inf"))
+        mp_new = tl.maximum(m_p, tl.max(zp, 1))
+        mq_new = tl.maximum(m_q, tl.max(zq, 1))
+        alpha = tl.exp(m_p - mp_new)
+        e = tl.exp(zp - mp_new[:, None])
+        s_p = s_p * alpha + tl.sum(e, 1)
+        s_d = s_d * alpha + tl.sum(e * diff, 1)
+        s_q = s_q * tl.exp(m_q - mq_new) + tl.sum(tl.exp(zq - mq_new[:, None]), 1)
+        m_p = mp_new
+        m_q = mq_new
+    stride_part = tl.num_programs(1) * N
+    out = part_ptr + split * N + rows
+    tl.store(out, m_p, mask=row_mask)
+    tl.store(out + stride_part, s_p, mask=row_mask)
+    tl.store(out + 2 * stride_part, s_d, mask=row_mask)
+    tl.store(out + 3 * stride_part, m_q, mask=row_mask)
+    tl.store(out + 4 * stride_part, s_q, mask=row_mask)
+
+
+@triton.jit
+def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, lse_p_ptr, lse_q_ptr,
+                                           kl_ptr, g_ptr, dx_ptr, dw_ptr, db_ptr, N, V, H, HR, v_begin, v_end,
+                                           stride_x, stride_w, stride_xr, stride_wr, stride_dx, stride_dw,
+                                           inv_t, has_bias, has_ref_bias, need_b, NEED_X: tl.constexpr,
+                                           NEED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                                           BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Vocab slice [v_begin, v_end): d(logits) = g p (log p - log q - KL) / T per tile (policy side only)."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = (v_begin + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    row_mask = rows < N
+    col_mask = cols < v_end
+    zp = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_t,
+                      has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+    zq = _logits_tile(xr_ptr, wr_ptr, br_ptr, rows, cols, row_mask, col_mask, HR, stride_xr, stride_wr, inv_t,
+                      has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+    logp = zp - tl.load(lse_p_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    logq = zq - tl.load(lse_q_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    kl = tl.load(kl_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0) * inv_t
+    d = g[:, None] * tl.exp(logp) * (logp - logq - kl[:, None])
+    d = tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
+    _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, rows, cols, row_mask, col_mask, v_begin, H,
+                   stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V, BLOCK_K,
+                   DOT_PRECISION)
+
+
 _DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _fused_specs():
+    specs = []
+    for dt, cfg in TILE_CONFIGS.items():
+        cx = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k,
+              "DOT_PRECISION": DOT_PRECISION[dt]}
+        tag = f"{dt},BN={cfg.block_n},BV={cfg.block_v},BK={cfg.block_k}"
+        ptrs = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "xr_ptr": f"*{dt}", "wr_ptr": f"*{dt}",
+                "br_ptr": f"*{dt}"}
+        specs.append(KernelSpec(
+            f"fused_linear_kl_fwd[{tag}]", _fused_linear_kl_divergence_fwd_kernel,
+            {**ptrs, "part_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "HR": "i32", "stride_x": "i32",
+             "stride_w": "i32", "stride_xr": "i32", "stride_wr": "i32", "inv_t": "fp32", "tiles_per_split": "i32",
+             "has_bias": "i32", "has_ref_bias": "i32", **{k: "constexpr" for k in cx}},
+            cx, cfg.num_warps, cfg.num_stages))
+        for need_x, need_w in NEED_PAIRS:
+            specs.append(KernelSpec(
+                f"fused_linear_kl_bwd[{tag},X={need_x},W={need_w}]", _fused_linear_kl_divergence_bwd_kernel,
+                {**ptrs, "lse_p_ptr": "*fp32", "lse_q_ptr": "*fp32", "kl_ptr": "*fp32", "g_ptr": "*fp32",
+                 "dx_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32",
+                 "HR": "i32", "v_begin": "i32", "v_end": "i32", "stride_x": "i32", "stride_w": "i32",
+                 "stride_xr": "i32", "stride_wr": "i32", "stride_dx": "i32", "stride_dw": "i32", "inv_t": "fp32",
+                 "has_bias": "i32", "has_ref_bias": "i32", "need_b": "i32", "NEED_X": "constexpr",
+                 "NEED_W": "constexpr", **{k: "constexpr" for k in cx}},
+                {**cx, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
+    return specs
 
 
 def static_configs():
@@ -86,4 +191,4 @@ def static_configs():
                      "stride_q": "i32", "V": "i32", "inv_t": "fp32", "NEED_REF": "constexpr",
                      "BLOCK_V": "constexpr"},
                     {"BLOCK_V": cfg.block_v, "NEED_REF": need_ref}, cfg.num_warps, cfg.num_stages))
-    return specs
+    return specs + _fused_specs()

@@ -6,8 +6,56 @@ import torch
 
 from .. import _backend
 from ..reference import fused_linear_kl_divergence as ref
+from .fused_linear_logprobs import _contig, run_backward_slices, split_plan, tile_config, triton_cdiv
 
 _OP = "fused_linear_kl_divergence"
+
+
+def _triton_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature):
+    k, cfg, prec = tile_config(hidden.dtype)
+    from ..kernels import kl_divergence as kk
+    n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
+    if n == 0:
+        return tuple(torch.empty(0, dtype=torch.float32, device=dev) for _ in range(3))
+    tiles_per_split, splits = split_plan(n, vocab, cfg, dev)
+    part = torch.empty(5, splits, n, dtype=torch.float32, device=dev)
+    kk._fused_linear_kl_divergence_fwd_kernel[(triton_cdiv(n, cfg.block_n), splits)](
+        hidden, weight, bias if bias is not None else hidden, ref_hidden, ref_weight,
+        ref_bias if ref_bias is not None else ref_hidden, part, n, vocab, hidden.shape[1], ref_hidden.shape[1],
+        hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), 1.0 / temperature,
+        tiles_per_split, int(bias is not None), int(ref_bias is not None), BLOCK_N=cfg.block_n,
+        BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, DOT_PRECISION=prec, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    m_p, s_p, s_d, m_q, s_q = part.unbind(0)
+    big_p, big_q = m_p.max(0).values, m_q.max(0).values
+    scale_p = torch.exp(m_p - big_p)
+    total_p = (s_p * scale_p).sum(0)
+    lse_p = big_p + torch.log(total_p)
+    lse_q = big_q + torch.log((s_q * torch.exp(m_q - big_q)).sum(0))
+    kl = (s_d * scale_p).sum(0) / total_p - lse_p + lse_q
+    return kl, lse_p, lse_q
+
+
+def _triton_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl,
+                     temperature, need):
+    k, cfg, prec = tile_config(hidden.dtype)
+    from ..kernels import kl_divergence as kk
+    need_x, need_w = bool(need[0]), bool(need[1])
+    if hidden.shape[0] == 0:
+        return (torch.zeros_like(hidden) if need_x else None, torch.zeros_like(weight) if need_w else None,
+                torch.zeros_like(bias) if need[2] else None)
+
+    def launch(d_x, d_w, d_b, v_begin, v_end, grid):
+        kk._fused_linear_kl_divergence_bwd_kernel[grid](
+            hidden, weight, bias if bias is not None else hidden, ref_hidden, ref_weight,
+            ref_bias if ref_bias is not None else ref_hidden, lse_p, lse_q, kl, grad_kl, d_x, d_w, d_b,
+            hidden.shape[0], weight.shape[0], hidden.shape[1], ref_hidden.shape[1], v_begin, v_end,
+            hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), hidden.shape[1],
+            weight.shape[1], 1.0 / temperature, int(bias is not None), int(ref_bias is not None),
+            int(bool(need[2])), NEED_X=need_x, NEED_W=need_w, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+            BLOCK_K=cfg.block_k, DOT_PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    return run_backward_slices(launch, hidden, weight, bias, need, cfg)
 
 
 def _empty(t):
@@ -19,9 +67,8 @@ def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             ref_weight: torch.Tensor, ref_bias: torch.Tensor | None, temperature: float, chunk_size: int,
             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _backend.resolve(_OP, backend, hidden.device, gpu="triton") == "triton":
-        from . import _fused_linear_triton as tri
-        return tri.kl_forward(hidden.contiguous(), weight.contiguous(), bias, ref_hidden.contiguous(),
-                              ref_weight.contiguous(), ref_bias, temperature)
+        return _triton_forward(hidden.contiguous(), weight.contiguous(), _contig(bias), ref_hidden.contiguous(),
+                               ref_weight.contiguous(), _contig(ref_bias), temperature)
     return ref.forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, chunk_size or None)
 
 
@@ -36,10 +83,9 @@ def _bwd_op(grad_kl: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, b
             lse_p: torch.Tensor, lse_q: torch.Tensor, kl: torch.Tensor, temperature: float, chunk_size: int,
             need: list[bool], backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _backend.resolve(_OP, backend, hidden.device, gpu="triton") == "triton":
-        from . import _fused_linear_triton as tri
-        grads = tri.kl_backward(grad_kl.contiguous(), hidden.contiguous(), weight.contiguous(), bias,
-                                ref_hidden.contiguous(), ref_weight.contiguous(), ref_bias, lse_p, lse_q, kl,
-                                temperature, need)
+        grads = _triton_backward(grad_kl.contiguous(), hidden.contiguous(), weight.contiguous(), _contig(bias),
+                                 ref_hidden.contiguous(), ref_weight.contiguous(), _contig(ref_bias), lse_p,
+                                 lse_q, kl, temperature, need)
     else:
         grads = ref.backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl,
                              temperature, chunk_size or None, need)
@@ -84,8 +130,8 @@ def fused_linear_kl_divergence(hidden: torch.Tensor, weight: torch.Tensor, ref_h
     Args:
         hidden: (N, H) float32/bfloat16/float16, the policy's final hidden states.
         weight: (V, H) same dtype (policy lm_head); bias: optional (V,).
-        ref_hidden: (N, H_ref) the reference model's hidden states (any float dtype; H_ref may differ).
-        ref_weight: (V, H_ref) same dtype as ref_hidden; ref_bias: optional (V,).
+        ref_hidden: (N, H_ref) the reference model's hidden states, same dtype as hidden (H_ref may
+            differ from H). ref_weight: (V, H_ref), same dtype; ref_bias: optional (V,).
         temperature: > 0, applied to both models' logits.
         chunk_size: tokens per chunk for the reference backend (Triton tiles on its own).
         backend: "auto" | "triton" | "reference".

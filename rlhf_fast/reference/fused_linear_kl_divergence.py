@@ -22,6 +22,8 @@ def validate(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, temperature
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight must have vocab size {weight.shape[0]} (weight.shape[0]), "
                          f"got shape {tuple(ref_weight.shape)}")
+    if ref_hidden.dtype != hidden.dtype:
+        raise ValueError(f"ref_hidden must have the dtype of hidden ({hidden.dtype}), got {ref_hidden.dtype}")
     if ref_hidden.device != hidden.device:
         raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
     for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
