@@ -54,8 +54,8 @@ def decode_n_tokens(model: GPT, logits: torch.Tensor, cache: KVCache | None, n: 
     """Sample n tokens per row starting from `logits` (B, V) -> tokens, logprobs, mask, each (B, n).
 
     Step i samples with seed offset i. A row that emitted EOS keeps stepping (shapes stay static) but
-    its outputs are replaced by padding. `recompute(tokens_so_far, step)` replaces the cached decode
-    step with a full forward (the no-cache path used to check the cache).
+    its outputs are replaced by padding. `recompute(token, step)` replaces the cached decode step
+    with a full forward over everything so far (the no-cache path used to check the cache).
     """
     B, device = logits.shape[0], logits.device
     tokens = torch.full((B, n), pad_token_id, dtype=torch.int64, device=device)
@@ -72,7 +72,7 @@ def decode_n_tokens(model: GPT, logits: torch.Tensor, cache: KVCache | None, n: 
             if (step + 1) % _STOP_CHECK_EVERY == 0 and bool(done.all()):
                 break
         if step + 1 < n:
-            logits = recompute(tokens, step + 1) if recompute is not None else decode_one_token(model, token, cache)
+            logits = recompute(token, step + 1) if recompute is not None else decode_one_token(model, token, cache)
     return tokens, logprobs, mask
 
 
@@ -129,22 +129,24 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
         recompute = None
     else:
         cache = None
-        buf = torch.cat((idx, torch.full((B, max_new_tokens), pad_token_id, dtype=idx.dtype, device=device)), 1)
+        buf = torch.cat((idx, idx.new_zeros((B, max_new_tokens))), 1)
         rows = torch.arange(B, device=device)
 
-        def recompute(tokens, step):  # all tokens so far, right-padded; logits after each row's last one
-            buf[rows[:, None], lengths[:, None].long() + torch.arange(step, device=device)] = tokens[:, :step]
-            out = model(buf[:, :P + step])  # (B, P + step, V)
-            return out[rows, lengths.long() + step - 1].float()
+        def recompute(token, step):  # append token (B,) as new token number `step`, rerun everything
+            if token is not None:
+                buf[rows, lengths.long() + step - 1] = token
+            out = model(buf[:, :P + step])  # (B, P + step, V), right-padded rows
+            return out[rows, lengths.long() + step - 1].float()  # logits after each row's last token
 
-        logits = recompute(idx.new_zeros((B, 0)), 0)
+        logits = recompute(None, 0)
     tokens, logprobs, mask = decode_n_tokens(model, logits, cache, max_new_tokens, sampling, eos_token_id,
                                              pad_token_id, recompute)
     return GenerationOutput(tokens, logprobs, mask, prompts_left, prompt_mask)
 
 
 def _right_pad(prompts, attention_mask, pad_token_id: int, device):
-    """-> idx (B, P) right-padded, lengths (B,) int32, and the same prompts left-padded with their mask."""
+    """-> idx (B, P) right-padded with token 0 (any valid id: pads are never attended), lengths (B,) int32,
+    and the same prompts left-padded with pad_token_id, with their mask."""
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2 or prompts.dtype not in (torch.int64, torch.int32) or prompts.shape[1] == 0:
             raise ValueError(f"prompts as a tensor must be (B, P) int with P >= 1, got {tuple(prompts.shape)}")
@@ -164,7 +166,7 @@ def _right_pad(prompts, attention_mask, pad_token_id: int, device):
             raise ValueError(f"prompts[{i}] must be a non-empty 1-D int tensor, got "
                              f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
     B, P = len(prompts), max(p.numel() for p in prompts)
-    idx = torch.full((B, P), pad_token_id, dtype=torch.int64, device=device)
+    idx = torch.zeros((B, P), dtype=torch.int64, device=device)
     left = torch.full((B, P), pad_token_id, dtype=torch.int64, device=device)
     left_mask = torch.zeros((B, P), dtype=torch.int64, device=device)
     for b, p in enumerate(prompts):

@@ -97,6 +97,7 @@ class GPT(nn.Module):
             lead = (mask.cumsum(1) == 0).sum(1)  # (B,) leading pads per row
             roll = (pos[None, :] + lead[:, None]) % T  # rolled[b, j] = original[b, roll[b, j]]
             unroll = (pos[None, :] - lead[:, None]) % T  # original[b, t] = rolled[b, unroll[b, t]]
+            idx = idx.masked_fill(~mask, 0)  # pad ids may be anything (e.g. -1); they are never attended
             x = self._backbone(idx.gather(1, roll), pos, Padded(self.config.backend))  # (B, T, C) rolled
             x = x.gather(1, unroll[:, :, None].expand_as(x))  # (B, T, C) original layout
             last = lead + mask.sum(1) - 1  # (B,) last real token
