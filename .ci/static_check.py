@@ -1,0 +1,307 @@
+#!/usr/bin/env python
+"""Static GPU build check (CI layer 2): compile every Triton kernel config for sm_90 and sm_80, no GPU needed.
+
+Every module kernels/<name>.py (imported as rlhf_fast.kernels.<name>; modules whose name starts with
+"_" are helpers and skipped) exposes `static_configs()`, the list of kernels._spec.KernelSpec its
+launcher picks from. For each spec and each arch in spec.archs this script compiles the kernel with
+Triton's ahead-of-time API (triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))), runs
+ptxas -v on the PTX with the flags Triton itself uses (registers, spill stores/loads) and reads the
+dynamic shared memory from the compiled metadata. It fails on a compile error, any spill, or shared
+memory over what one block may use on the arch.
+
+Pointer arguments are compiled as 16-byte aligned (tt.divisibility=16), which is what Triton's
+launcher specializes them to for torch tensors at run time; it changes the code (cp.async/TMA
+pipelining) and so the shared memory. A spec opts a pointer out with attrs={"arg": ""}; attrs may
+also give other arguments a Triton specialization string ({"stride": "D"}) or raw ASTSource attrs
+keyed by (index,).
+
+Usage:
+  python .ci/static_check.py [--module NAME ...] [--file PATH ...] [--arch 90 ...] [--jobs N]
+Exit status: 0 all configs pass, 1 some config fails, 2 nothing to check or a module is broken.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+# @triton.jit must build compilable JITFunctions, not interpreter ones (the pytest layer sets this).
+os.environ.pop("TRITON_INTERPRET", None)
+# Fusion on is what launchers get by default on Triton 3.6 and 3.9; set it so 3.9 does not warn.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Max shared memory one block may opt in to (CUDA programming guide, compute capabilities table).
+SHARED_LIMIT = {80: 166912, 90: 232448}  # sm_80: 163 KiB, sm_90: 227 KiB
+
+
+@dataclasses.dataclass
+class Result:
+    source: str
+    name: str
+    config: str
+    arch: int
+    regs: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    shared: int | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+    def problems(self) -> list[str]:
+        if self.error is not None:
+            lines = [line.strip() for line in self.error.splitlines() if line.strip()]
+            return [f"{lines[0].split(':')[0]}: {lines[-1]}"[:120]]
+        out = []
+        if self.spill_stores or self.spill_loads:
+            out.append(f"spills {self.spill_stores} B stores / {self.spill_loads} B loads")
+        if self.shared is not None and self.shared > SHARED_LIMIT[self.arch]:
+            out.append(f"shared memory {self.shared} B > sm_{self.arch} limit {SHARED_LIMIT[self.arch]} B")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading kernel modules (in the main process and again in each worker: specs hold JITFunctions,
+# which do not pickle, so workers receive (source, index, arch) and rebuild the spec).
+
+_loaded: dict[str, object] = {}
+
+
+def discover(names: list[str]) -> list[str]:
+    """Sources ("mod:rlhf_fast.kernels.x") for kernels/*.py, optionally filtered by module name."""
+    found = sorted(p.stem for p in (REPO / "kernels").glob("*.py") if not p.stem.startswith("_"))
+    if not names:
+        return [f"mod:rlhf_fast.kernels.{m}" for m in found]
+    out = []
+    for name in names:
+        stem = Path(name).stem if name.endswith(".py") else name.rsplit(".", 1)[-1]
+        if stem not in found:
+            raise SystemExit(f"--module {name!r}: no kernels/{stem}.py (have: {', '.join(found) or 'none'})")
+        out.append(f"mod:rlhf_fast.kernels.{stem}")
+    return out
+
+
+def load_module(source: str):
+    if source not in _loaded:
+        kind, _, target = source.partition(":")
+        if kind == "mod":
+            module = importlib.import_module(target)
+        else:
+            path = Path(target)
+            if str(path.parent) not in sys.path:  # like a script: its folder's modules import
+                sys.path.insert(0, str(path.parent))
+            spec = importlib.util.spec_from_file_location(f"_static_check_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        _loaded[source] = module
+    return _loaded[source]
+
+
+def load_specs(source: str) -> list:
+    module = load_module(source)
+    if not hasattr(module, "static_configs"):
+        raise RuntimeError(f"{source}: kernel module has no static_configs()")
+    specs = list(module.static_configs())
+    if not specs:
+        raise RuntimeError(f"{source}: static_configs() returned no KernelSpec")
+    for spec in specs:
+        bad = set(spec.archs) - set(SHARED_LIMIT)
+        if bad:
+            raise RuntimeError(f"{source}: {spec.name}: archs {sorted(bad)} not in {sorted(SHARED_LIMIT)}")
+    return specs
+
+
+def config_str(spec) -> str:
+    parts = [f"{k}={v}" for k, v in spec.constexprs.items()]
+    return ",".join(parts + [f"warps={spec.num_warps}", f"stages={spec.num_stages}"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling one spec for one arch.
+
+def _ast_source(spec):
+    from triton.backends.compiler import BaseBackend
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+        import triton
+        raise RuntimeError(f"Triton {triton.__version__}: ASTSource has no `constexprs` argument "
+                           "(this check supports the Triton >= 3.2 convention, used by 3.6 and 3.9)")
+    arg_names = spec.fn.arg_names
+    by_name = {n: "D" for n, ty in spec.signature.items() if str(ty).startswith("*")}
+    raw = {}
+    for key, value in spec.attrs.items():
+        if isinstance(key, tuple):
+            raw[key] = value
+        else:
+            by_name[key] = value
+    attrs = {}
+    for name, value in by_name.items():
+        if name not in arg_names:
+            raise RuntimeError(f"attrs names {name!r}, not an argument of {spec.fn.__name__}")
+        parsed = BaseBackend.parse_attr(value) if isinstance(value, str) else value
+        if parsed:
+            attrs[(arg_names.index(name),)] = parsed
+    attrs.update(raw)
+    return ASTSource(spec.fn, dict(spec.signature), dict(spec.constexprs), attrs)
+
+
+def _ptxas_command(arch: int, metadata) -> tuple[list[str], str]:
+    """The ptxas Triton uses for `arch`, with the flags that change register allocation, plus -v."""
+    from triton.backends.nvidia import compiler as nv
+
+    path = nv.get_ptxas(arch).path if hasattr(nv, "get_ptxas") else shutil.which("ptxas")
+    if path is None:
+        raise RuntimeError("no ptxas: neither Triton's bundled one nor one on PATH")
+    gpu = nv.sm_arch_from_capability(arch)
+    flags = ["-lineinfo", "-v", f"--gpu-name={gpu}"]
+    if not getattr(metadata, "enable_fp_fusion", True):
+        flags.append("--fmad=false")
+    # Triton >= 3.7 passes this to work around a ptxas 13 bug; mirror whatever this Triton does.
+    if "--regAllocOptLevel=2" in inspect.getsource(nv.CUDABackend.make_cubin):
+        flags.append("--regAllocOptLevel=2")
+    extra = getattr(metadata, "ptx_options", None)
+    if extra:
+        flags += extra.split()
+    return [path, *flags], gpu
+
+
+def _parse_ptxas(log: str) -> tuple[int, int, int]:
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spills is None:
+        raise RuntimeError(f"could not read registers/spills from ptxas -v output:\n{log}")
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+def check_one(source: str, index: int, arch: int) -> Result:
+    t0 = time.perf_counter()
+    spec = load_specs(source)[index]
+    result = Result(source, spec.name, config_str(spec), arch)
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+
+        kernel = triton.compile(_ast_source(spec), target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+        result.shared = int(kernel.metadata.shared)
+        cmd, gpu = _ptxas_command(arch, kernel.metadata)
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = Path(tmp) / "kernel.ptx"
+            ptx.write_text(kernel.asm["ptx"])
+            proc = subprocess.run([*cmd, str(ptx), "-o", str(ptx.with_suffix(".cubin"))],
+                                  capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ptxas failed for {gpu} (exit {proc.returncode}):\n{proc.stderr}")
+        result.regs, result.spill_stores, result.spill_loads = _parse_ptxas(proc.stderr)
+    except Exception as exc:  # any compile failure is a finding, reported in the table
+        result.error = f"{type(exc).__name__}: {exc}"
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+
+def print_table(results: list[Result]) -> None:
+    head = ["kernel", "config", "arch", "regs", "spills (st/ld B)", "shared (B)", "status"]
+    rows = []
+    for r in results:
+        spills = "" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
+        shared = "" if r.shared is None else f"{r.shared} ({100 * r.shared / SHARED_LIMIT[r.arch]:.0f}%)"
+        problems = r.problems()
+        rows.append([r.name, r.config, f"sm_{r.arch}", "" if r.regs is None else str(r.regs), spills,
+                     shared, "FAIL: " + "; ".join(problems) if problems else "ok"])
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    print(fmt(head))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print(fmt(row))
+
+
+def run_all(tasks: list[tuple[str, int, int]], jobs: int) -> list[Result]:
+    """check_one over every task, `jobs` processes at a time; a progress line as each one ends."""
+    done = 0
+
+    def progress(result: Result) -> Result:
+        nonlocal done
+        done += 1
+        status = "; ".join(result.problems()) or "ok"
+        print(f"[{done}/{len(tasks)}] {result.name} [{result.config}] sm_{result.arch}: {status} "
+              f"({result.seconds:.1f} s)", flush=True)
+        return result
+
+    if jobs <= 1 or len(tasks) <= 1:
+        return [progress(check_one(*t)) for t in tasks]
+    # spawn, not fork: a forked child would inherit the parent's Triton/LLVM state mid-flight.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(check_one, *t): i for i, t in enumerate(tasks)}
+        results: list[Result | None] = [None] * len(tasks)
+        for future in as_completed(futures):
+            results[futures[future]] = progress(future.result())
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--module", action="append", default=[],
+                    help="check only kernels/<NAME>.py (repeatable; 'x', 'kernels/x.py' or 'rlhf_fast.kernels.x')")
+    ap.add_argument("--file", action="append", default=[], type=Path,
+                    help="also check a kernel module outside kernels/ (repeatable; disables discovery)")
+    ap.add_argument("--arch", action="append", type=int, choices=sorted(SHARED_LIMIT),
+                    help="compile only for these compute capabilities (default: each spec's archs)")
+    ap.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1,
+                    help="parallel compile processes (default: CPU count)")
+    args = ap.parse_args(argv)
+
+    import triton
+    sources = [f"file:{p.resolve()}" for p in args.file]
+    if args.module or not args.file:
+        sources += discover(args.module)
+    if not sources:
+        print("static_check: no kernel modules under kernels/: nothing to check", file=sys.stderr)
+        return 2
+    tasks = []
+    for source in sources:
+        try:
+            specs = load_specs(source)
+        except Exception as exc:  # a module that cannot even list its configs fails the check
+            print(f"static_check: {source}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
+        for i, spec in enumerate(specs):
+            tasks += [(source, i, a) for a in spec.archs if not args.arch or a in args.arch]
+    print(f"static_check: Triton {triton.__version__}, {len(tasks)} (kernel config, arch) compiles "
+          f"from {len(sources)} module(s), {args.jobs} job(s)", flush=True)
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="static_check_cache_") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # fresh per run: nothing is cached across runs
+        results = run_all(tasks, args.jobs)
+    print_table(results)
+    failed = [r for r in results if r.problems()]
+    for r in failed:
+        if r.error:
+            print(f"\n--- {r.name} [{r.config}] sm_{r.arch}:\n{r.error[-4000:]}")
+    print(f"\nstatic_check: {len(results) - len(failed)}/{len(results)} ok, {len(failed)} failed "
+          f"({time.perf_counter() - t0:.1f} s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Row softmax in Triton, once right and once off by a bit, for tests/ci/test_parity_layer.py.
+
+_softmax_kernel computes in float32 and rounds once, on the store. _planted_softmax_kernel rounds
+the max-subtracted logits to bfloat16 before exp, a precision drop of the kind a kernel can hide
+behind a loose tolerance: on randn rows its float32 outputs are off by up to ~1e-3 absolute (3%
+relative on the small probabilities), which torch.allclose(atol=1e-2, rtol=1e-2), a tolerance common in
+kernel tests, accepts and the parity rule (tests/parity.py) must reject: PyTorch's float32 error is ~1e-8.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _softmax_kernel(x_ptr, y_ptr, n_cols, stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    x = tl.load(x_ptr + row * stride + offs, mask=mask, other=-float("inf")).to(tl.float32)
+    num = tl.exp(x - tl.max(x, axis=0))
+    y = num / tl.sum(num, axis=0)
+    tl.store(y_ptr + row * stride + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _planted_softmax_kernel(x_ptr, y_ptr, n_cols, stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    x = tl.load(x_ptr + row * stride + offs, mask=mask, other=-float("inf")).to(tl.float32)
+    z = (x - tl.max(x, axis=0)).to(tl.bfloat16).to(tl.float32)  # the planted precision drop
+    num = tl.exp(z)
+    y = num / tl.sum(num, axis=0)
+    tl.store(y_ptr + row * stride + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def softmax(x: torch.Tensor, planted: bool = False) -> torch.Tensor:
+    """softmax(x, dim=-1) for a contiguous (rows, cols) tensor, one program per row."""
+    rows, cols = x.shape
+    y = torch.empty_like(x)
+    kernel = _planted_softmax_kernel if planted else _softmax_kernel
+    kernel[(rows,)](x, y, cols, x.stride(0), BLOCK=triton.next_power_of_2(cols))
+    return y

@@ -1,0 +1,50 @@
+"""CI layer 2's checker (.ci/static_check.py) passes a clean kernel config and rejects planted bad ones.
+
+The planted configs (tests/ci/planted/static_bad.py) spill registers, use more shared memory than
+the arch allows, and fail to compile; each must show as FAIL with its reason and fail the run.
+Compiling needs Triton (its NVIDIA backend and bundled ptxas) but no GPU.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PLANTED = Path(__file__).resolve().parent / "planted"
+
+
+def _static_check(*args: str) -> tuple[int, str]:
+    if importlib.util.find_spec("triton") is None:
+        if os.environ.get("RLHF_FAST_REQUIRE_BACKENDS") == "1":
+            pytest.fail("triton is not installed: the static check cannot run")
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(REPO / ".ci" / "static_check.py"), "--jobs", "1", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _status(output: str, kernel: str, arch: int) -> str:
+    rows = [line for line in output.splitlines()
+            if line.startswith(f"| {kernel} ") and f"| sm_{arch} " in line]
+    assert len(rows) == 1, f"expected one table row for {kernel} sm_{arch}:\n{output}"
+    return rows[0].rstrip(" |").rsplit("|", 1)[-1].strip()
+
+
+def test_static_check_passes_clean_config():
+    rc, out = _static_check("--file", str(PLANTED / "static_good.py"), "--arch", "90")
+    assert rc == 0, out
+    assert _status(out, "planted_matmul[64x64x64]", 90) == "ok", out
+
+
+def test_static_check_rejects_planted_configs():
+    rc, out = _static_check("--file", str(PLANTED / "static_bad.py"), "--arch", "80")
+    assert rc == 1, out
+    assert _status(out, "planted_spill", 80).startswith("FAIL: spills"), out
+    assert _status(out, "planted_shared", 80).startswith("FAIL: shared memory 229376 B > sm_80 limit 166912 B"), out
+    assert _status(out, "planted_compile_error", 80) == \
+        "FAIL: CompilationError: arange's range must be a power of 2", out
+    assert "0/3 ok, 3 failed" in out, out
