@@ -1,0 +1,42 @@
+"""The InstructGPT pipeline on rlhf_fast: SFT -> reward model -> PPO, as a library and the `rlhf-fast` CLI.
+
+Stages (each also a CLI subcommand, see ``rlhf_fast.cli``): ``run_sft``, ``run_rm``, ``run_ppo`` and
+``run_demo`` (all three on the built-in sorting task), taking a ``Config`` from ``build_config``.
+The PPO math is exposed as small pure functions: ``compute_gae``, ``masked_mean``, ``masked_whiten``,
+``policy_loss``, ``value_loss`` and friends (``rlhf_fast.rlhf.ppo_math``).
+
+Names are loaded lazily so that ``import rlhf_fast.rlhf`` stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    **{name: "rlhf_fast.rlhf.ppo_math" for name in (
+        "masked_mean", "masked_var", "masked_whiten", "compute_gae", "policy_loss", "value_loss",
+        "explained_variance", "FixedKLController", "AdaptiveKLController", "per_token_rewards")},
+    "Config": "rlhf_fast.rlhf.config",
+    "build_config": "rlhf_fast.rlhf.config",
+    "get_tokenizer": "rlhf_fast.rlhf.tokenizer",
+    "SortTask": "rlhf_fast.rlhf.task",
+    "run_sft": "rlhf_fast.rlhf.pipeline",
+    "run_rm": "rlhf_fast.rlhf.pipeline",
+    "run_ppo": "rlhf_fast.rlhf.pipeline",
+    "run_demo": "rlhf_fast.rlhf.pipeline",
+    "NonFiniteError": "rlhf_fast.rlhf.runtime",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rlhf_fast.rlhf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

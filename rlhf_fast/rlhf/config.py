@@ -1,0 +1,350 @@
+"""Run configuration: dataclasses whose field docstrings are the ``--help`` text.
+
+A config is built from the defaults, then a YAML/JSON file (nested by section), then ``section.field=value``
+overrides (the CLI's ``--ppo.kl_coef=0.05``). Unknown sections or fields and values of the wrong type
+raise ``ValueError`` naming the field and what is allowed.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import json
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/rlhf"
+    """run directory: resolved config, per-stage metrics.jsonl, checkpoints and plots, summary.json"""
+    seed: int = 0
+    """seed for data order, initialization and sampling (runs are deterministic on CPU)"""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """autocast dtype of forward passes (master weights stay float32)"""
+    tokenizer: str = "byte"
+    """'byte', 'tiktoken:<encoding>' or 'hf:<local tokenizer dir>'"""
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    """'auto' uses DDP when launched by torchrun with WORLD_SIZE > 1; 'fsdp' shards with FSDP2 fully_shard"""
+    backend: Literal["auto", "triton", "cuda", "reference"] = "auto"
+    """backend of the model's rlhf_fast ops (attention, fused logprobs); 'auto' picks the fused kernels on GPU"""
+    progress: bool = True
+    """show tqdm progress bars"""
+    threads: int = 1
+    """torch CPU threads per process (0 = torch's default); small models run fastest on one"""
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 2
+    """transformer blocks"""
+    n_head: int = 4
+    """attention heads"""
+    n_embd: int = 128
+    """hidden size"""
+    block_size: int = 32
+    """longest sequence (prompt + response) in tokens"""
+
+
+@dataclass
+class TaskConfig:
+    min_digits: int = 3
+    """shortest list to sort in the built-in task"""
+    max_digits: int = 5
+    """longest list to sort in the built-in task"""
+    n_sft: int = 20000
+    """SFT demonstrations to generate"""
+    demo_error_rate: float = 0.4
+    """fraction of SFT demonstrations that are wrong (two neighbouring digits swapped)"""
+    n_pairs: int = 8000
+    """preference pairs for reward-model training"""
+    n_eval_pairs: int = 500
+    """held-out preference pairs (clean labels)"""
+    label_noise: float = 0.1
+    """probability that a training pair's preference label is flipped"""
+    n_prompts: int = 4000
+    """PPO training prompts"""
+    n_eval_prompts: int = 256
+    """held-out prompts for the task score"""
+
+
+@dataclass
+class SFTConfig:
+    data: str = ""
+    """SFT JSONL ({prompt, response}); '' = the built-in task's data written into the run directory"""
+    init: str = ""
+    """checkpoint to start from ('' = random initialization)"""
+    steps: int = 600
+    """optimizer steps"""
+    batch_size: int = 64
+    """sequences per step"""
+    packing: Literal["auto", "packed", "padded"] = "auto"
+    """'packed': one row, no padding (varlen attention); 'padded': right-padded rows; 'auto': packed on
+    CUDA, padded on CPU (where the reference varlen attention loops over sequences)"""
+    lr: float = 3e-3
+    """peak learning rate (AdamW), linear warmup then cosine decay to lr/10"""
+    warmup_steps: int = 30
+    """linear warmup steps"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    grad_clip: float = 1.0
+    """gradient norm clip (0 = off)"""
+    ckpt_every: int = 200
+    """steps between checkpoints (and at the end)"""
+
+
+@dataclass
+class RMConfig:
+    data: str = ""
+    """training pairs JSONL ({prompt, chosen, rejected}); '' = built-in task data"""
+    eval_data: str = ""
+    """held-out pairs JSONL; '' = built-in task data"""
+    init: str = "sft"
+    """'sft' = this run's SFT checkpoint, a checkpoint path, or '' for random initialization"""
+    steps: int = 300
+    """optimizer steps"""
+    batch_size: int = 64
+    """pairs per step"""
+    lr: float = 1e-3
+    """peak learning rate (AdamW), warmup then cosine decay"""
+    warmup_steps: int = 20
+    """linear warmup steps"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    grad_clip: float = 1.0
+    """gradient norm clip (0 = off)"""
+    norm_samples: int = 256
+    """SFT-policy samples used to normalize the reward to mean 0, std 1 (0 = no normalization)"""
+    ckpt_every: int = 100
+    """steps between checkpoints (and at the end)"""
+
+
+@dataclass
+class PPOConfig:
+    prompts: str = ""
+    """training prompts JSONL ({prompt}); '' = built-in task data"""
+    eval_prompts: str = ""
+    """held-out prompts JSONL for the task score; '' = built-in task data"""
+    policy_init: str = "sft"
+    """'sft' = this run's SFT checkpoint, or a checkpoint path (also the frozen KL reference)"""
+    reward_init: str = "rm"
+    """'rm' = this run's reward-model checkpoint, or a path; also initializes the value model"""
+    reward_fn: str = ""
+    """optional 'module:function' taking (prompts, responses) lists of text and returning floats"""
+    reward_mode: Literal["model", "fn", "sum"] = "model"
+    """score = reward model, reward_fn, or their sum"""
+    steps: int = 40
+    """PPO iterations (rollout batch + update)"""
+    rollout_batch_size: int = 64
+    """prompts per iteration (global, over all ranks)"""
+    gen_batch_size: int = 32
+    """prompts generated together; keep it fixed to get the same samples on any number of ranks"""
+    minibatch_size: int = 32
+    """sequences per optimizer step (global)"""
+    ppo_epochs: int = 2
+    """passes over each rollout batch"""
+    lr: float = 1e-4
+    """policy learning rate (AdamW)"""
+    value_lr: float = 3e-4
+    """value model learning rate (AdamW)"""
+    grad_clip: float = 1.0
+    """gradient norm clip of each model (0 = off)"""
+    max_new_tokens: int = 8
+    """response length limit"""
+    temperature: float = 1.0
+    """sampling temperature (re-scoring divides logits by it too)"""
+    top_k: int = 0
+    """top-k filter for rollouts (0 = off)"""
+    top_p: float = 1.0
+    """top-p filter for rollouts (1 = off)"""
+    gamma: float = 1.0
+    """GAE discount"""
+    lam: float = 0.95
+    """GAE lambda"""
+    clip_range: float = 0.2
+    """policy ratio clip"""
+    value_clip_range: float = 0.2
+    """value prediction clip around the rollout values"""
+    kl_kind: Literal["k1", "k2", "k3"] = "k1"
+    """per-token KL estimator of the penalty against the SFT reference"""
+    kl_coef: float = 0.05
+    """KL penalty coefficient (initial value when adaptive_kl)"""
+    adaptive_kl: bool = False
+    """adapt kl_coef towards target_kl (Ziegler et al.)"""
+    target_kl: float = 1.0
+    """target KL per sequence for adaptive_kl"""
+    kl_horizon: int = 10000
+    """adaptive KL horizon in samples"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the score of a response that never emits EOS"""
+    whiten_advantages: bool = True
+    """normalize advantages to mean 0, std 1 over the rollout batch"""
+    eval_every: int = 10
+    """iterations between task-score evaluations (and at the end)"""
+    ckpt_every: int = 10
+    """iterations between checkpoints (and at the end)"""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+_POSITIVE = {"steps", "batch_size", "rollout_batch_size", "gen_batch_size", "minibatch_size", "ppo_epochs",
+             "lr", "value_lr", "max_new_tokens", "n_layer", "n_head", "n_embd", "block_size", "n_sft",
+             "n_pairs", "n_eval_pairs", "n_prompts", "n_eval_prompts", "ckpt_every", "eval_every",
+             "kl_horizon", "target_kl"}
+_NONNEGATIVE = {"warmup_steps", "weight_decay", "grad_clip", "norm_samples", "kl_coef", "temperature",
+                "top_k", "missing_eos_penalty", "seed"}
+_UNIT = {"demo_error_rate", "label_noise", "gamma", "lam"}
+
+
+@functools.lru_cache(maxsize=None)
+def field_help(cls) -> dict[str, str]:
+    """Field name -> the docstring written under it in the class body."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    out = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            out[node.target.id] = nxt.value.value
+    return out
+
+
+def _convert(name: str, value, typ):
+    """`value` (from YAML/JSON or a command-line string) as `typ`, or ValueError naming `name`."""
+    if typing.get_origin(typ) is Literal:
+        allowed = typing.get_args(typ)
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{name} must be a boolean (true/false), got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unsupported config type {typ} for {name}")
+
+
+def _set(cfg: Config, key: str, value) -> None:
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name:
+        raise ValueError(f"unknown config key {key!r}: expected <section>.<field> with section in {list(SECTIONS)}")
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    if name not in hints:
+        raise ValueError(f"unknown config field {key!r}; {section} has fields {sorted(hints)}")
+    setattr(obj, name, _convert(key, value, hints[name]))
+
+
+def validate(cfg: Config) -> Config:
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            v, key = getattr(obj, f.name), f"{section}.{f.name}"
+            if f.name in _POSITIVE and not v > 0:
+                raise ValueError(f"{key} must be > 0, got {v}")
+            if f.name in _NONNEGATIVE and not v >= 0:
+                raise ValueError(f"{key} must be >= 0, got {v}")
+            if f.name in _UNIT and not 0 <= v <= 1:
+                raise ValueError(f"{key} must be in [0, 1], got {v}")
+    if not 0 < cfg.ppo.top_p <= 1:
+        raise ValueError(f"ppo.top_p must be in (0, 1], got {cfg.ppo.top_p}")
+    if cfg.ppo.minibatch_size > cfg.ppo.rollout_batch_size:
+        raise ValueError(f"ppo.minibatch_size ({cfg.ppo.minibatch_size}) must be <= ppo.rollout_batch_size "
+                         f"({cfg.ppo.rollout_batch_size})")
+    for name in ("gen_batch_size", "minibatch_size"):
+        if cfg.ppo.rollout_batch_size % getattr(cfg.ppo, name):
+            raise ValueError(f"ppo.{name} ({getattr(cfg.ppo, name)}) must divide ppo.rollout_batch_size "
+                             f"({cfg.ppo.rollout_batch_size})")
+    if cfg.model.n_embd % cfg.model.n_head:
+        raise ValueError(f"model.n_embd ({cfg.model.n_embd}) must be a multiple of model.n_head ({cfg.model.n_head})")
+    if cfg.ppo.reward_mode != "model" and not cfg.ppo.reward_fn:
+        raise ValueError(f"ppo.reward_mode={cfg.ppo.reward_mode!r} needs ppo.reward_fn ('module:function')")
+    if cfg.task.min_digits > cfg.task.max_digits or cfg.task.min_digits < 2:
+        raise ValueError(f"task.min_digits must be in [2, task.max_digits], got {cfg.task.min_digits}")
+    return cfg
+
+
+def load_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ValueError(f"config file must end in .yaml, .yml or .json, got {str(path)!r}")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def build_config(file: str | Path | None = None, overrides: dict[str, object] | None = None,
+                 base: dict | None = None) -> Config:
+    """Defaults <- `base` (a nested dict) <- `file` (nested) <- `overrides` ({"ppo.lr": "1e-5"}); validated."""
+    cfg = Config()
+    for nested in (base, load_file(file) if file else None):
+        for section, values in (nested or {}).items():
+            if section not in SECTIONS:
+                raise ValueError(f"unknown config section {section!r}; allowed sections are {list(SECTIONS)}")
+            if not isinstance(values, dict):
+                raise ValueError(f"config section {section!r} must be a mapping of fields")
+            for name, value in values.items():
+                _set(cfg, f"{section}.{name}", value)
+    for key, value in (overrides or {}).items():
+        _set(cfg, key, value)
+    return validate(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (JSON if PyYAML is missing), atomically."""
+    from .run_io import atomic_write_json
+    path = Path(path)
+    try:
+        import yaml
+    except ImportError:
+        atomic_write_json(cfg.to_dict(), path.with_suffix(".json"))
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)

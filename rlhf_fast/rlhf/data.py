@@ -1,0 +1,196 @@
+"""JSONL data for the three stages, tokenization, packing, and a resumable batch sampler.
+
+Formats (one JSON object per line; extra keys are ignored):
+
+- SFT: ``{"prompt": str, "response": str}``
+- reward model: ``{"prompt": str, "chosen": str, "rejected": str}``
+- PPO: ``{"prompt": str}``
+
+A bad line raises ``ValueError("<file>:<line>: <what is wrong>")``.
+Token layout of one example: ``[BOS] prompt response [EOS]``; the SFT loss covers response and EOS only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+
+SFT_KEYS = ("prompt", "response")
+RM_KEYS = ("prompt", "chosen", "rejected")
+PPO_KEYS = ("prompt",)
+
+
+@dataclass
+class Line:
+    """One validated JSONL record and where it came from (for error messages)."""
+    where: str
+    fields: dict
+
+
+def read_jsonl(path: str | Path, keys: tuple[str, ...]) -> list[Line]:
+    """Read `path`, checking every line is an object with string values for `keys` (prompt non-empty)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {str(path)!r} does not exist")
+    lines = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object with keys {list(keys)}, got {type(obj).__name__}")
+            for key in keys:
+                if key not in obj:
+                    raise ValueError(f"{where}: missing key {key!r} (expected keys {list(keys)})")
+                if not isinstance(obj[key], str):
+                    raise ValueError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
+            if not obj["prompt"]:
+                raise ValueError(f"{where}: 'prompt' is empty")
+            lines.append(Line(where, {k: obj[k] for k in keys}))
+    if not lines:
+        raise ValueError(f"data file {str(path)!r} has no records")
+    return lines
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    """Write `records` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_len(where: str, n: int, limit: int, what: str) -> None:
+    if n > limit:
+        raise ValueError(f"{where}: {what} is {n} tokens, longer than the model's block_size budget of {limit}")
+
+
+def tokenize_sft(lines: list[Line], tok, block_size: int) -> list[tuple[list[int], int]]:
+    """Each line -> (tokens [BOS] prompt response [EOS], number of prompt tokens including BOS)."""
+    out = []
+    for line in lines:
+        prompt = [tok.bos_id] + tok.encode(line.fields["prompt"])
+        ids = prompt + tok.encode(line.fields["response"]) + [tok.eos_id]
+        _check_len(line.where, len(ids), block_size + 1, "prompt + response")
+        out.append((ids, len(prompt)))
+    return out
+
+
+def tokenize_pairs(lines: list[Line], tok, block_size: int) -> list[tuple[list[int], list[int]]]:
+    """Each line -> (chosen tokens, rejected tokens), both [BOS] prompt answer [EOS]."""
+    out = []
+    for line in lines:
+        prompt = [tok.bos_id] + tok.encode(line.fields["prompt"])
+        pair = tuple(prompt + tok.encode(line.fields[k]) + [tok.eos_id] for k in ("chosen", "rejected"))
+        _check_len(line.where, max(map(len, pair)), block_size, "prompt + answer")
+        out.append(pair)
+    return out
+
+
+def tokenize_prompts(lines: list[Line], tok, block_size: int, max_new_tokens: int) -> list[list[int]]:
+    """Each line -> [BOS] prompt, checked to leave room for `max_new_tokens`."""
+    out = []
+    for line in lines:
+        ids = [tok.bos_id] + tok.encode(line.fields["prompt"])
+        _check_len(line.where, len(ids) + max_new_tokens, block_size, f"prompt + max_new_tokens ({max_new_tokens})")
+        out.append(ids)
+    return out
+
+
+def sft_batch(examples: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+    """Pack SFT examples into one row with no padding.
+
+    Returns input_ids (T,), targets (T,) (IGNORE_INDEX on prompt positions), cu_seqlens (n+1,) int32
+    boundaries of the packed sequences and max_seqlen (int).
+    """
+    inputs, targets, lens = [], [], []
+    for ids, n_prompt in examples:
+        inputs += ids[:-1]
+        targets += [IGNORE_INDEX] * (n_prompt - 1) + ids[n_prompt:]
+        lens.append(len(ids) - 1)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens), 0)
+    return {"input_ids": torch.tensor(inputs), "targets": torch.tensor(targets),
+            "cu_seqlens": cu, "max_seqlen": max(lens)}
+
+
+def sft_padded_batch(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """SFT examples right-padded: input_ids, targets (IGNORE_INDEX on prompt and padding), attention_mask, (B, L)."""
+    inputs, lens = right_pad([ids[:-1] for ids, _ in examples], pad_id)
+    targets, _ = right_pad([[IGNORE_INDEX] * (n - 1) + ids[n:] for ids, n in examples], IGNORE_INDEX)
+    mask = (torch.arange(inputs.shape[1])[None, :] < lens[:, None]).long()
+    return {"input_ids": inputs, "targets": targets, "attention_mask": mask}
+
+
+def sequence_batch(seqs: list[list[int]], pad_id: int, packed: bool, device) -> tuple[torch.Tensor, dict]:
+    """Whole sequences as model input: (idx, layout kwargs).
+
+    packed: idx (T,) with cu_seqlens (n+1,) int32 and max_seqlen; else idx (n, L) right-padded with
+    attention_mask. Either way a reward head reads each sequence's last real token.
+    """
+    if packed:
+        lens = [len(s) for s in seqs]
+        cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(lens), 0)
+        idx = torch.tensor([t for s in seqs for t in s])
+        return idx.to(device), {"cu_seqlens": cu.to(device), "max_seqlen": max(lens)}
+    idx, lens = right_pad(seqs, pad_id)
+    mask = (torch.arange(idx.shape[1])[None, :] < lens[:, None]).long()
+    return idx.to(device), {"attention_mask": mask.to(device)}
+
+
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) tokens right-padded with pad_id, and lengths (B,)."""
+    lens = torch.tensor([len(s) for s in seqs])
+    out = torch.full((len(seqs), int(lens.max())), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s)
+    return out, lens
+
+
+class BatchSampler:
+    """Shuffled index batches over `n` examples, epoch after epoch, resumable from `state_dict()`.
+
+    The order depends only on (seed, epoch), so a resumed run sees the same batches as an uninterrupted
+    one. Every rank draws the same global batch; callers take their shard.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if batch_size > n:
+            raise ValueError(f"batch_size ({batch_size}) is larger than the dataset ({n} examples)")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def next(self) -> list[int]:
+        if self.pos + self.batch_size > self.n:
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._perm = self._permutation()
+        batch = self._perm[self.pos:self.pos + self.batch_size].tolist()
+        self.pos += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._perm = self._permutation()
