@@ -1,0 +1,213 @@
+"""The stages as functions of a Config: ``run_sft``, ``run_rm``, ``run_ppo`` and ``run_demo`` (all three).
+
+Run directory layout (``cfg.run.out``)::
+
+    config.yaml            resolved config of the last command (``--resume`` reads it back)
+    summary.json           task_score_sft, rm_accuracy, task_score_ppo, kl_final, seconds, ...
+    data/*.jsonl           the built-in task's data (when a data path is left empty)
+    sft/ rm/ ppo/          per stage: metrics.jsonl (one line per step), checkpoint.pt, plots/*.png
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Config, save_config
+from .data import PPO_KEYS, read_jsonl, tokenize_prompts
+from .run_io import atomic_write_json, plot_metrics
+from .runtime import Runtime, load_checkpoint, load_model, setup_runtime, wrap_model
+from .task import task_reward, write_task_data
+from .tokenizer import get_tokenizer
+
+PLOT_KEYS = {
+    "sft": ["loss"],
+    "rm": ["loss", "train_accuracy", "eval_accuracy"],
+    "ppo": ["score", "kl", "task_score", "pg_loss", "vf_loss", "entropy", "approx_kl", "clipfrac", "explained_var"],
+}
+
+
+def _start(cfg: Config, stage: str) -> tuple[Runtime, object, Path]:
+    rt = setup_runtime(cfg)
+    out = Path(cfg.run.out)
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        (out / stage).mkdir(exist_ok=True)
+    rt.barrier()
+    return rt, get_tokenizer(cfg.run.tokenizer), out
+
+
+def _task_data(cfg: Config, rt: Runtime, out: Path) -> dict[str, Path]:
+    """Paths of the built-in task's data under out/data, written once (by the main rank)."""
+    data = out / "data"
+    t = cfg.task
+    if rt.is_main and not (data / "eval_prompts.jsonl").is_file():
+        write_task_data(data, seed=cfg.run.seed, min_digits=t.min_digits, max_digits=t.max_digits, n_sft=t.n_sft,
+                        n_pairs=t.n_pairs, n_eval_pairs=t.n_eval_pairs, n_prompts=t.n_prompts,
+                        n_eval_prompts=t.n_eval_prompts, demo_error_rate=t.demo_error_rate, label_noise=t.label_noise)
+    rt.barrier()
+    return {k: data / f"{k}.jsonl" for k in ("sft", "rm_train", "rm_eval", "prompts", "eval_prompts")}
+
+
+def _update_summary(out: Path, rt: Runtime, **values) -> dict:
+    path = out / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    summary.update(values)
+    if rt.is_main:
+        atomic_write_json(summary, path)
+    return summary
+
+
+def _plots(stage_dir: Path, stage: str, rt: Runtime) -> None:
+    metrics = stage_dir / "metrics.jsonl"
+    if not rt.is_main or not metrics.is_file():
+        return
+    present = {k for line in metrics.read_text().splitlines() if line.strip() for k in json.loads(line)}
+    keys = [k for k in PLOT_KEYS[stage] if k in present]
+    try:
+        plot_metrics(metrics, stage_dir / "plots", keys=keys)
+    except ImportError as exc:
+        print(f"rlhf-fast: no plots ({exc})")
+
+
+def _load_callable(spec: str):
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"ppo.reward_fn must be 'module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"ppo.reward_fn={spec!r} cannot be loaded: {exc}") from None
+    if not callable(fn):
+        raise ValueError(f"ppo.reward_fn={spec!r} is not callable")
+    return fn
+
+
+def _prompts(path, tok, cfg) -> list[list[int]]:
+    return tokenize_prompts(read_jsonl(path, PPO_KEYS), tok, cfg.model.block_size, cfg.ppo.max_new_tokens)
+
+
+def _stage_init(value: str, out: Path, stage: str) -> str:
+    """'sft' / 'rm' -> this run's checkpoint of that stage; anything else is a path."""
+    return str(out / stage / "checkpoint.pt") if value == stage else value
+
+
+def _eval_fn(cfg: Config, rt: Runtime, tok, policy, eval_prompts, prompt_len: int, scorer):
+    from .evaluate import task_score
+    if scorer is None:
+        return None
+    c = cfg.ppo
+    return lambda step: task_score(policy, eval_prompts, prompt_len, tok, scorer, rt, chunk=c.gen_batch_size,
+                                   max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
+                                   top_p=c.top_p, seed=cfg.run.seed)
+
+
+def _scorer(cfg: Config):
+    if not cfg.ppo.eval_prompts:
+        return task_reward
+    return _load_callable(cfg.ppo.reward_fn) if cfg.ppo.reward_fn else None
+
+
+def _policy_eval(cfg, rt, tok, out, policy) -> float | None:
+    """Task score of `policy` on the held-out prompts (None when there is no scorer)."""
+    paths = _task_data(cfg, rt, out)
+    eval_prompts = _prompts(cfg.ppo.eval_prompts or paths["eval_prompts"], tok, cfg)
+    fn = _eval_fn(cfg, rt, tok, policy, eval_prompts, max(map(len, eval_prompts)), _scorer(cfg))
+    return fn(0) if fn is not None else None
+
+
+def run_sft(cfg: Config, resume: bool = False, on_step=None) -> dict:
+    from .sft import train_sft
+    t0 = time.time()
+    rt, tok, out = _start(cfg, "sft")
+    data = cfg.sft.data or _task_data(cfg, rt, out)["sft"]
+    result = train_sft(cfg, rt, tok, data, out / "sft", resume, on_step=on_step)
+    _plots(out / "sft", "sft", rt)
+    policy = load_model(load_checkpoint(out / "sft" / "checkpoint.pt")["model"], rt.device).eval()
+    score = _policy_eval(cfg, rt, tok, out, policy)
+    return _update_summary(out, rt, task_score_sft=score, sft_loss=result["loss"], seconds_sft=time.time() - t0)
+
+
+def run_rm(cfg: Config, resume: bool = False, on_step=None) -> dict:
+    from .reward import train_rm
+    t0 = time.time()
+    rt, tok, out = _start(cfg, "rm")
+    paths = _task_data(cfg, rt, out)
+    init = _stage_init(cfg.rm.init, out, "sft")
+    norm = None
+    if init and cfg.rm.norm_samples > 0:
+        norm = lambda: _sft_samples(cfg, rt, tok, init, cfg.ppo.prompts or paths["prompts"])  # noqa: E731
+    result = train_rm(cfg, rt, tok, cfg.rm.data or paths["rm_train"], cfg.rm.eval_data or paths["rm_eval"],
+                      init, out / "rm", resume, norm_sequences=norm, on_step=on_step)
+    _plots(out / "rm", "rm", rt)
+    return _update_summary(out, rt, **result, seconds_rm=time.time() - t0)
+
+
+@torch.no_grad()
+def _sft_samples(cfg: Config, rt: Runtime, tok, policy_ckpt: str, prompts_path) -> list[list[int]]:
+    """cfg.rm.norm_samples full sequences [BOS] prompt response sampled from the SFT policy."""
+    from .rollout import generate_chunk
+    policy = load_model(load_checkpoint(policy_ckpt)["model"], rt.device, head="lm").eval()
+    prompts = _prompts(prompts_path, tok, cfg)[:cfg.rm.norm_samples]
+    width = max(map(len, prompts))
+    seqs = []
+    for j, start in enumerate(range(0, len(prompts), cfg.ppo.gen_batch_size)):
+        chunk = prompts[start:start + cfg.ppo.gen_batch_size]
+        s, amask, _, _ = generate_chunk(policy, chunk, width, tok, max_new_tokens=cfg.ppo.max_new_tokens,
+                                        temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p,
+                                        seed=cfg.run.seed * 7919 + j, device=rt.device)
+        seqs += [row[m.bool()].tolist() for row, m in zip(s.cpu(), amask.cpu())]
+    return seqs
+
+
+def run_ppo(cfg: Config, resume: bool = False, on_step=None) -> dict:
+    from .ppo import train_ppo
+    t0 = time.time()
+    rt, tok, out = _start(cfg, "ppo")
+    paths = _task_data(cfg, rt, out)
+    if rt.mode == "fsdp":
+        raise ValueError("run.distributed='fsdp' is supported by the sft and rm stages; use 'ddp' for ppo")
+    prompts = _prompts(cfg.ppo.prompts or paths["prompts"], tok, cfg)
+    eval_prompts = _prompts(cfg.ppo.eval_prompts or paths["eval_prompts"], tok, cfg)
+    prompt_len = max(map(len, prompts + eval_prompts))
+    sft_state = load_checkpoint(_stage_init(cfg.ppo.policy_init, out, "sft"))["model"]
+    rm_state = load_checkpoint(_stage_init(cfg.ppo.reward_init, out, "rm"))["model"]
+    ckpt = out / "ppo" / "checkpoint.pt"
+    state = load_checkpoint(ckpt) if resume and ckpt.is_file() else None
+    reward = load_model(rm_state, rt.device).eval()
+    if state is not None:
+        policy, value = load_model(state["policy"], rt.device), load_model(state["value"], rt.device)
+    else:
+        policy = load_model(sft_state, rt.device)
+        value = load_model(rm_state, rt.device, head="value")  # critic initialized from the reward model
+        value.score.load_state_dict(reward.score.state_dict())
+    ref = load_model(sft_state, rt.device).eval()
+    for frozen in (ref, reward):
+        frozen.requires_grad_(False)
+    models = {"policy": wrap_model(policy, rt), "value": wrap_model(value, rt), "ref": ref, "reward": reward}
+    reward_fn = _load_callable(cfg.ppo.reward_fn) if cfg.ppo.reward_fn else None
+    scorer = _scorer(cfg)
+    eval_fn = _eval_fn(cfg, rt, tok, policy, eval_prompts, prompt_len, scorer)
+    record = train_ppo(cfg, rt, tok, models, prompts, prompt_len, out / "ppo", state, eval_fn=eval_fn,
+                       reward_fn=reward_fn, scorer=scorer, on_step=on_step)
+    _plots(out / "ppo", "ppo", rt)
+    return _update_summary(out, rt, task_score_ppo=record.get("task_score"), kl_final=record.get("kl"),
+                           score_final=record.get("score"), seconds_ppo=time.time() - t0)
+
+
+def run_demo(cfg: Config, resume: bool = False) -> dict:
+    """SFT -> reward model -> PPO on the built-in task; summary.json gets the total `seconds`."""
+    t0 = time.time()
+    run_sft(cfg, resume)
+    run_rm(cfg, resume)
+    summary = run_ppo(cfg, resume)
+    rt = setup_runtime(cfg)
+    summary = _update_summary(Path(cfg.run.out), rt, seconds=time.time() - t0)
+    if rt.is_main:
+        print(json.dumps({k: summary.get(k) for k in ("task_score_sft", "task_score_ppo", "rm_accuracy",
+                                                       "kl_final", "seconds")}, indent=2))
+    return summary

@@ -1,0 +1,172 @@
+"""PPO for RLHF (Ziegler et al. 2019, InstructGPT; "The N implementation details of RLHF with PPO").
+
+One iteration: sample a rollout batch from the policy with ``rlhf_fast.sample`` (behaviour logprobs from
+the sampler), score it (frozen SFT reference logprobs, value model, reward model at the last token,
+minus ``missing_eos_penalty`` for responses without EOS), turn score and per-token KL into per-token
+rewards, GAE, whiten the advantages, then ``ppo_epochs`` passes of clipped policy and value updates
+over shuffled minibatches, with separate optimizers and gradient clipping. Every logprob and entropy
+goes through the fused linear-logprob op (logits / temperature), the KL through ``kl_penalty``.
+
+Distributed: every rank generates and scores its chunks, the rollout is all-gathered so every rank
+computes the same advantages, and each minibatch is split across ranks. Losses are scaled by
+(local tokens * world / global tokens), so DDP's gradient average equals the single-process gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+from .ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, explained_variance, masked_mean,
+                       masked_whiten, per_token_rewards, policy_loss, value_loss)
+from .rollout import Rollout, gather_rollout, kl_per_token, make_rollout, response_logprobs, response_values
+from .runtime import Runtime, autocast, check_finite, clip_and_step
+
+
+def kl_controller(c):
+    if c.adaptive_kl:
+        return AdaptiveKLController(c.kl_coef, c.target_kl, c.kl_horizon)
+    return FixedKLController(c.kl_coef)
+
+
+def chunk_seed(seed: int, step: int, chunk: int) -> int:
+    return ((seed * 1_000_003 + step) * 1009 + chunk) % (2 ** 62)
+
+
+def collect_rollout(models: dict, prompt_batch: list[list[int]], prompt_len: int, tok, cfg, rt: Runtime,
+                    step: int, reward_fn=None, scorer=None) -> Rollout:
+    """Generate and score `prompt_batch` (the global batch) split in chunks over ranks; all-gathered."""
+    g = cfg.ppo.gen_batch_size
+    parts = []
+    for j, start in enumerate(range(0, len(prompt_batch), g)):
+        if j % rt.world != rt.rank:
+            continue
+        with autocast(cfg, rt.device):
+            parts.append(make_rollout(models["policy"], models["ref"], models["value"], models["reward"],
+                                      prompt_batch[start:start + g], prompt_len, tok, cfg,
+                                      chunk_seed(cfg.run.seed, step, j), rt.device, reward_fn, scorer))
+    return gather_rollout(rt, Rollout.cat(parts), g)
+
+
+def advantages_and_returns(b: Rollout, kl_coef: float, c) -> tuple[torch.Tensor, ...]:
+    """(per-token KL (B, T), rewards (B, T), advantages (B, T), returns (B, T)) of a global rollout."""
+    kl = kl_per_token(b, c.kl_kind)
+    rewards = per_token_rewards(b.scores, kl, kl_coef, b.mask)
+    advantages, returns = compute_gae(rewards, b.values, b.mask, c.gamma, c.lam)
+    if c.whiten_advantages:
+        advantages = masked_whiten(advantages, b.mask)
+    return kl, rewards, advantages, returns
+
+
+def ppo_update(models: dict, opts: dict, b: Rollout, advantages, returns, prompt_len: int, cfg, rt: Runtime,
+               step: int) -> dict:
+    """`ppo_epochs` passes over the rollout in minibatches; returns the token-weighted mean stats."""
+    c = cfg.ppo
+    B, T = b.mask.shape
+    sums: dict[str, torch.Tensor] = {}
+    n_updates = 0
+    g = torch.Generator().manual_seed(chunk_seed(cfg.run.seed, step, 10 ** 6))
+    for _ in range(c.ppo_epochs):
+        perm = torch.randperm(B, generator=g).to(b.mask.device)
+        for start in range(0, B, c.minibatch_size):
+            rows = perm[start:start + c.minibatch_size][rt.rank::rt.world]
+            mb = b.index(rows)
+            mb_adv, mb_ret = advantages[rows], returns[rows]
+            n_local = mb.mask.sum()
+            n_global = rt.all_reduce_sum(n_local)
+            scale = n_local * rt.world / n_global
+            with autocast(cfg, rt.device):
+                logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
+                                                      prompt_len, c.temperature, return_entropy=True)
+                pg_loss, pg_stats = policy_loss(logprobs.float(), mb.logprobs, mb_adv, mb.mask, c.clip_range)
+            check_finite("ppo", step, pg_loss=pg_loss)
+            (pg_loss * scale).backward()
+            clip_and_step(models["policy"], opts["policy"], c.grad_clip, "ppo", step)
+            with autocast(cfg, rt.device):
+                vpred = response_values(models["value"], mb.sequences, mb.attention_mask, prompt_len, T)
+                vf_loss, vf_stats = value_loss(vpred.float(), mb.values, mb_ret, mb.mask, c.value_clip_range)
+            check_finite("ppo", step, vf_loss=vf_loss)
+            (vf_loss * scale).backward()
+            clip_and_step(models["value"], opts["value"], c.grad_clip, "ppo", step)
+            stats = {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
+                     "entropy": masked_mean(entropy.detach().float(), mb.mask), **pg_stats, **vf_stats}
+            for k, v in stats.items():  # token-weighted over ranks = the single-process minibatch mean
+                sums[k] = sums.get(k, 0.0) + rt.all_reduce_sum(v.float() * n_local) / n_global
+            n_updates += 1
+    return {k: float(v / n_updates) for k, v in sums.items()}
+
+
+def rollout_stats(b: Rollout, kl, rewards, returns, kl_coef: float) -> dict:
+    seq_kl = kl.sum(1)
+    out = {
+        "score": float(b.scores.mean()), "kl": float(seq_kl.mean()), "kl_coef": kl_coef,
+        "reward_total": float(rewards.sum(1).mean()), "response_len": float(b.mask.sum(1).mean()),
+        "eos_rate": float(b.has_eos.mean()),
+        "explained_var": float(explained_variance(b.values, returns, b.mask)),
+    }
+    if not torch.isnan(b.task_scores).any():
+        out["task_score_rollout"] = float(b.task_scores.mean())
+    return out
+
+
+def train_ppo(cfg, rt: Runtime, tok, models: dict, prompts: list[list[int]], prompt_len: int, stage_dir,
+              resume_state: dict | None, eval_fn=None, reward_fn=None, scorer=None, on_step=None) -> dict:
+    """Run PPO iterations 1..cfg.ppo.steps (from the checkpoint in `resume_state` if given).
+
+    models: {"policy", "ref", "value", "reward"} (policy and value possibly DDP-wrapped, the others frozen);
+    eval_fn(step) -> task score on held-out prompts, or None. Returns the last logged metrics.
+    """
+    from .data import BatchSampler
+    from .run_io import MetricsLogger
+    from .runtime import make_optimizer, model_state, progress, restore_rng, save_checkpoint, unwrap
+
+    c = cfg.ppo
+    if c.minibatch_size % rt.world or c.rollout_batch_size % (c.gen_batch_size * rt.world):
+        raise ValueError(f"with {rt.world} ranks, ppo.minibatch_size must be a multiple of {rt.world} and "
+                         f"ppo.rollout_batch_size a multiple of gen_batch_size * {rt.world}")
+    opts = {"policy": make_optimizer(models["policy"], c.lr, 0.0),
+            "value": make_optimizer(models["value"], c.value_lr, 0.0)}
+    sampler = BatchSampler(len(prompts), c.rollout_batch_size, cfg.run.seed)
+    kl_ctl = kl_controller(c)
+    start = 0
+    if resume_state is not None:
+        for k in ("policy", "value"):
+            opts[k].load_state_dict(resume_state["optimizers"][k])
+        sampler.load_state_dict(resume_state["sampler"])
+        kl_ctl.load_state_dict(resume_state["kl_ctl"])
+        start = resume_state["step"]
+        restore_rng(resume_state)
+    elif rt.is_main:
+        (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+    logger = MetricsLogger(stage_dir / "metrics.jsonl", resume_step=start) if rt.is_main else None
+    ckpt_path = stage_dir / "checkpoint.pt"
+    if start == 0 and eval_fn is not None:
+        score = eval_fn(0)
+        if logger is not None:
+            logger.log(0, task_score=score)
+    bar = progress(cfg, rt, c.steps, start, "ppo")
+    record = {}
+    for step in range(start + 1, c.steps + 1):
+        for m in ("policy", "value"):
+            unwrap(models[m]).eval()  # dropout off while sampling and training alike
+        batch = [prompts[i] for i in sampler.next()]
+        b = collect_rollout(models, batch, prompt_len, tok, cfg, rt, step, reward_fn, scorer)
+        check_finite("ppo", step, reward=b.scores, values=b.values, ref_logprobs=b.ref_logprobs)
+        kl, rewards, advantages, returns = advantages_and_returns(b, kl_ctl.value, c)
+        record = rollout_stats(b, kl, rewards, returns, kl_ctl.value)
+        record.update(ppo_update(models, opts, b, advantages, returns, prompt_len, cfg, rt, step))
+        kl_ctl.update(record["kl"], c.rollout_batch_size)
+        if eval_fn is not None and (step % c.eval_every == 0 or step == c.steps):
+            record["task_score"] = eval_fn(step)
+        if logger is not None:
+            logger.log(step, **record)
+        bar.update()
+        bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
+        if step % c.ckpt_every == 0 or step == c.steps:
+            save_checkpoint(ckpt_path, rt, policy=model_state(models["policy"]), value=model_state(models["value"]),
+                            optimizers={k: o.state_dict() for k, o in opts.items()}, sampler=sampler.state_dict(),
+                            kl_ctl=kl_ctl.state_dict(), step=step)
+        if on_step is not None:
+            on_step(step)
+    bar.close()
+    if logger is not None:
+        logger.close()
+    return record

@@ -1,0 +1,142 @@
+"""PPO rollouts: sample responses, then score them with the reference, value and reward models.
+
+Layout of a rollout batch (B rows): ``sequences`` (B, P + T) = prompt left-padded to the longest prompt
+of the dataset (P) + response (T = max_new_tokens, padded after EOS); ``attention_mask`` marks real
+tokens. Per-token tensors are (B, T), aligned with the response tokens: column t holds the logprob of
+response token t, the value of the state before it, and so on.
+
+Prompts are generated in fixed chunks of ``gen_batch_size`` with a seed per (iteration, chunk), and
+chunk j runs on rank j % world: the samples are the same whatever the number of ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+import rlhf_fast
+
+from .data import IGNORE_INDEX
+from .runtime import Runtime, unwrap
+
+
+@dataclass
+class Rollout:
+    sequences: torch.Tensor  # (B, P + T) int64
+    attention_mask: torch.Tensor  # (B, P + T) int64
+    mask: torch.Tensor  # (B, T) float: 1 on response tokens (EOS included)
+    logprobs: torch.Tensor  # (B, T) behaviour logprobs from the sampler
+    ref_logprobs: torch.Tensor  # (B, T) under the frozen SFT reference, same temperature
+    values: torch.Tensor  # (B, T) V(s_t) of the value model
+    scores: torch.Tensor  # (B,) reward-model (and/or reward_fn) score, EOS penalty applied
+    task_scores: torch.Tensor  # (B,) hidden task score (NaN when there is no scorer)
+    has_eos: torch.Tensor  # (B,) float
+
+    def index(self, rows: torch.Tensor) -> "Rollout":
+        return Rollout(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    @staticmethod
+    def cat(parts: list["Rollout"]) -> "Rollout":
+        return Rollout(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Rollout)})
+
+
+def response_targets(sequences: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """(B, P + T) targets: at column c the next token when it is a response token, else IGNORE_INDEX."""
+    T = mask.shape[1]
+    targets = torch.full_like(sequences, IGNORE_INDEX)
+    cols = slice(prompt_len - 1, prompt_len - 1 + T)
+    targets[:, cols] = sequences[:, prompt_len:].masked_fill(mask == 0, IGNORE_INDEX)
+    return targets
+
+
+def response_logprobs(policy, sequences, attention_mask, mask, prompt_len: int, temperature: float,
+                      return_entropy: bool = False):
+    """Per-token logprobs (B, T) (and entropy) of the response under `policy`, logits / temperature,
+    through the fused linear-logprob op inside the model (no (B, T, V) logits)."""
+    T = mask.shape[1]
+    targets = response_targets(sequences, mask, prompt_len)
+    logprobs, entropy = policy(sequences, targets, attention_mask=attention_mask, temperature=temperature,
+                               return_entropy=return_entropy)
+    cols = slice(prompt_len - 1, prompt_len - 1 + T)
+    return logprobs[:, cols], (entropy[:, cols] if entropy is not None else None)
+
+
+def response_values(value_model, sequences, attention_mask, prompt_len: int, T: int) -> torch.Tensor:
+    """(B, T): the value of the state before each response token."""
+    values = value_model(sequences, attention_mask=attention_mask)  # (B, P + T)
+    return values[:, prompt_len - 1:prompt_len - 1 + T]
+
+
+def left_pad(prompts: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        out[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return out, mask
+
+
+@torch.no_grad()
+def generate_chunk(policy, prompts: list[list[int]], prompt_len: int, tok, *, max_new_tokens: int,
+                   temperature: float, top_k: int, top_p: float, seed: int, device):
+    """Sample one chunk -> (sequences, attention_mask, response mask (float), behaviour logprobs)."""
+    idx, pmask = left_pad(prompts, prompt_len, tok.pad_id)
+    gen = unwrap(policy).generate(idx.to(device), max_new_tokens, attention_mask=pmask.to(device),
+                                  temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=tok.eos_id,
+                                  pad_token_id=tok.pad_id, seed=seed)
+    sequences = torch.cat((idx.to(device), gen.tokens), 1)
+    attention_mask = torch.cat((pmask.to(device), gen.mask), 1)
+    return sequences, attention_mask, gen.mask.float(), gen.logprobs
+
+
+def decode_rows(tok, sequences: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> tuple[list[str], list[str]]:
+    """Prompt and response texts of each row (EOS and padding dropped)."""
+    prompts, responses = [], []
+    for seq, m in zip(sequences.tolist(), mask.tolist()):
+        prompt = [t for t in seq[:prompt_len] if t not in (tok.pad_id, tok.bos_id)]
+        resp = [t for t, keep in zip(seq[prompt_len:], m) if keep and t != tok.eos_id]
+        prompts.append(tok.decode(prompt))
+        responses.append(tok.decode(resp))
+    return prompts, responses
+
+
+@torch.no_grad()
+def make_rollout(policy, ref_policy, value_model, reward_model, prompts: list[list[int]], prompt_len: int, tok,
+                 cfg, seed: int, device, reward_fn=None, scorer=None) -> Rollout:
+    """Generate and score one chunk of prompts on this rank."""
+    c = cfg.ppo
+    seqs, amask, mask, logprobs = generate_chunk(policy, prompts, prompt_len, tok, max_new_tokens=c.max_new_tokens,
+                                                 temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                                                 seed=seed, device=device)
+    ref_logprobs, _ = response_logprobs(ref_policy, seqs, amask, mask, prompt_len, c.temperature)
+    values = response_values(value_model, seqs, amask, prompt_len, mask.shape[1])
+    has_eos = ((seqs[:, prompt_len:] == tok.eos_id) & (mask > 0)).any(1).float()
+    texts = decode_rows(tok, seqs, mask, prompt_len) if (reward_fn is not None or scorer is not None) else None
+    scores = torch.zeros(len(prompts), device=device)
+    if c.reward_mode in ("model", "sum"):
+        scores += reward_model(seqs, attention_mask=amask).float()
+    if c.reward_mode in ("fn", "sum"):
+        scores += torch.tensor([float(x) for x in reward_fn(*texts)], device=device)
+    scores -= c.missing_eos_penalty * (1.0 - has_eos)
+    task = (torch.tensor(scorer(*texts), device=device, dtype=torch.float32) if scorer is not None
+            else torch.full((len(prompts),), float("nan"), device=device))
+    return Rollout(seqs, amask, mask, logprobs.float(), ref_logprobs.float(), values.float(), scores, task, has_eos)
+
+
+def kl_per_token(rollout: Rollout, kind: str) -> torch.Tensor:
+    """(B, T) KL penalty estimate of the behaviour policy against the reference, 0 on padding."""
+    kl = rlhf_fast.kl_penalty(rollout.logprobs, rollout.ref_logprobs, kind)
+    return kl * rollout.mask
+
+
+def gather_rollout(rt: Runtime, local: Rollout, chunk: int) -> Rollout:
+    """Every rank's chunks of `chunk` rows, in global chunk order (chunk j = k * world + r came from
+    rank r as its k-th chunk), so every rank holds the batch a single process would have made."""
+    if rt.world == 1:
+        return local
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        g = rt.all_gather_cat(t).view(rt.world, -1, chunk, *t.shape[1:])  # (world, K, chunk, ...)
+        return g.transpose(0, 1).reshape(-1, *t.shape[1:])  # (K * world * chunk, ...)
+
+    return Rollout(**{f.name: gather(getattr(local, f.name)) for f in fields(Rollout)})

@@ -1,0 +1,212 @@
+"""What every stage shares: device and process group, model build/load, wrapping (DDP / FSDP2),
+checkpoints, the learning-rate schedule, the NaN guard and progress bars."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import Config
+from .run_io import atomic_torch_save, get_rng_state, set_rng_state
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or reward became NaN/inf; the step was not applied and the last checkpoint is kept."""
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    mode: str = "none"  # "none" | "ddp" | "fsdp"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+        return t
+
+    def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's `t` (same shape on all ranks) along dim 0, in rank order."""
+        if self.world == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_runtime(cfg: Config) -> Runtime:
+    """Pick the device, and join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    mode = cfg.run.distributed
+    if mode == "auto":
+        mode = "ddp" if world > 1 else "none"
+    if mode != "none" and world == 1 and not dist.is_initialized():
+        mode = "none"  # one process: nothing to shard or synchronize
+    name = cfg.run.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"run.device={cfg.run.device!r} but torch.cuda.is_available() is False")
+    if world > 1:
+        if mode == "none":
+            raise ValueError("run.distributed='none' but the job was launched with WORLD_SIZE > 1")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if name.startswith("cuda") else "gloo")
+        rank = dist.get_rank()
+        if name == "cuda":
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    else:
+        rank = 0
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
+    return Runtime(device=device, rank=rank, world=world, mode=mode)
+
+
+def build_model(cfg: Config, vocab_size: int, head: str = "lm"):
+    from ..model import GPT, GPTConfig
+    m = cfg.model
+    gcfg = GPTConfig(block_size=m.block_size, vocab_size=vocab_size, n_layer=m.n_layer, n_head=m.n_head,
+                     n_embd=m.n_embd, dropout=0.0, backend=cfg.run.backend)
+    return GPT(gcfg, head=head)
+
+
+def model_state(model) -> dict:
+    """What a checkpoint stores for one model: config, head and float32 weights."""
+    model = unwrap(model)
+    return {"config": model.config.to_dict(), "head": model.head, "weights": model.state_dict()}
+
+
+def load_model(state: dict, device: torch.device, head: str | None = None):
+    """Rebuild a model from `model_state(...)`; with `head` different from the saved one, the backbone
+    is kept and the new head freshly initialized (e.g. an SFT policy -> a reward model)."""
+    from ..model import GPT, GPTConfig
+    model = GPT(GPTConfig(**state["config"]), head=state["head"])
+    model.load_state_dict(state["weights"])
+    if head is not None and head != model.head:
+        model = model.with_head(head)
+    return model.to(device)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def save_checkpoint(path: str | Path, rt: Runtime, **state) -> None:
+    """Atomically write `state` plus the RNG state (main rank only; every rank waits for it)."""
+    if rt.is_main:
+        atomic_torch_save({**state, "rng": get_rng_state()}, path)
+    rt.barrier()
+
+
+def restore_rng(state: dict) -> None:
+    set_rng_state(state["rng"])
+
+
+def wrap_model(model, rt: Runtime):
+    """DDP or FSDP2 (`fully_shard` on every block, then the root) for a model that will be trained."""
+    if rt.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if rt.mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    return model
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
+def full_state_dict(model) -> dict:
+    """A plain (unsharded) state dict of a possibly DDP/FSDP-wrapped model."""
+    model = unwrap(model)
+    sd = model.state_dict()
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in sd.items()}
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup for `warmup` steps, then cosine decay from `peak` to `peak / 10` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(unwrap(model).parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+
+
+def check_finite(stage: str, step: int, **values) -> None:
+    """Raise NonFiniteError naming the stage, the step and the offending quantity."""
+    for name, v in values.items():
+        t = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{stage} step {step}: {name} is not finite ({t.flatten()[:4].tolist()}); "
+                                 "the step was not applied and the last checkpoint is kept")
+
+
+def clip_and_step(model, opt, grad_clip: float, stage: str, step: int) -> float:
+    """Clip the gradient norm, refuse a non-finite gradient, step. Returns the pre-clip norm."""
+    params = [p for p in unwrap(model).parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    check_finite(stage, step, grad_norm=norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def autocast(cfg: Config, device: torch.device):
+    if cfg.run.dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def progress(cfg: Config, rt: Runtime, total: int, initial: int, desc: str):
+    """A tqdm bar on the main rank (a no-op object elsewhere or with run.progress=false)."""
+    if cfg.run.progress and rt.is_main:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None:
+            return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+    return _NoBar()
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

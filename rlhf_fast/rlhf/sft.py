@@ -1,0 +1,91 @@
+"""Supervised fine-tuning: next-token loss on the response (and EOS) of each demonstration.
+
+Sequences are packed into one row per step (``cu_seqlens``, varlen attention), so no compute is spent
+on padding (``sft.packing``; on CPU the default pads instead, as the reference varlen attention loops
+over sequences); the loss is the mean negative logprob over every response token of the global batch,
+computed through ``fused_linear_logprobs`` inside the model (no logits in memory).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .data import IGNORE_INDEX, SFT_KEYS, BatchSampler, read_jsonl, sft_batch, sft_padded_batch, tokenize_sft
+from .run_io import MetricsLogger
+from .runtime import (Runtime, autocast, build_model, check_finite, clip_and_step, load_checkpoint, load_model,
+                      lr_at, make_optimizer, model_state, progress, restore_rng, save_checkpoint, unwrap, wrap_model)
+
+
+def sft_loss(model, batch: dict, n_global: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate on this rank, summed negative logprob of this rank's tokens).
+
+    The local sum is divided by the global token count and multiplied by `world` because DDP averages
+    gradients over ranks: the result is the gradient of the global token mean, whatever the split.
+    """
+    layout = ({"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else
+              {"cu_seqlens": batch["cu_seqlens"], "max_seqlen": batch["max_seqlen"]})
+    logprobs, _ = model(batch["input_ids"], batch["targets"], return_entropy=False, **layout)
+    nll = -logprobs.sum()  # ignored positions give logprob 0
+    return nll / n_global * world, nll.detach()
+
+
+def train_sft(cfg: Config, rt: Runtime, tok, data_path: str | Path, stage_dir: Path, resume: bool,
+              on_step=None) -> dict:
+    """Run SFT; returns {"steps", "loss"}. `on_step(step)` is called after each step (tests use it to stop)."""
+    c = cfg.sft
+    examples = tokenize_sft(read_jsonl(data_path, SFT_KEYS), tok, cfg.model.block_size)
+    sampler = BatchSampler(len(examples), c.batch_size, cfg.run.seed)
+    ckpt_path = stage_dir / "checkpoint.pt"
+    state = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
+    if state is not None:
+        model = load_model(state["model"], rt.device)
+    elif c.init:
+        model = load_model(load_checkpoint(c.init)["model"], rt.device, head="lm")
+    else:
+        model = build_model(cfg, tok.vocab_size).to(rt.device)
+    model.train()
+    wrapped = wrap_model(model, rt)
+    opt = make_optimizer(wrapped, c.lr, c.weight_decay)
+    start = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        start = state["step"]
+        restore_rng(state)
+    elif rt.is_main:
+        (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+    logger = MetricsLogger(stage_dir / "metrics.jsonl", resume_step=start) if rt.is_main else None
+    bar = progress(cfg, rt, c.steps, start, "sft")
+    packed = c.packing == "packed" or (c.packing == "auto" and rt.device.type == "cuda")
+    loss = float("nan")
+    for step in range(start + 1, c.steps + 1):
+        ids = sampler.next()[rt.rank::rt.world]
+        mine = [examples[i] for i in ids]
+        batch = sft_batch(mine) if packed else sft_padded_batch(mine, tok.pad_id)
+        batch = {k: (v.to(rt.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        n_global = rt.all_reduce_sum((batch["targets"] != IGNORE_INDEX).sum().float())
+        lr = lr_at(step - 1, c.steps, c.lr, c.warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast(cfg, rt.device):
+            local_loss, nll = sft_loss(wrapped, batch, n_global, rt.world)
+        loss = float(rt.all_reduce_sum(nll) / n_global)
+        check_finite("sft", step, loss=loss)
+        local_loss.backward()
+        grad_norm = clip_and_step(wrapped, opt, c.grad_clip, "sft", step)
+        if logger is not None:
+            logger.log(step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=int(n_global))
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if step % c.ckpt_every == 0 or step == c.steps:
+            save_checkpoint(ckpt_path, rt, model=model_state(model), optimizer=opt.state_dict(),
+                            sampler=sampler.state_dict(), step=step)
+        if on_step is not None:
+            on_step(step)
+    bar.close()
+    if logger is not None:
+        logger.close()
+    unwrap(wrapped).eval()
+    return {"steps": c.steps, "loss": loss}
