@@ -16,6 +16,7 @@ from .. import _validate
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 LOG2E = 1.4426950408889634
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -102,6 +103,21 @@ def arch_of(device: torch.device) -> int:
     return 90 if major >= 9 else 80
 
 
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """fp32 inputs get true fp32 products (no TF32), matching torch's fp32 matmul; half inputs ignore it.
+
+    "upcast" (bf16 on CPU tensors) works around Triton's interpreter, which cannot multiply bf16.
+    """
+    if dtype == torch.bfloat16 and device.type != "cuda":
+        return "upcast"
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def seq_arg(cu_seqlens, device: torch.device) -> torch.Tensor:
+    """CU_SEQLENS kernel argument: the offsets when packed, an unused int32 placeholder when padded."""
+    return cu_seqlens if cu_seqlens is not None else torch.empty(1, dtype=torch.int32, device=device)
+
+
 def lse_shape(q: torch.Tensor, packed: bool) -> tuple[int, ...]:
     return (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[1], q.shape[2])
 
@@ -129,15 +145,15 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
     if n_seq == 0 or max_seqlen == 0 or q.numel() == 0:
         return out.zero_(), lse.fill_(0.0)
-    cfg = kern.config("fwd", arch_of(q.device), d, q.dtype)
+    cfg = kern.config("fwd", arch_of(q.device), d, DTYPE_NAMES[q.dtype])
     grid = (triton.cdiv(max_seqlen, cfg.block_m), n_seq * hq)
     kern._attn_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens if packed else lse,
+        q, k, v, out, lse, seq_arg(cu_seqlens, q.device),
         *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(out, packed),
         *lse_strides(lse, packed),
         max_seqlen, hq, hq // hkv, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_VARLEN=packed,
-        IEEE_FP32=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_PRECISION=dot_precision(q.dtype, q.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -161,11 +177,12 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: flo
     if packed:  # rows past cu_seqlens[-1] belong to no sequence; their gradient is 0
         dq.zero_(), dk.zero_(), dv.zero_()
     arch = arch_of(q.device)
-    cu = cu_seqlens if packed else lse
-    common = dict(HEAD_DIM=d, IS_VARLEN=packed, IEEE_FP32=q.dtype == torch.float32)
+    cu = seq_arg(cu_seqlens, q.device)
+    dtype = DTYPE_NAMES[q.dtype]
+    common = dict(HEAD_DIM=d, IS_VARLEN=packed, DOT_PRECISION=dot_precision(q.dtype, q.device))
 
     delta = torch.empty_like(lse)
-    cfg = kern.config("bwd_pre", arch, d, q.dtype)
+    cfg = kern.config("bwd_pre", arch, d, dtype)
     kern._attn_bwd_preprocess_kernel[(triton.cdiv(max_seqlen, cfg.block_m), n_seq * hq)](
         out, do, delta, cu, *bht_strides(out, packed), *bht_strides(do, packed), *lse_strides(delta, packed),
         max_seqlen, hq, HEAD_DIM=d, BLOCK_M=cfg.block_m, IS_VARLEN=packed,
@@ -173,7 +190,7 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: flo
 
     atomic = not deterministic
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
-    cfg = kern.config("bwd_dkdv_atomic" if atomic else "bwd_dkdv", arch, d, q.dtype)
+    cfg = kern.config("bwd_dkdv_atomic" if atomic else "bwd_dkdv", arch, d, dtype)
     kern._attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg.block_n), n_seq * hkv)](
         q, k, v, do, lse, delta, dk, dv, dq_acc, cu,
         *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(do, packed),
@@ -185,7 +202,7 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: flo
     if atomic:
         return dq.copy_(dq_acc), dk, dv
 
-    cfg = kern.config("bwd_dq", arch, d, q.dtype)
+    cfg = kern.config("bwd_dq", arch, d, dtype)
     kern._attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg.block_m), n_seq * hq)](
         q, k, v, do, lse, delta, dq, cu,
         *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(do, packed),

@@ -1,0 +1,410 @@
+"""Causal attention kernels: FlashAttention-2 forward, backward (dK/dV pass + dQ pass or dQ atomics).
+
+One set of kernels serves padded (B, H, T, D) and packed (total, H, D) inputs. Every tensor comes as
+(batch stride, head stride, token stride) with a unit head-dim stride; with IS_VARLEN, program (m, s*H+h)
+reads its sequence's first token and length from CU_SEQLENS (batch strides are then 0), otherwise every
+sequence is `max_seqlen` long and starts at token 0 of its batch row.
+
+Scores are kept in log2 units (qk_scale = scale * log2(e)) so that the softmax uses exp2; the LSE the
+forward writes for the backward is in the same units, fp32. Blocks strictly above the diagonal are never
+loaded: each loop runs an unmasked part (blocks fully below the diagonal) and a masked part (the blocks
+that straddle it, and the ragged tail of the sequence).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import triton
+import triton.language as tl
+
+from ._spec import KernelSpec
+
+
+@triton.jit
+def _seq_bounds(CU_SEQLENS, seq, max_seqlen, IS_VARLEN: tl.constexpr):
+    """(first token as int64, length) of sequence `seq`."""
+    if IS_VARLEN:
+        tok0 = tl.load(CU_SEQLENS + seq)
+        seqlen = tl.load(CU_SEQLENS + seq + 1) - tok0
+    else:
+        tok0 = seq * 0
+        seqlen = max_seqlen + seq * 0
+    return tok0.to(tl.int64), seqlen
+
+
+@triton.jit
+def _base(PTR, seq, head, tok0, stride_b, stride_h, stride_t):
+    """Pointer to token 0, dim 0 of (seq, head); int64 so large tensors do not overflow."""
+    return PTR + seq.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h + tok0 * stride_t
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """a @ b (+ acc) with fp32 accumulation.
+
+    DOT_PRECISION is "ieee" for fp32 inputs (no TF32), "tf32" for half inputs (where it has no effect), or
+    "upcast", which the launcher passes only to Triton's CPU interpreter: it holds bf16 as bit patterns and
+    cannot multiply them, so operands go to fp32 first (bf16 products are exact in fp32: same math).
+    """
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+# ----------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, lo, hi, offs_m, offs_n, seqlen,
+                    qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi). k_ptrs (D, BLOCK_N) and v_ptrs (BLOCK_N, D) at key 0."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=cols[None, :] < seqlen, other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kt)
+        s = _dot(q, k, None, DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            keep = (cols[None, :] <= offs_m[:, None]) & (cols[None, :] < seqlen)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < seqlen, other=0.0)
+        else:
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, CU_SEQLENS,
+                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                     stride_lb, stride_lh,
+                     max_seqlen, n_q_heads, group, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (cdiv(max_seqlen, BLOCK_M), n_seq * Hq): one query block of one head of one sequence."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    start_m = tl.program_id(0)
+    pid = tl.program_id(1)
+    seq = pid // n_q_heads
+    head = pid % n_q_heads
+    tok0, seqlen = _seq_bounds(CU_SEQLENS, seq, max_seqlen, IS_VARLEN)
+    if start_m * BLOCK_M >= seqlen:
+        return
+    kv_head = head // group
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m < seqlen
+    q_base = _base(Q, seq, head, tok0, stride_qb, stride_qh, stride_qt)
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=rows[:, None], other=0.0)
+    k_ptrs = _base(K, seq, kv_head, tok0, stride_kb, stride_kh, stride_kt) + offs_n[None, :] * stride_kt + offs_d[:, None]
+    v_ptrs = _base(V, seq, kv_head, tok0, stride_vb, stride_vh, stride_vt) + offs_n[:, None] * stride_vt + offs_d[None, :]
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    diag = start_m * BLOCK_M
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, 0, diag,
+                                    offs_m, offs_n, seqlen, qk_scale, BLOCK_N, False, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, diag,
+                                    tl.minimum(diag + BLOCK_M, seqlen), offs_m, offs_n, seqlen, qk_scale,
+                                    BLOCK_N, True, DOT_PRECISION)
+    # every row sees key 0, so l_i >= 1 and m_i is finite
+    acc = acc / l_i[:, None]
+    lse_ptrs = LSE + seq.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + tok0 + offs_m
+    tl.store(lse_ptrs, m_i + tl.math.log2(l_i), mask=rows)
+    o_base = _base(O, seq, head, tok0, stride_ob, stride_oh, stride_ot)
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), mask=rows[:, None])
+
+
+# ----------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _attn_bwd_preprocess_kernel(O, DO, DELTA, CU_SEQLENS,
+                                stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt,
+                                stride_lb, stride_lh, max_seqlen, n_q_heads,
+                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """delta = rowsum(O * dO) in fp32, laid out like the LSE."""
+    start_m = tl.program_id(0)
+    pid = tl.program_id(1)
+    seq = pid // n_q_heads
+    head = pid % n_q_heads
+    tok0, seqlen = _seq_bounds(CU_SEQLENS, seq, max_seqlen, IS_VARLEN)
+    if start_m * BLOCK_M >= seqlen:
+        return
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m < seqlen
+    o = tl.load(_base(O, seq, head, tok0, stride_ob, stride_oh, stride_ot) + offs_m[:, None] * stride_ot
+                + offs_d[None, :], mask=rows[:, None], other=0.0)
+    do = tl.load(_base(DO, seq, head, tok0, stride_db, stride_dh, stride_dt) + offs_m[:, None] * stride_dt
+                 + offs_d[None, :], mask=rows[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + seq.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + tok0 + offs_m, delta, mask=rows)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr,
+                         stride_qt, stride_dot, stride_dqt, lo, hi, offs_n, seqlen, scale, qk_scale,
+                         BLOCK_M: tl.constexpr, MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV (BLOCK_N, D) of one KV block over query blocks [lo, hi) of one query head.
+
+    q_ptrs (D, BLOCK_M), do_ptrs and dq_ptrs (BLOCK_M, D) at query 0. Rows past the sequence load an
+    LSE of +inf, so their probabilities are exactly 0 and add nothing.
+    """
+    offs_mb = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_mb
+        rows = offs_m < seqlen
+        q_t = tl.load(q_ptrs + start_m * stride_qt, mask=rows[None, :], other=0.0)
+        lse = tl.load(lse_ptr + offs_m, mask=rows, other=float("inf"))
+        s_t = _dot(k, q_t, None, DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        if MASKED:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        do = tl.load(do_ptrs + start_m * stride_dot, mask=rows[:, None], other=0.0)
+        dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
+        delta = tl.load(delta_ptr + offs_m, mask=rows, other=0.0)
+        dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
+        dk = _dot(ds_t, tl.trans(q_t), dk, DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = _dot(tl.trans(ds_t), k, None, DOT_PRECISION) * scale
+            tl.atomic_add(dq_ptrs + start_m * stride_dqt, dq, mask=rows[:, None])
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS,
+                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                          stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                          stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                          stride_dqb, stride_dqh, stride_dqt, stride_lb, stride_lh,
+                          max_seqlen, n_kv_heads, group, scale, qk_scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          IS_VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (cdiv(max_seqlen, BLOCK_N), n_seq * Hkv): dK, dV of one KV block, summed over its query heads.
+
+    With ATOMIC_DQ, also adds each query block's dQ into the fp32 buffer DQ with atomics.
+    """
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)
+    start_n = tl.program_id(0) * BLOCK_N
+    pid = tl.program_id(1)
+    seq = pid // n_kv_heads
+    kv_head = pid % n_kv_heads
+    tok0, seqlen = _seq_bounds(CU_SEQLENS, seq, max_seqlen, IS_VARLEN)
+    if start_n >= seqlen:
+        return
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kv_rows = offs_n[:, None] < seqlen
+    k = tl.load(_base(K, seq, kv_head, tok0, stride_kb, stride_kh, stride_kt) + offs_n[:, None] * stride_kt
+                + offs_d[None, :], mask=kv_rows, other=0.0)
+    v = tl.load(_base(V, seq, kv_head, tok0, stride_vb, stride_vh, stride_vt) + offs_n[:, None] * stride_vt
+                + offs_d[None, :], mask=kv_rows, other=0.0)
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    diag_hi = tl.minimum(start_n + BLOCK_N, seqlen)
+    for g in range(group):
+        head = kv_head * group + g
+        q_ptrs = _base(Q, seq, head, tok0, stride_qb, stride_qh, stride_qt) + offs_mb[None, :] * stride_qt + offs_d[:, None]
+        do_ptrs = _base(DO, seq, head, tok0, stride_dob, stride_doh, stride_dot) + offs_mb[:, None] * stride_dot + offs_d[None, :]
+        dq_ptrs = _base(DQ, seq, head, tok0, stride_dqb, stride_dqh, stride_dqt) + offs_mb[:, None] * stride_dqt + offs_d[None, :]
+        row0 = seq.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + tok0
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE + row0, DELTA + row0,
+                                      stride_qt, stride_dot, stride_dqt, start_n, diag_hi, offs_n, seqlen,
+                                      scale, qk_scale, BLOCK_M, True, ATOMIC_DQ, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE + row0, DELTA + row0,
+                                      stride_qt, stride_dot, stride_dqt, start_n + BLOCK_N, seqlen, offs_n, seqlen,
+                                      scale, qk_scale, BLOCK_M, False, ATOMIC_DQ, DOT_PRECISION)
+    dk_ptrs = _base(DK, seq, kv_head, tok0, stride_dkb, stride_dkh, stride_dkt) + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    dv_ptrs = _base(DV, seq, kv_head, tok0, stride_dvb, stride_dvh, stride_dvt) + offs_n[:, None] * stride_dvt + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_rows)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_rows)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, lo, hi, offs_m, offs_n,
+                       seqlen, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ (BLOCK_M, D) over key blocks [lo, hi); k_ptrs and v_ptrs (D, BLOCK_N) at key 0."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            k_t = tl.load(k_ptrs + start_n * stride_kt, mask=cols[None, :] < seqlen, other=0.0)
+            v_t = tl.load(v_ptrs + start_n * stride_vt, mask=cols[None, :] < seqlen, other=0.0)
+        else:
+            k_t = tl.load(k_ptrs + start_n * stride_kt)
+            v_t = tl.load(v_ptrs + start_n * stride_vt)
+        s = _dot(q, k_t, None, DOT_PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            p = tl.where(cols[None, :] <= offs_m[:, None], p, 0.0)
+        dp = _dot(do, v_t, None, DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(k_t.dtype)
+        dq = _dot(ds, tl.trans(k_t), dq, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
+                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                        stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                        stride_dqb, stride_dqh, stride_dqt, stride_lb, stride_lh,
+                        max_seqlen, n_q_heads, group, scale, qk_scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (cdiv(max_seqlen, BLOCK_M), n_seq * Hq): dQ of one query block (the deterministic path)."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    start_m = tl.program_id(0)
+    pid = tl.program_id(1)
+    seq = pid // n_q_heads
+    head = pid % n_q_heads
+    tok0, seqlen = _seq_bounds(CU_SEQLENS, seq, max_seqlen, IS_VARLEN)
+    if start_m * BLOCK_M >= seqlen:
+        return
+    kv_head = head // group
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m < seqlen
+    q = tl.load(_base(Q, seq, head, tok0, stride_qb, stride_qh, stride_qt) + offs_m[:, None] * stride_qt
+                + offs_d[None, :], mask=rows[:, None], other=0.0)
+    do = tl.load(_base(DO, seq, head, tok0, stride_dob, stride_doh, stride_dot) + offs_m[:, None] * stride_dot
+                 + offs_d[None, :], mask=rows[:, None], other=0.0)
+    row0 = seq.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + tok0
+    lse = tl.load(LSE + row0 + offs_m, mask=rows, other=float("inf"))
+    delta = tl.load(DELTA + row0 + offs_m, mask=rows, other=0.0)
+    k_ptrs = _base(K, seq, kv_head, tok0, stride_kb, stride_kh, stride_kt) + offs_n[None, :] * stride_kt + offs_d[:, None]
+    v_ptrs = _base(V, seq, kv_head, tok0, stride_vb, stride_vh, stride_vt) + offs_n[None, :] * stride_vt + offs_d[:, None]
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    diag = start_m * BLOCK_M
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, 0, diag, offs_m, offs_n,
+                            seqlen, qk_scale, BLOCK_N, False, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, diag,
+                            tl.minimum(diag + BLOCK_M, seqlen), offs_m, offs_n, seqlen, qk_scale, BLOCK_N, True,
+                            DOT_PRECISION)
+    dq_ptrs = _base(DQ, seq, head, tok0, stride_dqb, stride_dqh, stride_dqt) + offs_m[:, None] * stride_dqt + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=rows[:, None])
+
+
+# ----------------------------------------------------------------------------------------------- configs
+class AttnConfig(NamedTuple):
+    block_m: int      # query rows per block
+    block_n: int      # key rows per block
+    num_warps: int
+    num_stages: int
+
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+ARCHS = (80, 90)
+DTYPES = ("fp16", "bf16", "fp32")
+
+# (stage, arch, fp32 inputs) -> {head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)}. Half-precision
+# tiles are sized for wgmma (sm_90) / mma.sync (sm_80) occupancy; fp32 tiles are halved because each
+# element takes twice the shared memory and registers. Each entry is compiled by the CI static check.
+_CONFIGS = {
+    ("fwd", 90, False): {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3),
+                         256: (64, 64, 8, 2)},
+    ("fwd", 80, False): {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 2),
+                         256: (64, 32, 8, 2)},
+    ("fwd", 90, True): {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 4, 2),
+                        256: (32, 32, 4, 2)},
+    ("fwd", 80, True): {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 4, 2),
+                        256: (32, 32, 4, 1)},
+    ("bwd_pre", 90, False): {d: (128, 128, 4, 1) for d in HEAD_DIMS},
+    ("bwd_pre", 80, False): {d: (128, 128, 4, 1) for d in HEAD_DIMS},
+    ("bwd_pre", 90, True): {d: (64, 64, 4, 1) for d in HEAD_DIMS},
+    ("bwd_pre", 80, True): {d: (64, 64, 4, 1) for d in HEAD_DIMS},
+    ("bwd_dkdv", 90, False): {16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (32, 128, 8, 2),
+                              256: (16, 64, 8, 2)},
+    ("bwd_dkdv", 80, False): {16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 2), 128: (32, 64, 4, 2),
+                              256: (16, 64, 8, 1)},
+    ("bwd_dkdv", 90, True): {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (16, 64, 4, 2),
+                             256: (16, 32, 4, 1)},
+    ("bwd_dkdv", 80, True): {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (16, 64, 4, 1),
+                             256: (16, 32, 4, 1)},
+    ("bwd_dq", 90, False): {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 4, 3), 128: (128, 32, 8, 2),
+                            256: (64, 16, 8, 2)},
+    ("bwd_dq", 80, False): {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 4, 2), 128: (64, 32, 4, 2),
+                            256: (64, 16, 8, 1)},
+    ("bwd_dq", 90, True): {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 16, 4, 2),
+                           256: (32, 16, 4, 1)},
+    ("bwd_dq", 80, True): {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 16, 4, 1),
+                           256: (32, 16, 4, 1)},
+}
+_CONFIGS.update({("bwd_dkdv_atomic",) + key[1:]: table for key, table in _CONFIGS.items() if key[0] == "bwd_dkdv"})
+
+
+def config(stage: str, arch: int, head_dim: int, dtype: str) -> AttnConfig:
+    """The config the launcher uses for `stage` ("fwd", "bwd_pre", "bwd_dkdv", "bwd_dkdv_atomic", "bwd_dq")."""
+    return AttnConfig(*_CONFIGS[(stage, arch, dtype == "fp32")][head_dim])
+
+
+def _signature(dtype: str, names: str, scalars: str) -> dict:
+    sig = {}
+    for name in names.split():
+        sig[name] = "*i32" if name == "CU_SEQLENS" else "*fp32" if name in ("LSE", "DELTA") else f"*{dtype}"
+    for name in scalars.split():
+        sig[name] = "fp32" if "scale" in name else "i32"
+    return sig
+
+
+def _strides(*prefixes: str) -> str:
+    return " ".join(f"stride_{p}{axis}" for p in prefixes for axis in "bht")
+
+
+def static_configs() -> list[KernelSpec]:
+    """Every (kernel, config) the launchers in rlhf_fast/ops/_attention_launch.py can pick."""
+    specs = []
+    for arch in ARCHS:
+        for dtype in DTYPES:
+            for d in HEAD_DIMS:
+                for varlen in (False, True):
+                    specs += _specs_for(arch, dtype, d, varlen)
+    return specs
+
+
+def _specs_for(arch: int, dtype: str, d: int, varlen: bool) -> list[KernelSpec]:
+    prec = "ieee" if dtype == "fp32" else "tf32"
+    tag = f"D={d},{dtype},sm{arch}{',varlen' if varlen else ''}"
+    lse = "stride_lb stride_lh"
+    out = []
+    c = config("fwd", arch, d, dtype)
+    out.append(KernelSpec(
+        f"attn_fwd[{tag},BM={c.block_m},BN={c.block_n}]", _attn_fwd_kernel,
+        _signature(dtype, "Q K V O LSE CU_SEQLENS",
+                   f"{_strides('q', 'k', 'v', 'o')} {lse} max_seqlen n_q_heads group qk_scale"),
+        dict(HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_VARLEN=varlen, DOT_PRECISION=prec),
+        c.num_warps, c.num_stages, (arch,)))
+    c = config("bwd_pre", arch, d, dtype)
+    out.append(KernelSpec(
+        f"attn_bwd_pre[{tag},BM={c.block_m}]", _attn_bwd_preprocess_kernel,
+        _signature(dtype, "O DO DELTA CU_SEQLENS", "stride_ob stride_oh stride_ot stride_db stride_dh stride_dt "
+                   f"{lse} max_seqlen n_q_heads"),
+        dict(HEAD_DIM=d, BLOCK_M=c.block_m, IS_VARLEN=varlen), c.num_warps, c.num_stages, (arch,)))
+    for atomic in (False, True):
+        c = config("bwd_dkdv_atomic" if atomic else "bwd_dkdv", arch, d, dtype)
+        sig = _signature(dtype, "Q K V DO LSE DELTA DK DV DQ CU_SEQLENS",
+                         f"{_strides('q', 'k', 'v', 'do', 'dk', 'dv', 'dq')} {lse} max_seqlen n_kv_heads group "
+                         "scale qk_scale")
+        sig["DQ"] = "*fp32" if atomic else f"*{dtype}"
+        out.append(KernelSpec(
+            f"attn_bwd_dkdv[{tag},BM={c.block_m},BN={c.block_n}{',atomic_dq' if atomic else ''}]",
+            _attn_bwd_dkdv_kernel, sig,
+            dict(HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_VARLEN=varlen, ATOMIC_DQ=atomic,
+                 DOT_PRECISION=prec), c.num_warps, c.num_stages, (arch,)))
+    c = config("bwd_dq", arch, d, dtype)
+    out.append(KernelSpec(
+        f"attn_bwd_dq[{tag},BM={c.block_m},BN={c.block_n}]", _attn_bwd_dq_kernel,
+        _signature(dtype, "Q K V DO LSE DELTA DQ CU_SEQLENS",
+                   f"{_strides('q', 'k', 'v', 'do', 'dq')} {lse} max_seqlen n_q_heads group scale qk_scale"),
+        dict(HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_VARLEN=varlen, DOT_PRECISION=prec),
+        c.num_warps, c.num_stages, (arch,)))
+    return out
