@@ -2,7 +2,7 @@
 
 A program owns BLOCK_N tokens and a run of BLOCK_V-wide vocab tiles. For each tile it computes the
 (BLOCK_N, BLOCK_V) logits in registers (K loop over the hidden size), folds them into per-row online
-(max, sum-exp, sum-exp*z, target logit), and drops them: the logits never reach global memory.
+(max, sum-exp, sum-exp*(z - max), target logit), and drops them: the logits never reach global memory.
 Vocab splits (grid axis 1) write partial statistics that the launcher combines, so small N still fills
 the GPU. The backward recomputes each logit tile, forms d(logits) on chip and adds its products into
 fp32 d(hidden) and d(weight) buffers with atomics.
@@ -91,7 +91,7 @@ def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V
                                       ignore_index, tiles_per_split, has_bias, want_entropy,
                                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                                       DOT_PRECISION: tl.constexpr):
-    """part (4, splits, N) fp32 <- per-split (max, sum exp(z - max), sum exp(z - max) z, z[target])."""
+    """part (4, splits, N) fp32 <- per split: m = max z, sum exp(z - m), sum exp(z - m) (z - m), z[target]."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -99,7 +99,7 @@ def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V
     t = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
-    sz = tl.zeros((BLOCK_N,), tl.float32)
+    sy = tl.zeros((BLOCK_N,), tl.float32)
     zt = tl.zeros((BLOCK_N,), tl.float32)
     v_begin = split * tiles_per_split * BLOCK_V
     # A fixed trip count (not a bound derived from program_id): the launcher makes every split start
@@ -109,25 +109,26 @@ def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V
         col_mask = cols < V
         z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_t,
                          has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, 1))
+        m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], z, float("-inf")), 1))
         alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
-        s = s * alpha + tl.sum(e, 1)
+        y = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
+        e = tl.where(col_mask[None, :], tl.exp(y), 0.0)
         if want_entropy:
-            sz = sz * alpha + tl.sum(tl.where(col_mask[None, :], e * z, 0.0), 1)
+            # sy = sum exp(z - m) (z - m), re-based when m grows (entropy = log s - sy / s)
+            sy = alpha * (sy + tl.where(s > 0, (m - m_new) * s, 0.0)) + tl.sum(e * y, 1)
+        s = s * alpha + tl.sum(e, 1)
         zt += tl.sum(tl.where(cols[None, :] == t[:, None], z, 0.0), 1)
         m = m_new
     n_splits = tl.num_programs(1)
     out = part_ptr + split * N + rows
     tl.store(out, m, mask=row_mask)
     tl.store(out + n_splits * N, s, mask=row_mask)
-    tl.store(out + 2 * n_splits * N, sz, mask=row_mask)
+    tl.store(out + 2 * n_splits * N, sy, mask=row_mask)
     tl.store(out + 3 * n_splits * N, zt, mask=row_mask)
 
 
 @triton.jit
-def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
+def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
                                       dx_ptr, dw_ptr, db_ptr, N, V, H, v_begin, v_end, stride_x, stride_w,
                                       stride_dx, stride_dw, inv_t, ignore_index, has_bias, have_entropy, need_b,
                                       NEED_X: tl.constexpr, NEED_W: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -143,7 +144,9 @@ def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_p
     t = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (t != ignore_index)
     g_logp = tl.where(valid, tl.load(g_logp_ptr + rows, mask=row_mask, other=0.0), 0.0)
-    logp = z - tl.load(lse_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    m = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
+    log_s = tl.load(stats_ptr + N + rows, mask=row_mask, other=0.0)
+    logp = (z - m[:, None]) - log_s[:, None]
     p = tl.exp(logp)
     coef = g_logp[:, None] + tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     if have_entropy:
@@ -177,7 +180,7 @@ def static_configs():
         for need_x, need_w in NEED_PAIRS:
             specs.append(KernelSpec(
                 f"fused_linear_logprobs_bwd[{tag},X={need_x},W={need_w}]", _fused_linear_logprobs_bwd_kernel,
-                {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64", "lse_ptr": "*fp32",
+                {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64", "stats_ptr": "*fp32",
                  "ent_ptr": "*fp32", "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "dx_ptr": "*fp32",
                  "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "v_begin": "i32",
                  "v_end": "i32", "stride_x": "i32", "stride_w": "i32", "stride_dx": "i32", "stride_dw": "i32",

@@ -1,8 +1,9 @@
 """Triton kernels for token_logprobs: one program per row, one pass over the vocab.
 
-Forward: online max / sum-exp / sum(exp * z) over BLOCK_V tiles gives lse and entropy
-(H = lse - sum(p z)); the target logit is one scalar load. Backward recomputes p from the saved lse
-and writes d(logits) = (g_logp (onehot - p) - g_H p (log p + H)) / T in the logits' dtype.
+Forward: online max m, s = sum exp(z - m) and sy = sum exp(z - m) (z - m) over BLOCK_V tiles give
+the row statistics (m, log s) (lse = m + log s) and the entropy H = log s - sy / s; the target logit
+is one scalar load. Backward recomputes log p = (z - m) - log s and writes
+d(logits) = (g_logp (onehot - p) - g_H p (log p + H)) / T in the logits' dtype.
 """
 from collections import namedtuple
 
@@ -17,36 +18,41 @@ CONFIGS = (RowConfig(1024, 4, 2), RowConfig(4096, 8, 2))
 
 
 @triton.jit
-def _token_logprobs_fwd_kernel(logits_ptr, targets_ptr, logp_ptr, entropy_ptr, lse_ptr, stride_row, V,
+def _token_logprobs_fwd_kernel(logits_ptr, targets_ptr, logp_ptr, entropy_ptr, stats_ptr, stride_row, V,
                                inv_t, ignore_index, WANT_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """stats (2, N) <- (m, log s): log p = (z - m) - log s stays exact to an ulp of log p."""
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
-    sz = tl.zeros((), tl.float32)
+    sy = tl.zeros((), tl.float32)
     for off in range(0, V, BLOCK_V):
         mask = off + cols < V
         z = tl.load(base + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
         m_new = tl.maximum(m, tl.max(z, 0))
         alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new)
-        s = s * alpha + tl.sum(e, 0)
+        y = tl.where(mask, z - m_new, 0.0)
+        e = tl.where(mask, tl.exp(y), 0.0)
         if WANT_ENTROPY:
-            sz = sz * alpha + tl.sum(tl.where(mask, e * z, 0.0), 0)
+            # sy = sum exp(z - m) (z - m), re-based when m grows
+            sy = alpha * (sy + tl.where(s > 0, (m - m_new) * s, 0.0)) + tl.sum(e * y, 0)
+        s = s * alpha + tl.sum(e, 0)
         m = m_new
-    lse = m + tl.log(s)
+    log_s = tl.log(s)
     t = tl.load(targets_ptr + row)
     valid = t != ignore_index
     zt = tl.load(base + t, mask=valid, other=0.0).to(tl.float32) * inv_t
-    tl.store(lse_ptr + row, lse)
-    tl.store(logp_ptr + row, tl.where(valid, zt - lse, 0.0))
+    tl.store(stats_ptr + row, m)
+    tl.store(stats_ptr + tl.num_programs(0) + row, log_s)
+    tl.store(logp_ptr + row, tl.where(valid, (zt - m) - log_s, 0.0))
     if WANT_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(valid, lse - sz / s, 0.0))
+        # H = log s - sy / s: no lse-sized terms cancel, so peaked rows keep their precision
+        tl.store(entropy_ptr + row, tl.where(valid, log_s - sy / s, 0.0))
 
 
 @triton.jit
-def _token_logprobs_bwd_kernel(logits_ptr, targets_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, grad_ptr,
+def _token_logprobs_bwd_kernel(logits_ptr, targets_ptr, stats_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, grad_ptr,
                                stride_row, stride_grad, V, inv_t, ignore_index, HAVE_ENTROPY: tl.constexpr,
                                BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -55,14 +61,15 @@ def _token_logprobs_bwd_kernel(logits_ptr, targets_ptr, lse_ptr, entropy_ptr, g_
     cols = tl.arange(0, BLOCK_V)
     t = tl.load(targets_ptr + row)
     valid = t != ignore_index
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(stats_ptr + row)
+    log_s = tl.load(stats_ptr + tl.num_programs(0) + row)
     g_logp = tl.where(valid, tl.load(g_logp_ptr + row), 0.0)
     if HAVE_ENTROPY:
         g_ent = tl.where(valid, tl.load(g_ent_ptr + row), 0.0)
         ent = tl.load(entropy_ptr + row)
     for off in range(0, V, BLOCK_V):
         mask = off + cols < V
-        logp = tl.load(base + off + cols, mask=mask, other=0.0).to(tl.float32) * inv_t - lse
+        logp = (tl.load(base + off + cols, mask=mask, other=0.0).to(tl.float32) * inv_t - m) - log_s
         p = tl.exp(logp)
         if HAVE_ENTROPY:
             d = -p * (g_logp + g_ent * (logp + ent))
@@ -84,12 +91,12 @@ def static_configs():
                 specs.append(KernelSpec(
                     f"token_logprobs_fwd[{dt},BV={cfg.block_v},ENT={flag}]", _token_logprobs_fwd_kernel,
                     {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
-                     "lse_ptr": "*fp32", "stride_row": "i32", "V": "i32", "inv_t": "fp32", "ignore_index": "i32",
+                     "stats_ptr": "*fp32", "stride_row": "i32", "V": "i32", "inv_t": "fp32", "ignore_index": "i32",
                      "WANT_ENTROPY": "constexpr", "BLOCK_V": "constexpr"},
                     {**cx, "WANT_ENTROPY": flag}, cfg.num_warps, cfg.num_stages))
                 specs.append(KernelSpec(
                     f"token_logprobs_bwd[{dt},BV={cfg.block_v},ENT={flag}]", _token_logprobs_bwd_kernel,
-                    {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
+                    {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", "stats_ptr": "*fp32", "entropy_ptr": "*fp32",
                      "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "grad_ptr": f"*{dt}", "stride_row": "i32",
                      "stride_grad": "i32", "V": "i32", "inv_t": "fp32", "ignore_index": "i32",
                      "HAVE_ENTROPY": "constexpr", "BLOCK_V": "constexpr"},

@@ -90,7 +90,7 @@ def _triton_forward(hidden, weight, bias, targets, temperature, want_entropy, ig
     n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
     if n == 0:
         e = torch.empty(0, dtype=torch.float32, device=dev)
-        return e, e.clone(), e.clone()
+        return e, e.clone(), torch.empty(2, 0, dtype=torch.float32, device=dev)
     tiles_per_split, splits = split_plan(n, vocab, cfg, dev)
     part = torch.empty(4, splits, n, dtype=torch.float32, device=dev)
     k._fused_linear_logprobs_fwd_kernel[(triton_cdiv(n, cfg.block_n), splits)](
@@ -98,18 +98,21 @@ def _triton_forward(hidden, weight, bias, targets, temperature, want_entropy, ig
         hidden.stride(0), weight.stride(0), 1.0 / temperature, ignore_index, tiles_per_split,
         int(bias is not None), int(want_entropy), BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
         BLOCK_K=cfg.block_k, DOT_PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    m, s, sz, zt = part.unbind(0)
+    m, s, sy, zt = part.unbind(0)
     big_m = m.max(0).values
     scale = torch.exp(m - big_m)
     total = (s * scale).sum(0)
-    lse = big_m + torch.log(total)
+    log_total = torch.log(total)
     valid = targets != ignore_index
-    logp = torch.where(valid, zt.sum(0) - lse, 0.0)
-    entropy = torch.where(valid, lse - (sz * scale).sum(0) / total, 0.0) if want_entropy else lse.new_empty(0)
-    return logp, entropy, lse
+    logp = torch.where(valid, (zt.sum(0) - big_m) - log_total, 0.0)
+    entropy = log_total.new_empty(0)
+    if want_entropy:
+        total_y = (scale * (sy + (m - big_m) * s)).sum(0)  # sum exp(z - M) (z - M) over all splits
+        entropy = torch.where(valid, log_total - total_y / total, 0.0)
+    return logp, entropy, torch.stack([big_m, log_total])
 
 
-def _triton_backward(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
+def _triton_backward(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature,
                      ignore_index, need):
     k, cfg, prec = tile_config(hidden.dtype)
     have_ent = grad_entropy is not None
@@ -120,7 +123,7 @@ def _triton_backward(grad_logp, grad_entropy, hidden, weight, bias, targets, lse
 
     def launch(d_x, d_w, d_b, v_begin, v_end, grid):
         k._fused_linear_logprobs_bwd_kernel[grid](
-            hidden, weight, bias if bias is not None else hidden, targets, lse, entropy if have_ent else lse,
+            hidden, weight, bias if bias is not None else hidden, targets, stats, entropy if have_ent else stats,
             grad_logp, grad_entropy if have_ent else grad_logp, d_x, d_w, d_b, hidden.shape[0], weight.shape[0],
             hidden.shape[1], v_begin, v_end, hidden.stride(0), weight.stride(0), hidden.shape[1],
             weight.shape[1], 1.0 / temperature, ignore_index, int(bias is not None), int(have_ent),
@@ -146,13 +149,13 @@ def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 @_fwd_op.register_fake
 def _(hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_size, backend):
     n = hidden.shape[0]
-    new = lambda m: hidden.new_empty(m, dtype=torch.float32)  # noqa: E731
-    return new(n), new(n if want_entropy else 0), new(n)
+    new = lambda *m: hidden.new_empty(m, dtype=torch.float32)  # noqa: E731
+    return new(n), new(n if want_entropy else 0), new(2, n)
 
 
 @torch.library.custom_op("rlhf_fast::fused_linear_logprobs_bwd", mutates_args=())
 def _bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
-            weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, lse: torch.Tensor,
+            weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, stats: torch.Tensor,
             entropy: torch.Tensor, temperature: float, ignore_index: int, chunk_size: int,
             need: list[bool], backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     chosen = _backend.resolve(_OP, backend, hidden.device, gpu="triton")
@@ -160,10 +163,10 @@ def _bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden: 
         d_h, d_w, d_b = _triton_backward(grad_logp.contiguous(),
                                          None if grad_entropy is None else grad_entropy.contiguous(),
                                          hidden.contiguous(), weight.contiguous(), _contig(bias),
-                                         targets.long().contiguous(), lse, entropy, temperature, ignore_index,
+                                         targets.long().contiguous(), stats, entropy, temperature, ignore_index,
                                          need)
     else:
-        d_h, d_w, d_b = ref.backward(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy,
+        d_h, d_w, d_b = ref.backward(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy,
                                      temperature, ignore_index, chunk_size or None, need)
     # custom ops cannot return None: unwanted gradients come back as empty tensors
     return (d_h if d_h is not None else _empty_bias(hidden), d_w if d_w is not None else _empty_bias(hidden),
@@ -171,7 +174,7 @@ def _bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden: 
 
 
 @_bwd_op.register_fake
-def _(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
+def _(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature, ignore_index,
       chunk_size, need, backend):
     has_b = bias is not None and need[2]
     return (torch.empty_like(hidden) if need[0] else _empty_bias(hidden),
@@ -181,20 +184,20 @@ def _(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, temp
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_size, backend = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+    _, entropy, stats = output
+    ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy)
     ctx.args = (temperature, want_entropy, ignore_index, chunk_size, backend)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
+    hidden, weight, bias, targets, stats, entropy = ctx.saved_tensors
     temperature, want_entropy, ignore_index, chunk_size, backend = ctx.args
     need = [bool(x) for x in ctx.needs_input_grad[:3]]
     need[2] = need[2] and bias is not None
     if grad_logp is None:
-        grad_logp = torch.zeros_like(lse)
+        grad_logp = torch.zeros_like(stats[0])
     d_h, d_w, d_b = _bwd_op(grad_logp, grad_entropy if want_entropy else None, hidden, weight, bias, targets,
-                            lse, entropy, temperature, ignore_index, chunk_size, need, backend)
+                            stats, entropy, temperature, ignore_index, chunk_size, need, backend)
     return (d_h if need[0] else None, d_w if need[1] else None, d_b if need[2] else None,
             None, None, None, None, None, None)
 

@@ -23,17 +23,17 @@ def _triton_forward(logits, targets, temperature, want_entropy, ignore_index):
     n, vocab = logits.shape
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(2, n, dtype=torch.float32, device=logits.device)
     if n == 0:
-        return logp, entropy, lse
+        return logp, entropy, stats
     cfg = _pick_config(k.CONFIGS, vocab)
     k._token_logprobs_fwd_kernel[(n,)](
-        logits, targets, logp, entropy, lse, logits.stride(0), vocab, 1.0 / temperature, ignore_index,
+        logits, targets, logp, entropy, stats, logits.stride(0), vocab, 1.0 / temperature, ignore_index,
         WANT_ENTROPY=want_entropy, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return logp, entropy, lse
+    return logp, entropy, stats
 
 
-def _triton_backward(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index):
+def _triton_backward(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index):
     from ..kernels import token_logprobs as k
     n, vocab = logits.shape
     grad = torch.empty_like(logits)
@@ -42,7 +42,7 @@ def _triton_backward(grad_logp, grad_entropy, logits, targets, lse, entropy, tem
     have_ent = grad_entropy is not None
     cfg = _pick_config(k.CONFIGS, vocab)
     k._token_logprobs_bwd_kernel[(n,)](
-        logits, targets, lse, entropy if have_ent else lse, grad_logp,
+        logits, targets, stats, entropy if have_ent else stats, grad_logp,
         grad_entropy if have_ent else grad_logp, grad, logits.stride(0), grad.stride(0), vocab,
         1.0 / temperature, ignore_index, HAVE_ENTROPY=have_ent, BLOCK_V=cfg.block_v,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -63,42 +63,42 @@ def _fwd_op(logits: torch.Tensor, targets: torch.Tensor, temperature: float, wan
 @_fwd_op.register_fake
 def _(logits, targets, temperature, want_entropy, ignore_index, backend):
     n = logits.shape[0]
-    new = lambda m: logits.new_empty(m, dtype=torch.float32)  # noqa: E731
-    return new(n), new(n if want_entropy else 0), new(n)
+    new = lambda *m: logits.new_empty(m, dtype=torch.float32)  # noqa: E731
+    return new(n), new(n if want_entropy else 0), new(2, n)
 
 
 @torch.library.custom_op("rlhf_fast::token_logprobs_bwd", mutates_args=())
 def _bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
-            targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
+            targets: torch.Tensor, stats: torch.Tensor, entropy: torch.Tensor, temperature: float,
             ignore_index: int, backend: str) -> torch.Tensor:
     chosen = _backend.resolve(_OP, backend, logits.device, gpu="triton")
     if chosen == "triton":
         return _triton_backward(grad_logp.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
-                                logits.contiguous(), targets.long().contiguous(), lse, entropy, temperature,
+                                logits.contiguous(), targets.long().contiguous(), stats, entropy, temperature,
                                 ignore_index)
-    return ref.backward(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index)
+    return ref.backward(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index)
 
 
 @_bwd_op.register_fake
-def _(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, backend):
+def _(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index, backend):
     return torch.empty_like(logits)
 
 
 def _setup_context(ctx, inputs, output):
     logits, targets, temperature, want_entropy, ignore_index, backend = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, targets, lse, entropy)
+    _, entropy, stats = output
+    ctx.save_for_backward(logits, targets, stats, entropy)
     ctx.args = (temperature, want_entropy, ignore_index, backend)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    logits, targets, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
+    logits, targets, stats, entropy = ctx.saved_tensors
     temperature, want_entropy, ignore_index, backend = ctx.args
     if grad_logp is None:
-        grad_logp = torch.zeros_like(lse)
+        grad_logp = torch.zeros_like(stats[0])
     if not want_entropy:
         grad_entropy = None
-    grad = _bwd_op(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, backend)
+    grad = _bwd_op(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index, backend)
     return grad, None, None, None, None, None
 
 

@@ -51,25 +51,25 @@ def logits_chunk(hidden, weight, bias, temperature: float, out: torch.Tensor) ->
 
 def forward(hidden, weight, bias, targets, temperature: float, want_entropy: bool, ignore_index: int,
             chunk_rows: int | None = None):
-    """hidden (N, H), weight (V, H) -> (logp (N,), entropy (N,) or (0,), lse (N,)), fp32."""
+    """hidden (N, H), weight (V, H) -> (logp (N,), entropy (N,) or (0,), stats (2, N) = (max, log s)), fp32."""
     n, vocab = hidden.shape[0], weight.shape[0]
     chunk_rows = min(chunk_rows or tl.rows_per_chunk(vocab), max(n, 1))
     dev = hidden.device
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=dev)
-    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    stats = torch.empty(2, n, dtype=torch.float32, device=dev)
     buf = torch.empty(chunk_rows, vocab, dtype=torch.float32, device=dev)
     for s in range(0, n, chunk_rows):
         e = min(n, s + chunk_rows)
         z = logits_chunk(hidden[s:e], weight, bias, temperature, buf)
-        lp, ent, ls = tl.row_stats(z, targets[s:e], ignore_index, want_entropy)
-        logp[s:e], lse[s:e] = lp, ls
+        lp, ent, st = tl.row_stats(z, targets[s:e], ignore_index, want_entropy)
+        logp[s:e], stats[:, s:e] = lp, st
         if want_entropy:
             entropy[s:e] = ent
-    return logp, entropy, lse
+    return logp, entropy, stats
 
 
-def backward(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature: float,
+def backward(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature: float,
              ignore_index: int, chunk_rows: int | None = None, need=(True, True, True)):
     """Returns (d hidden, d weight, d bias); an entry is None where `need` says it is not wanted."""
     need_h, need_w, need_b = need[0], need[1], need[2] and bias is not None
@@ -85,7 +85,7 @@ def backward(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entrop
         z = logits_chunk(hidden[s:e], weight, bias, temperature, buf)
         ent = entropy[s:e] if grad_entropy is not None else None
         g_e = grad_entropy[s:e] if grad_entropy is not None else None
-        dz = tl.grad_z_(z, targets[s:e], lse[s:e], ent, grad_logp[s:e], g_e, ignore_index, temperature)
+        dz = tl.grad_z_(z, targets[s:e], stats[:, s:e], ent, grad_logp[s:e], g_e, ignore_index, temperature)
         if need_h:
             if fp32:
                 torch.mm(dz, weight, out=d_hidden[s:e])
@@ -103,20 +103,20 @@ def backward(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entrop
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_rows):
-        logp, entropy, lse = forward(hidden, weight, bias, targets, temperature, want_entropy,
-                                     ignore_index, chunk_rows)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        logp, entropy, stats = forward(hidden, weight, bias, targets, temperature, want_entropy,
+                                       ignore_index, chunk_rows)
+        ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy)
         ctx.args = (temperature, want_entropy, ignore_index, chunk_rows)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, stats, entropy = ctx.saved_tensors
         temperature, want_entropy, ignore_index, chunk_rows = ctx.args
         if grad_logp is None:
-            grad_logp = torch.zeros_like(lse)
+            grad_logp = torch.zeros_like(stats[0])
         grads = backward(grad_logp, grad_entropy if want_entropy else None, hidden, weight, bias, targets,
-                         lse, entropy, temperature, ignore_index, chunk_rows, ctx.needs_input_grad[:3])
+                         stats, entropy, temperature, ignore_index, chunk_rows, ctx.needs_input_grad[:3])
         return (*grads, None, None, None, None, None)
 
 

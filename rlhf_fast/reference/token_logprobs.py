@@ -1,6 +1,6 @@
 """Pure-PyTorch token_logprobs: log_softmax(logits / T) at the target, and the entropy, chunked over rows.
 
-The forward keeps only per-row statistics (lse, entropy); the backward recomputes softmax one chunk of
+The forward keeps only per-row statistics (max, log-sum-exp, entropy); the backward recomputes softmax one chunk of
 rows at a time and writes d(logits) straight into a tensor of the logits' dtype, so the largest fp32
 temporary is (rows_per_chunk, V), never (N, V).
 """
@@ -24,6 +24,8 @@ def validate(logits, targets, temperature: float, ignore_index: int, name: str =
     _validate.check_tensor("targets", targets, dtypes=(torch.int64, torch.int32))
     if logits.dim() < 1:
         raise ValueError(f"{name} must have at least 1 dimension (..., V), got shape {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have a vocabulary of at least 1 entry, got shape {tuple(logits.shape)}")
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])} ({name}.shape[:-1]), "
                          f"got {tuple(targets.shape)}")
@@ -47,31 +49,33 @@ def check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int)
 
 
 def row_stats(z: torch.Tensor, targets: torch.Tensor, ignore_index: int, want_entropy: bool):
-    """z: (n, V) fp32 logits already divided by T; returns (logp, entropy or None, lse), each (n,) fp32.
+    """z: (n, V) fp32 logits already divided by T -> (logp, entropy or None, stats).
 
-    Ignored rows get logp = entropy = 0 (lse is still the true one; backward masks them).
+    stats (2, n) fp32 holds (m, log s) with m = max z and s = sum exp(z - m), so lse = m + log s.
+    Keeping the two parts lets every consumer form log p = (z - m) - log s, which is exact to an ulp
+    of log p; z - lse would add an ulp of lse (|lse| ~ |logits|). Ignored rows get logp = entropy = 0.
     """
-    lse = torch.logsumexp(z, dim=-1)
+    m = z.max(-1).values
+    log_s = torch.log(torch.exp(z - m[:, None]).sum(-1))
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0).long()
-    logp = torch.where(valid, z.gather(-1, safe[:, None]).squeeze(-1) - lse, 0.0)
+    logp = torch.where(valid, (z.gather(-1, safe[:, None]).squeeze(-1) - m) - log_s, 0.0)
     entropy = None
     if want_entropy:
-        p = torch.exp(z - lse[:, None])
-        entropy = torch.where(valid, lse - (p * z).sum(-1), 0.0)
-    return logp, entropy, lse
+        log_p = (z - m[:, None]).sub_(log_s[:, None])
+        entropy = torch.where(valid, -(log_p.exp() * log_p).sum(-1), 0.0)
+    return logp, entropy, torch.stack([m, log_s])
 
 
-def grad_z_(z: torch.Tensor, targets, lse, entropy, grad_logp, grad_entropy, ignore_index: int,
+def grad_z_(z: torch.Tensor, targets, stats, entropy, grad_logp, grad_entropy, ignore_index: int,
             temperature: float) -> torch.Tensor:
-    """Overwrite z (n, V) fp32 with d(loss)/d(logits) for one chunk and return it.
+    """Overwrite z (n, V) fp32 with d(loss)/d(logits) for one chunk and return it; stats (2, n).
 
     d logp / dz = onehot(t) - p;  d H / dz = -p * (log p + H);  then divided by T (z = logits / T).
     """
     valid = targets != ignore_index
-    g_logp = torch.where(valid, grad_logp.float(), 0.0) if grad_logp is not None else torch.zeros_like(lse)
-    # z <- log p
-    z.sub_(lse[:, None])
+    g_logp = torch.where(valid, grad_logp.float(), 0.0) if grad_logp is not None else torch.zeros_like(stats[0])
+    z.sub_(stats[0][:, None]).sub_(stats[1][:, None])  # z <- log p
     if grad_entropy is not None:
         g_ent = torch.where(valid, grad_entropy.float(), 0.0)
         coef = (z + entropy[:, None]).mul_(g_ent[:, None]).add_(g_logp[:, None])
@@ -87,23 +91,23 @@ def grad_z_(z: torch.Tensor, targets, lse, entropy, grad_logp, grad_entropy, ign
 
 def forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float, want_entropy: bool,
             ignore_index: int, chunk_rows: int | None = None):
-    """logits (N, V), targets (N,) -> (logp (N,), entropy (N,) or (0,), lse (N,)), fp32."""
+    """logits (N, V), targets (N,) -> (logp (N,), entropy (N,) or (0,), stats (2, N)), fp32."""
     n, vocab = logits.shape
     chunk_rows = chunk_rows or rows_per_chunk(vocab)
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(2, n, dtype=torch.float32, device=logits.device)
     for s in range(0, n, chunk_rows):
         e = min(n, s + chunk_rows)
         z = logits[s:e].float() / temperature
-        lp, ent, ls = row_stats(z, targets[s:e], ignore_index, want_entropy)
-        logp[s:e], lse[s:e] = lp, ls
+        lp, ent, st = row_stats(z, targets[s:e], ignore_index, want_entropy)
+        logp[s:e], stats[:, s:e] = lp, st
         if want_entropy:
             entropy[s:e] = ent
-    return logp, entropy, lse
+    return logp, entropy, stats
 
 
-def backward(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature: float,
+def backward(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature: float,
              ignore_index: int, chunk_rows: int | None = None) -> torch.Tensor:
     """Returns d(logits), same shape and dtype as logits."""
     n, vocab = logits.shape
@@ -115,25 +119,25 @@ def backward(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature
         ent = entropy[s:e] if grad_entropy is not None else None
         g_e = grad_entropy[s:e] if grad_entropy is not None else None
         g_l = grad_logp[s:e] if grad_logp is not None else None
-        grad[s:e] = grad_z_(z, targets[s:e], lse[s:e], ent, g_l, g_e, ignore_index, temperature)
+        grad[s:e] = grad_z_(z, targets[s:e], stats[:, s:e], ent, g_l, g_e, ignore_index, temperature)
     return grad
 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, want_entropy, ignore_index):
-        logp, entropy, lse = forward(logits, targets, temperature, want_entropy, ignore_index)
-        ctx.save_for_backward(logits, targets, lse, entropy)
+        logp, entropy, stats = forward(logits, targets, temperature, want_entropy, ignore_index)
+        ctx.save_for_backward(logits, targets, stats, entropy)
         ctx.temperature, ctx.ignore_index, ctx.want_entropy = temperature, ignore_index, want_entropy
-        ctx.mark_non_differentiable(lse)
-        return logp, entropy, lse
+        ctx.mark_non_differentiable(stats)
+        return logp, entropy, stats
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, _grad_lse):
-        logits, targets, lse, entropy = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_entropy, _grad_stats):
+        logits, targets, stats, entropy = ctx.saved_tensors
         if not ctx.want_entropy:
             grad_entropy = None
-        grad = backward(grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature,
+        grad = backward(grad_logp, grad_entropy, logits, targets, stats, entropy, ctx.temperature,
                         ctx.ignore_index)
         return grad, None, None, None, None
 

@@ -1,0 +1,135 @@
+"""token_logprobs against float64 math (trl's selective_log_softmax / entropy_from_logits), per backend.
+
+Parity rule (tests/parity.py): the values are fp32 math on the given logits, so PyTorch's error is
+that of the same formula on `logits.float()`; d(logits) is rounded once to the logits' dtype, so
+PyTorch's error is that of autograd through the upcast path, in the logits' dtype.
+"""
+import pytest
+import torch
+
+import rlhf_fast
+from conftest import need_backend
+from parity import assert_close_to_reference
+
+BACKENDS = ["reference", "triton"]
+# (N, V): every size the issue names; V = 50257 only with tiny N (the interpreter walks it per row).
+SHAPES = [(1, 1), (33, 17), (300, 17), (33, 1000), (1, 1000), (3, 50257)]
+
+
+def naive(logits, targets, temperature, ignore_index=-100):
+    """trl's formulas on logits / T in the logits' own float dtype (upcast first for half inputs)."""
+    z = (logits if logits.dtype == torch.float64 else logits.float()) / temperature
+    logsm = z.log_softmax(-1)
+    valid = targets != ignore_index
+    logp = logsm.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    entropy = -(logsm.exp() * logsm).sum(-1)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+
+
+def make_inputs(n, vocab, dtype, device, ignore_frac=0.2):
+    logits = (torch.randn(n, vocab, device=device) * 3).to(dtype)
+    targets = torch.randint(0, vocab, (n,), device=device)
+    targets[torch.rand(n, device=device) < ignore_frac] = -100
+    return logits, targets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}-V{s[1]}")
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_values_and_grads_match_float64(backend, dtype, shape, temperature, device):
+    need_backend(backend, device)
+    n, vocab = shape
+    if vocab == 50257 and (dtype != torch.float32 or temperature != 0.7):
+        pytest.skip("V=50257 runs once (fp32, T=0.7) to keep the interpreter lane fast")
+    logits, targets = make_inputs(n, vocab, dtype, device)
+    g_logp, g_ent = torch.randn(n, device=device), torch.randn(n, device=device)
+
+    x = logits.clone().requires_grad_()
+    logp, entropy = rlhf_fast.token_logprobs(x, targets, temperature=temperature, return_entropy=True,
+                                             backend=backend)
+    (logp * g_logp + entropy * g_ent).sum().backward()
+
+    x64 = logits.double().requires_grad_()
+    logp64, ent64 = naive(x64, targets, temperature)
+    (logp64 * g_logp.double() + ent64 * g_ent.double()).sum().backward()
+
+    xs = logits.clone().requires_grad_()
+    logp_t, ent_t = naive(xs, targets, temperature)
+    (logp_t * g_logp + ent_t * g_ent).sum().backward()
+
+    assert logp.dtype == entropy.dtype == torch.float32 and x.grad.dtype == dtype
+    assert_close_to_reference(logp, logp64, logp_t, torch.float32, name="logp")
+    assert_close_to_reference(entropy, ent64, ent_t, torch.float32, name="entropy")
+    assert_close_to_reference(x.grad, x64.grad, xs.grad, dtype, name="d_logits")
+
+    ignored = targets == -100
+    assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all()
+    assert (x.grad[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_shape_without_entropy(backend, device):
+    need_backend(backend, device)
+    logits = torch.randn(2, 5, 41, device=device, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 41, (2, 5), device=device)
+    logp = rlhf_fast.token_logprobs(logits, targets, backend=backend)
+    assert logp.shape == (2, 5) and logp.dtype == torch.float32
+    logp.sum().backward()
+    x64 = logits.detach().double().requires_grad_()
+    logp64, _ = naive(x64, targets, 1.0)
+    logp64.sum().backward()
+    xs = logits.detach().clone().requires_grad_()
+    naive(xs, targets, 1.0)[0].sum().backward()
+    assert_close_to_reference(logp, logp64, naive(logits.detach(), targets, 1.0)[0], name="logp")
+    assert_close_to_reference(logits.grad, x64.grad, xs.grad, name="d_logits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ignore_index(backend, device):
+    need_backend(backend, device)
+    logits = torch.randn(6, 9, device=device, requires_grad=True)
+    targets = torch.tensor([0, 8, 3, 3, 5, 3], device=device)
+    logp = rlhf_fast.token_logprobs(logits, targets, ignore_index=3, backend=backend)
+    logp.sum().backward()
+    assert (logp[targets == 3] == 0).all() and (logits.grad[targets == 3] == 0).all()
+    assert (logp[targets != 3] < 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree(backend, device):
+    need_backend(backend, device)
+    logits, targets = make_inputs(17, 300, torch.float32, device)
+    got = rlhf_fast.token_logprobs(logits, targets, temperature=0.7, return_entropy=True, backend=backend)
+    want = rlhf_fast.token_logprobs(logits, targets, temperature=0.7, return_entropy=True, backend="reference")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_bad_input_raises(device):
+    logits = torch.randn(4, 10, device=device)
+    targets = torch.randint(0, 10, (4,), device=device)
+    tl = rlhf_fast.token_logprobs
+    for bad, match in [(10, r"targets must lie in \[0, 10\)"), (-1, "targets must lie"), (-7, "found -7")]:
+        t = targets.clone()
+        t[2] = bad
+        with pytest.raises(ValueError, match=match):
+            tl(logits, t)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        tl(logits, targets[:3])
+    with pytest.raises(ValueError, match="targets must have dtype"):
+        tl(logits, targets.float())
+    with pytest.raises(ValueError, match="logits must have dtype"):
+        tl(logits.long(), targets)
+    with pytest.raises(ValueError, match="logits must have at least 1 dimension"):
+        tl(torch.tensor(1.0, device=device), torch.tensor(0, device=device))
+    with pytest.raises(ValueError, match="targets is on meta"):
+        tl(logits, targets.to("meta"))
+    for temperature in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            tl(logits, targets, temperature=temperature)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tl(logits, targets, backend="fast")
+    with pytest.raises(rlhf_fast.BackendUnavailable, match="no 'cuda' backend"):
+        tl(logits, targets, backend="cuda")
