@@ -1,0 +1,306 @@
+// CUDA sampler: one block per row, sort-free (algorithm in sampling_common.h). No torch include.
+//
+// Passes over the row (16-byte vector loads when the row is aligned): 1 for max / argmax / checks,
+// 3 per active threshold search (top-k counts, top-p masses), 1 for the kept mass Z, and the draw,
+// which stops at the tile where the cumulative mass crosses u * Z. Histograms are 2048 bins in shared
+// memory, accumulated as integers (masses in 2^-40 fixed point) so the result never depends on the
+// order of atomics: the same (seed, offset) gives the same tokens on every run.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+#include <cmath>
+#include <cstdint>
+
+#include "rlhf_fast/sampling_common.h"
+
+namespace rlhf_fast {
+namespace cuda {
+
+constexpr int kThreads = 512;
+constexpr int kBinsPerThread = kRadixBins / kThreads;
+constexpr float kMassScale = 1099511627776.0f;  // 2^40: fixed-point unit of the mass histograms
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+struct ArgMax {
+  float value;
+  int64_t index;
+};
+
+struct ArgMaxOp {
+  __device__ __forceinline__ ArgMax operator()(const ArgMax& a, const ArgMax& b) const {
+    if (a.value > b.value || (a.value == b.value && a.index < b.index)) return a;
+    return b;
+  }
+};
+
+struct MaxOp {
+  __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a > b ? a : b; }
+};
+
+// Visits the row's elements in "tiles": element i belongs to thread (i / kVec) % kThreads, and each
+// thread's kVec elements are contiguous, so tile order then thread order then lane order is index order.
+template <typename T, int kVec>
+struct RowView {
+  const T* row;
+  int64_t vocab;
+  __device__ __forceinline__ int64_t packs() const { return kVec > 1 ? vocab / kVec : 0; }
+  // Loads pack q (kVec elements) as floats.
+  __device__ __forceinline__ void load_pack(int64_t q, float* out) const {
+    if constexpr (kVec > 1) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + q);
+      const T* lanes = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) out[j] = to_float(lanes[j]);
+    } else {
+      out[0] = to_float(row[q]);
+    }
+  }
+  // Calls f(index, raw value) for every element; each thread sees its own elements.
+  template <typename F>
+  __device__ __forceinline__ void for_each(F&& f) const {
+    const int64_t n_packs = packs();
+    for (int64_t q = threadIdx.x; q < n_packs; q += kThreads) {
+      float v[kVec];
+      load_pack(q, v);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) f(q * kVec + j, v[j]);
+    }
+    for (int64_t i = n_packs * kVec + threadIdx.x; i < vocab; i += kThreads) f(i, to_float(row[i]));
+  }
+};
+
+struct SharedState {
+  union {
+    typename cub::BlockReduce<ArgMax, kThreads>::TempStorage argmax;
+    typename cub::BlockReduce<float, kThreads>::TempStorage sum;
+    typename cub::BlockReduce<int64_t, kThreads>::TempStorage index;
+    typename cub::BlockScan<unsigned long long, kThreads>::TempStorage scan_u64;
+    typename cub::BlockScan<float, kThreads>::TempStorage scan_f32;
+  } cub;
+  unsigned long long hist[kRadixBins];
+  float x_max;
+  float z;
+  int64_t argmax;
+  int64_t token;
+  int64_t last_positive;
+  unsigned long long below;
+  unsigned int chosen;
+  unsigned int last_nonempty;
+  int bad;
+};
+
+// Smallest key t (among keys >= floor_key) whose weight at or below t exceeds target_scale * total +
+// target_shift; weight 1 per token when kCount, else its mass exp(x - max) in fixed point.
+template <bool kCount, typename T, int kVec, typename Temper>
+__device__ uint32_t radix_threshold(const RowView<T, kVec>& view, const Temper& temper, float x_max,
+                                    uint32_t floor_key, double target_scale, double target_shift,
+                                    SharedState& s) {
+  uint32_t prefix = 0, high_mask = 0;
+  unsigned long long below = 0;
+  double target = 0.0;
+  for (int digit = 0; digit < kRadixDigits; ++digit) {
+    const int shift = radix_shift(digit);
+    const uint32_t mask = radix_mask(digit);
+    for (int b = threadIdx.x; b < kRadixBins; b += kThreads) s.hist[b] = 0;
+    if (threadIdx.x == 0) {
+      s.chosen = 0xFFFFFFFFu;
+      s.last_nonempty = 0;
+    }
+    __syncthreads();
+    view.for_each([&](int64_t, float raw) {
+      const float x = temper(raw);
+      const uint32_t key = order_key(x);
+      if (key >= floor_key && (key & high_mask) == prefix) {
+        const unsigned long long w = kCount ? 1ull : __float2ull_rn(expf(x - x_max) * kMassScale);
+        atomicAdd(&s.hist[(key >> shift) & mask], w);
+      }
+    });
+    __syncthreads();
+    unsigned long long own[kBinsPerThread];
+    unsigned long long own_sum = 0;
+#pragma unroll
+    for (int j = 0; j < kBinsPerThread; ++j) {
+      const int b = threadIdx.x * kBinsPerThread + j;
+      own[j] = b <= static_cast<int>(mask) ? s.hist[b] : 0ull;
+      own_sum += own[j];
+    }
+    unsigned long long excl, total;
+    cub::BlockScan<unsigned long long, kThreads>(s.cub.scan_u64).ExclusiveSum(own_sum, excl, total);
+    if (digit == 0) target = target_scale * static_cast<double>(total) + target_shift;
+    unsigned long long acc = below + excl;
+#pragma unroll
+    for (int j = 0; j < kBinsPerThread; ++j) {
+      const unsigned int b = threadIdx.x * kBinsPerThread + j;
+      if (own[j] > 0) atomicMax(&s.last_nonempty, b);
+      if (static_cast<double>(acc) <= target && static_cast<double>(acc + own[j]) > target) atomicMin(&s.chosen, b);
+      acc += own[j];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && s.chosen == 0xFFFFFFFFu) s.chosen = s.last_nonempty;  // rounding: take the top bin
+    __syncthreads();
+    const unsigned int chosen = s.chosen;
+    acc = below + excl;
+#pragma unroll
+    for (int j = 0; j < kBinsPerThread; ++j) {
+      if (threadIdx.x * kBinsPerThread + j == chosen) s.below = acc;
+      acc += own[j];
+    }
+    __syncthreads();
+    below = s.below;
+    prefix |= chosen << shift;
+    high_mask |= mask << shift;
+    __syncthreads();
+  }
+  return prefix;
+}
+
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ input, SampleArgs args) {
+  __shared__ SharedState s;
+  const int64_t row = blockIdx.x;
+  const RowView<T, kVec> view{input + row * args.row_stride, args.vocab};
+  const float temperature = args.temperature[row];
+  const int64_t top_k = args.top_k[row];
+  const double top_p = args.top_p[row];
+  const float min_p = args.min_p[row];
+  const bool greedy = temperature == 0.0f;
+  const float t = greedy ? 1.0f : temperature;
+  const bool from_probs = args.from_probs;
+  const auto temper = [t, from_probs](float raw) { return (from_probs ? logf(raw) : raw) / t; };
+
+  // Pass 1: max, argmax (lowest index on ties), NaN / +inf.
+  ArgMax best{-INFINITY, args.vocab};
+  int bad = 0;
+  view.for_each([&](int64_t i, float raw) {
+    const float x = temper(raw);
+    bad |= (x != x) | (x == INFINITY);
+    if (x > best.value) best = ArgMax{x, i};
+  });
+  const ArgMax top = cub::BlockReduce<ArgMax, kThreads>(s.cub.argmax).Reduce(best, ArgMaxOp());
+  const int any_bad = __syncthreads_or(bad);
+  if (threadIdx.x == 0) {
+    s.x_max = top.value;
+    s.argmax = top.index;
+    s.bad = any_bad || !(top.value > -INFINITY) || !row_params_valid(temperature, top_k, top_p, min_p);
+  }
+  __syncthreads();
+  if (s.bad || greedy) {
+    if (threadIdx.x == 0) {
+      args.tokens[row] = s.bad ? -1 : s.argmax;
+      args.logprobs[row] = s.bad ? NAN : 0.0f;
+    }
+    return;
+  }
+  const float x_max = s.x_max;
+
+  uint32_t threshold = 0;
+  if (top_k > 0 && top_k < args.vocab) {
+    threshold = radix_threshold<true>(view, temper, x_max, 0u, 1.0, -static_cast<double>(top_k), s);
+  }
+  const float remove_mass = top_p_remove_mass(top_p);
+  if (remove_mass > 0.0f) {
+    threshold = radix_threshold<false>(view, temper, x_max, threshold, static_cast<double>(remove_mass), 0.0, s);
+  }
+  const auto kept_mass = [&](float raw) {
+    const float x = temper(raw);
+    const float e = expf(x - x_max);
+    return (order_key(x) >= threshold && e >= min_p) ? e : 0.0f;
+  };
+
+  // Z and the last token with positive kept mass (the draw's fallback when rounding overshoots).
+  float z_part = 0.0f;
+  int64_t last = -1;
+  view.for_each([&](int64_t i, float raw) {
+    const float e = kept_mass(raw);
+    z_part += e;
+    if (e > 0.0f) last = i > last ? i : last;
+  });
+  const float z = cub::BlockReduce<float, kThreads>(s.cub.sum).Sum(z_part);
+  __syncthreads();
+  const int64_t last_all = cub::BlockReduce<int64_t, kThreads>(s.cub.index).Reduce(last, MaxOp());
+  if (threadIdx.x == 0) {
+    s.z = z;
+    s.last_positive = last_all;
+    s.token = INT64_MAX;
+  }
+  __syncthreads();
+  const float z_row = s.z;
+  const float target = philox_row_uniform(static_cast<uint64_t>(*args.seed), static_cast<uint64_t>(*args.offset),
+                                          static_cast<uint64_t>(row)) * z_row;
+
+  // Inverse CDF in index order, one tile (kThreads packs) at a time, then the scalar tail.
+  float running = 0.0f;
+  const int64_t n_packs = view.packs();
+  const int64_t tail_start = n_packs * kVec;
+  const int64_t n_tiles = (n_packs + kThreads - 1) / kThreads + (args.vocab - tail_start + kThreads - 1) / kThreads;
+  const int64_t pack_tiles = (n_packs + kThreads - 1) / kThreads;
+  for (int64_t tile = 0; tile < n_tiles; ++tile) {
+    float m[kVec];
+    int64_t first;
+    int lanes;
+    if (tile < pack_tiles) {
+      const int64_t q = tile * kThreads + threadIdx.x;
+      first = q * kVec;
+      lanes = q < n_packs ? kVec : 0;
+      if (lanes) view.load_pack(q, m);
+    } else {
+      first = tail_start + (tile - pack_tiles) * kThreads + threadIdx.x;
+      lanes = first < args.vocab ? 1 : 0;
+      if (lanes) m[0] = to_float(view.row[first]);
+    }
+    float own = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      m[j] = j < lanes ? kept_mass(m[j]) : 0.0f;
+      own += m[j];
+    }
+    float excl, tile_sum;
+    cub::BlockScan<float, kThreads>(s.cub.scan_f32).ExclusiveSum(own, excl, tile_sum);
+    if (running + tile_sum > target) {
+      float c = running + excl;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        c += m[j];
+        if (j < lanes && m[j] > 0.0f && c > target) {
+          atomicMin(reinterpret_cast<unsigned long long*>(&s.token), static_cast<unsigned long long>(first + j));
+          break;
+        }
+      }
+    }
+    __syncthreads();
+    if (s.token != INT64_MAX) break;
+    running += tile_sum;
+  }
+  if (threadIdx.x == 0) {
+    const int64_t token = s.token != INT64_MAX ? s.token : s.last_positive;
+    args.tokens[row] = token;
+    const float raw = to_float(view.row[token]);
+    args.logprobs[row] = (temper(raw) - x_max) - logf(z_row);
+  }
+}
+
+template <typename T>
+cudaError_t launch_sample_typed(const T* input, const SampleArgs& args, cudaStream_t stream) {
+  if (args.rows == 0) return cudaSuccess;
+  if (args.rows > 0x7FFFFFFF) return cudaErrorInvalidValue;
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  const bool aligned = reinterpret_cast<uintptr_t>(input) % 16 == 0 && args.row_stride % kVec == 0;
+  const dim3 grid(static_cast<unsigned int>(args.rows));
+  if (aligned) {
+    sample_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(input, args);
+  } else {
+    sample_kernel<T, 1><<<grid, kThreads, 0, stream>>>(input, args);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace rlhf_fast
