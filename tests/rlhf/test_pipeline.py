@@ -1,0 +1,94 @@
+"""The stages end to end on a tiny model: outputs, resume after a kill mid-PPO, NaN guard (seconds each)."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from rlhf_fast.rlhf import pipeline
+from rlhf_fast.rlhf.config import build_config
+from rlhf_fast.rlhf.run_io import read_metrics
+from rlhf_fast.rlhf.runtime import NonFiniteError
+
+TINY = {
+    "run.progress": "false", "run.threads": 1,
+    "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 20,
+    "task.min_digits": 2, "task.max_digits": 3, "task.n_sft": 64, "task.n_pairs": 32, "task.n_eval_pairs": 16,
+    "task.n_prompts": 32, "task.n_eval_prompts": 8,
+    "sft.steps": 3, "sft.batch_size": 16, "sft.ckpt_every": 1,
+    "rm.steps": 2, "rm.batch_size": 8, "rm.norm_samples": 8, "rm.ckpt_every": 1,
+    "ppo.steps": 4, "ppo.rollout_batch_size": 8, "ppo.gen_batch_size": 4, "ppo.minibatch_size": 4,
+    "ppo.max_new_tokens": 5, "ppo.eval_every": 2, "ppo.ckpt_every": 2,
+}
+
+
+def tiny(out, device, **extra):
+    return build_config(None, {**TINY, "run.out": str(out), "run.device": str(device), **extra})
+
+
+@pytest.fixture(scope="module")
+def sft_rm_run(tmp_path_factory, device):
+    """SFT and RM stages of a tiny run, shared by the PPO tests (which copy the directory)."""
+    out = tmp_path_factory.mktemp("base")
+    cfg = tiny(out, device)
+    pipeline.run_sft(cfg)
+    pipeline.run_rm(cfg)
+    return out
+
+
+class Stop(Exception):
+    pass
+
+
+def test_demo_outputs(sft_rm_run, tmp_path, device):
+    out = tmp_path / "run"
+    shutil.copytree(sft_rm_run, out)
+    cfg = tiny(out, device)
+    summary = pipeline.run_ppo(cfg)
+    for key in ("task_score_sft", "rm_accuracy", "task_score_ppo", "kl_final", "seconds_sft", "seconds_ppo"):
+        assert key in summary and summary[key] is not None, key
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert (out / "config.yaml").is_file() and (out / "data" / "sft.jsonl").is_file()
+    for stage in ("sft", "rm", "ppo"):
+        assert (out / stage / "checkpoint.pt").is_file()
+        assert list((out / stage / "plots").glob("*.png"))
+    ppo = read_metrics(out / "ppo" / "metrics.jsonl")
+    assert [r["step"] for r in ppo] == [0, 1, 2, 3, 4]
+    for key in ("score", "kl", "pg_loss", "vf_loss", "entropy", "approx_kl", "clipfrac", "explained_var"):
+        assert all(key in r for r in ppo[1:]), key
+    assert [r["step"] for r in ppo if "task_score" in r] == [0, 2, 4]
+    assert len(read_metrics(out / "sft" / "metrics.jsonl")) == 3
+    assert "eval_accuracy" in read_metrics(out / "rm" / "metrics.jsonl")[-1]
+    # the RM was normalized over SFT samples, and the critic starts from it
+    ckpt = torch.load(out / "rm" / "checkpoint.pt", weights_only=False)
+    assert ckpt["done"] and ckpt["result"]["reward_std"] > 0
+
+
+def test_resume_after_kill_mid_ppo_matches_uninterrupted(sft_rm_run, tmp_path, device):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    for d in (full, killed):
+        shutil.copytree(sft_rm_run, d)
+    pipeline.run_ppo(tiny(full, device))
+
+    def kill(step):
+        if step == 3:  # after step 3's update, before its checkpoint (ckpt_every=2): the resumed run redoes 3
+            raise Stop
+
+    with pytest.raises(Stop):
+        pipeline.run_ppo(tiny(killed, device), on_step=kill)
+    assert torch.load(killed / "ppo" / "checkpoint.pt", weights_only=False)["step"] == 2
+    pipeline.run_ppo(tiny(killed, device), resume=True)
+    assert read_metrics(killed / "ppo" / "metrics.jsonl") == read_metrics(full / "ppo" / "metrics.jsonl")
+    a = torch.load(full / "ppo" / "checkpoint.pt", weights_only=False)
+    b = torch.load(killed / "ppo" / "checkpoint.pt", weights_only=False)
+    for name in ("policy", "value"):
+        for k, v in a[name]["weights"].items():
+            assert torch.equal(v, b[name]["weights"][k]), (name, k)
+
+
+def test_nan_guard_names_stage_and_step_and_keeps_checkpoint(tmp_path, device):
+    cfg = tiny(tmp_path, device, **{"sft.lr": 1e30, "sft.warmup_steps": 0, "sft.grad_clip": 0})
+    with pytest.raises(NonFiniteError, match=r"sft step 2: loss is not finite"):
+        pipeline.run_sft(cfg)
+    ckpt = torch.load(tmp_path / "sft" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 1
