@@ -59,8 +59,9 @@ def default_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> None:
-    """Value checks on cu_seqlens; reads it on the host (one sync), so it runs inside the custom op."""
+def check_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> int:
+    """Value checks on cu_seqlens; returns cu_seqlens[-1]. Reads it on the host (one sync), so it runs
+    inside the custom op, where torch.compile does not trace it."""
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
@@ -71,6 +72,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> N
         raise ValueError(f"cu_seqlens[-1] ({bounds[-1]}) must be <= q.shape[0] ({total})")
     if max(lengths, default=0) > max_seqlen:
         raise ValueError(f"max_seqlen ({max_seqlen}) must be >= the longest sequence ({max(lengths)})")
+    return bounds[-1]
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -128,8 +130,9 @@ def lse_strides(lse: torch.Tensor, packed: bool) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------- launchers
-def attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
-    """Forward. Padded: q (B, Hq, T, D), cu_seqlens None. Packed: q (total, Hq, D), cu_seqlens (n+1,).
+def attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, packed_end: int = 0):
+    """Forward. Padded: q (B, Hq, T, D), cu_seqlens None. Packed: q (total, Hq, D), cu_seqlens (n+1,),
+    packed_end = cu_seqlens[-1] (rows from there on belong to no sequence and get 0).
 
     Returns (out like q, lse fp32 (B, Hq, T) or (Hq, total), log2 units).
     """
@@ -145,6 +148,8 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
     if n_seq == 0 or max_seqlen == 0 or q.numel() == 0:
         return out.zero_(), lse.fill_(0.0)
+    if packed:
+        out[packed_end:].zero_()
     cfg = kern.config("fwd", arch_of(q.device), d, DTYPE_NAMES[q.dtype])
     grid = (triton.cdiv(max_seqlen, cfg.block_m), n_seq * hq)
     kern._attn_fwd_kernel[grid](

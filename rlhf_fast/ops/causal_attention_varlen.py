@@ -11,8 +11,8 @@ from . import _attention_launch as _launch
 @torch.library.custom_op("rlhf_fast::causal_attention_varlen_fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
          scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    _launch.check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
-    return _launch.attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
+    end = _launch.check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
+    return _launch.attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, packed_end=end)
 
 
 @_fwd.register_fake

@@ -1,0 +1,139 @@
+"""causal_attention_varlen: packed sequences checked one by one against float64 math; bad cu_seqlens.
+
+Tolerance as in test_causal_attention.py: max|ours - ref64| <= 2 * max|same_dtype - ref64| + EPS * max|ref64|
+per sequence and per tensor (out, dq, dk, dv), same_dtype being the plain math in the input dtype.
+"""
+import pytest
+import torch
+
+from conftest import need_backend
+from rlhf_fast import causal_attention_varlen
+from rlhf_fast.reference.causal_attention import causal_attention as reference
+
+EPS = {torch.float32: 2e-5, torch.bfloat16: 2.0 ** -7}
+LENGTHS = (1, 5, 64, 100)
+
+
+def _pack(lengths, hq, hkv, d, dtype, device, extra_rows=0):
+    total = sum(lengths) + extra_rows
+    q = torch.randn(total, hq, d, dtype=dtype, device=device)
+    k = torch.randn(total, hkv, d, dtype=dtype, device=device)
+    v = torch.randn(total, hkv, d, dtype=dtype, device=device)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return q, k, v, cu
+
+
+def _math_same_dtype(q, k, v):
+    """Causal attention of one (1, H, L, D) sequence computed in q's dtype (no upcast)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    future = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill(future, float("-inf")).softmax(-1) @ v
+
+
+def _seq_grads(fn, q, k, v, do):
+    """(out, dq, dk, dv) of one sequence given as (L, H, D) slices, via the (1, H, L, D) layout."""
+    q, k, v = (x.detach().clone().transpose(0, 1).unsqueeze(0).requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), do.transpose(0, 1).unsqueeze(0).to(out.dtype))
+    return [t.squeeze(0).transpose(0, 1) for t in (out, *grads)]
+
+
+def _check_packed(lengths, hq, hkv, d, dtype, device, extra_rows=0, **kw):
+    q, k, v, cu = _pack(lengths, hq, hkv, d, dtype, device, extra_rows)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = causal_attention_varlen(*leaves, cu, max(lengths), backend="triton", **kw)
+    do = torch.randn_like(out)
+    ours = [out, *torch.autograd.grad(out, leaves, do)]
+    end = int(cu[-1])
+    for t in ours:  # rows past cu_seqlens[-1] belong to no sequence
+        assert torch.all(t[end:] == 0)
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if s == e:
+            continue
+        ref64 = _seq_grads(reference, q[s:e].double(), k[s:e].double(), v[s:e].double(), do[s:e].double())
+        same = _seq_grads(_math_same_dtype, q[s:e], k[s:e], v[s:e], do[s:e])
+        for name, a, r, m in zip(("out", "dq", "dk", "dv"), ours, ref64, same):
+            err = (a[s:e].double() - r).abs().max().item()
+            bound = 2 * (m.double() - r).abs().max().item() + EPS[dtype] * max(1.0, r.abs().max().item())
+            assert err <= bound, f"sequence {i} (length {e - s}) {name}: max error {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 1), (2, 2)], ids=["gqa4", "mha"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_matches_per_sequence(hq, hkv, dtype, device):
+    need_backend("triton", device)
+    _check_packed(LENGTHS, hq, hkv, 64, dtype, device)
+
+
+def test_empty_sequences_and_trailing_rows(device):
+    """Empty sequences are skipped, rows after cu_seqlens[-1] get zeros (deterministic dQ path)."""
+    need_backend("triton", device)
+    _check_packed((0, 17, 0, 3), 2, 1, 16, torch.float32, device, extra_rows=4, deterministic=True)
+
+
+def test_head_dim_128_strided(device):
+    """(total, H, D) views with a padded head stride are read in place."""
+    need_backend("triton", device)
+    lengths = (33, 7)
+    q, k, v, cu = _pack(lengths, 2, 1, 128, torch.float32, device)
+    wide = torch.randn(q.shape[0], 3, 128, device=device)
+    q = wide[:, :2]
+    assert not q.is_contiguous()
+    out = causal_attention_varlen(q, k, v, cu, 33, backend="triton")
+    for s, e in ((0, 33), (33, 40)):
+        ref = reference(*(x[s:e].double().transpose(0, 1).unsqueeze(0) for x in (q, k, v)))
+        assert (out[s:e].double() - ref.squeeze(0).transpose(0, 1)).abs().max().item() < 2e-5
+
+
+def test_reference_backend_matches_triton(device):
+    need_backend("triton", device)
+    q, k, v, cu = _pack((3, 9), 2, 2, 32, torch.float32, device)
+    a = causal_attention_varlen(q, k, v, cu, 9, backend="reference")
+    b = causal_attention_varlen(q, k, v, cu, 9, backend="triton")
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+
+
+def test_torch_compile_fullgraph(device):
+    need_backend("triton", device)
+    q, k, v, cu = _pack((3, 9), 2, 1, 16, torch.float32, device)
+    fn = torch.compile(lambda q, k, v: causal_attention_varlen(q, k, v, cu, 9, backend="triton"),
+                       fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(q, k, v), causal_attention_varlen(q, k, v, cu, 9, backend="triton"))
+
+
+def _bad(**change):
+    q, k, v, cu = _pack((3, 4), 4, 2, 16, torch.float32, "cpu")
+    args = dict(q=q, k=k, v=v, cu_seqlens=cu, max_seqlen=4)
+    args.update({name: fn(args) for name, fn in change.items()})
+    return args
+
+
+BAD = [
+    ("cu int64", dict(cu_seqlens=lambda a: a["cu_seqlens"].long()), "cu_seqlens must have dtype"),
+    ("cu 2d", dict(cu_seqlens=lambda a: a["cu_seqlens"][None]), "cu_seqlens must have 1 dimensions"),
+    ("cu decreasing", dict(cu_seqlens=lambda a: torch.tensor([0, 5, 3], dtype=torch.int32)), "non-decreasing"),
+    ("cu start", dict(cu_seqlens=lambda a: torch.tensor([1, 3, 7], dtype=torch.int32)), "start at 0"),
+    ("cu past end", dict(cu_seqlens=lambda a: torch.tensor([0, 3, 9], dtype=torch.int32)), "cu_seqlens\\[-1\\]"),
+    ("cu device", dict(cu_seqlens=lambda a: a["cu_seqlens"].to("meta")), "cu_seqlens is on meta"),
+    ("max_seqlen", dict(max_seqlen=lambda a: 3), "max_seqlen \\(3\\) must be >="),
+    ("max_seqlen type", dict(max_seqlen=lambda a: 4.0), "max_seqlen must be"),
+    ("q ndim", dict(q=lambda a: a["q"][None]), "q must have 3 dimensions"),
+    ("tokens", dict(k=lambda a: a["k"][:5], v=lambda a: a["v"][:5]), "sequence length"),
+    ("groups", dict(k=lambda a: a["k"][:, :1].expand(-1, 3, -1), v=lambda a: a["v"][:, :1].expand(-1, 3, -1)),
+     "multiple of k heads"),
+    ("dtype", dict(q=lambda a: a["q"].half()), "k and v must have q's dtype"),
+    ("head dim", dict(q=lambda a: a["q"][..., :8], k=lambda a: a["k"][..., :8], v=lambda a: a["v"][..., :8]),
+     "head dim"),
+    ("device", dict(v=lambda a: a["v"].to("meta")), "v is on meta"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_raises(case):
+    _, change, match = case
+    args = _bad(**change)
+    with pytest.raises(ValueError, match=match):
+        causal_attention_varlen(args["q"], args["k"], args["v"], args["cu_seqlens"], args["max_seqlen"],
+                                backend="reference")
