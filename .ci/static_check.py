@@ -4,9 +4,9 @@
 Every module kernels/<name>.py (imported as rlhf_fast.kernels.<name>; modules whose name starts with
 "_" are helpers and skipped) exposes `static_configs()`, the list of kernels._spec.KernelSpec its
 launcher picks from. For each spec and each arch in spec.archs this script compiles the kernel with
-Triton's ahead-of-time API (triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))), runs
-ptxas -v on the PTX with the flags Triton itself uses (registers, spill stores/loads) and reads the
-dynamic shared memory from the compiled metadata. It fails on a compile error, any spill, or shared
+Triton's ahead-of-time API (triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))), reads
+registers and spill stores/loads from the log of the ptxas -v that Triton runs (TRITON_DUMP_PTXAS_LOG)
+and the dynamic shared memory from the compiled metadata. It fails on a compile error, any spill, or shared
 memory over what one block may use on the arch.
 
 Pointer arguments are compiled as 16-byte aligned (tt.divisibility=16), which is what Triton's
@@ -22,15 +22,15 @@ Exit status: 0 all configs pass, 1 some config fails, 2 nothing to check or a mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
 import inspect
+import io
 import multiprocessing
 import os
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +41,10 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)
 # Fusion on is what launchers get by default on Triton 3.6 and 3.9; set it so 3.9 does not warn.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# Registers and spills come from the ptxas -v that Triton itself runs (its exact flags): Triton prints
+# that log when asked, and compiles every time so the log is never skipped by a cache hit.
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+os.environ["TRITON_ALWAYS_COMPILE"] = "1"
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -162,26 +166,6 @@ def _ast_source(spec):
     return ASTSource(spec.fn, dict(spec.signature), dict(spec.constexprs), attrs)
 
 
-def _ptxas_command(arch: int, metadata) -> tuple[list[str], str]:
-    """The ptxas Triton uses for `arch`, with the flags that change register allocation, plus -v."""
-    from triton.backends.nvidia import compiler as nv
-
-    path = nv.get_ptxas(arch).path if hasattr(nv, "get_ptxas") else shutil.which("ptxas")
-    if path is None:
-        raise RuntimeError("no ptxas: neither Triton's bundled one nor one on PATH")
-    gpu = nv.sm_arch_from_capability(arch)
-    flags = ["-lineinfo", "-v", f"--gpu-name={gpu}"]
-    if not getattr(metadata, "enable_fp_fusion", True):
-        flags.append("--fmad=false")
-    # Triton >= 3.7 passes this to work around a ptxas 13 bug; mirror whatever this Triton does.
-    if "--regAllocOptLevel=2" in inspect.getsource(nv.CUDABackend.make_cubin):
-        flags.append("--regAllocOptLevel=2")
-    extra = getattr(metadata, "ptx_options", None)
-    if extra:
-        flags += extra.split()
-    return [path, *flags], gpu
-
-
 def _parse_ptxas(log: str) -> tuple[int, int, int]:
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
@@ -198,18 +182,12 @@ def check_one(source: str, index: int, arch: int) -> Result:
         import triton
         from triton.backends.compiler import GPUTarget
 
-        kernel = triton.compile(_ast_source(spec), target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):  # Triton prints its own ptxas -v log here
+            kernel = triton.compile(_ast_source(spec), target=GPUTarget("cuda", arch, 32),
+                                    options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         result.shared = int(kernel.metadata.shared)
-        cmd, gpu = _ptxas_command(arch, kernel.metadata)
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx = Path(tmp) / "kernel.ptx"
-            ptx.write_text(kernel.asm["ptx"])
-            proc = subprocess.run([*cmd, str(ptx), "-o", str(ptx.with_suffix(".cubin"))],
-                                  capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"ptxas failed for {gpu} (exit {proc.returncode}):\n{proc.stderr}")
-        result.regs, result.spill_stores, result.spill_loads = _parse_ptxas(proc.stderr)
+        result.regs, result.spill_stores, result.spill_loads = _parse_ptxas(log.getvalue())
     except Exception as exc:  # any compile failure is a finding, reported in the table
         result.error = f"{type(exc).__name__}: {exc}"
     result.seconds = time.perf_counter() - t0
