@@ -216,3 +216,54 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: flo
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits, so tests cover the merge
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def decode_splits(tmax: int, programs: int, block_n: int, sms: int, max_splits: int) -> tuple[int, int]:
+    """(n_splits, split_len): enough splits that `programs` * n_splits fills about two waves of SMs,
+    each split a whole number of BLOCK_N-position steps."""
+    want = max(1, min(max_splits, _cdiv(2 * sms, programs), _cdiv(tmax, block_n)))
+    split_len = _cdiv(_cdiv(tmax, want), block_n) * block_n
+    return _cdiv(tmax, split_len), split_len
+
+
+def decode_fwd(q, k_cache, v_cache, cache_seqlens, scale: float):
+    """q (B, Hq, D), caches (B, Hkv, Tmax, D), cache_seqlens int32 (B,) -> (B, Hq, D) contiguous."""
+    import triton
+
+    from rlhf_fast.kernels import decode_attention as kern
+
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    q, k_cache, v_cache = unit_last(q), unit_last(k_cache), unit_last(v_cache)
+    b, hq, d = q.shape
+    hkv, tmax = k_cache.shape[1], k_cache.shape[2]
+    if b == 0 or hq == 0:
+        return out
+    if tmax == 0:
+        return out.zero_()
+    group = hq // hkv
+    cfg = kern.split_config(arch_of(q.device), d, DTYPE_NAMES[q.dtype])
+    chunks = triton.cdiv(group, kern.BLOCK_G)
+    n_splits, split_len = decode_splits(tmax, b * hkv * chunks, cfg.block_n, num_sms(q.device), kern.MAX_SPLITS)
+    o_part = torch.empty((b, hq, n_splits, d), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((b, hq, n_splits), dtype=torch.float32, device=q.device)
+    kern._decode_split_kernel[(n_splits, b * hkv, chunks)](
+        q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        hkv, group, tmax, split_len, n_splits, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_N=cfg.block_n, BLOCK_G=kern.BLOCK_G, DOT_PRECISION=dot_precision(q.dtype, q.device),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    kern._decode_combine_kernel[(b * hq,)](
+        o_part, lse_part, out, out.stride(0), out.stride(1), hq, n_splits,
+        HEAD_DIM=d, MAX_SPLITS=kern.MAX_SPLITS,
+        num_warps=kern.COMBINE_CONFIG.num_warps, num_stages=kern.COMBINE_CONFIG.num_stages)
+    return out

@@ -1,0 +1,123 @@
+"""decode_attention: split-K Triton kernel against float64 math with mixed cache lengths; bad input.
+
+Tolerance: max|ours - ref64| <= 2 * max|same_dtype - ref64| + EPS * max|ref64|, same_dtype being the
+plain math in the input dtype; EPS as in test_causal_attention.py (fp32 reassociation over <= 300
+positions; one bf16 rounding, truncating in Triton's interpreter).
+"""
+import pytest
+import torch
+
+from conftest import need_backend
+from rlhf_fast import decode_attention
+from rlhf_fast.reference.decode_attention import decode_attention as reference
+
+EPS = {torch.float32: 2e-5, torch.bfloat16: 2.0 ** -7}
+SEQLENS = (1, 33, 257)
+
+
+def _inputs(b, hq, hkv, tmax, d, dtype, device):
+    q = torch.randn(b, hq, d, dtype=dtype, device=device)
+    k = torch.randn(b, hkv, tmax, d, dtype=dtype, device=device)
+    v = torch.randn(b, hkv, tmax, d, dtype=dtype, device=device)
+    return q, k, v
+
+
+def _math_same_dtype(q, k, v, seqlens):
+    """Per row, softmax(q k[:n]^T / sqrt(D)) v[:n] in q's dtype (no upcast)."""
+    group = q.shape[1] // k.shape[1]
+    rows = []
+    for b, n in enumerate(seqlens.tolist()):
+        kb = k[b, :, :n].repeat_interleave(group, dim=0)  # (Hq, n, D)
+        vb = v[b, :, :n].repeat_interleave(group, dim=0)
+        scores = (q[b, :, None] @ kb.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (Hq, 1, n)
+        rows.append((scores.softmax(-1) @ vb)[:, 0])
+    return torch.stack(rows)
+
+
+def _check(q, k, v, seqlens):
+    out = decode_attention(q, k, v, seqlens, backend="triton")
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref = reference(q.double(), k.double(), v.double(), seqlens)
+    same = _math_same_dtype(q, k, v, seqlens)
+    err = (out.double() - ref).abs().max().item()
+    bound = 2 * (same.double() - ref).abs().max().item() + EPS[q.dtype] * max(1.0, ref.abs().max().item())
+    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g}"
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 1), (2, 2)], ids=["gqa4", "mqa", "mha"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_mixed_cache_lengths(hq, hkv, dtype, d, device):
+    need_backend("triton", device)
+    seqlens = torch.tensor(SEQLENS, dtype=torch.int32, device=device)
+    _check(*_inputs(3, hq, hkv, 300, d, dtype, device), seqlens)
+
+
+def test_large_group_and_empty_row(device):
+    """A group of 20 query heads spans two programs; a row with cache length 0 returns zeros."""
+    need_backend("triton", device)
+    q, k, v = _inputs(2, 20, 1, 40, 16, torch.float32, device)
+    seqlens = torch.tensor([40, 0], dtype=torch.int32, device=device)
+    out = decode_attention(q, k, v, seqlens, backend="triton")
+    assert torch.all(out[1] == 0)
+    _check(q[:1], k[:1], v[:1], seqlens[:1])
+
+
+def test_strided_bthd_cache(device):
+    """A (B, Tmax, Hkv, D) cache seen as (B, Hkv, Tmax, D) is read in place."""
+    need_backend("triton", device)
+    b, tmax, hkv, hq, d = 3, 70, 2, 4, 32
+    k = torch.randn(b, tmax, hkv, d, device=device).transpose(1, 2)
+    v = torch.randn(b, tmax, hkv, d, device=device).transpose(1, 2)
+    q = torch.randn(b, 2 * hq, d, device=device)[:, ::2]
+    _check(q, k, v, torch.tensor([70, 5, 33], dtype=torch.int32, device=device))
+
+
+def test_reference_backend_matches_sdpa(device):
+    q, k, v = _inputs(2, 4, 2, 9, 16, torch.float32, device)
+    seqlens = torch.tensor([9, 4], dtype=torch.int32, device=device)
+    out = decode_attention(q, k, v, seqlens, backend="reference", scale=0.2)
+    for b, n in enumerate((9, 4)):
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[b, :, None], k[b, :, :n], v[b, :, :n], enable_gqa=True, scale=0.2)[:, 0]
+        torch.testing.assert_close(out[b], want)
+
+
+def test_torch_compile_fullgraph(device):
+    need_backend("triton", device)
+    q, k, v = _inputs(2, 4, 2, 20, 16, torch.float32, device)
+    seqlens = torch.tensor([20, 7], dtype=torch.int32, device=device)
+    fn = torch.compile(lambda *a: decode_attention(*a, backend="triton"), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(q, k, v, seqlens), decode_attention(q, k, v, seqlens, backend="triton"))
+
+
+def _bad(**change):
+    q, k, v = _inputs(2, 4, 2, 8, 16, torch.float32, "cpu")
+    args = dict(q=q, k_cache=k, v_cache=v, cache_seqlens=torch.tensor([8, 3], dtype=torch.int32))
+    args.update({name: fn(args) for name, fn in change.items()})
+    return args
+
+
+BAD = [
+    ("q ndim", dict(q=lambda a: a["q"][:, :, None]), "q must have 3 dimensions"),
+    ("q dtype", dict(q=lambda a: a["q"].double()), "q must have dtype"),
+    ("cache dtype", dict(k_cache=lambda a: a["k_cache"].half()), "k_cache must have dtype"),
+    ("cache ndim", dict(v_cache=lambda a: a["v_cache"][0]), "v_cache must have 4 dimensions"),
+    ("v shape", dict(v_cache=lambda a: a["v_cache"][:, :, :4]), "v_cache must have k_cache's shape"),
+    ("batch", dict(k_cache=lambda a: a["k_cache"][:1], v_cache=lambda a: a["v_cache"][:1]), "batch size"),
+    ("groups", dict(q=lambda a: a["q"][:, :3]), "multiple of k_cache heads"),
+    ("head dim", dict(q=lambda a: a["q"][..., :8]), "head dim"),
+    ("cache head dim", dict(k_cache=lambda a: a["k_cache"].repeat(1, 1, 1, 2),
+                            v_cache=lambda a: a["v_cache"].repeat(1, 1, 1, 2)), "k_cache must have q's head dim"),
+    ("seqlens dtype", dict(cache_seqlens=lambda a: a["cache_seqlens"].long()), "cache_seqlens must have dtype"),
+    ("seqlens size", dict(cache_seqlens=lambda a: a["cache_seqlens"][:1]), "cache_seqlens must have q's batch"),
+    ("device", dict(k_cache=lambda a: a["k_cache"].to("meta")), "k_cache is on meta"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_raises(case):
+    _, change, match = case
+    args = _bad(**change)
+    with pytest.raises(ValueError, match=match):
+        decode_attention(args["q"], args["k_cache"], args["v_cache"], args["cache_seqlens"], backend="reference")
