@@ -40,6 +40,7 @@ else
     echo "nvcc_check: torch not importable: compiling without torch headers" >&2
 fi
 
+# shellcheck disable=SC2054  # -Wall,-Werror is one host-compiler argument list, not two elements
 flags=(-c -std=c++17 -O3 --expt-relaxed-constexpr -DRLHF_FAST_WITH_CUDA=1 "${gencode[@]}"
        -Werror all-warnings -Xcompiler -Wall,-Werror -I "$repo/csrc/include" "${sys_includes[@]}")
 tmp="$(mktemp -d)"
