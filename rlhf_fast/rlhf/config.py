@@ -36,6 +36,8 @@ class RunConfig:
     """backend of the model's rlhf_fast ops (attention, fused logprobs); 'auto' picks the fused kernels on GPU"""
     progress: bool = True
     """show tqdm progress bars"""
+    plots: bool = True
+    """write PNG plots of each stage's metrics (matplotlib) into <out>/<stage>/plots"""
     threads: int = 1
     """torch CPU threads per process (0 = torch's default); small models run fastest on one"""
 

@@ -62,9 +62,9 @@ def _update_summary(out: Path, rt: Runtime, **values) -> dict:
     return summary
 
 
-def _plots(stage_dir: Path, stage: str, rt: Runtime) -> None:
+def _plots(cfg: Config, stage_dir: Path, stage: str, rt: Runtime) -> None:
     metrics = stage_dir / "metrics.jsonl"
-    if not rt.is_main or not metrics.is_file():
+    if not cfg.run.plots or not rt.is_main or not metrics.is_file():
         return
     present = {k for line in metrics.read_text().splitlines() if line.strip() for k in json.loads(line)}
     keys = [k for k in PLOT_KEYS[stage] if k in present]
@@ -126,7 +126,7 @@ def run_sft(cfg: Config, resume: bool = False, on_step=None) -> dict:
     rt, tok, out = _start(cfg, "sft")
     data = cfg.sft.data or _task_data(cfg, rt, out)["sft"]
     result = train_sft(cfg, rt, tok, data, out / "sft", resume, on_step=on_step)
-    _plots(out / "sft", "sft", rt)
+    _plots(cfg, out / "sft", "sft", rt)
     policy = load_model(load_checkpoint(out / "sft" / "checkpoint.pt")["model"], rt.device).eval()
     score = _policy_eval(cfg, rt, tok, out, policy)
     return _update_summary(out, rt, world_size=rt.world, task_score_sft=score, sft_loss=result["loss"], seconds_sft=time.time() - t0)
@@ -143,7 +143,7 @@ def run_rm(cfg: Config, resume: bool = False, on_step=None) -> dict:
         norm = lambda: _sft_samples(cfg, rt, tok, init, cfg.ppo.prompts or paths["prompts"])  # noqa: E731
     result = train_rm(cfg, rt, tok, cfg.rm.data or paths["rm_train"], cfg.rm.eval_data or paths["rm_eval"],
                       init, out / "rm", resume, norm_sequences=norm, on_step=on_step)
-    _plots(out / "rm", "rm", rt)
+    _plots(cfg, out / "rm", "rm", rt)
     return _update_summary(out, rt, **result, seconds_rm=time.time() - t0)
 
 
@@ -194,7 +194,7 @@ def run_ppo(cfg: Config, resume: bool = False, on_step=None) -> dict:
     eval_fn = _eval_fn(cfg, rt, tok, policy, eval_prompts, prompt_len, scorer)
     record = train_ppo(cfg, rt, tok, models, prompts, prompt_len, out / "ppo", state, eval_fn=eval_fn,
                        reward_fn=reward_fn, scorer=scorer, on_step=on_step)
-    _plots(out / "ppo", "ppo", rt)
+    _plots(cfg, out / "ppo", "ppo", rt)
     return _update_summary(out, rt, task_score_ppo=record.get("task_score"), kl_final=record.get("kl"),
                            score_final=record.get("score"), seconds_ppo=time.time() - t0)
 
