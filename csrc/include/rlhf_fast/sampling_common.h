@@ -53,7 +53,8 @@ RLHF_FAST_HOST_DEVICE uint32_t order_key(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof(bits));
 #endif
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31) | 0x80000000u;
+  return bits ^ flip;  // negative: all bits flipped; positive: sign bit set
 }
 
 RLHF_FAST_HOST_DEVICE bool row_params_valid(float temperature, int64_t top_k, double top_p, float min_p) {

@@ -23,15 +23,15 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-inline float bits_to_float(uint32_t bits) {
+RLHF_FAST_HOST_DEVICE float bits_to_float(uint32_t bits) {
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
 
-inline float to_float(float v) { return v; }
-inline float to_float(BFloat16 v) { return bits_to_float(static_cast<uint32_t>(v.bits) << 16); }
-inline float to_float(Half16 v) {
+RLHF_FAST_HOST_DEVICE float to_float(float v) { return v; }
+RLHF_FAST_HOST_DEVICE float to_float(BFloat16 v) { return bits_to_float(static_cast<uint32_t>(v.bits) << 16); }
+RLHF_FAST_HOST_DEVICE float to_float(Half16 v) {
   const uint32_t sign = (static_cast<uint32_t>(v.bits) & 0x8000u) << 16;
   const uint32_t exponent = (v.bits >> 10) & 0x1Fu;
   const uint32_t mantissa = v.bits & 0x3FFu;
@@ -43,9 +43,16 @@ inline float to_float(Half16 v) {
   return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 }
 
-// exp(x) for x <= 0 with ~1 ulp error (Cephes expf), branch-free so the mass loop vectorizes.
-inline float exp_nonpositive(float x) {
-  const float xc = std::max(x, -87.0f);
+// exp(x) for x <= 0 with ~1 ulp error (Cephes expf). The range checks are integer compares on the
+// float's bits: GCC will not if-convert float compares (they may trap), and the loop must vectorize.
+RLHF_FAST_HOST_DEVICE float exp_nonpositive(float x) {
+  constexpr uint32_t kMinus87 = 0xC2AE0000u;  // bits of -87.0f; larger bits = more negative
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t in_range = 0u - static_cast<uint32_t>(bits <= kMinus87);  // all ones unless x < -87
+  const uint32_t clamped_bits = bits <= kMinus87 ? bits : kMinus87;
+  float xc;
+  std::memcpy(&xc, &clamped_bits, sizeof(xc));
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -56,11 +63,16 @@ inline float exp_nonpositive(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * (r * r) + r + 1.0f;
-  const int32_t biased = static_cast<int32_t>(n) + 127;
-  uint32_t scale_bits = static_cast<uint32_t>(biased) << 23;
+  const uint32_t scale_bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &scale_bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : y * scale;
+  const float e = y * scale;
+  uint32_t e_bits;
+  std::memcpy(&e_bits, &e, sizeof(e_bits));
+  e_bits &= in_range;  // exp(x < -87) < 1.7e-38: flushed to 0
+  float out;
+  std::memcpy(&out, &e_bits, sizeof(out));
+  return out;
 }
 
 // Per-thread scratch for one row.
@@ -140,15 +152,21 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
   const bool greedy = temperature == 0.0f;
   const float t = greedy ? 1.0f : temperature;
   float* x = s.x.data();
+  if (a.from_probs) {
+    for (int64_t i = 0; i < V; ++i) x[i] = std::log(to_float(in[i])) / t;
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < V; ++i) x[i] = to_float(in[i]) / t;
+  }
   float x_max = -std::numeric_limits<float>::infinity();
   int bad = 0;
+#pragma omp simd reduction(max : x_max) reduction(+ : bad)
   for (int64_t i = 0; i < V; ++i) {
-    const float raw = a.from_probs ? std::log(to_float(in[i])) : to_float(in[i]);
-    const float v = raw / t;
-    x[i] = v;
-    bad |= (v != v) | (v == std::numeric_limits<float>::infinity());
-    x_max = std::max(x_max, v);
+    const float v = x[i];
+    x_max = v > x_max ? v : x_max;  // NaN never wins
+    bad += v != v;
   }
+  bad += x_max == std::numeric_limits<float>::infinity();
   if (bad || !(x_max > -std::numeric_limits<float>::infinity()) ||
       !row_params_valid(temperature, top_k, top_p, min_p)) {
     a.tokens[row] = -1;
