@@ -36,7 +36,7 @@ def gpt2_config(**kw):
 CONFIGS = {"gpt2": gpt2_config, "modern": modern_config}
 
 
-def llama_twin(model: GPT) -> transformers.LlamaForCausalLM:
+def llama_twin(model: GPT):
     """transformers' LLaMA holding the weights of a `modern_config` GPT: an independent oracle."""
     c = model.config
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(

@@ -117,6 +117,20 @@ def test_bad_arguments_raise(device):
         generate(model, prompts, 3, temperature=-1.0)
 
 
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.8, top_k=40, top_p=0.9, seed=11)])
+def test_cuda_graph_decode_equals_eager(device, sampling):
+    model = make_model("modern", device)
+    prompts = ragged_prompts(device)
+    if device.type != "cuda":
+        with pytest.raises(ValueError, match="cuda_graph"):
+            generate(model, prompts, 4, cuda_graph=True, **sampling)
+        return
+    eager = generate(model, prompts, 24, eos_token_id=7, **sampling)
+    graphed = generate(model, prompts, 24, eos_token_id=7, cuda_graph=True, **sampling)
+    assert torch.equal(eager.tokens, graphed.tokens) and torch.equal(eager.mask, graphed.mask)
+    assert (eager.logprobs - graphed.logprobs).abs().max().item() < 1e-5
+
+
 def test_generate_method_and_config_backend(device):
     model = GPT(GPTConfig(**{**gpt2_config().to_dict(), "backend": "reference"})).to(device).eval()
     out = model.generate(ragged_prompts(device), 4, temperature=0.0)

@@ -76,11 +76,72 @@ def decode_n_tokens(model: GPT, logits: torch.Tensor, cache: KVCache | None, n: 
     return tokens, logprobs, mask
 
 
+def decode_n_tokens_graphed(model: GPT, logits: torch.Tensor, cache: KVCache, n: int, sampling: dict,
+                            eos_token_id: int | None, pad_token_id: int):
+    """`decode_n_tokens` with each step (sample, then decode the sampled token) replayed from one CUDA graph.
+
+    Everything the step reads lives on the device at a fixed address: logits, the sampling parameters
+    as (B,) tensors, seed and offset as one-element int64 tensors (offset advances inside the graph),
+    the cache and its per-row lengths. Sampling runs with check_nan=False, since its check syncs.
+    """
+    B, device = logits.shape[0], logits.device
+    seed = sampling["seed"]
+    if seed is None:  # a fixed-address seed for the graph, drawn from torch's RNG like sample(seed=None)
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    params = {name: torch.full((B,), sampling[name], device=device, dtype=dtype) for name, dtype in
+              (("temperature", torch.float32), ("top_k", torch.int64), ("top_p", torch.float32),
+               ("min_p", torch.float32))}
+    params.update(seed=torch.tensor([seed], dtype=torch.int64, device=device),
+                  offset=torch.zeros(1, dtype=torch.int64, device=device))
+    static_logits = logits.clone()
+    token = torch.zeros(B, dtype=torch.int64, device=device)
+    logprob = torch.zeros(B, dtype=torch.float32, device=device)
+
+    def step():
+        tok, lp = rlhf_fast.sample(static_logits, return_logprobs=True, check_nan=False,
+                                   backend=sampling["backend"], **params)
+        token.copy_(tok)
+        logprob.copy_(lp)
+        static_logits.copy_(decode_one_token(model, tok, cache))
+        params["offset"].add_(1)
+
+    # warm up on a side stream (compiles kernels, allocates), then undo the state the warm-up advanced
+    saved_lengths = cache.seqlens.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    cache.seqlens.copy_(saved_lengths)
+    params["offset"].zero_()
+    static_logits.copy_(logits)
+
+    tokens = torch.full((B, n), pad_token_id, dtype=torch.int64, device=device)
+    logprobs = torch.zeros((B, n), dtype=torch.float32, device=device)
+    mask = torch.zeros((B, n), dtype=torch.int64, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for i in range(n):
+        graph.replay()  # the last replay also decodes its token, at slot len + n - 1 < P + n
+        tokens[:, i] = token.masked_fill(done, pad_token_id)
+        logprobs[:, i] = logprob.masked_fill(done, 0.0)
+        mask[:, i] = (~done).long()
+        if eos_token_id is not None:
+            done |= token == eos_token_id
+            if (i + 1) % _STOP_CHECK_EVERY == 0 and bool(done.all()):
+                break
+    return tokens, logprobs, mask
+
+
 @torch.no_grad()
 def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              eos_token_id: int | None = None, pad_token_id: int = 0, seed: int | None = None,
-             use_cache: bool = True, sample_backend: str | None = None) -> GenerationOutput:
+             use_cache: bool = True, cuda_graph: bool = False,
+             sample_backend: str | None = None) -> GenerationOutput:
     """Sample up to `max_new_tokens` tokens after each prompt.
 
     prompts: a list of B 1-D int tensors of any lengths >= 1, or a (B, P) int tensor; with a tensor,
@@ -100,12 +161,14 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
     Prompt length + max_new_tokens must fit in model.config.block_size. The model is not switched to
     eval mode: call model.eval() first if it has dropout.
 
-    CUDA graphs: `decode_one_token` has static shapes whatever the options (the cache is preallocated;
-    per-row lengths and positions are device tensors), so the model step can be captured. Sampling
-    can join it when `rlhf_fast.sample` gets seed and offset as one-element device tensors and
-    check_nan=False (its NaN check syncs): that is how to capture seeded sampling; greedy
-    (temperature=0) needs no RNG state at all. This function itself passes offset as a Python int
-    and keeps the NaN check, and its EOS test every few steps is a host sync: it runs eagerly.
+    cuda_graph: capture one decode step (sampling + `decode_one_token`) in a CUDA graph and replay it
+        for every new token (`decode_n_tokens_graphed`); CUDA tensors and use_cache only. Every
+        sampling option works under the graph, greedy and seeded ones included: the step has static
+        shapes (preallocated cache, per-row lengths and positions on the device) and the sampler
+        reads seed and offset from device tensors, so a seeded call returns the same tokens with or
+        without the graph. seed=None draws the graph's seed from torch's RNG once. NaN/inf logits
+        are not checked under the graph (the check is a host sync): such a row yields token -1.
+        Only the EOS test every few steps syncs with the host, outside the graph.
     """
     if not isinstance(model, GPT) or model.head != "lm":
         raise ValueError("model must be a GPT with head='lm'")
@@ -121,6 +184,9 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
         sample_backend = "reference" if model.config.backend == "reference" else "auto"
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
                     backend=sample_backend)
+    if cuda_graph and (device.type != "cuda" or not use_cache):
+        raise ValueError(f"cuda_graph=True needs a model on CUDA and use_cache=True (model is on {device.type}, "
+                         f"use_cache={use_cache})")
     if use_cache:
         cache_dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                        else next(model.parameters()).dtype)
@@ -139,8 +205,12 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
             return out[rows, lengths.long() + step - 1].float()  # logits after each row's last token
 
         logits = recompute(None, 0)
-    tokens, logprobs, mask = decode_n_tokens(model, logits, cache, max_new_tokens, sampling, eos_token_id,
-                                             pad_token_id, recompute)
+    if cuda_graph:
+        tokens, logprobs, mask = decode_n_tokens_graphed(model, logits, cache, max_new_tokens, sampling,
+                                                         eos_token_id, pad_token_id)
+    else:
+        tokens, logprobs, mask = decode_n_tokens(model, logits, cache, max_new_tokens, sampling, eos_token_id,
+                                                 pad_token_id, recompute)
     return GenerationOutput(tokens, logprobs, mask, prompts_left, prompt_mask)
 
 

@@ -1,0 +1,116 @@
+"""generate() tokens/s against transformers' `generate` on the same random GPT-2 weights.
+
+    python -m benchmarks.bench_generate --suite cpu   # small GPT-2 on CPU (reference ops), ratio vs HF
+    python -m benchmarks.bench_generate --suite gpu   # 125M GPT-2, B=64, 1024 prompt + 256 new, bf16
+
+Both sides decode the same prompts for exactly max_new_tokens (no EOS), greedy and top-k sampled;
+HF uses its default dynamic KV cache with SDPA attention. tokens/s counts new tokens only:
+B * max_new_tokens / wall time of the whole call (prefill included). Each call is timed end to end
+(a generate call is seconds long, so triton.testing.do_bench's many-repetition loop does not fit):
+one warm-up, then the best of `--reps` synchronized runs. The greedy rows also report how many
+tokens agree with HF's greedy output (bf16 on GPU may flip near-ties; fp32 on CPU should agree).
+The GPU suite also reports peak memory and the decode phase's achieved HBM bandwidth
+(weights + live KV cache read once per step), as gpt-fast does.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import machine, markdown_table, write_results
+
+SUITES = {
+    # name: (GPT2Config kwargs, batch, prompt length, new tokens, dtype, device)
+    "cpu": (dict(n_layer=4, n_head=4, n_embd=256, n_positions=256, vocab_size=50257), 8, 32, 32,
+            torch.float32, "cpu"),
+    "gpu": (dict(n_layer=12, n_head=12, n_embd=768, n_positions=2048, vocab_size=50257), 64, 1024, 256,
+            torch.bfloat16, "cuda"),
+}
+MODES = {"greedy": dict(temperature=0.0), "top_k=50": dict(temperature=1.0, top_k=50)}
+
+
+def _timed(fn, device: str, reps: int) -> tuple[float, object]:
+    fn()  # warm-up: allocator, extension / Triton compilation
+    best, out = float("inf"), None
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def run_suite(name: str, reps: int) -> list[dict]:
+    import transformers
+
+    from rlhf_fast.model import GPT, generate
+
+    hf_kwargs, B, P, N, dtype, device = SUITES[name]
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"suite {name!r} skipped: no CUDA device")
+        return []
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(**hf_kwargs, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).to(device=device, dtype=dtype).eval()
+    ours = GPT.from_hf_gpt2(hf).to(device=device, dtype=dtype).eval()
+    prompts = torch.randint(1, hf_cfg.vocab_size, (B, P), device=device)
+    mask = torch.ones_like(prompts)
+    param_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    c = ours.config
+    kv_bytes_per_token = 2 * c.n_layer * c.n_kv_head * c.head_size * torch.finfo(dtype).bits // 8
+
+    rows = []
+    for mode, sampling in MODES.items():
+        hf_sampling = (dict(do_sample=False) if sampling["temperature"] == 0.0
+                       else dict(do_sample=True, temperature=1.0, top_k=sampling["top_k"], top_p=1.0))
+
+        def run_ours():
+            return generate(ours, prompts, N, seed=0, **sampling)
+
+        def run_hf():
+            return hf.generate(prompts, attention_mask=mask, max_new_tokens=N, min_new_tokens=N,
+                               pad_token_id=0, **hf_sampling)
+
+        def run_prefill():
+            return generate(ours, prompts, 1, seed=0, **sampling)
+
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t_ours, out = _timed(run_ours, device, reps)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+        t_hf, hf_out = _timed(run_hf, device, reps)
+        row = dict(suite=name, mode=mode, shape=f"B={B} P={P} new={N}", dtype=str(dtype).split(".")[-1],
+                   ours_tok_s=B * N / t_ours, hf_tok_s=B * N / t_hf, ratio=t_hf / t_ours)
+        if mode == "greedy":
+            row["agree_with_hf"] = (out.tokens == hf_out[:, P:]).float().mean().item()
+        if device == "cuda":
+            t_prefill, _ = _timed(run_prefill, device, reps)
+            t_decode = max(t_ours - t_prefill, 1e-9)
+            avg_len = P + N / 2
+            bytes_read = (N - 1) * (param_bytes + B * avg_len * kv_bytes_per_token)
+            row.update(peak_gib=peak, prefill_s=t_prefill, decode_gbps=bytes_read / t_decode / 1e9)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args(argv)
+    rows = []
+    for name in SUITES if args.suite == "all" else [args.suite]:
+        rows += run_suite(name, args.reps)
+    print(machine())
+    print(markdown_table(rows))
+    if rows:
+        print("results:", write_results("generate", rows))
+
+
+if __name__ == "__main__":
+    main()
