@@ -24,6 +24,10 @@ CONFIGS = {
     "fp16": TileConfig(64, 128, 64, 8, 3),
 }
 DOT_PRECISION = {"fp32": "ieee", "bf16": "tf32", "fp16": "tf32"}
+# Under TRITON_INTERPRET=1 (the CPU test lane) the launcher uses this tile instead: the interpreter's
+# cost is per tile operation, so wide, short tiles walk a 50k vocab in ~50 steps rather than ~400.
+# Same kernels, other constexprs; GPU launches never use it (and it is not in static_configs()).
+INTERPRET_CONFIG = TileConfig(16, 1024, 32, 4, 1)
 # Triton's CPU interpreter (3.9) multiplies bf16 tl.dot operands wrongly; under TRITON_INTERPRET=1 the
 # launcher passes DOT_PRECISION="upcast" for bf16 so the interpreter sees fp32 operands. GPUs never do.
 INTERPRET_BF16_PRECISION = "upcast"

@@ -26,8 +26,9 @@ def tile_config(dtype: torch.dtype):
     """(kernel module, TileConfig, dot precision) for the Triton fused-linear kernels."""
     from ..kernels import fused_linear_logprobs as k
     name = _TRITON_DTYPES[dtype]
-    if name == "bf16" and _backend.interpret_mode():
-        return k, k.CONFIGS[name], k.INTERPRET_BF16_PRECISION
+    if _backend.interpret_mode():
+        prec = k.INTERPRET_BF16_PRECISION if name == "bf16" else k.DOT_PRECISION[name]
+        return k, k.INTERPRET_CONFIG, prec
     return k, k.CONFIGS[name], k.DOT_PRECISION[name]
 
 

@@ -1,0 +1,146 @@
+"""fused_linear_logprobs against float64 math, and against token_logprobs on materialized logits.
+
+Parity rule (tests/parity.py): "PyTorch in the same dtype" is the unfused path a user would write,
+`linear(hidden, weight, bias).float() / T` then trl's formulas, with autograd for the gradients of
+hidden, weight and bias (in their dtype).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rlhf_fast
+import rlhf_fast.ops.fused_linear_logprobs as op_module
+from conftest import need_backend
+from parity import assert_close_to_reference
+from rlhf_fast.reference import fused_linear_logprobs as ref
+
+BACKENDS = ["reference", "triton"]
+FP32, BF16 = torch.float32, torch.bfloat16
+# (N, H, V, dtype, temperature, bias)
+CASES = [(1, 16, 17, FP32, 1.0, True), (33, 32, 1000, FP32, 0.7, False), (33, 24, 1000, BF16, 1.0, True),
+         (300, 16, 17, BF16, 0.7, False), (70, 40, 300, FP32, 1.0, True), (4, 32, 50257, FP32, 0.7, True)]
+
+
+def unfused(hidden, weight, bias, targets, temperature, ignore_index=-100):
+    z = F.linear(hidden, weight, bias)
+    z = (z if z.dtype == torch.float64 else z.float()) / temperature
+    logsm = z.log_softmax(-1)
+    valid = targets != ignore_index
+    zero = torch.zeros((), dtype=z.dtype)
+    logp = torch.where(valid, logsm.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1), zero)
+    entropy = torch.where(valid, -(logsm.exp() * logsm).sum(-1), zero)
+    return logp, entropy
+
+
+def make_inputs(n, h, vocab, dtype, device, with_bias):
+    hidden = torch.randn(n, h, device=device).to(dtype)
+    weight = (torch.randn(vocab, h, device=device) / h ** 0.5 * 2).to(dtype)
+    bias = torch.randn(vocab, device=device).to(dtype) if with_bias else None
+    targets = torch.randint(0, vocab, (n,), device=device)
+    targets[torch.rand(n, device=device) < 0.2] = -100
+    return hidden, weight, bias, targets
+
+
+def run(fn, hidden, weight, bias, targets, temperature, g, **kw):
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    logp, ent = fn(leaves[0], leaves[1], leaves[2], targets, temperature, **kw)
+    (logp * g[0] + ent * g[1]).sum().backward()
+    return logp, ent, [t.grad if t is not None else None for t in leaves]
+
+
+def fused(backend):
+    def call(h, w, b, t, temperature, **kw):
+        return rlhf_fast.fused_linear_logprobs(h, w, t, bias=b, temperature=temperature, return_entropy=True,
+                                               backend=backend, **kw)
+    return call
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n, h, vocab, dtype, temperature, with_bias", CASES,
+                         ids=[f"N{n}-H{h}-V{v}-{str(d)[6:]}-T{t}-{'b' if b else 'nob'}" for n, h, v, d, t, b in CASES])
+def test_values_and_grads_match_float64(backend, n, h, vocab, dtype, temperature, with_bias, device):
+    need_backend(backend, device)
+    hidden, weight, bias, targets = make_inputs(n, h, vocab, dtype, device, with_bias)
+    g = torch.randn(2, n, device=device)
+    kw = {"chunk_size": 7} if backend == "reference" else {}
+    logp, ent, grads = run(fused(backend), hidden, weight, bias, targets, temperature, g, **kw)
+    up = lambda t: None if t is None else t.double()  # noqa: E731
+    logp64, ent64, grads64 = run(unfused, up(hidden), up(weight), up(bias), targets, temperature, g.double())
+    logp_t, ent_t, grads_t = run(unfused, hidden, weight, bias, targets, temperature, g)
+
+    assert_close_to_reference(logp, logp64, logp_t, FP32, name="logp")
+    assert_close_to_reference(ent, ent64, ent_t, FP32, name="entropy")
+    for name, ours, want, same in zip(("d_hidden", "d_weight", "d_bias"), grads, grads64, grads_t):
+        if want is not None:
+            assert ours.dtype == dtype
+            assert_close_to_reference(ours, want, same, dtype, name=name)
+    ignored = targets == -100
+    assert (logp[ignored] == 0).all() and (ent[ignored] == 0).all() and (grads[0][ignored] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equals_logits_path(backend, device):
+    """Same numbers as token_logprobs on the materialized fp32 logits (fp32 rounding apart)."""
+    need_backend(backend, device)
+    hidden, weight, bias, targets = make_inputs(40, 32, 500, FP32, device, True)
+    got = rlhf_fast.fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=0.7,
+                                          return_entropy=True, backend=backend)
+    want = rlhf_fast.token_logprobs(F.linear(hidden, weight, bias), targets, temperature=0.7,
+                                    return_entropy=True, backend=backend)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_and_twin(backend, device):
+    """Only hidden requires grad (frozen lm_head): hidden's gradient alone is computed, no entropy asked;
+    the reference autograd.Function twin agrees."""
+    need_backend(backend, device)
+    hidden, weight, bias, targets = make_inputs(20, 16, 300, FP32, device, True)
+    grads = []
+    for fn, kw in ((rlhf_fast.fused_linear_logprobs, {"backend": backend}), (ref.fused_linear_logprobs, {})):
+        h = hidden.clone().requires_grad_()
+        logp = fn(h, weight, targets, bias=bias, **kw)
+        logp.sum().backward()
+        grads.append((logp, h.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_triton_dweight_in_several_slices(device, monkeypatch):
+    """bf16 d(weight) accumulates in bounded fp32 vocab slices; force one vocab tile per slice."""
+    need_backend("triton", device)
+    hidden, weight, bias, targets = make_inputs(33, 16, 1000, BF16, device, True)
+    block_v = op_module.tile_config(BF16)[1].block_v
+    monkeypatch.setattr(op_module, "DW_SLICE_ELEMENTS", 16 * block_v)
+    g = torch.randn(2, 33, device=device)
+    _, _, sliced = run(fused("triton"), hidden, weight, bias, targets, 1.0, g)
+    monkeypatch.setattr(op_module, "DW_SLICE_ELEMENTS", 1 << 26)
+    _, _, whole = run(fused("triton"), hidden, weight, bias, targets, 1.0, g)
+    for a, b in zip(sliced, whole):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0)
+
+
+def test_bad_input_raises(device):
+    hidden, weight, bias, targets = make_inputs(4, 8, 10, FP32, device, True)
+    fl = rlhf_fast.fused_linear_logprobs
+    t = targets.clone()
+    t[1] = 10
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 10\)"):
+        fl(hidden, weight, t)
+    with pytest.raises(ValueError, match="hidden must have 2 dimensions"):
+        fl(hidden[0], weight, targets)
+    with pytest.raises(ValueError, match="weight must have hidden size"):
+        fl(hidden, weight[:, :7], targets)
+    with pytest.raises(ValueError, match="weight must have dtype"):
+        fl(hidden, weight.to(BF16), targets)
+    with pytest.raises(ValueError, match="bias must have vocab size"):
+        fl(hidden, weight, targets, bias=bias[:9])
+    with pytest.raises(ValueError, match="targets must have token count"):
+        fl(hidden, weight, targets[:3])
+    with pytest.raises(ValueError, match="weight is on meta"):
+        fl(hidden, weight.to("meta"), targets)
+    with pytest.raises(ValueError, match="chunk_size must be None or a positive int"):
+        fl(hidden, weight, targets, chunk_size=0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fl(hidden, weight, targets, temperature=-0.5)
