@@ -82,7 +82,7 @@ class SFTConfig:
     """SFT JSONL ({prompt, response}); '' = the built-in task's data written into the run directory"""
     init: str = ""
     """checkpoint to start from ('' = random initialization)"""
-    steps: int = 600
+    steps: int = 300
     """optimizer steps"""
     batch_size: int = 64
     """sequences per step"""
@@ -175,7 +175,7 @@ class PPOConfig:
     """value prediction clip around the rollout values"""
     kl_kind: Literal["k1", "k2", "k3"] = "k1"
     """per-token KL estimator of the penalty against the SFT reference"""
-    kl_coef: float = 0.05
+    kl_coef: float = 0.1
     """KL penalty coefficient (initial value when adaptive_kl)"""
     adaptive_kl: bool = False
     """adapt kl_coef towards target_kl (Ziegler et al.)"""

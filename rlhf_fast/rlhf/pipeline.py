@@ -129,7 +129,8 @@ def run_sft(cfg: Config, resume: bool = False, on_step=None) -> dict:
     _plots(cfg, out / "sft", "sft", rt)
     policy = load_model(load_checkpoint(out / "sft" / "checkpoint.pt")["model"], rt.device).eval()
     score = _policy_eval(cfg, rt, tok, out, policy)
-    return _update_summary(out, rt, world_size=rt.world, task_score_sft=score, sft_loss=result["loss"], seconds_sft=time.time() - t0)
+    return _update_summary(out, rt, world_size=rt.world, task_score_sft=score, sft_loss=result["loss"],
+                           seconds_sft=time.time() - t0)
 
 
 def run_rm(cfg: Config, resume: bool = False, on_step=None) -> dict:

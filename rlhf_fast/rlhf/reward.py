@@ -17,7 +17,8 @@ from .config import Config
 from .data import RM_KEYS, BatchSampler, read_jsonl, sequence_batch, tokenize_pairs
 from .run_io import MetricsLogger
 from .runtime import (Runtime, autocast, build_model, check_finite, clip_and_step, load_checkpoint, load_model,
-                      lr_at, make_optimizer, model_state, progress, restore_rng, save_checkpoint, unwrap, wrap_model)
+                      lr_at, make_optimizer, model_state, optimizer_state, progress, restore_rng, save_checkpoint,
+                      unwrap, wrap_model)
 
 
 def score_sequences(model, seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
@@ -84,6 +85,9 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
     wrapped = wrap_model(model, rt)
     opt = make_optimizer(wrapped, c.lr, c.weight_decay)
     start = 0
+    if state is not None and state["optimizer"] is None:
+        raise ValueError(f"{ckpt_path} was written by an FSDP run, whose optimizer state is not saved: "
+                         "it cannot be resumed; start the stage again")
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
@@ -121,7 +125,7 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
         bar.update()
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{train_acc:.2f}")
         if step % c.ckpt_every == 0 and step < c.steps:
-            save_checkpoint(ckpt_path, rt, model=model_state(model), optimizer=opt.state_dict(),
+            save_checkpoint(ckpt_path, rt, model=model_state(model), optimizer=optimizer_state(opt, rt),
                             sampler=sampler.state_dict(), step=step)
         if on_step is not None:
             on_step(step)
@@ -133,6 +137,6 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
     if norm_sequences is not None and c.norm_samples > 0:
         result["reward_mean"], result["reward_std"] = normalize_reward(model, norm_sequences(), rt, 4 * c.batch_size,
                                                                       tok.pad_id)
-    save_checkpoint(ckpt_path, rt, model=model_state(model), optimizer=opt.state_dict(),
+    save_checkpoint(ckpt_path, rt, model=model_state(model), optimizer=optimizer_state(opt, rt),
                     sampler=sampler.state_dict(), step=c.steps, done=True, result=result)
     return result

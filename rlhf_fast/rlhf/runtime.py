@@ -90,9 +90,15 @@ def build_model(cfg: Config, vocab_size: int, head: str = "lm"):
 
 
 def model_state(model) -> dict:
-    """What a checkpoint stores for one model: config, head and float32 weights."""
-    model = unwrap(model)
-    return {"config": model.config.to_dict(), "head": model.head, "weights": model.state_dict()}
+    """What a checkpoint stores for one model: config, head and full (unsharded) weights.
+    With FSDP every rank must call it (gathering the shards is a collective)."""
+    return {"config": unwrap(model).config.to_dict(), "head": unwrap(model).head, "weights": full_state_dict(model)}
+
+
+def optimizer_state(opt, rt: "Runtime") -> dict | None:
+    """The optimizer state to checkpoint; None under FSDP, whose sharded state this checkpoint format
+    does not hold (an FSDP run restarts its stage instead of resuming it)."""
+    return None if rt.mode == "fsdp" else opt.state_dict()
 
 
 def load_model(state: dict, device: torch.device, head: str | None = None):

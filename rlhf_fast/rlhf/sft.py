@@ -15,7 +15,8 @@ from .config import Config
 from .data import IGNORE_INDEX, SFT_KEYS, BatchSampler, read_jsonl, sft_batch, sft_padded_batch, tokenize_sft
 from .run_io import MetricsLogger
 from .runtime import (Runtime, autocast, build_model, check_finite, clip_and_step, load_checkpoint, load_model,
-                      lr_at, make_optimizer, model_state, progress, restore_rng, save_checkpoint, unwrap, wrap_model)
+                      lr_at, make_optimizer, model_state, optimizer_state, progress, restore_rng, save_checkpoint,
+                      unwrap, wrap_model)
 
 
 def sft_loss(model, batch: dict, n_global: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +50,9 @@ def train_sft(cfg: Config, rt: Runtime, tok, data_path: str | Path, stage_dir: P
     wrapped = wrap_model(model, rt)
     opt = make_optimizer(wrapped, c.lr, c.weight_decay)
     start = 0
+    if state is not None and state["optimizer"] is None:
+        raise ValueError(f"{ckpt_path} was written by an FSDP run, whose optimizer state is not saved: "
+                         "it cannot be resumed; start the stage again")
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
@@ -80,7 +84,7 @@ def train_sft(cfg: Config, rt: Runtime, tok, data_path: str | Path, stage_dir: P
         bar.update()
         bar.set_postfix(loss=f"{loss:.3f}")
         if step % c.ckpt_every == 0 or step == c.steps:
-            save_checkpoint(ckpt_path, rt, model=model_state(model), optimizer=opt.state_dict(),
+            save_checkpoint(ckpt_path, rt, model=model_state(model), optimizer=optimizer_state(opt, rt),
                             sampler=sampler.state_dict(), step=step)
         if on_step is not None:
             on_step(step)

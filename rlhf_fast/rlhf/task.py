@@ -8,9 +8,11 @@ there is something for PPO to gain:
 
 - SFT demonstrations are wrong with probability ``demo_error_rate`` (two neighbouring digits swapped):
   a model that imitates them perfectly still scores about ``1 - demo_error_rate``.
-- Preference pairs put the right answer against a flawed one (a neighbour swap, a shuffle or a wrong
-  digit), and the label is flipped with probability ``label_noise`` (noisy raters). The held-out pairs
-  are clean, so the reward model's held-out accuracy measures agreement with the hidden scorer.
+- Preference pairs put the right answer against a flawed one (a neighbour swap, a shuffle, a sorted
+  answer with a digit copied over its neighbour, a digit dropped, repeated or changed), and the label
+  is flipped with probability ``label_noise`` (noisy raters). The sorted-but-wrong-digits kind is what
+  a policy finds first when it hacks a reward model that only learned "is it sorted". The held-out
+  pairs are clean, so the reward model's held-out accuracy measures agreement with the hidden scorer.
 
 Everything is generated from a seed; ``write_task_data`` writes the JSONL files that the SFT, reward
 model and PPO stages read (the same formats as a user's own data).
@@ -61,25 +63,39 @@ class SortTask:
         """`answer` with two neighbouring unequal digits swapped (one digit changed if all are equal)."""
         spots = [i for i in range(len(answer) - 1) if answer[i] != answer[i + 1]]
         if not spots:
-            i = rng.randrange(len(answer))
-            return answer[:i] + str((int(answer[i]) + rng.randint(1, 9)) % 10) + answer[i + 1:]
+            return SortTask.change_digit(answer, rng)
         i = rng.choice(spots)
         return answer[:i] + answer[i + 1] + answer[i] + answer[i + 2:]
 
+    @staticmethod
+    def change_digit(answer: str, rng: random.Random) -> str:
+        i = rng.randrange(len(answer))
+        return answer[:i] + str((int(answer[i]) + rng.randint(1, 9)) % 10) + answer[i + 1:]
+
     def flawed(self, answer: str, rng: random.Random) -> str:
-        """A wrong response of one of the kinds a weak policy makes."""
+        """A wrong response of one of the kinds a weak (or reward-hacking) policy makes."""
         kind = rng.random()
-        if kind < 0.5:
+        if kind < 0.35:  # almost sorted
             return self.swap_neighbours(answer, rng)
-        if kind < 0.75:
+        if kind < 0.5:  # not sorted at all
             chars = list(answer)
             for _ in range(10):
                 rng.shuffle(chars)
                 if "".join(chars) != answer:
                     return "".join(chars)
             return self.swap_neighbours(answer, rng)
-        i = rng.randrange(len(answer))
-        return answer[:i] + str((int(answer[i]) + rng.randint(1, 9)) % 10) + answer[i + 1:]
+        if kind < 0.8:  # sorted, but a digit copied over its neighbour: only the digit counts can tell
+            spots = [i for i in range(len(answer) - 1) if answer[i] != answer[i + 1]]
+            if spots:
+                i = rng.choice(spots)
+                return answer[:i] + answer[i + 1] * 2 + answer[i + 2:] if rng.random() < 0.5 else \
+                    answer[:i] + answer[i] * 2 + answer[i + 2:]
+            return self.change_digit(answer, rng)
+        if kind < 0.9:  # a digit dropped or repeated
+            i = rng.randrange(len(answer))
+            return answer[:i] + answer[i + 1:] if rng.random() < 0.5 and len(answer) > 1 else \
+                answer[:i] + answer[i] + answer[i:]
+        return self.change_digit(answer, rng)
 
     def sft_records(self, n: int, demo_error_rate: float, rng: random.Random) -> list[dict]:
         records = []

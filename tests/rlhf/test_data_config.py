@@ -72,7 +72,8 @@ def test_tokenizer_and_batches_mask_the_prompt():
     assert padded["targets"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, ord("c"), tok.eos_id],
                                           [IGNORE_INDEX, ord("e"), ord("f"), tok.eos_id]]
     idx, layout = sequence_batch([[1, 2, 3], [4]], tok.pad_id, packed=False, device="cpu")
-    assert idx.tolist() == [[1, 2, 3], [4, tok.pad_id, tok.pad_id]] and layout["attention_mask"][1].tolist() == [1, 0, 0]
+    assert idx.tolist() == [[1, 2, 3], [4, tok.pad_id, tok.pad_id]]
+    assert layout["attention_mask"][1].tolist() == [1, 0, 0]
 
 
 def test_batch_sampler_resumes_exactly():
