@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_generate --suite cpu   # small GPT-2 on CPU (reference ops), ratio vs HF
     python -m benchmarks.bench_generate --suite gpu   # 125M GPT-2, B=64, 1024 prompt + 256 new, bf16
+    add --quick (or RLHF_FAST_BENCH_QUICK=1) for one timed run of the greedy modes only
 
 Both sides decode the same prompts for exactly max_new_tokens (no EOS), greedy and top-k sampled;
 HF uses its default dynamic KV cache with SDPA attention. tokens/s counts new tokens only:
@@ -15,6 +16,7 @@ The GPU suite also reports peak memory and the decode phase's achieved HBM bandw
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -28,7 +30,16 @@ SUITES = {
     "gpu": (dict(n_layer=12, n_head=12, n_embd=768, n_positions=2048, vocab_size=50257), 64, 1024, 256,
             torch.bfloat16, "cuda"),
 }
-MODES = {"greedy": dict(temperature=0.0), "top_k=50": dict(temperature=1.0, top_k=50)}
+# name: (generate() options, matching transformers generate() options); the CUDA-graph row reuses
+# the greedy HF timing
+MODES = {
+    "greedy": (dict(temperature=0.0), dict(do_sample=False)),
+    "greedy, cuda_graph": (dict(temperature=0.0, cuda_graph=True), dict(do_sample=False)),
+    "top_k=50": (dict(temperature=1.0, top_k=50), dict(do_sample=True, temperature=1.0, top_k=50, top_p=1.0)),
+    "top_k=50, cuda_graph": (dict(temperature=1.0, top_k=50, cuda_graph=True),
+                             dict(do_sample=True, temperature=1.0, top_k=50, top_p=1.0)),
+}
+QUICK_MODES = ("greedy", "greedy, cuda_graph")
 
 
 def _timed(fn, device: str, reps: int) -> tuple[float, object]:
@@ -45,7 +56,7 @@ def _timed(fn, device: str, reps: int) -> tuple[float, object]:
     return best, out
 
 
-def run_suite(name: str, reps: int) -> list[dict]:
+def run_suite(name: str, reps: int, quick: bool) -> list[dict]:
     import transformers
 
     from rlhf_fast.model import GPT, generate
@@ -64,10 +75,11 @@ def run_suite(name: str, reps: int) -> list[dict]:
     c = ours.config
     kv_bytes_per_token = 2 * c.n_layer * c.n_kv_head * c.head_size * torch.finfo(dtype).bits // 8
 
-    rows = []
-    for mode, sampling in MODES.items():
-        hf_sampling = (dict(do_sample=False) if sampling["temperature"] == 0.0
-                       else dict(do_sample=True, temperature=1.0, top_k=sampling["top_k"], top_p=1.0))
+    rows, hf_times = [], {}
+    for mode in QUICK_MODES if quick else MODES:
+        sampling, hf_sampling = MODES[mode]
+        if sampling.get("cuda_graph") and device != "cuda":
+            continue
 
         def run_ours():
             return generate(ours, prompts, N, seed=0, **sampling)
@@ -76,23 +88,22 @@ def run_suite(name: str, reps: int) -> list[dict]:
             return hf.generate(prompts, attention_mask=mask, max_new_tokens=N, min_new_tokens=N,
                                pad_token_id=0, **hf_sampling)
 
-        def run_prefill():
-            return generate(ours, prompts, 1, seed=0, **sampling)
-
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t_ours, out = _timed(run_ours, device, reps)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-        t_hf, hf_out = _timed(run_hf, device, reps)
+        key = str(hf_sampling)
+        if key not in hf_times:
+            hf_times[key] = _timed(run_hf, device, reps)
+        t_hf, hf_out = hf_times[key]
         row = dict(suite=name, mode=mode, shape=f"B={B} P={P} new={N}", dtype=str(dtype).split(".")[-1],
                    ours_tok_s=B * N / t_ours, hf_tok_s=B * N / t_hf, ratio=t_hf / t_ours)
-        if mode == "greedy":
+        if not hf_sampling["do_sample"]:
             row["agree_with_hf"] = (out.tokens == hf_out[:, P:]).float().mean().item()
         if device == "cuda":
-            t_prefill, _ = _timed(run_prefill, device, reps)
+            t_prefill, _ = _timed(lambda: generate(ours, prompts, 1, seed=0, **sampling), device, reps)
             t_decode = max(t_ours - t_prefill, 1e-9)
-            avg_len = P + N / 2
-            bytes_read = (N - 1) * (param_bytes + B * avg_len * kv_bytes_per_token)
+            bytes_read = (N - 1) * (param_bytes + B * (P + N / 2) * kv_bytes_per_token)
             row.update(peak_gib=peak, prefill_s=t_prefill, decode_gbps=bytes_read / t_decode / 1e9)
         rows.append(row)
     return rows
@@ -102,10 +113,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", default=os.environ.get("RLHF_FAST_BENCH_QUICK") == "1",
+                        help=f"one timed run, modes {QUICK_MODES} only (gpu_check.sh)")
     args = parser.parse_args(argv)
+    reps = 1 if args.quick else args.reps
     rows = []
     for name in SUITES if args.suite == "all" else [args.suite]:
-        rows += run_suite(name, args.reps)
+        rows += run_suite(name, reps, args.quick)
     print(machine())
     print(markdown_table(rows))
     if rows:
