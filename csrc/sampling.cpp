@@ -72,7 +72,7 @@ void run_cpu(const torch::Tensor& x, const rlhf_fast::SampleArgs& args) {
 void run_cuda(const torch::Tensor& x, const rlhf_fast::SampleArgs& args) {
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  rlhf_fast::InputDtype dtype;
+  rlhf_fast::InputDtype dtype = rlhf_fast::InputDtype::kFloat32;
   switch (x.scalar_type()) {
     case torch::kFloat:
       dtype = rlhf_fast::InputDtype::kFloat32;

@@ -296,3 +296,26 @@ def test_philox_known_answers():
     for ctr, key, want in cases:
         got = ref.philox4x32_10(tuple(torch.tensor(c) for c in ctr), tuple(torch.tensor(k) for k in key))
         assert [int(w) for w in got] == list(want)
+
+
+def test_cuda_graph_replay_with_device_seed_and_offset(device):
+    """seed / offset live on the GPU and check_nan=False: the step captures in a CUDA graph with no host
+    sync, and each replay after bumping the offset in place draws what an eager call draws."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    need_backend("cuda", device)
+    logits = torch.randn(64, 32000, device=device)
+    seed, offset = torch.tensor([7], device=device), torch.tensor([0], device=device)
+
+    def step():
+        return rlhf_fast.sample(logits, temperature=0.8, top_k=50, top_p=0.9, seed=seed, offset=offset,
+                                backend="cuda", check_nan=False)
+
+    step()  # warm-up outside the capture (extension load, allocator)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for position in (3, 4):
+        offset.fill_(position)
+        graph.replay()
+        assert torch.equal(captured, step())
