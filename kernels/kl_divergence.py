@@ -1,8 +1,8 @@
 """Triton kernels for kl_divergence and fused_linear_kl_divergence.
 
 Row kernels: one program per row, one pass over both rows of logits, keeping online (max, sum-exp)
-for p and q plus sum(exp(zp - m) (zp - zq)), so KL = E_p[zp - zq] - lse_p + lse_q. Backward
-recomputes p and q from the saved lse's.
+for p and q plus s_d = sum e^(zp - m_p) ((zp - m_p) - (zq - m_q)), so
+KL = s_d / s_p - log s_p + log s_q. Backward recomputes log p = (zp - m_p) - log s_p and log q.
 
 Fused-linear kernels: the same statistics over (BLOCK_N, BLOCK_V) tiles of both models' logits,
 computed with tl.dot on chip (see kernels/fused_linear_logprobs.py for the tiling and the backward).
@@ -22,8 +22,8 @@ CONFIGS = (RowConfig(1024, 4, 2), RowConfig(4096, 8, 2))
 
 
 @triton.jit
-def _kl_fwd_kernel(p_ptr, q_ptr, kl_ptr, lse_p_ptr, lse_q_ptr, stride_p, stride_q, V, inv_t,
-                   BLOCK_V: tl.constexpr):
+def _kl_fwd_kernel(p_ptr, q_ptr, kl_ptr, stats_ptr, stride_p, stride_q, V, inv_t, BLOCK_V: tl.constexpr):
+    """kl (N,), stats (4, N) = (m_p, log s_p, m_q, log s_q)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
     m_p = tl.full((), float("-inf"), tl.float32)
@@ -35,35 +35,60 @@ def _kl_fwd_kernel(p_ptr, q_ptr, kl_ptr, lse_p_ptr, lse_q_ptr, stride_p, stride_
         mask = off + cols < V
         zp = tl.load(p_ptr + row * stride_p + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
         zq = tl.load(q_ptr + row * stride_q + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        mp_new = tl.maximum(m_p, tl.max(zp, 0))
-        mq_new = tl.maximum(m_q, tl.max(zq, 0))
-        alpha = tl.exp(m_p - mp_new)
-        e = tl.exp(zp - mp_new)
-        s_p = s_p * alpha + tl.sum(e, 0)
-        s_d = s_d * alpha + tl.sum(tl.where(mask, e * (zp - zq), 0.0), 0)
-        s_q = s_q * tl.exp(m_q - mq_new) + tl.sum(tl.exp(zq - mq_new), 0)
-        m_p = mp_new
-        m_q = mq_new
-    lse_p = m_p + tl.log(s_p)
-    lse_q = m_q + tl.log(s_q)
-    tl.store(lse_p_ptr + row, lse_p)
-    tl.store(lse_q_ptr + row, lse_q)
-    tl.store(kl_ptr + row, s_d / s_p - lse_p + lse_q)
+        m_p, m_q, s_p, s_q, s_d = _kl_online_update(zp, zq, mask, m_p, m_q, s_p, s_q, s_d, 0)
+    log_s_p = tl.log(s_p)
+    log_s_q = tl.log(s_q)
+    n_rows = tl.num_programs(0)
+    tl.store(stats_ptr + row, m_p)
+    tl.store(stats_ptr + n_rows + row, log_s_p)
+    tl.store(stats_ptr + 2 * n_rows + row, m_q)
+    tl.store(stats_ptr + 3 * n_rows + row, log_s_q)
+    tl.store(kl_ptr + row, s_d / s_p - log_s_p + log_s_q)
 
 
 @triton.jit
-def _kl_bwd_kernel(p_ptr, q_ptr, lse_p_ptr, lse_q_ptr, kl_ptr, g_ptr, dp_ptr, dq_ptr, stride_p, stride_q, V,
-                   inv_t, NEED_REF: tl.constexpr, BLOCK_V: tl.constexpr):
+def _kl_online_update(zp, zq, mask, m_p, m_q, s_p, s_q, s_d, AXIS: tl.constexpr):
+    """Fold one tile into the running (m_p, m_q, s_p = sum e^(zp - m_p), s_q, s_d), along AXIS.
+
+    s_d = sum e^(zp - m_p) ((zp - m_p) - (zq - m_q)): relative to the running maxima, so
+    KL = s_d / s_p - log s_p + log s_q never subtracts two lse-sized numbers. When a maximum grows,
+    the old terms are rescaled and shifted by the change of (m_p - m_q).
+    """
+    mp_new = tl.maximum(m_p, tl.max(zp, AXIS))
+    mq_new = tl.maximum(m_q, tl.max(zq, AXIS))
+    alpha = tl.exp(m_p - mp_new)
+    if AXIS == 0:
+        yp = tl.where(mask, zp - mp_new, 0.0)
+        yq = tl.where(mask, zq - mq_new, 0.0)
+    else:
+        yp = tl.where(mask, zp - mp_new[:, None], 0.0)
+        yq = tl.where(mask, zq - mq_new[:, None], 0.0)
+    e = tl.where(mask, tl.exp(yp), 0.0)
+    shift = tl.where(s_p > 0, s_p * ((m_p - mp_new) - (m_q - mq_new)), 0.0)
+    s_d = alpha * (s_d + shift) + tl.sum(e * (yp - yq), AXIS)
+    s_p = s_p * alpha + tl.sum(e, AXIS)
+    s_q = s_q * tl.exp(m_q - mq_new) + tl.sum(tl.where(mask, tl.exp(yq), 0.0), AXIS)
+    return mp_new, mq_new, s_p, s_q, s_d
+
+
+@triton.jit
+def _kl_bwd_kernel(p_ptr, q_ptr, stats_ptr, kl_ptr, g_ptr, dp_ptr, dq_ptr, stride_p, stride_q, V, inv_t,
+                   NEED_REF: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    n_rows = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_V)
-    lse_p = tl.load(lse_p_ptr + row)
-    lse_q = tl.load(lse_q_ptr + row)
+    m_p = tl.load(stats_ptr + row)
+    log_s_p = tl.load(stats_ptr + n_rows + row)
+    m_q = tl.load(stats_ptr + 2 * n_rows + row)
+    log_s_q = tl.load(stats_ptr + 3 * n_rows + row)
     kl = tl.load(kl_ptr + row)
     g = tl.load(g_ptr + row) * inv_t
     for off in range(0, V, BLOCK_V):
         mask = off + cols < V
-        logp = tl.load(p_ptr + row * stride_p + off + cols, mask=mask, other=0.0).to(tl.float32) * inv_t - lse_p
-        logq = tl.load(q_ptr + row * stride_q + off + cols, mask=mask, other=0.0).to(tl.float32) * inv_t - lse_q
+        zp = tl.load(p_ptr + row * stride_p + off + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
+        zq = tl.load(q_ptr + row * stride_q + off + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
+        logp = (zp - m_p) - log_s_p
+        logq = (zq - m_q) - log_s_q
         p = tl.exp(logp)
         tl.store(dp_ptr + row * stride_p + off + cols, (g * p * (logp - logq - kl)).to(dp_ptr.dtype.element_ty),
                  mask=mask)
@@ -78,7 +103,7 @@ def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
                                            has_bias, has_ref_bias, BLOCK_N: tl.constexpr,
                                            BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                                            DOT_PRECISION: tl.constexpr):
-    """part (5, splits, N) <- per-split (m_p, sum exp(zp - m_p), sum exp(zp - m_p) (zp - zq), m_q, s_q)."""
+    """part (5, splits, N) <- per split: m_p, s_p, s_d, m_q, s_q as in _kl_online_update."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -96,18 +121,10 @@ def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
                           has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         zq = _logits_tile(xr_ptr, wr_ptr, br_ptr, rows, cols, row_mask, col_mask, HR, stride_xr, stride_wr,
                           inv_t, has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        diff = tl.where(col_mask[None, :], zp - zq, 0.0)
-        zp = tl.where(col_mask[None, :], zp, float("-inf"))
-        zq = tl.where(col_mask[None, :], zq, float("-inf"))
-        mp_new = tl.maximum(m_p, tl.max(zp, 1))
-        mq_new = tl.maximum(m_q, tl.max(zq, 1))
-        alpha = tl.exp(m_p - mp_new)
-        e = tl.exp(zp - mp_new[:, None])
-        s_p = s_p * alpha + tl.sum(e, 1)
-        s_d = s_d * alpha + tl.sum(e * diff, 1)
-        s_q = s_q * tl.exp(m_q - mq_new) + tl.sum(tl.exp(zq - mq_new[:, None]), 1)
-        m_p = mp_new
-        m_q = mq_new
+        valid = col_mask[None, :]
+        zp = tl.where(valid, zp, float("-inf"))
+        zq = tl.where(valid, zq, float("-inf"))
+        m_p, m_q, s_p, s_q, s_d = _kl_online_update(zp, zq, valid, m_p, m_q, s_p, s_q, s_d, 1)
     stride_part = tl.num_programs(1) * N
     out = part_ptr + split * N + rows
     tl.store(out, m_p, mask=row_mask)
@@ -118,8 +135,7 @@ def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
 
 
 @triton.jit
-def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, lse_p_ptr, lse_q_ptr,
-                                           kl_ptr, g_ptr, dx_ptr, dw_ptr, db_ptr, N, V, H, HR, v_begin, v_end,
+def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, kl_ptr, g_ptr, dx_ptr, dw_ptr, db_ptr, N, V, H, HR, v_begin, v_end,
                                            stride_x, stride_w, stride_xr, stride_wr, stride_dx, stride_dw,
                                            inv_t, has_bias, has_ref_bias, need_b, NEED_X: tl.constexpr,
                                            NEED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -133,8 +149,12 @@ def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
                       has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
     zq = _logits_tile(xr_ptr, wr_ptr, br_ptr, rows, cols, row_mask, col_mask, HR, stride_xr, stride_wr, inv_t,
                       has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-    logp = zp - tl.load(lse_p_ptr + rows, mask=row_mask, other=0.0)[:, None]
-    logq = zq - tl.load(lse_q_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    m_p = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
+    log_s_p = tl.load(stats_ptr + N + rows, mask=row_mask, other=0.0)
+    m_q = tl.load(stats_ptr + 2 * N + rows, mask=row_mask, other=0.0)
+    log_s_q = tl.load(stats_ptr + 3 * N + rows, mask=row_mask, other=0.0)
+    logp = (zp - m_p[:, None]) - log_s_p[:, None]
+    logq = (zq - m_q[:, None]) - log_s_q[:, None]
     kl = tl.load(kl_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0) * inv_t
     d = g[:, None] * tl.exp(logp) * (logp - logq - kl[:, None])
@@ -164,7 +184,7 @@ def _fused_specs():
         for need_x, need_w in NEED_PAIRS:
             specs.append(KernelSpec(
                 f"fused_linear_kl_bwd[{tag},X={need_x},W={need_w}]", _fused_linear_kl_divergence_bwd_kernel,
-                {**ptrs, "lse_p_ptr": "*fp32", "lse_q_ptr": "*fp32", "kl_ptr": "*fp32", "g_ptr": "*fp32",
+                {**ptrs, "stats_ptr": "*fp32", "kl_ptr": "*fp32", "g_ptr": "*fp32",
                  "dx_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32",
                  "HR": "i32", "v_begin": "i32", "v_end": "i32", "stride_x": "i32", "stride_w": "i32",
                  "stride_xr": "i32", "stride_wr": "i32", "stride_dx": "i32", "stride_dw": "i32", "inv_t": "fp32",
@@ -180,13 +200,13 @@ def static_configs():
         for cfg in CONFIGS:
             specs.append(KernelSpec(
                 f"kl_fwd[{dt},{rdt},BV={cfg.block_v}]", _kl_fwd_kernel,
-                {"p_ptr": f"*{dt}", "q_ptr": f"*{rdt}", "kl_ptr": "*fp32", "lse_p_ptr": "*fp32", "lse_q_ptr": "*fp32",
+                {"p_ptr": f"*{dt}", "q_ptr": f"*{rdt}", "kl_ptr": "*fp32", "stats_ptr": "*fp32",
                  "stride_p": "i32", "stride_q": "i32", "V": "i32", "inv_t": "fp32", "BLOCK_V": "constexpr"},
                 {"BLOCK_V": cfg.block_v}, cfg.num_warps, cfg.num_stages))
             for need_ref in (False, True):
                 specs.append(KernelSpec(
                     f"kl_bwd[{dt},{rdt},BV={cfg.block_v},REF={need_ref}]", _kl_bwd_kernel,
-                    {"p_ptr": f"*{dt}", "q_ptr": f"*{rdt}", "lse_p_ptr": "*fp32", "lse_q_ptr": "*fp32",
+                    {"p_ptr": f"*{dt}", "q_ptr": f"*{rdt}", "stats_ptr": "*fp32",
                      "kl_ptr": "*fp32", "g_ptr": "*fp32", "dp_ptr": f"*{dt}", "dq_ptr": f"*{rdt}", "stride_p": "i32",
                      "stride_q": "i32", "V": "i32", "inv_t": "fp32", "NEED_REF": "constexpr",
                      "BLOCK_V": "constexpr"},

@@ -16,7 +16,7 @@ def _triton_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temp
     from ..kernels import kl_divergence as kk
     n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
     if n == 0:
-        return tuple(torch.empty(0, dtype=torch.float32, device=dev) for _ in range(3))
+        return torch.empty(0, dtype=torch.float32, device=dev), torch.empty(4, 0, dtype=torch.float32, device=dev)
     tiles_per_split, splits = split_plan(n, vocab, cfg, dev)
     part = torch.empty(5, splits, n, dtype=torch.float32, device=dev)
     kk._fused_linear_kl_divergence_fwd_kernel[(triton_cdiv(n, cfg.block_n), splits)](
@@ -29,14 +29,15 @@ def _triton_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temp
     m_p, s_p, s_d, m_q, s_q = part.unbind(0)
     big_p, big_q = m_p.max(0).values, m_q.max(0).values
     scale_p = torch.exp(m_p - big_p)
-    total_p = (s_p * scale_p).sum(0)
-    lse_p = big_p + torch.log(total_p)
-    lse_q = big_q + torch.log((s_q * torch.exp(m_q - big_q)).sum(0))
-    kl = (s_d * scale_p).sum(0) / total_p - lse_p + lse_q
-    return kl, lse_p, lse_q
+    log_s_p = torch.log((s_p * scale_p).sum(0))
+    log_s_q = torch.log((s_q * torch.exp(m_q - big_q)).sum(0))
+    # re-base each split's s_d from its own maxima to the global ones (see _kl_online_update)
+    s_d = (scale_p * (s_d + s_p * ((m_p - big_p) - (m_q - big_q)))).sum(0)
+    kl = s_d / log_s_p.exp() - log_s_p + log_s_q
+    return kl, torch.stack([big_p, log_s_p, big_q, log_s_q])
 
 
-def _triton_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl,
+def _triton_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl,
                      temperature, need):
     k, cfg, prec = tile_config(hidden.dtype)
     from ..kernels import kl_divergence as kk
@@ -48,7 +49,7 @@ def _triton_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_
     def launch(d_x, d_w, d_b, v_begin, v_end, grid):
         kk._fused_linear_kl_divergence_bwd_kernel[grid](
             hidden, weight, bias if bias is not None else hidden, ref_hidden, ref_weight,
-            ref_bias if ref_bias is not None else ref_hidden, lse_p, lse_q, kl, grad_kl, d_x, d_w, d_b,
+            ref_bias if ref_bias is not None else ref_hidden, stats, kl, grad_kl, d_x, d_w, d_b,
             hidden.shape[0], weight.shape[0], hidden.shape[1], ref_hidden.shape[1], v_begin, v_end,
             hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), hidden.shape[1],
             weight.shape[1], 1.0 / temperature, int(bias is not None), int(ref_bias is not None),
@@ -65,7 +66,7 @@ def _empty(t):
 @torch.library.custom_op("rlhf_fast::fused_linear_kl_divergence_fwd", mutates_args=())
 def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ref_hidden: torch.Tensor,
             ref_weight: torch.Tensor, ref_bias: torch.Tensor | None, temperature: float, chunk_size: int,
-            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if _backend.resolve(_OP, backend, hidden.device, gpu="triton") == "triton":
         return _triton_forward(hidden.contiguous(), weight.contiguous(), _contig(bias), ref_hidden.contiguous(),
                                ref_weight.contiguous(), _contig(ref_bias), temperature)
@@ -74,26 +75,27 @@ def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 @_fwd_op.register_fake
 def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, chunk_size, backend):
-    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
+    n = hidden.shape[0]
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty((4, n), dtype=torch.float32)
 
 
 @torch.library.custom_op("rlhf_fast::fused_linear_kl_divergence_bwd", mutates_args=())
 def _bwd_op(grad_kl: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             ref_hidden: torch.Tensor, ref_weight: torch.Tensor, ref_bias: torch.Tensor | None,
-            lse_p: torch.Tensor, lse_q: torch.Tensor, kl: torch.Tensor, temperature: float, chunk_size: int,
+            stats: torch.Tensor, kl: torch.Tensor, temperature: float, chunk_size: int,
             need: list[bool], backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _backend.resolve(_OP, backend, hidden.device, gpu="triton") == "triton":
         grads = _triton_backward(grad_kl.contiguous(), hidden.contiguous(), weight.contiguous(), _contig(bias),
-                                 ref_hidden.contiguous(), ref_weight.contiguous(), _contig(ref_bias), lse_p,
-                                 lse_q, kl, temperature, need)
+                                 ref_hidden.contiguous(), ref_weight.contiguous(), _contig(ref_bias), stats,
+                                 kl, temperature, need)
     else:
-        grads = ref.backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl,
+        grads = ref.backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl,
                              temperature, chunk_size or None, need)
     return tuple(g if g is not None else _empty(hidden) for g in grads)
 
 
 @_bwd_op.register_fake
-def _(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl, temperature,
+def _(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl, temperature,
       chunk_size, need, backend):
     return (torch.empty_like(hidden) if need[0] else _empty(hidden),
             torch.empty_like(weight) if need[1] else _empty(hidden),
@@ -102,17 +104,17 @@ def _(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, ls
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, chunk_size, backend = inputs
-    kl, lse_p, lse_q = output
-    ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl)
+    kl, stats = output
+    ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl)
     ctx.args = (temperature, chunk_size, backend)
 
 
-def _backward(ctx, grad_kl, _g_lse_p, _g_lse_q):
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl = ctx.saved_tensors
+def _backward(ctx, grad_kl, _grad_stats):
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl = ctx.saved_tensors
     temperature, chunk_size, backend = ctx.args
     need = [bool(x) for x in ctx.needs_input_grad[:3]]
     need[2] = need[2] and bias is not None
-    d_h, d_w, d_b = _bwd_op(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl,
+    d_h, d_w, d_b = _bwd_op(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl,
                             temperature, chunk_size, need, backend)
     return (d_h if need[0] else None, d_w if need[1] else None, d_b if need[2] else None,
             None, None, None, None, None, None)
@@ -150,6 +152,6 @@ def fused_linear_kl_divergence(hidden: torch.Tensor, weight: torch.Tensor, ref_h
     """
     ref.validate(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, temperature, chunk_size)
     _backend.check_backend_arg(backend)
-    kl, _, _ = _fwd_op(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, float(temperature),
+    kl, _ = _fwd_op(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, float(temperature),
                        chunk_size or 0, backend)
     return kl

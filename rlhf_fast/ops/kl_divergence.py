@@ -13,23 +13,24 @@ _OP = "kl_divergence"
 def _triton_forward(logits, ref_logits, temperature):
     from ..kernels import kl_divergence as k
     n, vocab = logits.shape
-    out = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3)]
+    kl = torch.empty(n, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(4, n, dtype=torch.float32, device=logits.device)
     if n:
         cfg = _pick_config(k.CONFIGS, vocab)
-        k._kl_fwd_kernel[(n,)](logits, ref_logits, *out, logits.stride(0), ref_logits.stride(0), vocab,
+        k._kl_fwd_kernel[(n,)](logits, ref_logits, kl, stats, logits.stride(0), ref_logits.stride(0), vocab,
                                1.0 / temperature, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
                                num_stages=cfg.num_stages)
-    return tuple(out)
+    return kl, stats
 
 
-def _triton_backward(grad_kl, logits, ref_logits, lse_p, lse_q, kl, temperature, need_ref):
+def _triton_backward(grad_kl, logits, ref_logits, stats, kl, temperature, need_ref):
     from ..kernels import kl_divergence as k
     n, vocab = logits.shape
     d_logits = torch.empty_like(logits)
     d_ref = torch.empty_like(ref_logits) if need_ref else None
     if n:
         cfg = _pick_config(k.CONFIGS, vocab)
-        k._kl_bwd_kernel[(n,)](logits, ref_logits, lse_p, lse_q, kl, grad_kl, d_logits,
+        k._kl_bwd_kernel[(n,)](logits, ref_logits, stats, kl, grad_kl, d_logits,
                                d_ref if need_ref else d_logits, logits.stride(0), ref_logits.stride(0),
                                vocab, 1.0 / temperature, NEED_REF=need_ref, BLOCK_V=cfg.block_v,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -38,7 +39,7 @@ def _triton_backward(grad_kl, logits, ref_logits, lse_p, lse_q, kl, temperature,
 
 @torch.library.custom_op("rlhf_fast::kl_divergence_fwd", mutates_args=())
 def _fwd_op(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float,
-            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if _backend.resolve(_OP, backend, logits.device, gpu="triton") == "triton":
         return _triton_forward(logits.contiguous(), ref_logits.contiguous(), temperature)
     return ref.forward(logits, ref_logits, temperature)
@@ -46,38 +47,39 @@ def _fwd_op(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float,
 
 @_fwd_op.register_fake
 def _(logits, ref_logits, temperature, backend):
-    return tuple(logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(3))
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty((4, n), dtype=torch.float32)
 
 
 @torch.library.custom_op("rlhf_fast::kl_divergence_bwd", mutates_args=())
-def _bwd_op(grad_kl: torch.Tensor, logits: torch.Tensor, ref_logits: torch.Tensor, lse_p: torch.Tensor,
-            lse_q: torch.Tensor, kl: torch.Tensor, temperature: float, need_ref: bool,
+def _bwd_op(grad_kl: torch.Tensor, logits: torch.Tensor, ref_logits: torch.Tensor, stats: torch.Tensor,
+            kl: torch.Tensor, temperature: float, need_ref: bool,
             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if _backend.resolve(_OP, backend, logits.device, gpu="triton") == "triton":
         d_logits, d_ref = _triton_backward(grad_kl.contiguous(), logits.contiguous(), ref_logits.contiguous(),
-                                           lse_p, lse_q, kl, temperature, need_ref)
+                                           stats, kl, temperature, need_ref)
     else:
-        d_logits, d_ref = ref.backward(grad_kl, logits, ref_logits, lse_p, lse_q, kl, temperature, need_ref)
+        d_logits, d_ref = ref.backward(grad_kl, logits, ref_logits, stats, kl, temperature, need_ref)
     return d_logits, d_ref if d_ref is not None else ref_logits.new_empty(0)
 
 
 @_bwd_op.register_fake
-def _(grad_kl, logits, ref_logits, lse_p, lse_q, kl, temperature, need_ref, backend):
+def _(grad_kl, logits, ref_logits, stats, kl, temperature, need_ref, backend):
     return torch.empty_like(logits), torch.empty_like(ref_logits) if need_ref else ref_logits.new_empty(0)
 
 
 def _setup_context(ctx, inputs, output):
     logits, ref_logits, temperature, backend = inputs
-    kl, lse_p, lse_q = output
-    ctx.save_for_backward(logits, ref_logits, lse_p, lse_q, kl)
+    kl, stats = output
+    ctx.save_for_backward(logits, ref_logits, stats, kl)
     ctx.args = (temperature, backend)
 
 
-def _backward(ctx, grad_kl, _g_lse_p, _g_lse_q):
-    logits, ref_logits, lse_p, lse_q, kl = ctx.saved_tensors
+def _backward(ctx, grad_kl, _grad_stats):
+    logits, ref_logits, stats, kl = ctx.saved_tensors
     temperature, backend = ctx.args
     need_ref = bool(ctx.needs_input_grad[1])
-    d_logits, d_ref = _bwd_op(grad_kl, logits, ref_logits, lse_p, lse_q, kl, temperature, need_ref, backend)
+    d_logits, d_ref = _bwd_op(grad_kl, logits, ref_logits, stats, kl, temperature, need_ref, backend)
     return d_logits, d_ref if need_ref else None, None, None
 
 
@@ -111,5 +113,5 @@ def kl_divergence(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature
     ref.validate(logits, ref_logits, temperature)
     _backend.check_backend_arg(backend)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
-    kl, _, _ = _fwd_op(logits.reshape(-1, vocab), ref_logits.reshape(-1, vocab), float(temperature), backend)
+    kl, _ = _fwd_op(logits.reshape(-1, vocab), ref_logits.reshape(-1, vocab), float(temperature), backend)
     return kl.reshape(lead)

@@ -34,21 +34,21 @@ def validate(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, temperature
 
 def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature: float,
             chunk_rows: int | None = None):
-    """-> (kl, lse_p, lse_q), each (N,) fp32."""
+    """-> (kl (N,), stats (4, N) = (m_p, log s_p, m_q, log s_q)), fp32."""
     n, vocab = hidden.shape[0], weight.shape[0]
     chunk_rows = min(chunk_rows or tl.rows_per_chunk(vocab), max(n, 1))
-    out = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+    kl = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    stats = torch.empty(4, n, dtype=torch.float32, device=hidden.device)
     buf = torch.empty(2, chunk_rows, vocab, dtype=torch.float32, device=hidden.device)
     for s in range(0, n, chunk_rows):
         e = min(n, s + chunk_rows)
         z = fll.logits_chunk(hidden[s:e], weight, bias, temperature, buf[0])
         zr = fll.logits_chunk(ref_hidden[s:e], ref_weight, ref_bias, temperature, buf[1])
-        for o, v in zip(out, kld.row_stats(z, zr)):
-            o[s:e] = v
-    return tuple(out)
+        kl[s:e], stats[:, s:e] = kld.row_stats(z, zr)
+    return kl, stats
 
 
-def backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl,
+def backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl,
              temperature: float, chunk_rows: int | None = None, need=(True, True, True)):
     """Returns (d hidden, d weight, d bias), None where not needed."""
     need_h, need_w, need_b = need[0], need[1], need[2] and bias is not None
@@ -63,7 +63,7 @@ def backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ls
         e = min(n, s + chunk_rows)
         z = fll.logits_chunk(hidden[s:e], weight, bias, temperature, buf[0])
         zr = fll.logits_chunk(ref_hidden[s:e], ref_weight, ref_bias, temperature, buf[1])
-        dz, _ = kld.grads_(z, zr, lse_p[s:e], lse_q[s:e], kl[s:e], grad_kl[s:e], temperature, False)
+        dz, _ = kld.grads_(z, zr, stats[:, s:e], kl[s:e], grad_kl[s:e], temperature, False)
         if need_h:
             if fp32:
                 torch.mm(dz, weight, out=d_hidden[s:e])
@@ -81,17 +81,16 @@ def backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ls
 class _FusedLinearKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, chunk_rows):
-        kl, lse_p, lse_q = forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature,
-                                   chunk_rows)
-        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl)
+        kl, stats = forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, chunk_rows)
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl)
         ctx.args = (temperature, chunk_rows)
         return kl
 
     @staticmethod
     def backward(ctx, grad_kl):
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl = ctx.saved_tensors
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl = ctx.saved_tensors
         temperature, chunk_rows = ctx.args
-        grads = backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_q, kl,
+        grads = backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl,
                          temperature, chunk_rows, ctx.needs_input_grad[:3])
         return (*grads, None, None, None, None, None)
 

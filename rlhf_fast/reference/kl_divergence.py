@@ -1,7 +1,7 @@
 """Pure-PyTorch exact KL(pi || pi_ref) per row over the whole vocab, chunked over rows.
 
 With z = logits / T, zr = ref_logits / T, p = softmax(z), q = softmax(zr):
-    KL = sum_v p (log p - log q) = sum_v p (z - zr) - lse(z) + lse(zr)
+    KL = sum_v p (log p - log q)
     dKL/dz = p * (log p - log q - KL) / T,   dKL/dzr = (q - p) / T
 Only per-row statistics are saved; the backward recomputes p and q one chunk of rows at a time.
 """
@@ -28,23 +28,32 @@ def validate(logits, ref_logits, temperature) -> None:
 
 
 def row_stats(z: torch.Tensor, zr: torch.Tensor):
-    """z, zr (n, V) fp32 (already / T) -> (kl, lse_p, lse_q), each (n,) fp32."""
-    lse_p = torch.logsumexp(z, dim=-1)
-    lse_q = torch.logsumexp(zr, dim=-1)
-    kl = (torch.exp(z - lse_p[:, None]) * (z - zr)).sum(-1) - lse_p + lse_q
-    return kl, lse_p, lse_q
+    """z, zr (n, V) fp32 (already / T) -> (kl (n,), stats (4, n) = (m_p, log s_p, m_q, log s_q)).
+
+    As in token_logprobs, log p = (z - m) - log s (never z - lse) keeps every log-probability exact to
+    its own ulp; KL is then sum p (log p - log q), the formula PyTorch uses.
+    """
+    m_p, m_q = z.max(-1).values, zr.max(-1).values
+    log_p = z - m_p[:, None]
+    log_q = zr - m_q[:, None]
+    log_s_p = torch.log(log_p.exp().sum(-1))
+    log_s_q = torch.log(log_q.exp().sum(-1))
+    log_p.sub_(log_s_p[:, None])
+    log_q.sub_(log_s_q[:, None])
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return kl, torch.stack([m_p, log_s_p, m_q, log_s_q])
 
 
-def grads_(z, zr, lse_p, lse_q, kl, grad_kl, temperature: float, need_ref: bool):
+def grads_(z, zr, stats, kl, grad_kl, temperature: float, need_ref: bool):
     """Overwrite z (and zr when need_ref) with d/d(logits) (and d/d(ref_logits)); returns (dz, dzr or None)."""
     g = grad_kl.float()[:, None]
-    z.sub_(lse_p[:, None])                      # log p
-    zr.sub_(lse_q[:, None])                     # log q
+    z.sub_(stats[0][:, None]).sub_(stats[1][:, None])     # log p
+    zr.sub_(stats[2][:, None]).sub_(stats[3][:, None])    # log q
     diff = (z - zr).sub_(kl[:, None])
-    z.exp_()                                    # p
+    z.exp_()                                              # p
     dzr = None
     if need_ref:
-        dzr = zr.exp_().sub_(z).mul_(g)         # (q - p) g
+        dzr = zr.exp_().sub_(z).mul_(g)                   # (q - p) g
         if temperature != 1.0:
             dzr.div_(temperature)
     dz = z.mul_(diff).mul_(g)
@@ -58,18 +67,18 @@ def _f32(x, temperature):
 
 
 def forward(logits, ref_logits, temperature: float, chunk_rows: int | None = None):
-    """logits, ref_logits (N, V) -> (kl, lse_p, lse_q), each (N,) fp32."""
+    """logits, ref_logits (N, V) -> (kl (N,), stats (4, N)), fp32."""
     n, vocab = logits.shape
     chunk_rows = chunk_rows or tl.rows_per_chunk(vocab)
-    out = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3)]
+    kl = torch.empty(n, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(4, n, dtype=torch.float32, device=logits.device)
     for s in range(0, n, chunk_rows):
         e = min(n, s + chunk_rows)
-        for o, v in zip(out, row_stats(_f32(logits[s:e], temperature), _f32(ref_logits[s:e], temperature))):
-            o[s:e] = v
-    return tuple(out)
+        kl[s:e], stats[:, s:e] = row_stats(_f32(logits[s:e], temperature), _f32(ref_logits[s:e], temperature))
+    return kl, stats
 
 
-def backward(grad_kl, logits, ref_logits, lse_p, lse_q, kl, temperature: float, need_ref: bool,
+def backward(grad_kl, logits, ref_logits, stats, kl, temperature: float, need_ref: bool,
              chunk_rows: int | None = None):
     """Returns (d logits, d ref_logits or None), in the inputs' dtypes."""
     n, vocab = logits.shape
@@ -78,8 +87,8 @@ def backward(grad_kl, logits, ref_logits, lse_p, lse_q, kl, temperature: float, 
     d_ref = torch.empty_like(ref_logits) if need_ref else None
     for s in range(0, n, chunk_rows):
         e = min(n, s + chunk_rows)
-        dz, dzr = grads_(_f32(logits[s:e], temperature), _f32(ref_logits[s:e], temperature), lse_p[s:e],
-                         lse_q[s:e], kl[s:e], grad_kl[s:e], temperature, need_ref)
+        dz, dzr = grads_(_f32(logits[s:e], temperature), _f32(ref_logits[s:e], temperature), stats[:, s:e],
+                         kl[s:e], grad_kl[s:e], temperature, need_ref)
         d_logits[s:e] = dz
         if need_ref:
             d_ref[s:e] = dzr
@@ -89,15 +98,15 @@ def backward(grad_kl, logits, ref_logits, lse_p, lse_q, kl, temperature: float, 
 class _KLDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, ref_logits, temperature):
-        kl, lse_p, lse_q = forward(logits, ref_logits, temperature)
-        ctx.save_for_backward(logits, ref_logits, lse_p, lse_q, kl)
+        kl, stats = forward(logits, ref_logits, temperature)
+        ctx.save_for_backward(logits, ref_logits, stats, kl)
         ctx.temperature = temperature
         return kl
 
     @staticmethod
     def backward(ctx, grad_kl):
-        logits, ref_logits, lse_p, lse_q, kl = ctx.saved_tensors
-        d_logits, d_ref = backward(grad_kl, logits, ref_logits, lse_p, lse_q, kl, ctx.temperature,
+        logits, ref_logits, stats, kl = ctx.saved_tensors
+        d_logits, d_ref = backward(grad_kl, logits, ref_logits, stats, kl, ctx.temperature,
                                    ctx.needs_input_grad[1])
         return d_logits, d_ref, None
 
