@@ -22,6 +22,7 @@ namespace rlhf_fast {
 namespace cuda {
 
 constexpr int kThreads = 512;
+constexpr int kUnroll = 4;  // 16-byte loads in flight per thread in the streaming passes
 constexpr int kBinsPerThread = kRadixBins / kThreads;
 constexpr float kMassScale = 1099511627776.0f;  // 2^40: fixed-point unit of the mass histograms
 
@@ -67,7 +68,20 @@ struct RowView {
   template <typename F>
   __device__ __forceinline__ void for_each(F&& f) const {
     const int64_t n_packs = packs();
-    for (int64_t q = threadIdx.x; q < n_packs; q += kThreads) {
+    int64_t q = threadIdx.x;
+    // kUnroll loads in flight per thread before any is used: one block per row must keep enough
+    // bytes in flight to approach the SM's share of HBM bandwidth.
+    for (; q + (kUnroll - 1) * kThreads < n_packs; q += kUnroll * kThreads) {
+      float v[kUnroll][kVec];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) load_pack(q + u * kThreads, v[u]);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) f((q + u * kThreads) * kVec + j, v[u][j]);
+      }
+    }
+    for (; q < n_packs; q += kThreads) {
       float v[kVec];
       load_pack(q, v);
 #pragma unroll
