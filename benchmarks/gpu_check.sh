@@ -131,7 +131,7 @@ for f in "${bench_files[@]}"; do
     grep -q '"--suite"' "$f" && grep -q '"gpu"' "$f" && args+=(--suite gpu)
     grep -q '"--quick"' "$f" && args+=(--quick)
     step "$name" 60 "$name.log" python -m "benchmarks.$name" "${args[@]}"
-    add_row "$name" "$(grep -c '^|' "$out/$name.log") table lines"
+    add_row "$name" "$(grep -m1 -o 'results/[^ ]*\.json' "$out/$name.log" || echo 'no JSON written')"
 done
 
 {
