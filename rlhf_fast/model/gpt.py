@@ -43,6 +43,9 @@ HEADS = ("lm", "value", "reward")
 
 
 class GPT(nn.Module):
+    """The decoder with one head: "lm" (next-token logits, tied to wte by default), "value" or "reward"
+    (a Linear(n_embd, 1) named `score`). Weights get GPT-2's init; see the module docstring for calls."""
+
     def __init__(self, config: GPTConfig, head: str = "lm"):
         super().__init__()
         if not isinstance(config, GPTConfig):
@@ -237,6 +240,7 @@ def _check_mask(attention_mask, idx) -> None:
     col = torch.arange(T, device=mask.device)
     first = torch.where(mask, col, T).amin(1)
     last = torch.where(mask, col, -1).amax(1)
-    if bool(((last - first + 1) != mask.sum(1)).any()) or bool((mask.sum(1) == 0).any()):
+    count = mask.sum(1)
+    if bool(((last - first + 1 != count) | (count == 0)).any()):  # one host sync; skipped when compiled
         raise ValueError("attention_mask must mark one contiguous, non-empty run of real tokens per row "
                          "(left and/or right padding)")
