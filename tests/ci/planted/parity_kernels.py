@@ -1,7 +1,10 @@
 """Row softmax in Triton, once right and once off by a bit, for tests/ci/test_parity_layer.py.
 
-_softmax_kernel computes in float32 and rounds once, on the store. _planted_softmax_kernel rounds
-the max-subtracted logits to bfloat16 before exp, a precision drop of the kind a kernel can hide
+_softmax_kernel computes in float64 and rounds on the store, so it is at least as accurate as
+PyTorch's own softmax on either device (Triton's float32 exp is an approximate ex2 on GPUs, which
+could not promise that). Casts from float64 go through float32: Triton 3.9's interpreter turns a
+float64 -> bfloat16 cast into garbage (0 or NaN). _planted_softmax_kernel is the same but rounds the max-subtracted logits
+to bfloat16 before exp, a precision drop of the kind a kernel can hide
 behind a loose tolerance: on randn rows its float32 outputs are off by up to ~1e-3 absolute (3%
 relative on the small probabilities), which torch.allclose(atol=1e-2, rtol=1e-2), a tolerance common in
 kernel tests, accepts and the parity rule (tests/parity.py) must reject: PyTorch's float32 error is ~1e-8.
@@ -16,10 +19,10 @@ def _softmax_kernel(x_ptr, y_ptr, n_cols, stride, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
-    x = tl.load(x_ptr + row * stride + offs, mask=mask, other=-float("inf")).to(tl.float32)
+    x = tl.load(x_ptr + row * stride + offs, mask=mask, other=-float("inf")).to(tl.float64)
     num = tl.exp(x - tl.max(x, axis=0))
     y = num / tl.sum(num, axis=0)
-    tl.store(y_ptr + row * stride + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row * stride + offs, y.to(tl.float32).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -27,11 +30,11 @@ def _planted_softmax_kernel(x_ptr, y_ptr, n_cols, stride, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
-    x = tl.load(x_ptr + row * stride + offs, mask=mask, other=-float("inf")).to(tl.float32)
-    z = (x - tl.max(x, axis=0)).to(tl.bfloat16).to(tl.float32)  # the planted precision drop
+    x = tl.load(x_ptr + row * stride + offs, mask=mask, other=-float("inf")).to(tl.float64)
+    z = (x - tl.max(x, axis=0)).to(tl.float32).to(tl.bfloat16).to(tl.float64)  # the planted precision drop
     num = tl.exp(z)
     y = num / tl.sum(num, axis=0)
-    tl.store(y_ptr + row * stride + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row * stride + offs, y.to(tl.float32).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def softmax(x: torch.Tensor, planted: bool = False) -> torch.Tensor:
