@@ -94,14 +94,14 @@ struct RowView {
 struct SharedState {
   union {
     typename cub::BlockReduce<ArgMax, kThreads>::TempStorage argmax;
-    typename cub::BlockReduce<float, kThreads>::TempStorage sum;
+    typename cub::BlockReduce<double, kThreads>::TempStorage sum;
     typename cub::BlockReduce<int64_t, kThreads>::TempStorage index;
     typename cub::BlockScan<unsigned long long, kThreads>::TempStorage scan_u64;
-    typename cub::BlockScan<float, kThreads>::TempStorage scan_f32;
+    typename cub::BlockScan<double, kThreads>::TempStorage scan_f64;
   } cub;
   unsigned long long hist[kRadixBins];
   float x_max;
-  float z;
+  double z;
   int64_t argmax;
   int64_t token;
   int64_t last_positive;
@@ -230,14 +230,16 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   };
 
   // Z and the last token with positive kept mass (the draw's fallback when rounding overshoots).
-  float z_part = 0.0f;
+  // Z and the running CDF accumulate in double: float sums over 10^5 tokens drift by ~1e-5, which
+  // would show in the returned logprob.
+  double z_part = 0.0;
   int64_t last = -1;
   view.for_each([&](int64_t i, float raw) {
     const float e = kept_mass(raw);
-    z_part += e;
+    z_part += static_cast<double>(e);
     if (e > 0.0f) last = i > last ? i : last;
   });
-  const float z = cub::BlockReduce<float, kThreads>(s.cub.sum).Sum(z_part);
+  const double z = cub::BlockReduce<double, kThreads>(s.cub.sum).Sum(z_part);
   __syncthreads();
   const int64_t last_all = cub::BlockReduce<int64_t, kThreads>(s.cub.index).Reduce(last, MaxOp());
   if (threadIdx.x == 0) {
@@ -246,12 +248,12 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     s.token = INT64_MAX;
   }
   __syncthreads();
-  const float z_row = s.z;
-  const float target = philox_row_uniform(static_cast<uint64_t>(*args.seed), static_cast<uint64_t>(*args.offset),
-                                          static_cast<uint64_t>(row)) * z_row;
+  const double z_row = s.z;
+  const double target = static_cast<double>(philox_row_uniform(
+      static_cast<uint64_t>(*args.seed), static_cast<uint64_t>(*args.offset), static_cast<uint64_t>(row))) * z_row;
 
   // Inverse CDF in index order, one tile (kThreads packs) at a time, then the scalar tail.
-  float running = 0.0f;
+  double running = 0.0;
   const int64_t n_packs = view.packs();
   const int64_t tail_start = n_packs * kVec;
   const int64_t n_tiles = (n_packs + kThreads - 1) / kThreads + (args.vocab - tail_start + kThreads - 1) / kThreads;
@@ -270,19 +272,19 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
       lanes = first < args.vocab ? 1 : 0;
       if (lanes) m[0] = to_float(view.row[first]);
     }
-    float own = 0.0f;
+    double own = 0.0;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       m[j] = j < lanes ? kept_mass(m[j]) : 0.0f;
-      own += m[j];
+      own += static_cast<double>(m[j]);
     }
-    float excl, tile_sum;
-    cub::BlockScan<float, kThreads>(s.cub.scan_f32).ExclusiveSum(own, excl, tile_sum);
+    double excl, tile_sum;
+    cub::BlockScan<double, kThreads>(s.cub.scan_f64).ExclusiveSum(own, excl, tile_sum);
     if (running + tile_sum > target) {
-      float c = running + excl;
+      double c = running + excl;
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        c += m[j];
+        c += static_cast<double>(m[j]);
         if (j < lanes && m[j] > 0.0f && c > target) {
           atomicMin(reinterpret_cast<unsigned long long*>(&s.token), static_cast<unsigned long long>(first + j));
           break;
@@ -297,7 +299,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     const int64_t token = s.token != INT64_MAX ? s.token : s.last_positive;
     args.tokens[row] = token;
     const float raw = to_float(view.row[token]);
-    args.logprobs[row] = (temper(raw) - x_max) - logf(z_row);
+    args.logprobs[row] = static_cast<float>(static_cast<double>(temper(raw) - x_max) - log(z_row));
   }
 }
 

@@ -193,24 +193,26 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
   if (remove_mass > 0.0f) {
     threshold = radix_threshold<false>(s, V, threshold, static_cast<double>(remove_mass), 0.0);
   }
-  float z = 0.0f;
+  // Z and the running CDF accumulate in double: float sums over 10^5 tokens drift by ~1e-5, which
+  // would show in the returned logprob.
+  double z = 0.0;
 #pragma omp simd reduction(+ : z)
   for (int64_t i = 0; i < V; ++i) {
     const bool keep = key[i] >= threshold && mass[i] >= min_p;
     mass[i] = keep ? mass[i] : 0.0f;
-    z += mass[i];
+    z += static_cast<double>(mass[i]);
   }
   // Inverse CDF in index order: blocks of 64 summed (vectorized), then a scan inside the crossing block.
-  const float target = philox_row_uniform(static_cast<uint64_t>(*a.seed), static_cast<uint64_t>(*a.offset),
-                                          static_cast<uint64_t>(row)) * z;
+  const double target = static_cast<double>(philox_row_uniform(
+      static_cast<uint64_t>(*a.seed), static_cast<uint64_t>(*a.offset), static_cast<uint64_t>(row))) * z;
   int64_t token = -1, last_positive = 0;
-  float running = 0.0f;
+  double running = 0.0;
   constexpr int64_t kBlock = 64;
   for (int64_t start = 0; start < V && token < 0; start += kBlock) {
     const int64_t end = std::min(start + kBlock, V);
-    float block = 0.0f;
+    double block = 0.0;
 #pragma omp simd reduction(+ : block)
-    for (int64_t i = start; i < end; ++i) block += mass[i];
+    for (int64_t i = start; i < end; ++i) block += static_cast<double>(mass[i]);
     if (running + block <= target) {
       running += block;
       for (int64_t i = end - 1; i >= start; --i) {
@@ -222,7 +224,7 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
       continue;
     }
     for (int64_t i = start; i < end; ++i) {
-      running += mass[i];
+      running += static_cast<double>(mass[i]);
       if (mass[i] > 0.0f) last_positive = i;
       if (running > target) {
         token = i;
@@ -232,7 +234,7 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
   }
   if (token < 0) token = last_positive;
   a.tokens[row] = token;
-  a.logprobs[row] = (x[token] - x_max) - std::log(z);
+  a.logprobs[row] = static_cast<float>(static_cast<double>(x[token] - x_max) - std::log(z));
 }
 
 // Sample every row of `input` ((rows, row_stride) with inner stride 1). Rows run in parallel.
