@@ -29,8 +29,7 @@ def _inputs(shape, dtype, device):
 def test_parity_rule_accepts_right_kernel(shape, dtype, device):
     need_backend("triton", device)
     x, ref64, same = _inputs(shape, dtype, device)
-    worst, err_torch = assert_close_to_reference(softmax(x), ref64, same, name="softmax")
-    assert worst <= 2 * err_torch + torch.finfo(dtype).eps
+    assert_close_to_reference(softmax(x), ref64, same, name="softmax")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
