@@ -102,7 +102,7 @@ def decode_n_tokens_graphed(model: GPT, logits: torch.Tensor, cache: KVCache, n:
                                    backend=sampling["backend"], **params)
         token.copy_(tok)
         logprob.copy_(lp)
-        static_logits.copy_(decode_one_token(model, tok, cache))
+        static_logits.copy_(decode_one_token(model, tok.clamp_min(0), cache))  # -1: a NaN row, unchecked
         params["offset"].add_(1)
 
     # warm up on a side stream (compiles kernels, allocates), then undo the state the warm-up advanced
@@ -157,10 +157,6 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
         that the KV cache is checked against).
     sample_backend: backend of `rlhf_fast.sample` (whose fused kernel is the "cuda" extension, not
         Triton); None means "reference" when model.config.backend is "reference", else "auto".
-
-    Prompt length + max_new_tokens must fit in model.config.block_size. The model is not switched to
-    eval mode: call model.eval() first if it has dropout.
-
     cuda_graph: capture one decode step (sampling + `decode_one_token`) in a CUDA graph and replay it
         for every new token (`decode_n_tokens_graphed`); CUDA tensors and use_cache only. Every
         sampling option works under the graph, greedy and seeded ones included: the step has static
@@ -169,6 +165,9 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
         without the graph. seed=None draws the graph's seed from torch's RNG once. NaN/inf logits
         are not checked under the graph (the check is a host sync): such a row yields token -1.
         Only the EOS test every few steps syncs with the host, outside the graph.
+
+    Prompt length + max_new_tokens must fit in model.config.block_size. The model is not switched to
+    eval mode: call model.eval() first if it has dropout.
     """
     if not isinstance(model, GPT) or model.head != "lm":
         raise ValueError("model must be a GPT with head='lm'")
