@@ -143,7 +143,7 @@ def train_ppo(cfg, rt: Runtime, tok, models: dict, prompts: list[list[int]], pro
         if logger is not None:
             logger.log(0, task_score=score)
     bar = progress(cfg, rt, c.steps, start, "ppo")
-    record = {}
+    record = resume_state.get("record", {}) if resume_state is not None else {}
     for step in range(start + 1, c.steps + 1):
         for m in ("policy", "value"):
             unwrap(models[m]).eval()  # dropout off while sampling and training alike
@@ -163,7 +163,7 @@ def train_ppo(cfg, rt: Runtime, tok, models: dict, prompts: list[list[int]], pro
         if step % c.ckpt_every == 0 or step == c.steps:
             save_checkpoint(ckpt_path, rt, policy=model_state(models["policy"]), value=model_state(models["value"]),
                             optimizers={k: o.state_dict() for k, o in opts.items()}, sampler=sampler.state_dict(),
-                            kl_ctl=kl_ctl.state_dict(), step=step)
+                            kl_ctl=kl_ctl.state_dict(), step=step, record=record)
         if on_step is not None:
             on_step(step)
     bar.close()

@@ -49,21 +49,20 @@ def train_sft(cfg: Config, rt: Runtime, tok, data_path: str | Path, stage_dir: P
     model.train()
     wrapped = wrap_model(model, rt)
     opt = make_optimizer(wrapped, c.lr, c.weight_decay)
-    start = 0
+    start, loss = 0, float("nan")
     if state is not None and state["optimizer"] is None:
         raise ValueError(f"{ckpt_path} was written by an FSDP run, whose optimizer state is not saved: "
                          "it cannot be resumed; start the stage again")
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
-        start = state["step"]
+        start, loss = state["step"], state.get("loss", float("nan"))
         restore_rng(state)
     elif rt.is_main:
         (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
     logger = MetricsLogger(stage_dir / "metrics.jsonl", resume_step=start) if rt.is_main else None
     bar = progress(cfg, rt, c.steps, start, "sft")
     packed = c.packing == "packed" or (c.packing == "auto" and rt.device.type == "cuda")
-    loss = float("nan")
     for step in range(start + 1, c.steps + 1):
         ids = sampler.next()[rt.rank::rt.world]
         mine = [examples[i] for i in ids]
@@ -85,7 +84,7 @@ def train_sft(cfg: Config, rt: Runtime, tok, data_path: str | Path, stage_dir: P
         bar.set_postfix(loss=f"{loss:.3f}")
         if step % c.ckpt_every == 0 or step == c.steps:
             save_checkpoint(ckpt_path, rt, model=model_state(model), optimizer=optimizer_state(opt, rt),
-                            sampler=sampler.state_dict(), step=step)
+                            sampler=sampler.state_dict(), step=step, loss=loss)
         if on_step is not None:
             on_step(step)
     bar.close()
