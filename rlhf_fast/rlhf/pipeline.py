@@ -4,6 +4,7 @@ Run directory layout (``cfg.run.out``)::
 
     config.yaml            resolved config of the last command (``--resume`` reads it back)
     summary.json           task_score_sft, rm_accuracy, task_score_ppo, kl_final, seconds, ...
+    demo.png               (demo) task score, reward and KL over the PPO iterations
     data/*.jsonl           the built-in task's data (when a data path is left empty)
     sft/ rm/ ppo/          per stage: metrics.jsonl (one line per step), checkpoint.pt, plots/*.png
 """
@@ -200,6 +201,37 @@ def run_ppo(cfg: Config, resume: bool = False, on_step=None) -> dict:
                            score_final=record.get("score"), seconds_ppo=time.time() - t0)
 
 
+def summary_plot(out: Path) -> Path | None:
+    """out/demo.png: PPO's task score (step 0 = the SFT policy), reward-model score and KL per iteration."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    records = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    fig = Figure(figsize=(12, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    panels = (("task_score", "task score (held-out, sampled)"), ("score", "reward-model score (normalized)"),
+              ("kl", "KL to the SFT policy (nats / response)"))
+    for i, (key, title) in enumerate(panels):
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        ax = fig.add_subplot(1, 3, i + 1)
+        if key == "task_score":
+            rollout = [(r["step"], r["task_score_rollout"]) for r in records if "task_score_rollout" in r]
+            ax.plot([p[0] for p in rollout], [p[1] for p in rollout], alpha=0.35, label="rollout batch")
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if key == "task_score" else None,
+                label="held-out prompts" if key == "task_score" else None)
+        if key == "task_score":
+            ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("PPO iteration")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "demo.png"
+    fig.savefig(path)
+    return path
+
+
 def run_demo(cfg: Config, resume: bool = False) -> dict:
     """SFT -> reward model -> PPO on the built-in task; summary.json gets the total `seconds`."""
     t0 = time.time()
@@ -208,6 +240,8 @@ def run_demo(cfg: Config, resume: bool = False) -> dict:
     summary = run_ppo(cfg, resume)
     rt = setup_runtime(cfg)
     summary = _update_summary(Path(cfg.run.out), rt, seconds=time.time() - t0)
+    if rt.is_main and cfg.run.plots:
+        summary_plot(Path(cfg.run.out))
     if rt.is_main:
         print(json.dumps({k: summary.get(k) for k in ("task_score_sft", "task_score_ppo", "rm_accuracy",
                                                        "kl_final", "seconds")}, indent=2))

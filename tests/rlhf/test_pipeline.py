@@ -52,6 +52,7 @@ def test_demo_outputs(sft_rm_run, tmp_path, device):
     for stage in ("sft", "rm", "ppo"):
         assert (out / stage / "checkpoint.pt").is_file()
     assert {p.name for p in (out / "ppo" / "plots").glob("*.png")} >= {"score.png", "kl.png", "task_score.png"}
+    assert pipeline.summary_plot(out).read_bytes()[:4] == b"\x89PNG"
     ppo = read_metrics(out / "ppo" / "metrics.jsonl")
     assert [r["step"] for r in ppo] == [0, 1, 2, 3, 4]
     for key in ("score", "kl", "pg_loss", "vf_loss", "entropy", "approx_kl", "clipfrac", "explained_var"):
