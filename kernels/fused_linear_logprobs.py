@@ -15,11 +15,11 @@ import triton.language as tl
 from ._spec import KernelSpec
 
 TileConfig = namedtuple("TileConfig", "block_n block_v block_k num_warps num_stages")
-# One config per input dtype; the launcher uses exactly this table. fp32 takes a shorter K tile so
-# the pipelined shared memory stays well under sm_80's 164 KB; fp32 dots run in IEEE precision to
-# match torch's default (TF32 off) fp32 matmul.
+# One config per input dtype; the launcher uses exactly this table. fp32 dots run in IEEE precision
+# (torch's default fp32 matmul has TF32 off), i.e. on FMA units with the tile in registers, so fp32
+# takes a smaller tile than the tensor-core dtypes to stay free of spills.
 CONFIGS = {
-    "fp32": TileConfig(64, 128, 32, 8, 2),
+    "fp32": TileConfig(32, 64, 32, 4, 2),
     "bf16": TileConfig(64, 128, 64, 8, 3),
     "fp16": TileConfig(64, 128, 64, 8, 3),
 }
@@ -43,51 +43,68 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, K, stride_x, stride_w, inv_t, has_bias,
+def _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, row_lim, col_lim, K, stride_x, stride_w, inv_t, has_bias,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
-    """(BLOCK_N, BLOCK_V) fp32 tile of (x @ w.T + b) / T, for x rows `rows` and w rows `cols`."""
+    """(BLOCK_N, BLOCK_V) fp32 tile of (x @ w.T + b) / T for x rows row0.. and w rows col0...
+
+    Register economy: the tile origin goes into a 64-bit scalar base pointer and in-tile offsets stay
+    32-bit; rows/cols past the end (row_lim, col_lim = valid count) re-read the last valid one instead
+    of carrying 2-D masks through the pipelined K loop (callers mask those rows/cols afterwards).
+    """
+    rn = tl.minimum(tl.arange(0, BLOCK_N), row_lim - 1)
+    rv = tl.minimum(tl.arange(0, BLOCK_V), col_lim - 1)
     ks = tl.arange(0, BLOCK_K)
+    x_base = x_ptr + row0.to(tl.int64) * stride_x
+    w_base = w_ptr + col0.to(tl.int64) * stride_w
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     for k in range(0, K, BLOCK_K):
-        kmask = k + ks < K
-        a = tl.load(x_ptr + rows[:, None] * stride_x + (k + ks)[None, :],
-                    mask=row_mask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[:, None] * stride_w + (k + ks)[None, :],
-                    mask=col_mask[:, None] & kmask[None, :], other=0.0)
+        kmask = (k + ks < K)[None, :]
+        a = tl.load(x_base + rn[:, None] * stride_x + (k + ks)[None, :], mask=kmask, other=0.0)
+        b = tl.load(w_base + rv[:, None] * stride_w + (k + ks)[None, :], mask=kmask, other=0.0)
         acc = _dot(a, tl.trans(b), acc, DOT_PRECISION)
     if has_bias:
-        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + col0 + rv).to(tl.float32)[None, :]
     return acc * inv_t
 
 
 @triton.jit
-def _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, rows, cols, row_mask, col_mask, v_begin, K,
+def _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, row_lim, col_lim, v_begin, K,
                    stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X: tl.constexpr,
                    NEED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
     """Given d = d(loss)/d(logits) for one (BLOCK_N, BLOCK_V) tile (fp32, zero outside the masks), add
-    d @ w[cols] into dx[rows], d.T @ x[rows] into dw[cols - v_begin] and d.sum(0) into db[cols]."""
+    d @ w[cols] into dx[rows], d.T @ x[rows] into dw[cols - v_begin] and d.sum(0) into db[cols].
+
+    Rows/cols past the end read clamped addresses (as in _logits_tile) and are masked in the adds."""
+    rn = tl.arange(0, BLOCK_N)
+    rv = tl.arange(0, BLOCK_V)
+    rn_c = tl.minimum(rn, row_lim - 1)
+    rv_c = tl.minimum(rv, col_lim - 1)
+    row_mask = rn < row_lim
+    col_mask = rv < col_lim
     ks = tl.arange(0, BLOCK_K)
     dd = d.to(x_ptr.dtype.element_ty)
     if NEED_X:
+        w_base = w_ptr + col0.to(tl.int64) * stride_w
+        dx_base = dx_ptr + row0.to(tl.int64) * stride_dx
         for k in range(0, K, BLOCK_K):
             kmask = k + ks < K
-            w = tl.load(w_ptr + cols[:, None] * stride_w + (k + ks)[None, :],
-                        mask=col_mask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_base + rv_c[:, None] * stride_w + (k + ks)[None, :], mask=kmask[None, :], other=0.0)
             part = _dot(dd, w, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), DOT_PRECISION)
-            tl.atomic_add(dx_ptr + rows[:, None] * stride_dx + (k + ks)[None, :], part,
+            tl.atomic_add(dx_base + rn[:, None] * stride_dx + (k + ks)[None, :], part,
                           mask=row_mask[:, None] & kmask[None, :], sem="relaxed")
     if NEED_W:
+        x_base = x_ptr + row0.to(tl.int64) * stride_x
+        dw_base = dw_ptr + (col0 - v_begin).to(tl.int64) * stride_dw
         for k in range(0, K, BLOCK_K):
             kmask = k + ks < K
-            x = tl.load(x_ptr + rows[:, None] * stride_x + (k + ks)[None, :],
-                        mask=row_mask[:, None] & kmask[None, :], other=0.0)
+            x = tl.load(x_base + rn_c[:, None] * stride_x + (k + ks)[None, :], mask=kmask[None, :], other=0.0)
             part = _dot(tl.trans(dd), x, tl.zeros((BLOCK_V, BLOCK_K), tl.float32), DOT_PRECISION)
-            tl.atomic_add(dw_ptr + (cols - v_begin)[:, None] * stride_dw + (k + ks)[None, :], part,
+            tl.atomic_add(dw_base + rv[:, None] * stride_dw + (k + ks)[None, :], part,
                           mask=col_mask[:, None] & kmask[None, :], sem="relaxed")
     if need_b:
-        tl.atomic_add(db_ptr + cols, tl.sum(d, 0), mask=col_mask, sem="relaxed")
+        tl.atomic_add(db_ptr + col0 + rv, tl.sum(d, 0), mask=col_mask, sem="relaxed")
 
 
 @triton.jit
@@ -96,9 +113,9 @@ def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V
                                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                                       DOT_PRECISION: tl.constexpr):
     """part (4, splits, N) fp32 <- per split: m = max z, sum exp(z - m), sum exp(z - m) (z - m), z[target]."""
-    pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row0 = tl.program_id(0) * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     t = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -109,9 +126,10 @@ def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V
     # A fixed trip count (not a bound derived from program_id): the launcher makes every split start
     # inside the vocab, so the first tile has a finite max and later all-masked tiles change nothing.
     for i in range(0, tiles_per_split):
-        cols = (v_begin + i * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col0 = v_begin + i * BLOCK_V
+        cols = col0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_t,
+        z = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, V - col0, H, stride_x, stride_w, inv_t,
                          has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], z, float("-inf")), 1))
         alpha = tl.exp(m - m_new)
@@ -139,11 +157,13 @@ def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent
                                       BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                                       DOT_PRECISION: tl.constexpr):
     """Vocab slice [v_begin, v_end): d(logits) = (g_logp (onehot - p) - g_H p (log p + H)) / T per tile."""
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    cols = (v_begin + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    row0 = tl.program_id(0) * BLOCK_N
+    col0 = v_begin + tl.program_id(1) * BLOCK_V
+    rows = row0 + tl.arange(0, BLOCK_N)
+    cols = col0 + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < v_end
-    z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_t,
+    z = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, v_end - col0, H, stride_x, stride_w, inv_t,
                      has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
     t = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (t != ignore_index)
@@ -160,7 +180,7 @@ def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent
     d = -p * coef
     d = tl.where(cols[None, :] == t[:, None], d + g_logp[:, None], d) * inv_t
     d = tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
-    _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, rows, cols, row_mask, col_mask, v_begin, H,
+    _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
                    stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V, BLOCK_K,
                    DOT_PRECISION)
 

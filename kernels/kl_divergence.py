@@ -104,9 +104,9 @@ def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
                                            BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                                            DOT_PRECISION: tl.constexpr):
     """part (5, splits, N) <- per split: m_p, s_p, s_d, m_q, s_q as in _kl_online_update."""
-    pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row0 = tl.program_id(0) * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     m_p = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     m_q = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -115,11 +115,11 @@ def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
     s_d = tl.zeros((BLOCK_N,), tl.float32)
     v_begin = split * tiles_per_split * BLOCK_V
     for i in range(0, tiles_per_split):
-        cols = (v_begin + i * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_mask = cols < V
-        zp = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_t,
+        col0 = v_begin + i * BLOCK_V
+        col_mask = col0 + tl.arange(0, BLOCK_V) < V
+        zp = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, V - col0, H, stride_x, stride_w, inv_t,
                           has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        zq = _logits_tile(xr_ptr, wr_ptr, br_ptr, rows, cols, row_mask, col_mask, HR, stride_xr, stride_wr,
+        zq = _logits_tile(xr_ptr, wr_ptr, br_ptr, row0, col0, N - row0, V - col0, HR, stride_xr, stride_wr,
                           inv_t, has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         valid = col_mask[None, :]
         zp = tl.where(valid, zp, float("-inf"))
@@ -141,14 +141,15 @@ def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
                                            NEED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Vocab slice [v_begin, v_end): d(logits) = g p (log p - log q - KL) / T per tile (policy side only)."""
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    cols = (v_begin + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    row0 = tl.program_id(0) * BLOCK_N
+    col0 = v_begin + tl.program_id(1) * BLOCK_V
+    rows = row0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    col_mask = cols < v_end
-    zp = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_t,
+    col_mask = col0 + tl.arange(0, BLOCK_V) < v_end
+    zp = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, v_end - col0, H, stride_x, stride_w, inv_t,
                       has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-    zq = _logits_tile(xr_ptr, wr_ptr, br_ptr, rows, cols, row_mask, col_mask, HR, stride_xr, stride_wr, inv_t,
-                      has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+    zq = _logits_tile(xr_ptr, wr_ptr, br_ptr, row0, col0, N - row0, v_end - col0, HR, stride_xr, stride_wr,
+                      inv_t, has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
     m_p = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
     log_s_p = tl.load(stats_ptr + N + rows, mask=row_mask, other=0.0)
     m_q = tl.load(stats_ptr + 2 * N + rows, mask=row_mask, other=0.0)
@@ -159,7 +160,7 @@ def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0) * inv_t
     d = g[:, None] * tl.exp(logp) * (logp - logq - kl[:, None])
     d = tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
-    _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, rows, cols, row_mask, col_mask, v_begin, H,
+    _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
                    stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V, BLOCK_K,
                    DOT_PRECISION)
 
