@@ -16,7 +16,7 @@ also give other arguments a Triton specialization string ({"stride": "D"}) or ra
 keyed by (index,).
 
 Usage:
-  python .ci/static_check.py [--module NAME ...] [--file PATH ...] [--arch 90 ...] [--jobs N]
+  python .ci/static_check.py [--module NAME ...] [--file PATH ...] [--match TEXT ...] [--arch 90 ...] [--jobs N]
 Exit status: 0 all configs pass, 1 some config fails, 2 nothing to check or a module is broken.
 """
 from __future__ import annotations
@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="check only kernels/<NAME>.py (repeatable; 'x', 'kernels/x.py' or 'rlhf_fast.kernels.x')")
     ap.add_argument("--file", action="append", default=[], type=Path,
                     help="also check a kernel module outside kernels/ (repeatable; disables discovery)")
+    ap.add_argument("--match", action="append", default=[],
+                    help="check only specs whose name contains this text (repeatable: any of them)")
     ap.add_argument("--arch", action="append", type=int, choices=sorted(SHARED_LIMIT),
                     help="compile only for these compute capabilities (default: each spec's archs)")
     ap.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1,
@@ -263,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"static_check: {source}: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 2
         for i, spec in enumerate(specs):
+            if args.match and not any(m in spec.name for m in args.match):
+                continue
             tasks += [(source, i, a) for a in spec.archs if not args.arch or a in args.arch]
     print(f"static_check: Triton {triton.__version__}, {len(tasks)} (kernel config, arch) compiles "
           f"from {len(sources)} module(s), {args.jobs} job(s)", flush=True)
