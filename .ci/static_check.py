@@ -206,7 +206,10 @@ def print_table(results: list[Result]) -> None:
         rows.append([r.name, r.config, f"sm_{r.arch}", "" if r.regs is None else str(r.regs), spills,
                      shared, "FAIL: " + "; ".join(problems) if problems else "ok"])
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+
+    def fmt(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
     print(fmt(head))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
@@ -268,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.match and not any(m in spec.name for m in args.match):
                 continue
             tasks += [(source, i, a) for a in spec.archs if not args.arch or a in args.arch]
+    if not tasks:
+        print("static_check: no (kernel config, arch) left after --match/--arch: nothing to check", file=sys.stderr)
+        return 2
     print(f"static_check: Triton {triton.__version__}, {len(tasks)} (kernel config, arch) compiles "
           f"from {len(sources)} module(s), {args.jobs} job(s)", flush=True)
 
