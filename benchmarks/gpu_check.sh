@@ -31,6 +31,10 @@ export RLHF_FAST_EXT_DIR="${RLHF_FAST_EXT_DIR:-${TMPDIR:-/tmp}/rlhf_fast_gpu_che
 export RLHF_FAST_BENCH_QUICK=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 unset TRITON_INTERPRET RLHF_FAST_BACKEND
+# nvcc for the JIT build and tests/ci: the toolkit's usual home when it is not on PATH already.
+if ! command -v nvcc >/dev/null 2>&1 && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+    export PATH="${CUDA_HOME:-/usr/local/cuda}/bin:$PATH"
+fi
 mkdir -p "$RLHF_FAST_RESULTS_DIR"
 
 rows=()
