@@ -2,7 +2,9 @@
 //
 // Passes over the row (16-byte vector loads when the row is aligned): 1 for max / argmax / checks,
 // 3 per active threshold search (top-k counts, top-p masses), 1 for the kept mass Z, and the draw,
-// which stops at the tile where the cumulative mass crosses u * Z. Histograms are 2048 bins in shared
+// which stops at the tile where the cumulative mass crosses u * Z. When top-k keeps at most
+// kCandidates tokens, one more pass gathers them (in index order) into shared memory and top-p, Z and
+// the draw run there: top-k + top-p reads the row 5 times, top-p alone at most 6. Histograms are 2048 bins in shared
 // memory, accumulated as integers (masses in 2^-40 fixed point) so the result never depends on the
 // order of atomics: the same (seed, offset) gives the same tokens on every run.
 #pragma once
@@ -24,6 +26,7 @@ namespace cuda {
 constexpr int kThreads = 512;
 constexpr int kUnroll = 4;  // 16-byte loads in flight per thread in the streaming passes
 constexpr int kBinsPerThread = kRadixBins / kThreads;
+constexpr int kCandidates = 2048;  // shared-memory capacity for the tokens top-k keeps
 constexpr float kMassScale = 1099511627776.0f;  // 2^40: fixed-point unit of the mass histograms
 
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -46,14 +49,20 @@ struct MaxOp {
   __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a > b ? a : b; }
 };
 
-// Visits the row's elements in "tiles": element i belongs to thread (i / kVec) % kThreads, and each
-// thread's kVec elements are contiguous, so tile order then thread order then lane order is index order.
+// The row in global memory. Element i belongs to thread (i / kVec) % kThreads within tile
+// i / (kVec * kThreads) (then a scalar tail), each thread's kLanes elements contiguous: tile order,
+// then thread order, then lane order is index order. Values are handed out tempered: x = raw / T
+// (log(raw) / T for probabilities).
 template <typename T, int kVec>
 struct RowView {
+  static constexpr int kLanes = kVec;
   const T* row;
   int64_t vocab;
+  float temperature;
+  bool from_probs;
+
+  __device__ __forceinline__ float temper(float raw) const { return (from_probs ? logf(raw) : raw) / temperature; }
   __device__ __forceinline__ int64_t packs() const { return kVec > 1 ? vocab / kVec : 0; }
-  // Loads pack q (kVec elements) as floats.
   __device__ __forceinline__ void load_pack(int64_t q, float* out) const {
     if constexpr (kVec > 1) {
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + q);
@@ -64,7 +73,7 @@ struct RowView {
       out[0] = to_float(row[q]);
     }
   }
-  // Calls f(index, raw value) for every element; each thread sees its own elements.
+  // Calls f(index, x) for every element; each thread sees its own elements in increasing index order.
   template <typename F>
   __device__ __forceinline__ void for_each(F&& f) const {
     const int64_t n_packs = packs();
@@ -78,17 +87,63 @@ struct RowView {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) f((q + u * kThreads) * kVec + j, v[u][j]);
+        for (int j = 0; j < kVec; ++j) f((q + u * kThreads) * kVec + j, temper(v[u][j]));
       }
     }
     for (; q < n_packs; q += kThreads) {
       float v[kVec];
       load_pack(q, v);
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) f(q * kVec + j, v[j]);
+      for (int j = 0; j < kVec; ++j) f(q * kVec + j, temper(v[j]));
     }
-    for (int64_t i = n_packs * kVec + threadIdx.x; i < vocab; i += kThreads) f(i, to_float(row[i]));
+    for (int64_t i = n_packs * kVec + threadIdx.x; i < vocab; i += kThreads) f(i, temper(to_float(row[i])));
   }
+  __device__ __forceinline__ int64_t tiles() const {
+    const int64_t n_packs = packs();
+    return (n_packs + kThreads - 1) / kThreads + (vocab - n_packs * kVec + kThreads - 1) / kThreads;
+  }
+  // This thread's part of tile `tile`: `lanes` (0..kLanes) tempered values from index `first` on.
+  __device__ __forceinline__ void load_tile(int64_t tile, float* x, int64_t* first, int* lanes) const {
+    const int64_t n_packs = packs();
+    const int64_t pack_tiles = (n_packs + kThreads - 1) / kThreads;
+    if (tile < pack_tiles) {
+      const int64_t q = tile * kThreads + threadIdx.x;
+      *first = q * kVec;
+      *lanes = q < n_packs ? kVec : 0;
+      if (*lanes) load_pack(q, x);
+    } else {
+      *first = n_packs * kVec + (tile - pack_tiles) * kThreads + threadIdx.x;
+      *lanes = *first < vocab ? 1 : 0;
+      if (*lanes) x[0] = to_float(row[*first]);
+    }
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      if (j < *lanes) x[j] = temper(x[j]);
+    }
+  }
+  __device__ __forceinline__ float x_at(int64_t position) const { return temper(to_float(row[position])); }
+  __device__ __forceinline__ int64_t token_at(int64_t position) const { return position; }
+};
+
+// The tokens top-k kept, gathered into shared memory in index order: tempered values and token ids.
+struct CandidateView {
+  static constexpr int kLanes = 1;
+  const float* x;
+  const int32_t* index;
+  int64_t count;
+
+  template <typename F>
+  __device__ __forceinline__ void for_each(F&& f) const {
+    for (int64_t p = threadIdx.x; p < count; p += kThreads) f(p, x[p]);
+  }
+  __device__ __forceinline__ int64_t tiles() const { return (count + kThreads - 1) / kThreads; }
+  __device__ __forceinline__ void load_tile(int64_t tile, float* out, int64_t* first, int* lanes) const {
+    *first = tile * kThreads + threadIdx.x;
+    *lanes = *first < count ? 1 : 0;
+    if (*lanes) out[0] = x[*first];
+  }
+  __device__ __forceinline__ float x_at(int64_t position) const { return x[position]; }
+  __device__ __forceinline__ int64_t token_at(int64_t position) const { return index[position]; }
 };
 
 struct SharedState {
@@ -98,12 +153,15 @@ struct SharedState {
     typename cub::BlockReduce<int64_t, kThreads>::TempStorage index;
     typename cub::BlockScan<unsigned long long, kThreads>::TempStorage scan_u64;
     typename cub::BlockScan<double, kThreads>::TempStorage scan_f64;
+    typename cub::BlockScan<int, kThreads>::TempStorage scan_i32;
   } cub;
   unsigned long long hist[kRadixBins];
+  float candidate_x[kCandidates];
+  int32_t candidate_index[kCandidates];
   float x_max;
   double z;
   int64_t argmax;
-  int64_t token;
+  int64_t position;
   int64_t last_positive;
   unsigned long long below;
   unsigned int chosen;
@@ -112,11 +170,11 @@ struct SharedState {
 };
 
 // Smallest key t (among keys >= floor_key) whose weight at or below t exceeds target_scale * total +
-// target_shift; weight 1 per token when kCount, else its mass exp(x - max) in fixed point.
-template <bool kCount, typename T, int kVec, typename Temper>
-__device__ uint32_t radix_threshold(const RowView<T, kVec>& view, const Temper& temper, float x_max,
-                                    uint32_t floor_key, double target_scale, double target_shift,
-                                    SharedState& s) {
+// target_shift; weight 1 per token when kCount, else its mass exp(x - max) in fixed point. *below_out
+// receives the weight of the keys < t (for counts: how many tokens the threshold removes).
+template <bool kCount, typename View>
+__device__ uint32_t radix_threshold(const View& view, float x_max, uint32_t floor_key, double target_scale,
+                                    double target_shift, SharedState& s, unsigned long long* below_out) {
   uint32_t prefix = 0, high_mask = 0;
   unsigned long long below = 0;
   double target = 0.0;
@@ -129,8 +187,7 @@ __device__ uint32_t radix_threshold(const RowView<T, kVec>& view, const Temper& 
       s.last_nonempty = 0;
     }
     __syncthreads();
-    view.for_each([&](int64_t, float raw) {
-      const float x = temper(raw);
+    view.for_each([&](int64_t, float x) {
       const uint32_t key = order_key(x);
       if (key >= floor_key && (key & high_mask) == prefix) {
         const unsigned long long w = kCount ? 1ull : __float2ull_rn(expf(x - x_max) * kMassScale);
@@ -173,28 +230,133 @@ __device__ uint32_t radix_threshold(const RowView<T, kVec>& view, const Temper& 
     high_mask |= mask << shift;
     __syncthreads();
   }
+  *below_out = below;
   return prefix;
+}
+
+// Copies the tokens with key >= threshold into shared memory, in index order (an ordered stream
+// compaction, tile by tile). The caller guarantees they fit.
+template <typename View>
+__device__ int64_t gather_candidates(const View& view, uint32_t threshold, SharedState& s) {
+  int64_t base = 0;
+  const int64_t n_tiles = view.tiles();
+  for (int64_t tile = 0; tile < n_tiles; ++tile) {
+    float x[View::kLanes];
+    int64_t first;
+    int lanes;
+    view.load_tile(tile, x, &first, &lanes);
+    int count = 0;
+#pragma unroll
+    for (int j = 0; j < View::kLanes; ++j) count += (j < lanes && order_key(x[j]) >= threshold) ? 1 : 0;
+    int excl, tile_count;
+    cub::BlockScan<int, kThreads>(s.cub.scan_i32).ExclusiveSum(count, excl, tile_count);
+    int64_t slot = base + excl;
+#pragma unroll
+    for (int j = 0; j < View::kLanes; ++j) {
+      if (j < lanes && order_key(x[j]) >= threshold) {
+        s.candidate_x[slot] = x[j];
+        s.candidate_index[slot] = static_cast<int32_t>(first + j);
+        ++slot;
+      }
+    }
+    base += tile_count;
+    __syncthreads();
+  }
+  return base;
+}
+
+// Top-p over `view` (tokens with key >= threshold), then min-p, Z and the inverse-CDF draw; writes
+// the row's token and logprob.
+template <typename View>
+__device__ void filter_and_draw(const View& view, uint32_t threshold, double top_p, float min_p, float x_max,
+                                const SampleArgs& args, int64_t row, SharedState& s) {
+  const float remove_mass = top_p_remove_mass(top_p);
+  if (remove_mass > 0.0f) {
+    unsigned long long removed;
+    threshold = radix_threshold<false>(view, x_max, threshold, static_cast<double>(remove_mass), 0.0, s, &removed);
+  }
+  const auto kept_mass = [&](float x) {
+    const float e = expf(x - x_max);
+    return (order_key(x) >= threshold && e >= min_p) ? e : 0.0f;
+  };
+
+  // Z and the last position with positive kept mass (the draw's fallback when rounding overshoots).
+  // Z and the running CDF accumulate in double: float sums over 10^5 tokens drift by ~1e-5, which
+  // would show in the returned logprob.
+  double z_part = 0.0;
+  int64_t last = -1;
+  view.for_each([&](int64_t i, float x) {
+    const float e = kept_mass(x);
+    z_part += static_cast<double>(e);
+    if (e > 0.0f) last = i > last ? i : last;
+  });
+  const double z = cub::BlockReduce<double, kThreads>(s.cub.sum).Sum(z_part);
+  __syncthreads();
+  const int64_t last_all = cub::BlockReduce<int64_t, kThreads>(s.cub.index).Reduce(last, MaxOp());
+  if (threadIdx.x == 0) {
+    s.z = z;
+    s.last_positive = last_all;
+    s.position = INT64_MAX;
+  }
+  __syncthreads();
+  const double z_row = s.z;
+  const double target = static_cast<double>(philox_row_uniform(
+      static_cast<uint64_t>(*args.seed), static_cast<uint64_t>(*args.offset), static_cast<uint64_t>(row))) * z_row;
+
+  // Inverse CDF in index order, one tile at a time; stops at the tile where the mass crosses target.
+  double running = 0.0;
+  const int64_t n_tiles = view.tiles();
+  for (int64_t tile = 0; tile < n_tiles; ++tile) {
+    float m[View::kLanes];
+    int64_t first;
+    int lanes;
+    view.load_tile(tile, m, &first, &lanes);
+    double own = 0.0;
+#pragma unroll
+    for (int j = 0; j < View::kLanes; ++j) {
+      m[j] = j < lanes ? kept_mass(m[j]) : 0.0f;
+      own += static_cast<double>(m[j]);
+    }
+    double excl, tile_sum;
+    cub::BlockScan<double, kThreads>(s.cub.scan_f64).ExclusiveSum(own, excl, tile_sum);
+    if (running + tile_sum > target) {
+      double c = running + excl;
+#pragma unroll
+      for (int j = 0; j < View::kLanes; ++j) {
+        c += static_cast<double>(m[j]);
+        if (j < lanes && m[j] > 0.0f && c > target) {
+          atomicMin(reinterpret_cast<unsigned long long*>(&s.position), static_cast<unsigned long long>(first + j));
+          break;
+        }
+      }
+    }
+    __syncthreads();
+    if (s.position != INT64_MAX) break;
+    running += tile_sum;
+  }
+  if (threadIdx.x == 0) {
+    const int64_t position = s.position != INT64_MAX ? s.position : s.last_positive;
+    args.tokens[row] = view.token_at(position);
+    args.logprobs[row] = static_cast<float>(static_cast<double>(view.x_at(position) - x_max) - log(z_row));
+  }
 }
 
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ input, SampleArgs args) {
   __shared__ SharedState s;
   const int64_t row = blockIdx.x;
-  const RowView<T, kVec> view{input + row * args.row_stride, args.vocab};
   const float temperature = args.temperature[row];
   const int64_t top_k = args.top_k[row];
   const double top_p = args.top_p[row];
   const float min_p = args.min_p[row];
   const bool greedy = temperature == 0.0f;
-  const float t = greedy ? 1.0f : temperature;
-  const bool from_probs = args.from_probs;
-  const auto temper = [t, from_probs](float raw) { return (from_probs ? logf(raw) : raw) / t; };
+  const RowView<T, kVec> view{input + row * args.row_stride, args.vocab, greedy ? 1.0f : temperature,
+                              args.from_probs};
 
   // Pass 1: max, argmax (lowest index on ties), NaN / +inf.
   ArgMax best{-INFINITY, args.vocab};
   int bad = 0;
-  view.for_each([&](int64_t i, float raw) {
-    const float x = temper(raw);
+  view.for_each([&](int64_t i, float x) {
     bad |= (x != x) | (x == INFINITY);
     if (x > best.value) best = ArgMax{x, i};
   });
@@ -215,92 +377,21 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   }
   const float x_max = s.x_max;
 
-  uint32_t threshold = 0;
   if (top_k > 0 && top_k < args.vocab) {
-    threshold = radix_threshold<true>(view, temper, x_max, 0u, 1.0, -static_cast<double>(top_k), s);
-  }
-  const float remove_mass = top_p_remove_mass(top_p);
-  if (remove_mass > 0.0f) {
-    threshold = radix_threshold<false>(view, temper, x_max, threshold, static_cast<double>(remove_mass), 0.0, s);
-  }
-  const auto kept_mass = [&](float raw) {
-    const float x = temper(raw);
-    const float e = expf(x - x_max);
-    return (order_key(x) >= threshold && e >= min_p) ? e : 0.0f;
-  };
-
-  // Z and the last token with positive kept mass (the draw's fallback when rounding overshoots).
-  // Z and the running CDF accumulate in double: float sums over 10^5 tokens drift by ~1e-5, which
-  // would show in the returned logprob.
-  double z_part = 0.0;
-  int64_t last = -1;
-  view.for_each([&](int64_t i, float raw) {
-    const float e = kept_mass(raw);
-    z_part += static_cast<double>(e);
-    if (e > 0.0f) last = i > last ? i : last;
-  });
-  const double z = cub::BlockReduce<double, kThreads>(s.cub.sum).Sum(z_part);
-  __syncthreads();
-  const int64_t last_all = cub::BlockReduce<int64_t, kThreads>(s.cub.index).Reduce(last, MaxOp());
-  if (threadIdx.x == 0) {
-    s.z = z;
-    s.last_positive = last_all;
-    s.token = INT64_MAX;
-  }
-  __syncthreads();
-  const double z_row = s.z;
-  const double target = static_cast<double>(philox_row_uniform(
-      static_cast<uint64_t>(*args.seed), static_cast<uint64_t>(*args.offset), static_cast<uint64_t>(row))) * z_row;
-
-  // Inverse CDF in index order, one tile (kThreads packs) at a time, then the scalar tail.
-  double running = 0.0;
-  const int64_t n_packs = view.packs();
-  const int64_t tail_start = n_packs * kVec;
-  const int64_t n_tiles = (n_packs + kThreads - 1) / kThreads + (args.vocab - tail_start + kThreads - 1) / kThreads;
-  const int64_t pack_tiles = (n_packs + kThreads - 1) / kThreads;
-  for (int64_t tile = 0; tile < n_tiles; ++tile) {
-    float m[kVec];
-    int64_t first;
-    int lanes;
-    if (tile < pack_tiles) {
-      const int64_t q = tile * kThreads + threadIdx.x;
-      first = q * kVec;
-      lanes = q < n_packs ? kVec : 0;
-      if (lanes) view.load_pack(q, m);
-    } else {
-      first = tail_start + (tile - pack_tiles) * kThreads + threadIdx.x;
-      lanes = first < args.vocab ? 1 : 0;
-      if (lanes) m[0] = to_float(view.row[first]);
+    unsigned long long removed;
+    const uint32_t threshold =
+        radix_threshold<true>(view, x_max, 0u, 1.0, -static_cast<double>(top_k), s, &removed);
+    const int64_t kept = args.vocab - static_cast<int64_t>(removed);
+    if (kept <= kCandidates) {
+      const int64_t count = gather_candidates(view, threshold, s);
+      filter_and_draw(CandidateView{s.candidate_x, s.candidate_index, count}, threshold, top_p, min_p, x_max,
+                      args, row, s);
+      return;
     }
-    double own = 0.0;
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      m[j] = j < lanes ? kept_mass(m[j]) : 0.0f;
-      own += static_cast<double>(m[j]);
-    }
-    double excl, tile_sum;
-    cub::BlockScan<double, kThreads>(s.cub.scan_f64).ExclusiveSum(own, excl, tile_sum);
-    if (running + tile_sum > target) {
-      double c = running + excl;
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        c += static_cast<double>(m[j]);
-        if (j < lanes && m[j] > 0.0f && c > target) {
-          atomicMin(reinterpret_cast<unsigned long long*>(&s.token), static_cast<unsigned long long>(first + j));
-          break;
-        }
-      }
-    }
-    __syncthreads();
-    if (s.token != INT64_MAX) break;
-    running += tile_sum;
+    filter_and_draw(view, threshold, top_p, min_p, x_max, args, row, s);
+    return;
   }
-  if (threadIdx.x == 0) {
-    const int64_t token = s.token != INT64_MAX ? s.token : s.last_positive;
-    args.tokens[row] = token;
-    const float raw = to_float(view.row[token]);
-    args.logprobs[row] = static_cast<float>(static_cast<double>(temper(raw) - x_max) - log(z_row));
-  }
+  filter_and_draw(view, 0u, top_p, min_p, x_max, args, row, s);
 }
 
 template <typename T>
