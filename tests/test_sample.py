@@ -320,3 +320,37 @@ def test_cuda_graph_replay_with_device_seed_and_offset(device):
         offset.fill_(position)
         graph.replay()
         assert torch.equal(captured, step())
+
+
+@pytest.mark.parametrize("V", [1, 2, 17, 300, 1001])
+def test_reference_warp_is_transformers_warpers(V, device):
+    """The reference's processed distribution equals transformers' on random rows and parameters: same
+    support, probabilities within float32 rounding (6e-7 of the float64 softmax of the same scores)."""
+    gen = torch.Generator().manual_seed(V)
+    for _ in range(6):
+        logits = (torch.randn(V, generator=gen) * 3).to(device)
+        params = dict(temperature=float(torch.rand(1, generator=gen)) + 0.3,
+                      top_k=int(torch.randint(0, V + 2, (1,), generator=gen)),
+                      top_p=float(torch.rand(1, generator=gen)) * 0.95 + 0.05,
+                      min_p=float(torch.rand(1, generator=gen)) * 0.3)
+        want = warped_probs(logits, **params)
+        args = ref.normalize_args(logits[None], params["temperature"], params["top_k"], params["top_p"],
+                                  params["min_p"], 0, 0)
+        got = ref.processed_log_probs(logits[None], *args[:4], from_probs=False)[0].exp().double().cpu()
+        assert torch.equal(got > 0, want > 0), params
+        torch.testing.assert_close(got, want, atol=6e-7, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_from_probs_logprob_gradient(backend, device):
+    """d logprob / d probs through log: autograd of the reference's log-softmax of log(q) / T."""
+    need_backend(backend, device)
+    probs = torch.softmax(torch.randn(5, 31, device=device), -1).requires_grad_()
+    tokens, logprobs = rlhf_fast.sample_from_probs(probs, temperature=0.9, top_k=12, seed=6, return_logprobs=True,
+                                                   backend=backend)
+    (grad,) = torch.autograd.grad(logprobs.sum(), probs)
+    q = probs.detach().clone().requires_grad_()
+    scores = ref.warp(torch.log(q) / 0.9, torch.full((5,), 12, device=device),
+                      torch.ones(5, dtype=torch.float64, device=device), torch.zeros(5, device=device))
+    (want,) = torch.autograd.grad(torch.log_softmax(scores, -1).gather(1, tokens[:, None]).sum(), q)
+    torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-5)
