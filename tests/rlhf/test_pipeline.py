@@ -1,6 +1,8 @@
 """The stages end to end on a tiny model: outputs, resume after a kill mid-PPO, NaN guard (seconds each)."""
 import json
 import shutil
+import sys
+import types
 
 import pytest
 import torch
@@ -88,6 +90,18 @@ def test_resume_after_kill_mid_ppo_matches_uninterrupted(sft_rm_run, tmp_path, d
     for name in ("policy", "value"):
         for k, v in a[name]["weights"].items():
             assert torch.equal(v, b[name]["weights"][k]), (name, k)
+
+
+def test_nan_reward_stops_ppo_at_its_step(sft_rm_run, tmp_path, device, monkeypatch):
+    module = types.ModuleType("nan_reward_module")
+    module.reward = lambda prompts, responses: [float("nan")] * len(prompts)
+    monkeypatch.setitem(sys.modules, "nan_reward_module", module)
+    out = tmp_path / "run"
+    shutil.copytree(sft_rm_run, out)
+    cfg = tiny(out, device, **{"ppo.reward_mode": "sum", "ppo.reward_fn": "nan_reward_module:reward"})
+    with pytest.raises(NonFiniteError, match=r"ppo step 1: reward is not finite"):
+        pipeline.run_ppo(cfg)
+    assert not (out / "ppo" / "checkpoint.pt").exists()
 
 
 def test_nan_guard_names_stage_and_step_and_keeps_checkpoint(tmp_path, device):
