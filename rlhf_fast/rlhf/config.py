@@ -141,7 +141,7 @@ class PPOConfig:
     """optional 'module:function' taking (prompts, responses) lists of text and returning floats"""
     reward_mode: Literal["model", "fn", "sum"] = "model"
     """score = reward model, reward_fn, or their sum"""
-    steps: int = 40
+    steps: int = 30
     """PPO iterations (rollout batch + update)"""
     rollout_batch_size: int = 64
     """prompts per iteration (global, over all ranks)"""
@@ -175,7 +175,7 @@ class PPOConfig:
     """value prediction clip around the rollout values"""
     kl_kind: Literal["k1", "k2", "k3"] = "k1"
     """per-token KL estimator of the penalty against the SFT reference"""
-    kl_coef: float = 0.1
+    kl_coef: float = 0.2
     """KL penalty coefficient (initial value when adaptive_kl)"""
     adaptive_kl: bool = False
     """adapt kl_coef towards target_kl (Ziegler et al.)"""
@@ -187,7 +187,7 @@ class PPOConfig:
     """subtracted from the score of a response that never emits EOS"""
     whiten_advantages: bool = True
     """normalize advantages to mean 0, std 1 over the rollout batch"""
-    eval_every: int = 10
+    eval_every: int = 5
     """iterations between task-score evaluations (and at the end)"""
     ckpt_every: int = 10
     """iterations between checkpoints (and at the end)"""
