@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ._spec import KernelSpec
+from .causal_attention import aligned_attrs
 
 
 @triton.jit
@@ -139,11 +140,11 @@ def static_configs() -> list[KernelSpec]:
                 specs.append(KernelSpec(
                     f"decode_split[D={d},{dtype},sm{arch},BN={c.block_n}]", _decode_split_kernel, sig,
                     dict(HEAD_DIM=d, BLOCK_N=c.block_n, BLOCK_G=BLOCK_G, DOT_PRECISION=prec),
-                    c.num_warps, c.num_stages, (arch,)))
+                    c.num_warps, c.num_stages, (arch,), aligned_attrs(sig)))
                 sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "O": f"*{dtype}", "stride_ob": "i32",
                        "stride_oh": "i32", "n_q_heads": "i32", "n_splits": "i32"}
                 specs.append(KernelSpec(
                     f"decode_combine[D={d},{dtype},sm{arch}]", _decode_combine_kernel, sig,
                     dict(HEAD_DIM=d, MAX_SPLITS=MAX_SPLITS), COMBINE_CONFIG.num_warps, COMBINE_CONFIG.num_stages,
-                    (arch,)))
+                    (arch,), aligned_attrs(sig)))
     return specs
