@@ -107,29 +107,42 @@ def _eval_fn(cfg: Config, rt: Runtime, tok, policy, eval_prompts, prompt_len: in
                                    top_p=c.top_p, seed=cfg.run.seed)
 
 
-def _scorer(cfg: Config):
-    if not cfg.ppo.eval_prompts:
-        return task_reward
-    return _load_callable(cfg.ppo.reward_fn) if cfg.ppo.reward_fn else None
+def _builtin(cfg: Config, rt: Runtime, out: Path, name: str) -> Path:
+    return _task_data(cfg, rt, out)[name]
 
 
-def _policy_eval(cfg, rt, tok, out, policy) -> float | None:
-    """Task score of `policy` on the held-out prompts (None when there is no scorer)."""
-    paths = _task_data(cfg, rt, out)
-    eval_prompts = _prompts(cfg.ppo.eval_prompts or paths["eval_prompts"], tok, cfg)
-    fn = _eval_fn(cfg, rt, tok, policy, eval_prompts, max(map(len, eval_prompts)), _scorer(cfg))
-    return fn(0) if fn is not None else None
+def _evaluation(cfg: Config, rt: Runtime, out: Path, builtin_task: bool):
+    """(held-out prompts file, scorer) for the task score, or (None, None).
+
+    ppo.eval_prompts set: those prompts, scored by ppo.reward_fn (no score without one). Otherwise, when
+    the stage trains on the built-in task: its held-out prompts and hidden scorer.
+    """
+    if cfg.ppo.eval_prompts:
+        scorer = _load_callable(cfg.ppo.reward_fn) if cfg.ppo.reward_fn else None
+        return (Path(cfg.ppo.eval_prompts), scorer) if scorer is not None else (None, None)
+    if builtin_task:
+        return _builtin(cfg, rt, out, "eval_prompts"), task_reward
+    return None, None
+
+
+def _policy_eval(cfg, rt, tok, out, policy, builtin_task: bool) -> float | None:
+    """Task score of `policy` on the held-out prompts (None when there are none to score)."""
+    path, scorer = _evaluation(cfg, rt, out, builtin_task)
+    if path is None:
+        return None
+    eval_prompts = _prompts(path, tok, cfg)
+    return _eval_fn(cfg, rt, tok, policy, eval_prompts, max(map(len, eval_prompts)), scorer)(0)
 
 
 def run_sft(cfg: Config, resume: bool = False, on_step=None) -> dict:
     from .sft import train_sft
     t0 = time.time()
     rt, tok, out = _start(cfg, "sft")
-    data = cfg.sft.data or _task_data(cfg, rt, out)["sft"]
+    data = cfg.sft.data or _builtin(cfg, rt, out, "sft")
     result = train_sft(cfg, rt, tok, data, out / "sft", resume, on_step=on_step)
     _plots(cfg, out / "sft", "sft", rt)
     policy = load_model(load_checkpoint(out / "sft" / "checkpoint.pt")["model"], rt.device).eval()
-    score = _policy_eval(cfg, rt, tok, out, policy)
+    score = _policy_eval(cfg, rt, tok, out, policy, builtin_task=not cfg.sft.data)
     return _update_summary(out, rt, world_size=rt.world, task_score_sft=score, sft_loss=result["loss"],
                            seconds_sft=time.time() - t0)
 
@@ -138,23 +151,25 @@ def run_rm(cfg: Config, resume: bool = False, on_step=None) -> dict:
     from .reward import train_rm
     t0 = time.time()
     rt, tok, out = _start(cfg, "rm")
-    paths = _task_data(cfg, rt, out)
+    train = cfg.rm.data or _builtin(cfg, rt, out, "rm_train")
     init = _stage_init(cfg.rm.init, out, "sft")
     norm = None
-    if init and cfg.rm.norm_samples > 0:
-        norm = lambda: _sft_samples(cfg, rt, tok, init, cfg.ppo.prompts or paths["prompts"])  # noqa: E731
-    result = train_rm(cfg, rt, tok, cfg.rm.data or paths["rm_train"], cfg.rm.eval_data or paths["rm_eval"],
+    if init and cfg.rm.norm_samples > 0:  # SFT samples on the training pairs' prompts
+        norm = lambda: _sft_samples(cfg, rt, tok, init, train)  # noqa: E731
+    result = train_rm(cfg, rt, tok, train, cfg.rm.eval_data or _builtin(cfg, rt, out, "rm_eval"),
                       init, out / "rm", resume, norm_sequences=norm, on_step=on_step)
     _plots(cfg, out / "rm", "rm", rt)
     return _update_summary(out, rt, **result, seconds_rm=time.time() - t0)
 
 
 @torch.no_grad()
-def _sft_samples(cfg: Config, rt: Runtime, tok, policy_ckpt: str, prompts_path) -> list[list[int]]:
-    """cfg.rm.norm_samples full sequences [BOS] prompt response sampled from the SFT policy."""
+def _sft_samples(cfg: Config, rt: Runtime, tok, policy_ckpt: str, pairs_path) -> list[list[int]]:
+    """cfg.rm.norm_samples full sequences [BOS] prompt response sampled from the SFT policy on the
+    prompts of the preference pairs."""
     from .rollout import generate_chunk
     policy = load_model(load_checkpoint(policy_ckpt)["model"], rt.device, head="lm").eval()
-    prompts = _prompts(prompts_path, tok, cfg)[:cfg.rm.norm_samples]
+    lines = read_jsonl(pairs_path, PPO_KEYS)[:cfg.rm.norm_samples]
+    prompts = tokenize_prompts(lines, tok, cfg.model.block_size, cfg.ppo.max_new_tokens)
     width = max(map(len, prompts))
     seqs = []
     for j, start in enumerate(range(0, len(prompts), cfg.ppo.gen_batch_size)):
@@ -170,11 +185,11 @@ def run_ppo(cfg: Config, resume: bool = False, on_step=None) -> dict:
     from .ppo import train_ppo
     t0 = time.time()
     rt, tok, out = _start(cfg, "ppo")
-    paths = _task_data(cfg, rt, out)
     if rt.mode == "fsdp":
         raise ValueError("run.distributed='fsdp' is supported by the sft and rm stages; use 'ddp' for ppo")
-    prompts = _prompts(cfg.ppo.prompts or paths["prompts"], tok, cfg)
-    eval_prompts = _prompts(cfg.ppo.eval_prompts or paths["eval_prompts"], tok, cfg)
+    prompts = _prompts(cfg.ppo.prompts or _builtin(cfg, rt, out, "prompts"), tok, cfg)
+    eval_path, scorer = _evaluation(cfg, rt, out, builtin_task=not cfg.ppo.prompts)
+    eval_prompts = _prompts(eval_path, tok, cfg) if eval_path is not None else []
     prompt_len = max(map(len, prompts + eval_prompts))
     sft_state = load_checkpoint(_stage_init(cfg.ppo.policy_init, out, "sft"))["model"]
     rm_state = load_checkpoint(_stage_init(cfg.ppo.reward_init, out, "rm"))["model"]
@@ -192,8 +207,7 @@ def run_ppo(cfg: Config, resume: bool = False, on_step=None) -> dict:
         frozen.requires_grad_(False)
     models = {"policy": wrap_model(policy, rt), "value": wrap_model(value, rt), "ref": ref, "reward": reward}
     reward_fn = _load_callable(cfg.ppo.reward_fn) if cfg.ppo.reward_fn else None
-    scorer = _scorer(cfg)
-    eval_fn = _eval_fn(cfg, rt, tok, policy, eval_prompts, prompt_len, scorer)
+    eval_fn = _eval_fn(cfg, rt, tok, policy, eval_prompts, prompt_len, scorer) if eval_prompts else None
     record = train_ppo(cfg, rt, tok, models, prompts, prompt_len, out / "ppo", state, eval_fn=eval_fn,
                        reward_fn=reward_fn, scorer=scorer, on_step=on_step)
     _plots(cfg, out / "ppo", "ppo", rt)

@@ -123,3 +123,13 @@ def test_custom_reward_function_replaces_the_reward_model(sft_rm_run, tmp_path, 
     bad = tiny(out, device, **{"ppo.reward_mode": "sum", "ppo.reward_fn": "rlhf_fast.rlhf.task:no_such_fn"})
     with pytest.raises(ValueError, match="ppo.reward_fn='rlhf_fast.rlhf.task:no_such_fn' cannot be loaded"):
         pipeline.run_ppo(bad)
+
+
+def test_own_sft_data_is_used_and_no_builtin_task_is_written(tmp_path, device):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}?", "response": f"A{i}."}) + "\n" for i in range(20)))
+    out = tmp_path / "run"
+    summary = pipeline.run_sft(tiny(out, device, **{"sft.data": str(data), "sft.steps": 2}))
+    assert summary["task_score_sft"] is None  # no held-out prompts or scorer for a user's own task
+    assert not (out / "data").exists()
+    assert len(read_metrics(out / "sft" / "metrics.jsonl")) == 2
