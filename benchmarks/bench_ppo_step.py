@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     quick = args.quick or os.environ.get("RLHF_FAST_BENCH_QUICK") == "1"
     if args.suite == "cpu":
         torch.set_num_threads(1)
-    rows = run_suite(args.suite, reps=2 if quick else 5)
+    rows = run_suite(args.suite, reps=1 if quick else 5)
     print(machine())
     print(markdown_table(rows, ["op", "provider", "dtype", "ms", "tokens_per_s", "speedup_vs_reference",
                                 "peak_gib", "shape"]))

@@ -67,9 +67,10 @@ def parse(argv: list[str] | None = None):
         overrides[key] = value
     base = None
     if args.resume:
-        saved = Path(args.resume) / "config.yaml"
-        if not saved.is_file():
-            raise ValueError(f"--resume: {str(saved)!r} does not exist (not a run directory?)")
+        candidates = [Path(args.resume) / name for name in ("config.yaml", "config.json")]
+        saved = next((p for p in candidates if p.is_file()), None)
+        if saved is None:
+            raise ValueError(f"--resume: {str(candidates[0])!r} does not exist (not a run directory?)")
         base = load_file(saved)
         overrides["run.out"] = args.resume
     if args.out:
