@@ -17,8 +17,11 @@ import torch
 
 from .ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, explained_variance, masked_mean,
                        masked_whiten, per_token_rewards, policy_loss, value_loss)
+from .data import BatchSampler
 from .rollout import Rollout, gather_rollout, kl_per_token, make_rollout, response_logprobs, response_values
-from .runtime import Runtime, autocast, check_finite, clip_and_step
+from .run_io import MetricsLogger
+from .runtime import (Runtime, autocast, check_finite, clip_and_step, make_optimizer, model_state, progress,
+                      restore_rng, save_checkpoint, unwrap)
 
 
 def kl_controller(c):
@@ -114,10 +117,6 @@ def train_ppo(cfg, rt: Runtime, tok, models: dict, prompts: list[list[int]], pro
     models: {"policy", "ref", "value", "reward"} (policy and value possibly DDP-wrapped, the others frozen);
     eval_fn(step) -> task score on held-out prompts, or None. Returns the last logged metrics.
     """
-    from .data import BatchSampler
-    from .run_io import MetricsLogger
-    from .runtime import make_optimizer, model_state, progress, restore_rng, save_checkpoint, unwrap
-
     c = cfg.ppo
     if c.minibatch_size % rt.world or c.rollout_batch_size % (c.gen_batch_size * rt.world):
         raise ValueError(f"with {rt.world} ranks, ppo.minibatch_size must be a multiple of {rt.world} and "
