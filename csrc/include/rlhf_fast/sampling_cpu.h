@@ -75,13 +75,24 @@ RLHF_FAST_HOST_DEVICE float exp_nonpositive(float x) {
   return out;
 }
 
+// Sum of n <= 64 floats in float (vectorized); callers accumulate these partial sums in double.
+RLHF_FAST_HOST_DEVICE double block_sum(const float* v, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += v[i];
+  return static_cast<double>(sum);
+}
+
 // Per-thread scratch for one row.
 struct RowScratch {
   std::vector<float> x;          // tempered logits
   std::vector<float> mass;       // exp(x - max)
   std::vector<uint32_t> key;     // order_key(x)
   std::vector<int32_t> cand;     // candidate indices of the radix select
-  explicit RowScratch(int64_t vocab) : x(vocab), mass(vocab), key(vocab), cand(vocab) {}
+  std::vector<double> hist;      // kHistCopies interleaved histograms of the first digit
+  explicit RowScratch(int64_t vocab)
+      : x(vocab), mass(vocab), key(vocab), cand(vocab), hist(static_cast<size_t>(kHistCopies) * kRadixBins) {}
+  static constexpr int kHistCopies = 4;
 };
 
 // Smallest key t among tokens with key >= floor_key such that the weight of those with key <= t
@@ -90,22 +101,30 @@ struct RowScratch {
 template <bool kCount>
 uint32_t radix_threshold(RowScratch& s, int64_t vocab, uint32_t floor_key, double target_scale,
                          double target_shift) {
-  double hist[kRadixBins];
+  double* hist = s.hist.data();
   double below = 0.0, target = 0.0;
   uint32_t prefix = 0;
   int64_t n = 0;
   for (int digit = 0; digit < kRadixDigits; ++digit) {
     const int shift = radix_shift(digit);
     const uint32_t mask = radix_mask(digit);
-    std::fill(hist, hist + mask + 1, 0.0);
     if (digit == 0) {
+      // Neighbouring tokens often share a first digit: RowScratch::kHistCopies histograms, token i
+      // adding to copy i % kHistCopies, keep the adds to one bin from forming a serial chain.
+      constexpr int kCopies = RowScratch::kHistCopies;
+      std::fill(hist, hist + kCopies * kRadixBins, 0.0);
       for (int64_t i = 0; i < vocab; ++i) {
-        if (s.key[i] >= floor_key) hist[(s.key[i] >> shift) & mask] += kCount ? 1.0 : s.mass[i];
+        const double w = s.key[i] >= floor_key ? (kCount ? 1.0 : static_cast<double>(s.mass[i])) : 0.0;
+        hist[(i % kCopies) * kRadixBins + ((s.key[i] >> shift) & mask)] += w;
       }
       double total = 0.0;
-      for (uint32_t b = 0; b <= mask; ++b) total += hist[b];
+      for (uint32_t b = 0; b <= mask; ++b) {
+        for (int c = 1; c < kCopies; ++c) hist[b] += hist[c * kRadixBins + b];
+        total += hist[b];
+      }
       target = target_scale * total + target_shift;
     } else {
+      std::fill(hist, hist + mask + 1, 0.0);
       for (int64_t c = 0; c < n; ++c) {
         const int32_t i = s.cand[c];
         hist[(s.key[i] >> shift) & mask] += kCount ? 1.0 : s.mass[i];
@@ -128,13 +147,17 @@ uint32_t radix_threshold(RowScratch& s, int64_t vocab, uint32_t floor_key, doubl
     prefix |= chosen << shift;
     const uint32_t high_mask = ~((1u << shift) - 1u);  // bits fixed so far
     int64_t kept = 0;
+    // Branch-free compaction: always write, advance only on a match (matches are unpredictable).
     if (digit == 0) {
       for (int64_t i = 0; i < vocab; ++i) {
-        if (s.key[i] >= floor_key && (s.key[i] & high_mask) == prefix) s.cand[kept++] = static_cast<int32_t>(i);
+        s.cand[kept] = static_cast<int32_t>(i);
+        kept += (s.key[i] >= floor_key) & ((s.key[i] & high_mask) == prefix);
       }
     } else {
       for (int64_t c = 0; c < n; ++c) {
-        if ((s.key[s.cand[c]] & high_mask) == prefix) s.cand[kept++] = s.cand[c];
+        const int32_t i = s.cand[c];
+        s.cand[kept] = i;
+        kept += (s.key[i] & high_mask) == prefix;
       }
     }
     n = kept;
@@ -193,26 +216,28 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
   if (remove_mass > 0.0f) {
     threshold = radix_threshold<false>(s, V, threshold, static_cast<double>(remove_mass), 0.0);
   }
-  // Z and the running CDF accumulate in double: float sums over 10^5 tokens drift by ~1e-5, which
-  // would show in the returned logprob.
-  double z = 0.0;
-#pragma omp simd reduction(+ : z)
+  // mass >= min_p compares the bits: both are >= 0, where the bit order is the value order, and integer
+  // selects vectorize where float compares (which may trap) do not.
+  uint32_t min_p_bits;
+  std::memcpy(&min_p_bits, &min_p, sizeof(min_p_bits));
+  uint32_t* mass_bits = reinterpret_cast<uint32_t*>(mass);
+#pragma omp simd
   for (int64_t i = 0; i < V; ++i) {
-    const bool keep = key[i] >= threshold && mass[i] >= min_p;
-    mass[i] = keep ? mass[i] : 0.0f;
-    z += static_cast<double>(mass[i]);
+    mass_bits[i] &= 0u - static_cast<uint32_t>((key[i] >= threshold) & (mass_bits[i] >= min_p_bits));
   }
-  // Inverse CDF in index order: blocks of 64 summed (vectorized), then a scan inside the crossing block.
+  // Z and the running CDF: float sums of 64-token blocks (vectorized), accumulated in double. A float
+  // running sum over 10^5 tokens drifts by ~1e-5, which would show in the returned logprob.
+  constexpr int64_t kBlock = 64;
+  double z = 0.0;
+  for (int64_t start = 0; start < V; start += kBlock) z += block_sum(mass + start, std::min(kBlock, V - start));
+  // Inverse CDF in index order: skip whole blocks, then scan inside the crossing block.
   const double target = static_cast<double>(philox_row_uniform(
       static_cast<uint64_t>(*a.seed), static_cast<uint64_t>(*a.offset), static_cast<uint64_t>(row))) * z;
   int64_t token = -1, last_positive = 0;
   double running = 0.0;
-  constexpr int64_t kBlock = 64;
   for (int64_t start = 0; start < V && token < 0; start += kBlock) {
     const int64_t end = std::min(start + kBlock, V);
-    double block = 0.0;
-#pragma omp simd reduction(+ : block)
-    for (int64_t i = start; i < end; ++i) block += static_cast<double>(mass[i]);
+    const double block = block_sum(mass + start, end - start);
     if (running + block <= target) {
       running += block;
       for (int64_t i = end - 1; i >= start; --i) {
