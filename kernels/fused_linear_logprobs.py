@@ -185,8 +185,8 @@ def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent
                    DOT_PRECISION)
 
 
-# (NEED_X, NEED_W) pairs the launcher can request (a call that needs neither never launches).
-NEED_PAIRS = ((True, True), (True, False), (False, True))
+# (NEED_X, NEED_W) pairs the launcher can request; (False, False) is a call that trains only the bias.
+NEED_PAIRS = ((True, True), (True, False), (False, True), (False, False))
 
 
 def static_configs():

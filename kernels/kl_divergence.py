@@ -13,12 +13,18 @@ import triton
 import triton.language as tl
 
 from ._spec import KernelSpec
-from .fused_linear_logprobs import CONFIGS as TILE_CONFIGS
-from .fused_linear_logprobs import DOT_PRECISION, NEED_PAIRS, _grad_products, _logits_tile
+from .fused_linear_logprobs import DOT_PRECISION, NEED_PAIRS, TileConfig, _grad_products, _logits_tile
 
 RowConfig = namedtuple("RowConfig", "block_v num_warps num_stages")
 # The launcher picks the first config whose block_v covers V, else the last one (looping over tiles).
 CONFIGS = (RowConfig(1024, 4, 2), RowConfig(4096, 8, 2))
+# Fused-linear KL tiles, per input dtype: half the vocab width of fused_linear_logprobs' tiles, since
+# both models' logit tiles are live at once (the wider tile spills on sm_80).
+FUSED_CONFIGS = {
+    "fp32": TileConfig(32, 32, 32, 4, 2),
+    "bf16": TileConfig(64, 64, 64, 8, 3),
+    "fp16": TileConfig(64, 64, 64, 8, 3),
+}
 
 
 @triton.jit
@@ -170,7 +176,7 @@ _DTYPES = ("fp32", "bf16", "fp16")
 
 def _fused_specs():
     specs = []
-    for dt, cfg in TILE_CONFIGS.items():
+    for dt, cfg in FUSED_CONFIGS.items():
         cx = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k,
               "DOT_PRECISION": DOT_PRECISION[dt]}
         tag = f"{dt},BN={cfg.block_n},BV={cfg.block_v},BK={cfg.block_k}"

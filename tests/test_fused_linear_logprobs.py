@@ -107,6 +107,18 @@ def test_frozen_weight_and_twin(backend, device):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_only_gradient(backend, device):
+    """Only the bias trains: its gradient is d(logits) summed over tokens, nothing else is computed."""
+    need_backend(backend, device)
+    hidden, weight, bias, targets = make_inputs(20, 16, 300, FP32, device, True)
+    b = bias.clone().requires_grad_()
+    rlhf_fast.fused_linear_logprobs(hidden, weight, targets, bias=b, temperature=0.7, backend=backend).sum().backward()
+    z = F.linear(hidden, weight, bias).requires_grad_()
+    rlhf_fast.token_logprobs(z, targets, temperature=0.7, backend="reference").sum().backward()
+    torch.testing.assert_close(b.grad, z.grad.sum(0), rtol=0, atol=1e-5)
+
+
 def test_triton_dweight_in_several_slices(device, monkeypatch):
     """bf16 d(weight) accumulates in bounded fp32 vocab slices; force one vocab tile per slice."""
     need_backend("triton", device)

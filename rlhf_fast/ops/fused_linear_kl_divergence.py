@@ -6,20 +6,20 @@ import torch
 
 from .. import _backend
 from ..reference import fused_linear_kl_divergence as ref
-from .fused_linear_logprobs import _contig, run_backward_slices, split_plan, tile_config, triton_cdiv
+from .fused_linear_logprobs import _contig, cdiv, run_backward_slices, split_plan, tile_config
 
 _OP = "fused_linear_kl_divergence"
 
 
 def _triton_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature):
-    k, cfg, prec = tile_config(hidden.dtype)
     from ..kernels import kl_divergence as kk
+    _, cfg, prec = tile_config(hidden.dtype, kk.FUSED_CONFIGS)
     n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
     if n == 0:
         return torch.empty(0, dtype=torch.float32, device=dev), torch.empty(4, 0, dtype=torch.float32, device=dev)
     tiles_per_split, splits = split_plan(n, vocab, cfg, dev)
     part = torch.empty(5, splits, n, dtype=torch.float32, device=dev)
-    kk._fused_linear_kl_divergence_fwd_kernel[(triton_cdiv(n, cfg.block_n), splits)](
+    kk._fused_linear_kl_divergence_fwd_kernel[(cdiv(n, cfg.block_n), splits)](
         hidden, weight, bias if bias is not None else hidden, ref_hidden, ref_weight,
         ref_bias if ref_bias is not None else ref_hidden, part, n, vocab, hidden.shape[1], ref_hidden.shape[1],
         hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), 1.0 / temperature,
@@ -39,8 +39,8 @@ def _triton_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temp
 
 def _triton_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl,
                      temperature, need):
-    k, cfg, prec = tile_config(hidden.dtype)
     from ..kernels import kl_divergence as kk
+    _, cfg, prec = tile_config(hidden.dtype, kk.FUSED_CONFIGS)
     need_x, need_w = bool(need[0]), bool(need[1])
     if hidden.shape[0] == 0:
         return (torch.zeros_like(hidden) if need_x else None, torch.zeros_like(weight) if need_w else None,

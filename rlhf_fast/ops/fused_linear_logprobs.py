@@ -18,30 +18,34 @@ def _contig(t):
     return None if t is None else t.contiguous()
 
 
-def _empty_bias(hidden):
-    return hidden.new_empty(0)
+def _empty(like):
+    """Stands in for a gradient that was not asked for (custom ops cannot return None)."""
+    return like.new_empty(0)
 
 
-def tile_config(dtype: torch.dtype):
-    """(kernel module, TileConfig, dot precision) for the Triton fused-linear kernels."""
+def tile_config(dtype: torch.dtype, table: dict | None = None):
+    """(kernel module, TileConfig, dot precision) for a Triton fused-linear kernel.
+
+    table: the kernel module's per-dtype config table (default: fused_linear_logprobs.CONFIGS).
+    """
     from ..kernels import fused_linear_logprobs as k
     name = _TRITON_DTYPES[dtype]
     if _backend.interpret_mode():
         prec = k.INTERPRET_BF16_PRECISION if name == "bf16" else k.DOT_PRECISION[name]
         return k, k.INTERPRET_CONFIG, prec
-    return k, k.CONFIGS[name], k.DOT_PRECISION[name]
+    return k, (table or k.CONFIGS)[name], k.DOT_PRECISION[name]
 
 
 def split_plan(n: int, vocab: int, cfg, device) -> tuple[int, int]:
     """(tiles_per_split, splits): split the vocab so that about 4 programs per SM are in flight."""
-    n_tiles = triton_cdiv(vocab, cfg.block_v)
+    n_tiles = cdiv(vocab, cfg.block_v)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    want_splits = max(1, min(n_tiles, triton_cdiv(4 * sms, triton_cdiv(n, cfg.block_n))))
-    tiles_per_split = triton_cdiv(n_tiles, want_splits)
-    return tiles_per_split, triton_cdiv(n_tiles, tiles_per_split)
+    want_splits = max(1, min(n_tiles, cdiv(4 * sms, cdiv(n, cfg.block_n))))
+    tiles_per_split = cdiv(n_tiles, want_splits)
+    return tiles_per_split, cdiv(n_tiles, tiles_per_split)
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -77,7 +81,7 @@ def run_backward_slices(launch, hidden, weight, bias, need, cfg):
             w_buf = torch.zeros(v_end - v_begin, weight.shape[1], dtype=torch.float32, device=weight.device) \
                 if w_buf is None or w_buf.shape[0] != v_end - v_begin else w_buf.zero_()
         w_slice = d_w if weight.dtype == torch.float32 else w_buf
-        grid = (triton_cdiv(n, cfg.block_n), triton_cdiv(v_end - v_begin, cfg.block_v))
+        grid = (cdiv(n, cfg.block_n), cdiv(v_end - v_begin, cfg.block_v))
         launch(d_x if d_x is not None else dummy, w_slice if w_slice is not None else dummy,
                d_b if d_b is not None else dummy, v_begin, v_end, grid)
         if need[1] and weight.dtype != torch.float32:
@@ -94,7 +98,7 @@ def _triton_forward(hidden, weight, bias, targets, temperature, want_entropy, ig
         return e, e.clone(), torch.empty(2, 0, dtype=torch.float32, device=dev)
     tiles_per_split, splits = split_plan(n, vocab, cfg, dev)
     part = torch.empty(4, splits, n, dtype=torch.float32, device=dev)
-    k._fused_linear_logprobs_fwd_kernel[(triton_cdiv(n, cfg.block_n), splits)](
+    k._fused_linear_logprobs_fwd_kernel[(cdiv(n, cfg.block_n), splits)](
         hidden, weight, bias if bias is not None else hidden, targets, part, n, vocab, hidden.shape[1],
         hidden.stride(0), weight.stride(0), 1.0 / temperature, ignore_index, tiles_per_split,
         int(bias is not None), int(want_entropy), BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
@@ -170,17 +174,17 @@ def _bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden: 
         d_h, d_w, d_b = ref.backward(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy,
                                      temperature, ignore_index, chunk_size or None, need)
     # custom ops cannot return None: unwanted gradients come back as empty tensors
-    return (d_h if d_h is not None else _empty_bias(hidden), d_w if d_w is not None else _empty_bias(hidden),
-            d_b if d_b is not None else _empty_bias(hidden))
+    return (d_h if d_h is not None else _empty(hidden), d_w if d_w is not None else _empty(hidden),
+            d_b if d_b is not None else _empty(hidden))
 
 
 @_bwd_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature, ignore_index,
       chunk_size, need, backend):
     has_b = bias is not None and need[2]
-    return (torch.empty_like(hidden) if need[0] else _empty_bias(hidden),
-            torch.empty_like(weight) if need[1] else _empty_bias(hidden),
-            torch.empty_like(bias) if has_b else _empty_bias(hidden))
+    return (torch.empty_like(hidden) if need[0] else _empty(hidden),
+            torch.empty_like(weight) if need[1] else _empty(hidden),
+            torch.empty_like(bias) if has_b else _empty(hidden))
 
 
 def _setup_context(ctx, inputs, output):
