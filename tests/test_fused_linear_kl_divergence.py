@@ -57,8 +57,9 @@ def fused(backend):
                               for n, h, r, v, d, t, b in CASES])
 def test_matches_torch_distributions_float64(backend, n, h, h_ref, vocab, dtype, temperature, with_bias,
                                              device):
-    if backend == "triton" and n == 300:
-        pytest.skip("N=300 runs on the reference backend only (interpreter time)")
+    if backend == "triton" and (n == 300 or vocab == 50257) and device.type == "cpu":
+        pytest.skip("N=300 and V=50257 run on the reference backend only in the interpreter (its time); the "
+                    "Triton tiles and vocab loop they would add are covered by test_fused_linear_logprobs")
     need_backend(backend, device)
     policy, reference = make_inputs(n, h, h_ref, vocab, dtype, device, with_bias)
     g = torch.randn(n, device=device)
