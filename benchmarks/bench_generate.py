@@ -8,7 +8,7 @@ Both sides decode the same prompts for exactly max_new_tokens (no EOS), greedy a
 HF uses its default dynamic KV cache with SDPA attention. tokens/s counts new tokens only:
 B * max_new_tokens / wall time of the whole call (prefill included). Each call is timed end to end
 (a generate call is seconds long, so triton.testing.do_bench's many-repetition loop does not fit):
-one warm-up, then the best of `--reps` synchronized runs. The greedy rows also report how many
+one warm-up, then the best of `--reps` synchronized runs, ours and HF interleaved. The greedy rows also report how many
 tokens agree with HF's greedy output (bf16 on GPU may flip near-ties; fp32 on CPU should agree).
 The GPU suite also reports peak memory and the decode phase's achieved HBM bandwidth
 (weights + live KV cache read once per step), as gpt-fast does.
@@ -42,18 +42,25 @@ MODES = {
 QUICK_MODES = ("greedy", "greedy, cuda_graph")
 
 
-def _timed(fn, device: str, reps: int) -> tuple[float, object]:
-    fn()  # warm-up: allocator, extension / Triton compilation
-    best, out = float("inf"), None
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fns: dict, device: str, reps: int) -> dict:
+    """{name: (best seconds, last output)} for each zero-argument fn, runs interleaved so that a
+    shared machine's load drifts over all of them alike; one untimed warm-up call each first."""
+    for fn in fns.values():
+        fn()  # warm-up: allocator, extension / Triton compilation, CUDA-graph capture
+    best = {name: (float("inf"), None) for name in fns}
     for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn()
+            _sync(device)
+            best[name] = (min(best[name][0], time.perf_counter() - t0), out)
+    return best
 
 
 def run_suite(name: str, reps: int, quick: bool) -> list[dict]:
@@ -88,20 +95,24 @@ def run_suite(name: str, reps: int, quick: bool) -> list[dict]:
             return hf.generate(prompts, attention_mask=mask, max_new_tokens=N, min_new_tokens=N,
                                pad_token_id=0, **hf_sampling)
 
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        t_ours, out = _timed(run_ours, device, reps)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+        fns = {"ours": run_ours}
         key = str(hf_sampling)
         if key not in hf_times:
-            hf_times[key] = _timed(run_hf, device, reps)
-        t_hf, hf_out = hf_times[key]
+            fns["hf"] = run_hf
+        timed = _timed(fns, device, reps)
+        hf_times.setdefault(key, timed.get("hf"))
+        (t_ours, out), (t_hf, hf_out) = timed["ours"], hf_times[key]
         row = dict(suite=name, mode=mode, shape=f"B={B} P={P} new={N}", dtype=str(dtype).split(".")[-1],
                    ours_tok_s=B * N / t_ours, hf_tok_s=B * N / t_hf, ratio=t_hf / t_ours)
         if not hf_sampling["do_sample"]:
             row["agree_with_hf"] = (out.tokens == hf_out[:, P:]).float().mean().item()
         if device == "cuda":
-            t_prefill, _ = _timed(lambda: generate(ours, prompts, 1, seed=0, **sampling), device, reps)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            run_ours()
+            peak = torch.cuda.max_memory_allocated() / 2**30  # during our call (HF weights stay resident too)
+            t_prefill = _timed({"prefill": lambda: generate(ours, prompts, 1, seed=0, **sampling)}, device,
+                               reps)["prefill"][0]
             t_decode = max(t_ours - t_prefill, 1e-9)
             bytes_read = (N - 1) * (param_bytes + B * (P + N / 2) * kv_bytes_per_token)
             row.update(peak_gib=peak, prefill_s=t_prefill, decode_gbps=bytes_read / t_decode / 1e9)
@@ -112,7 +123,7 @@ def run_suite(name: str, reps: int, quick: bool) -> list[dict]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", default=os.environ.get("RLHF_FAST_BENCH_QUICK") == "1",
                         help=f"one timed run, modes {QUICK_MODES} only (gpu_check.sh)")
     args = parser.parse_args(argv)
