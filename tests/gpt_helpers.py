@@ -54,9 +54,10 @@ def llama_twin(model: GPT):
                    p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": blk.attn.c_proj.weight,
                    p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
                    p + "mlp.down_proj.weight": blk.mlp.c_proj.weight,
-                   p + "input_layernorm.weight": blk.ln_1.weight, p + "post_attention_layernorm.weight": blk.ln_2.weight})
-    sd.update({"model.embed_tokens.weight": model.transformer.wte.weight, "model.norm.weight": model.transformer.ln_f.weight,
-               "lm_head.weight": model.lm_head.weight})
+                   p + "input_layernorm.weight": blk.ln_1.weight,
+                   p + "post_attention_layernorm.weight": blk.ln_2.weight})
+    sd.update({"model.embed_tokens.weight": model.transformer.wte.weight,
+               "model.norm.weight": model.transformer.ln_f.weight, "lm_head.weight": model.lm_head.weight})
     hf.load_state_dict({k: t.detach().clone() for k, t in sd.items()}, strict=True)
     return hf.to(next(model.parameters()).device).eval()
 

@@ -23,7 +23,7 @@ _STOP_CHECK_EVERY = 8
 @dataclass
 class GenerationOutput:
     tokens: torch.Tensor  # (B, max_new_tokens) int64: sampled tokens, pad_token_id after a row's EOS
-    logprobs: torch.Tensor  # (B, max_new_tokens) fp32: logprob of each token under the processed distribution; 0 on pads
+    logprobs: torch.Tensor  # (B, max_new_tokens) fp32: each token's logprob under the processed distribution; 0 on pads
     mask: torch.Tensor  # (B, max_new_tokens) int64: 1 for real response tokens (EOS included), 0 for padding
     prompts: torch.Tensor  # (B, P) int64: the prompts, left-padded with pad_token_id to the longest, P
     prompt_mask: torch.Tensor  # (B, P) int64: 1 on real prompt tokens
@@ -231,7 +231,8 @@ def _right_pad(prompts, attention_mask, pad_token_id: int, device):
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of 1-D int tensors or a (B, P) int tensor")
     for i, p in enumerate(prompts):
-        if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0 or p.dtype not in (torch.int64, torch.int32):
+        if (not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0
+                or p.dtype not in (torch.int64, torch.int32)):
             raise ValueError(f"prompts[{i}] must be a non-empty 1-D int tensor, got "
                              f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
     B, P = len(prompts), max(p.numel() for p in prompts)
