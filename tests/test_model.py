@@ -71,6 +71,8 @@ def test_from_pretrained_reads_a_safetensors_folder(tmp_path):
     with torch.no_grad():
         assert (model(idx) - hf(idx).logits).abs().max().item() < 1e-4
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    with torch.no_grad():  # a bare GPT2Model: keys without the `transformer.` prefix, no lm_head
+        assert torch.equal(GPT.from_hf_gpt2(hf.transformer)(idx), model(idx))
 
 
 @pytest.mark.parametrize("name", ["gpt2", "modern"])
