@@ -11,8 +11,8 @@ Phases, on random weights and random prompts (no EOS, so every row runs max_new_
 - training: one policy and one value update (forward + backward + AdamW) over the rollout batch,
   through ``ppo_update`` (one epoch, one minibatch); tokens/s counts B * (P + T).
 "fused" runs every model with backend="auto" (Triton / CUDA kernels on GPU; on CPU "auto" resolves to
-the reference ops except where an op has a C++ kernel, so the CPU rows differ little); "reference"
-forces the plain-PyTorch ops. Times are the best of `reps` synchronized runs after one warm-up (a phase
+the reference ops except where an op has a C++ kernel; the `backends` column says what "auto" chose);
+"reference" forces the plain-PyTorch ops. Times are the best of `reps` synchronized runs after one warm-up (a phase
 is tens of ms to seconds, too long for do_bench's repetition loop). Peak memory is CUDA-only.
 """
 from __future__ import annotations
@@ -57,6 +57,12 @@ def _timed(fn, device: str, reps: int) -> tuple[float, float]:
             peak = torch.cuda.max_memory_allocated() / 2 ** 30
         best = min(best, time.perf_counter() - t0)
     return best, peak
+
+
+def _chosen() -> str:
+    """What backend="auto" resolved to for each op the phase called (extension_info()["chosen"])."""
+    from rlhf_fast import extension_info
+    return ", ".join(f"{op}={how}" for op, how in sorted(extension_info()["chosen"].items()))
 
 
 def run_suite(name: str, reps: int) -> list[dict]:
@@ -111,7 +117,8 @@ def run_suite(name: str, reps: int) -> list[dict]:
             seconds, peak = _timed(fn, device, reps)
             rows.append({"op": f"ppo_step/{phase}", "shape": f"B={B} P={P} T={T} {model_kwargs}",
                          "dtype": "bf16-autocast" if dtype else "fp32", "provider": label,
-                         "ms": seconds * 1e3, "tokens_per_s": tokens / seconds, "peak_gib": peak})
+                         "ms": seconds * 1e3, "tokens_per_s": tokens / seconds, "peak_gib": peak,
+                         "backends": _chosen() if backend == "auto" else "reference"})
     for r in rows:  # ratio of fused over reference throughput, per phase
         base = next(x for x in rows if x["op"] == r["op"] and x["provider"] == "reference")
         r["speedup_vs_reference"] = r["tokens_per_s"] / base["tokens_per_s"]
