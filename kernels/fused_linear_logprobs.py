@@ -132,9 +132,11 @@ def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V
         z = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, V - col0, H, stride_x, stride_w, inv_t,
                          has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], z, float("-inf")), 1))
-        alpha = tl.exp(m - m_new)
-        y = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
-        e = tl.where(col_mask[None, :], tl.exp(y), 0.0)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # tiles of -inf (bias-masked vocab): no NaN
+        alpha = tl.exp(m - m_safe)
+        live = col_mask[None, :] & (z > float("-inf"))
+        y = tl.where(live, z - m_safe[:, None], 0.0)
+        e = tl.where(live, tl.exp(y), 0.0)
         if want_entropy:
             # sy = sum exp(z - m) (z - m), re-based when m grows (entropy = log s - sy / s)
             sy = alpha * (sy + tl.where(s > 0, (m - m_new) * s, 0.0)) + tl.sum(e * y, 1)
@@ -177,7 +179,7 @@ def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent
         g_ent = tl.where(valid, tl.load(g_ent_ptr + rows, mask=row_mask, other=0.0), 0.0)
         ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
         coef += g_ent[:, None] * (logp + ent[:, None])
-    d = -p * coef
+    d = tl.where(p > 0, -p * coef, 0.0)  # p = 0 (-inf logit): zero gradient, not 0 * inf
     d = tl.where(cols[None, :] == t[:, None], d + g_logp[:, None], d) * inv_t
     d = tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
     _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,

@@ -62,18 +62,23 @@ def _kl_online_update(zp, zq, mask, m_p, m_q, s_p, s_q, s_d, AXIS: tl.constexpr)
     """
     mp_new = tl.maximum(m_p, tl.max(zp, AXIS))
     mq_new = tl.maximum(m_q, tl.max(zq, AXIS))
-    alpha = tl.exp(m_p - mp_new)
+    # -inf logits (masked vocabulary) have p = 0 and add nothing; a leading all -inf tile must not
+    # turn the running sums into NaN through exp(-inf - -inf)
+    mp_safe = tl.where(mp_new == float("-inf"), 0.0, mp_new)
+    mq_safe = tl.where(mq_new == float("-inf"), 0.0, mq_new)
+    alpha = tl.exp(m_p - mp_safe)
+    live = mask & (zp > float("-inf"))
     if AXIS == 0:
-        yp = tl.where(mask, zp - mp_new, 0.0)
-        yq = tl.where(mask, zq - mq_new, 0.0)
+        yp = tl.where(live, zp - mp_safe, 0.0)
+        yq = tl.where(mask, zq - mq_safe, 0.0)
     else:
-        yp = tl.where(mask, zp - mp_new[:, None], 0.0)
-        yq = tl.where(mask, zq - mq_new[:, None], 0.0)
-    e = tl.where(mask, tl.exp(yp), 0.0)
+        yp = tl.where(live, zp - mp_safe[:, None], 0.0)
+        yq = tl.where(mask, zq - mq_safe[:, None], 0.0)
+    e = tl.where(live, tl.exp(yp), 0.0)
     shift = tl.where(s_p > 0, s_p * ((m_p - mp_new) - (m_q - mq_new)), 0.0)
-    s_d = alpha * (s_d + shift) + tl.sum(e * (yp - yq), AXIS)
+    s_d = alpha * (s_d + shift) + tl.sum(tl.where(live, e * (yp - yq), 0.0), AXIS)
     s_p = s_p * alpha + tl.sum(e, AXIS)
-    s_q = s_q * tl.exp(m_q - mq_new) + tl.sum(tl.where(mask, tl.exp(yq), 0.0), AXIS)
+    s_q = s_q * tl.exp(m_q - mq_safe) + tl.sum(tl.where(mask, tl.exp(yq), 0.0), AXIS)
     return mp_new, mq_new, s_p, s_q, s_d
 
 
@@ -96,8 +101,8 @@ def _kl_bwd_kernel(p_ptr, q_ptr, stats_ptr, kl_ptr, g_ptr, dp_ptr, dq_ptr, strid
         logp = (zp - m_p) - log_s_p
         logq = (zq - m_q) - log_s_q
         p = tl.exp(logp)
-        tl.store(dp_ptr + row * stride_p + off + cols, (g * p * (logp - logq - kl)).to(dp_ptr.dtype.element_ty),
-                 mask=mask)
+        dp = tl.where(p > 0, g * p * (logp - logq - kl), 0.0)  # p = 0 (-inf logit): zero gradient
+        tl.store(dp_ptr + row * stride_p + off + cols, dp.to(dp_ptr.dtype.element_ty), mask=mask)
         if NEED_REF:
             tl.store(dq_ptr + row * stride_q + off + cols, (g * (tl.exp(logq) - p)).to(dq_ptr.dtype.element_ty),
                      mask=mask)
@@ -164,7 +169,8 @@ def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
     logq = (zq - m_q[:, None]) - log_s_q[:, None]
     kl = tl.load(kl_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0) * inv_t
-    d = g[:, None] * tl.exp(logp) * (logp - logq - kl[:, None])
+    p = tl.exp(logp)
+    d = tl.where(p > 0, g[:, None] * p * (logp - logq - kl[:, None]), 0.0)
     d = tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
     _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
                    stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V, BLOCK_K,

@@ -31,9 +31,11 @@ def _token_logprobs_fwd_kernel(logits_ptr, targets_ptr, logp_ptr, entropy_ptr, s
         mask = off + cols < V
         z = tl.load(base + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
         m_new = tl.maximum(m, tl.max(z, 0))
-        alpha = tl.exp(m - m_new)
-        y = tl.where(mask, z - m_new, 0.0)
-        e = tl.where(mask, tl.exp(y), 0.0)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a leading all -inf tile: no NaN
+        alpha = tl.exp(m - m_safe)
+        live = z > float("-inf")  # off-row lanes and -inf logits (masked vocabulary): p = 0, 0 log 0 = 0
+        y = tl.where(live, z - m_safe, 0.0)
+        e = tl.where(live, tl.exp(y), 0.0)
         if WANT_ENTROPY:
             # sy = sum exp(z - m) (z - m), re-based when m grows
             sy = alpha * (sy + tl.where(s > 0, (m - m_new) * s, 0.0)) + tl.sum(e * y, 0)
@@ -75,6 +77,7 @@ def _token_logprobs_bwd_kernel(logits_ptr, targets_ptr, stats_ptr, entropy_ptr, 
             d = -p * (g_logp + g_ent * (logp + ent))
         else:
             d = -p * g_logp
+        d = tl.where(p > 0, d, 0.0)  # p = 0 (-inf logit): zero gradient, not 0 * inf
         d = tl.where(off + cols == t, d + g_logp, d) * inv_t
         tl.store(gbase + off + cols, d.to(grad_ptr.dtype.element_ty), mask=mask)
 

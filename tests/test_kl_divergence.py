@@ -90,3 +90,22 @@ def test_bad_input_raises(device):
         rlhf_fast.kl_divergence(a, a, temperature=0.0)
     with pytest.raises(ValueError, match="backend must be one of"):
         rlhf_fast.kl_divergence(a, a, backend="fast")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_logits_match_torch_distributions(backend, device):
+    """Tokens with -inf logits in both models (masked vocabulary) add 0 to KL, as in torch.distributions."""
+    need_backend(backend, device)
+    a = torch.randn(3, 41, device=device) * 2
+    b = a + torch.randn(3, 41, device=device)
+    a[:, 29:] = b[:, 29:] = float("-inf")
+    x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+    kl = rlhf_fast.kl_divergence(x, y, temperature=0.8, backend=backend)
+    kl.sum().backward()
+    x64, y64 = a[:, :29].double().requires_grad_(), b[:, :29].double().requires_grad_()
+    kl64 = oracle(x64, y64, 0.8)
+    kl64.sum().backward()
+    torch.testing.assert_close(kl.double(), kl64.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(x.grad[:, :29].double(), x64.grad, rtol=0, atol=1e-5)
+    torch.testing.assert_close(y.grad[:, :29].double(), y64.grad, rtol=0, atol=1e-5)
+    assert (x.grad[:, 29:] == 0).all() and (y.grad[:, 29:] == 0).all()

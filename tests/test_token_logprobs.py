@@ -141,3 +141,26 @@ def test_bad_input_raises(device):
         tl(logits, targets, backend="fast")
     with pytest.raises(rlhf_fast.BackendUnavailable, match="no 'cuda' backend"):
         tl(logits, targets, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_logits_are_impossible_tokens(backend, device):
+    """-inf logits (a masked vocabulary, here also a whole leading tile) have p = 0: 0 log 0 = 0 in the
+    entropy and zero gradient, and the live part matches float64 torch.distributions."""
+    need_backend(backend, device)
+    dead = 4200  # wider than the widest row tile, so a whole tile is -inf before any live logit
+    live = torch.randn(3, 29, device=device) * 2
+    logits = torch.cat([torch.full((3, dead), float("-inf"), device=device), live,
+                        torch.full((3, 12), float("-inf"), device=device)], 1).requires_grad_()
+    targets = torch.tensor([0, 7, 28], device=device)
+    logp, ent = rlhf_fast.token_logprobs(logits, targets + dead, temperature=0.8, return_entropy=True,
+                                         backend=backend)
+    (logp.sum() + ent.sum()).backward()
+    z = (live.double() / 0.8).requires_grad_()
+    cat = torch.distributions.Categorical(logits=z)
+    lp64, ent64 = cat.logits.gather(-1, targets[:, None]).squeeze(-1), cat.entropy()
+    (lp64.sum() + ent64.sum()).backward()
+    torch.testing.assert_close(logp.double(), lp64.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent.double(), ent64.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits.grad[:, dead:dead + 29].double(), z.grad / 0.8, rtol=0, atol=1e-5)
+    assert (logits.grad[:, :dead] == 0).all() and (logits.grad[:, dead + 29:] == 0).all()

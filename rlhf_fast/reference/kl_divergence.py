@@ -40,7 +40,8 @@ def row_stats(z: torch.Tensor, zr: torch.Tensor):
     log_s_q = torch.log(log_q.exp().sum(-1))
     log_p.sub_(log_s_p[:, None])
     log_q.sub_(log_s_q[:, None])
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    # p = 0 terms (-inf logits) contribute 0, as in torch.distributions (not 0 * (-inf - -inf) = NaN)
+    kl = (log_p.exp() * (log_p - log_q)).masked_fill_(log_p.isneginf(), 0.0).sum(-1)
     return kl, torch.stack([m_p, log_s_p, m_q, log_s_q])
 
 
@@ -49,7 +50,7 @@ def grads_(z, zr, stats, kl, grad_kl, temperature: float, need_ref: bool):
     g = grad_kl.float()[:, None]
     z.sub_(stats[0][:, None]).sub_(stats[1][:, None])     # log p
     zr.sub_(stats[2][:, None]).sub_(stats[3][:, None])    # log q
-    diff = (z - zr).sub_(kl[:, None])
+    diff = (z - zr).sub_(kl[:, None]).masked_fill_(z.isneginf(), 0.0)  # p = 0: zero gradient
     z.exp_()                                              # p
     dzr = None
     if need_ref:

@@ -63,7 +63,8 @@ def row_stats(z: torch.Tensor, targets: torch.Tensor, ignore_index: int, want_en
     entropy = None
     if want_entropy:
         log_p = (z - m[:, None]).sub_(log_s[:, None])
-        entropy = torch.where(valid, -(log_p.exp() * log_p).sum(-1), 0.0)
+        p_log_p = (log_p.exp() * log_p).masked_fill_(log_p.isneginf(), 0.0)  # 0 log 0 = 0 (-inf logits)
+        entropy = torch.where(valid, -p_log_p.sum(-1), 0.0)
     return logp, entropy, torch.stack([m, log_s])
 
 
@@ -76,12 +77,13 @@ def grad_z_(z: torch.Tensor, targets, stats, entropy, grad_logp, grad_entropy, i
     valid = targets != ignore_index
     g_logp = torch.where(valid, grad_logp.float(), 0.0) if grad_logp is not None else torch.zeros_like(stats[0])
     z.sub_(stats[0][:, None]).sub_(stats[1][:, None])  # z <- log p
+    impossible = z.isneginf()  # -inf logits (masked vocabulary): p = 0 and zero gradient, not 0 * inf
     if grad_entropy is not None:
         g_ent = torch.where(valid, grad_entropy.float(), 0.0)
         coef = (z + entropy[:, None]).mul_(g_ent[:, None]).add_(g_logp[:, None])
     else:
         coef = g_logp[:, None]
-    z.exp_().mul_(coef).neg_()
+    z.exp_().mul_(coef).neg_().masked_fill_(impossible, 0.0)
     safe = torch.where(valid, targets, 0).long()
     z.scatter_add_(-1, safe[:, None], g_logp[:, None])
     if temperature != 1.0:
