@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gpt_helpers import V, gpt2_config, modern_config, sharpen
-from rlhf_fast.model import GPT, GPTConfig, generate
+import rlhf_fast
+from rlhf_fast.model import GPT, GPTConfig, KVCache, decode_one_token, generate, prefill
 
 # untied embeddings: a random tied GPT-2 mostly repeats its last input token, which would make
 # token-for-token comparisons nearly vacuous
@@ -129,6 +130,37 @@ def test_cuda_graph_decode_equals_eager(device, sampling):
     graphed = generate(model, prompts, 24, eos_token_id=7, cuda_graph=True, **sampling)
     assert torch.equal(eager.tokens, graphed.tokens) and torch.equal(eager.mask, graphed.mask)
     assert (eager.logprobs - graphed.logprobs).abs().max().item() < 1e-5
+
+
+def test_decode_step_has_no_host_sync(device):
+    """What CUDA-graph capture needs, checked on any device: sampling (seed/offset/parameters as device
+    tensors, check_nan=False) plus `decode_one_token` trace as one graph (fullgraph: any .item() or
+    data-dependent shape would break it), and replaying it matches eager steps, cache state included."""
+    model = make_model("modern", device)
+    B = 3
+    idx = torch.randint(0, V, (B, 5), device=device)
+    lengths = torch.tensor([5, 2, 4], dtype=torch.int32, device=device)
+    caches = [KVCache(model.config, B, 12, device, torch.float32) for _ in range(2)]
+    logits = [prefill(model, idx, lengths, c) for c in caches]
+    params = [dict(temperature=torch.full((B,), 0.8, device=device), top_k=torch.full((B,), 20, device=device),
+                   top_p=torch.full((B,), 0.9, device=device), min_p=torch.zeros(B, device=device),
+                   seed=torch.tensor([3], device=device), offset=torch.zeros(1, dtype=torch.int64, device=device))
+              for _ in range(2)]
+
+    def step(logits, cache, params):
+        token, logprob = rlhf_fast.sample(logits, return_logprobs=True, check_nan=False, **params)
+        params["offset"].add_(1)
+        return token, logprob, decode_one_token(model, token, cache)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for _ in range(3):
+            (tok_c, lp_c, logits[0]), (tok_e, lp_e, logits[1]) = (compiled(logits[0], caches[0], params[0]),
+                                                                    step(logits[1], caches[1], params[1]))
+            assert torch.equal(tok_c, tok_e) and torch.equal(lp_c, lp_e)
+            assert (logits[0] - logits[1]).abs().max().item() < 1e-5
+    assert caches[0].seqlens.tolist() == caches[1].seqlens.tolist() == [8, 5, 7]
+    assert torch.equal(caches[0].k, caches[1].k)
 
 
 def test_generate_method_and_config_backend(device):
