@@ -1,7 +1,9 @@
 """The stages end to end on a tiny model: outputs, resume after a kill mid-PPO, NaN guard (seconds each)."""
 import json
 import shutil
+import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -133,3 +135,30 @@ def test_own_sft_data_is_used_and_no_builtin_task_is_written(tmp_path, device):
     assert summary["task_score_sft"] is None  # no held-out prompts or scorer for a user's own task
     assert not (out / "data").exists()
     assert len(read_metrics(out / "sft" / "metrics.jsonl")) == 2
+
+
+def test_sigkill_mid_ppo_then_cli_resume_matches_uninterrupted(sft_rm_run, tmp_path, device):
+    """A real kill (SIGKILL, no cleanup) of `rlhf-fast ppo`, then `rlhf-fast ppo --resume DIR`."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    for d in (full, killed):
+        shutil.copytree(sft_rm_run, d)
+    extra = {"ppo.steps": 6}
+    pipeline.run_ppo(tiny(full, device, **extra))
+    cfg = tiny(killed, device, **extra)
+    opts = [f"--{section}.{k}={v}" for section in ("run", "model", "task", "ppo")
+            for k, v in vars(getattr(cfg, section)).items()]
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_fast", "ppo", *opts], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    metrics, deadline = killed / "ppo" / "metrics.jsonl", time.time() + 300
+    while not (metrics.is_file() and '"step": 3' in metrics.read_text()):  # step 3 logged, checkpoint is 2
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert torch.load(killed / "ppo" / "checkpoint.pt", weights_only=False)["step"] < 6
+    done = subprocess.run([sys.executable, "-m", "rlhf_fast", "ppo", "--resume", str(killed)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if device.type == "cpu":
+        assert read_metrics(metrics) == read_metrics(full / "ppo" / "metrics.jsonl")
