@@ -128,3 +128,17 @@ def test_cli_help_documents_fields_and_errors_exit_2(capsys):
     assert cli.main(["rm", "--resume", "/nonexistent/run"]) == 2
     stage, cfg, resume = cli.parse(["demo", "--out", "runs/x", "--ppo.top_p", "0.9"])
     assert (stage, cfg.run.out, cfg.ppo.top_p, resume) == ("demo", "runs/x", 0.9, False)
+
+
+def test_local_hf_tokenizer(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"<pad>": 0, "</s>": 1, "sort": 2, "1": 3, "2": 4, "[UNK]": 5}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="<pad>",
+                                         unk_token="[UNK]").save_pretrained(tmp_path)
+    tok = get_tokenizer(f"hf:{tmp_path}")
+    assert (tok.vocab_size, tok.eos_id, tok.pad_id, tok.bos_id) == (6, 1, 0, 1)  # no BOS token: EOS doubles
+    assert tok.encode("sort 2 1") == [2, 4, 3]
+    assert tok.decode([2, 4, 3, 1]).split() == ["sort", "2", "1"]
