@@ -89,11 +89,13 @@ def _raise_for_bad_row(x, temperature, top_k, top_p, min_p, from_probs, tokens) 
     raise ValueError(f"row {row} of the input could not be sampled")
 
 
-def _check_scalar(name: str, value, kind, ok, want: str) -> None:
+def _check_scalar(name: str, value, integer: bool, ok, want: str) -> None:
     if isinstance(value, torch.Tensor):
         return
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise ValueError(f"{name} must be a {want} Python number or a tensor, got {type(value).__name__}")
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an int" if integer else "a float"
+        raise ValueError(f"{name} must be {kind} or a tensor, got {type(value).__name__}")
     if not ok(value):
         raise ValueError(f"{name} must be {want}, got {value}")
 
@@ -134,10 +136,10 @@ def _sample(x: torch.Tensor, name: str, from_probs: bool, temperature, top_k, to
     B, V = x.shape
     if V == 0:
         raise ValueError(f"{name} must have a non-empty vocabulary dimension, got shape {tuple(x.shape)}")
-    _check_scalar("temperature", temperature, (int, float), lambda v: v >= 0, ">= 0")
-    _check_scalar("top_k", top_k, int, lambda v: v >= 0, "an int >= 0 (0 means off)")
-    _check_scalar("top_p", top_p, (int, float), lambda v: 0 < v <= 1, "in (0, 1]")
-    _check_scalar("min_p", min_p, (int, float), lambda v: 0 <= v < 1, "in [0, 1)")
+    _check_scalar("temperature", temperature, False, lambda v: v >= 0, ">= 0 (0 means greedy)")
+    _check_scalar("top_k", top_k, True, lambda v: v >= 0, ">= 0 (0 means off)")
+    _check_scalar("top_p", top_p, False, lambda v: 0 < v <= 1, "in (0, 1]")
+    _check_scalar("min_p", min_p, False, lambda v: 0 <= v < 1, "in [0, 1)")
     for pname, value, integer in (("temperature", temperature, False), ("top_k", top_k, True),
                                   ("top_p", top_p, False), ("min_p", min_p, False)):
         _check_param_tensor(pname, value, B, x.device, integer)
