@@ -18,12 +18,16 @@ def task_score(policy, prompts: list[list[int]], prompt_len: int, tok, scorer, r
     on the number of ranks.
     """
     total = torch.zeros(2, dtype=torch.float64, device=rt.device)
-    for j, start in enumerate(range(0, len(prompts), chunk)):
-        if j % rt.world != rt.rank:
-            continue
+    n_chunks = -(-len(prompts) // chunk)
+    # under FSDP every rank must generate as often (each forward is a collective): pad with filler calls
+    slots = -(-n_chunks // rt.world) * rt.world if rt.mode == "fsdp" else n_chunks
+    for j in range(rt.rank, slots, rt.world):
+        start = (j if j < n_chunks else 0) * chunk
         seqs, _, mask, _ = generate_chunk(policy, prompts[start:start + chunk], prompt_len, tok,
                                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                           top_p=top_p, seed=EVAL_SEED + 1009 * seed + j, device=rt.device)
+        if j >= n_chunks:  # a filler call, only there to keep the ranks in step
+            continue
         scores = scorer(*decode_rows(tok, seqs, mask, prompt_len))
         total += torch.tensor([float(sum(scores)), float(len(scores))], dtype=torch.float64, device=rt.device)
     total = rt.all_reduce_sum(total)

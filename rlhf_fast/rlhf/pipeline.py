@@ -185,8 +185,6 @@ def run_ppo(cfg: Config, resume: bool = False, on_step=None) -> dict:
     from .ppo import train_ppo
     t0 = time.time()
     rt, tok, out = _start(cfg, "ppo")
-    if rt.mode == "fsdp":
-        raise ValueError("run.distributed='fsdp' is supported by the sft and rm stages; use 'ddp' for ppo")
     prompts = _prompts(cfg.ppo.prompts or _builtin(cfg, rt, out, "prompts"), tok, cfg)
     eval_path, scorer = _evaluation(cfg, rt, out, builtin_task=not cfg.ppo.prompts)
     eval_prompts = _prompts(eval_path, tok, cfg) if eval_path is not None else []

@@ -21,7 +21,7 @@ from .data import BatchSampler
 from .rollout import Rollout, gather_rollout, kl_per_token, make_rollout, response_logprobs, response_values
 from .run_io import MetricsLogger
 from .runtime import (Runtime, autocast, check_finite, clip_and_step, make_optimizer, model_state, progress,
-                      restore_rng, save_checkpoint, unwrap)
+                      optimizer_state, restore_rng, save_checkpoint, unwrap)
 
 
 def kl_controller(c):
@@ -126,6 +126,9 @@ def train_ppo(cfg, rt: Runtime, tok, models: dict, prompts: list[list[int]], pro
     sampler = BatchSampler(len(prompts), c.rollout_batch_size, cfg.run.seed)
     kl_ctl = kl_controller(c)
     start = 0
+    if resume_state is not None and resume_state["optimizers"]["policy"] is None:
+        raise ValueError("this PPO checkpoint was written by an FSDP run, whose optimizer state is not saved: "
+                         "it cannot be resumed; start the stage again")
     if resume_state is not None:
         for k in ("policy", "value"):
             opts[k].load_state_dict(resume_state["optimizers"][k])
@@ -161,7 +164,8 @@ def train_ppo(cfg, rt: Runtime, tok, models: dict, prompts: list[list[int]], pro
         bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
         if step % c.ckpt_every == 0 or step == c.steps:
             save_checkpoint(ckpt_path, rt, policy=model_state(models["policy"]), value=model_state(models["value"]),
-                            optimizers={k: o.state_dict() for k, o in opts.items()}, sampler=sampler.state_dict(),
+                            optimizers={k: optimizer_state(o, rt) for k, o in opts.items()},
+                            sampler=sampler.state_dict(),
                             kl_ctl=kl_ctl.state_dict(), step=step, record=record)
         if on_step is not None:
             on_step(step)

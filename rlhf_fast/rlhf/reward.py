@@ -4,7 +4,7 @@ Loss: Bradley-Terry, ``-log sigmoid(r(chosen) - r(rejected))``, averaged over pa
 each sequence's last token (EOS). Chosen and rejected sequences of a batch go through one forward,
 packed into one row on CUDA (varlen attention) and right-padded on CPU.
 After training the reward is normalized to mean 0, std 1 over responses sampled from the SFT policy,
-by folding the affine map into the head (so the value model initialized from it starts normalized too).
+by folding the affine map into the saved head (so the value model initialized from it starts normalized too).
 """
 from __future__ import annotations
 
@@ -46,10 +46,9 @@ def pair_accuracy(model, pairs, rt: Runtime, batch_size: int, pad_id: int) -> fl
 
 
 @torch.no_grad()
-def normalize_reward(model, sequences: list[list[int]], rt: Runtime, batch_size: int,
-                     pad_id: int) -> tuple[float, float]:
-    """Fold r -> (r - mean) / std over `sequences` into the head; returns (mean, std) before folding."""
-    model = unwrap(model)
+def reward_moments(model, sequences: list[list[int]], rt: Runtime, batch_size: int,
+                   pad_id: int) -> tuple[float, float]:
+    """(mean, std) of the reward over `sequences` (split over ranks)."""
     rewards = []
     mine = sequences[rt.rank::rt.world]
     for start in range(0, len(mine), batch_size):
@@ -58,9 +57,16 @@ def normalize_reward(model, sequences: list[list[int]], rt: Runtime, batch_size:
     moments = rt.all_reduce_sum(torch.stack([r.new_tensor(float(r.numel())), r.sum(), (r * r).sum()]))
     mean = moments[1] / moments[0]
     std = torch.sqrt(torch.clamp(moments[2] / moments[0] - mean * mean, min=1e-12))
-    model.score.weight.div_(float(std))
-    model.score.bias.sub_(float(mean)).div_(float(std))
     return float(mean), float(std)
+
+
+def fold_normalization(state: dict, mean: float, std: float) -> dict:
+    """Make the saved head output (r - mean) / std (applied to the checkpoint's full weights, which works
+    the same for plain, DDP and FSDP-sharded models)."""
+    weights = state["weights"]
+    weights["score.weight"] = weights["score.weight"] / std
+    weights["score.bias"] = (weights["score.bias"] - mean) / std
+    return state
 
 
 def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | Path | None, stage_dir: Path,
@@ -135,8 +141,9 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
     model.eval()
     result = {"rm_accuracy": acc, "reward_mean": 0.0, "reward_std": 1.0}
     if norm_sequences is not None and c.norm_samples > 0:
-        result["reward_mean"], result["reward_std"] = normalize_reward(model, norm_sequences(), rt, 4 * c.batch_size,
-                                                                      tok.pad_id)
-    save_checkpoint(ckpt_path, rt, model=model_state(model), optimizer=optimizer_state(opt, rt),
+        result["reward_mean"], result["reward_std"] = reward_moments(model, norm_sequences(), rt, 4 * c.batch_size,
+                                                                    tok.pad_id)
+    state = fold_normalization(model_state(model), result["reward_mean"], result["reward_std"])
+    save_checkpoint(ckpt_path, rt, model=state, optimizer=optimizer_state(opt, rt),
                     sampler=sampler.state_dict(), step=c.steps, done=True, result=result)
     return result

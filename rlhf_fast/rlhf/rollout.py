@@ -76,17 +76,44 @@ def left_pad(prompts: list[list[int]], width: int, pad_id: int) -> tuple[torch.T
     return out, mask
 
 
+def _is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def _stop_at_eos(tokens: torch.Tensor, logprobs: torch.Tensor, eos_id: int, pad_id: int):
+    """Rows of a fixed-length sample cut after their first EOS -> (tokens, logprobs, mask), as generate's
+    own EOS handling would return them."""
+    is_eos = (tokens == eos_id).long()
+    mask = (is_eos.cumsum(1) - is_eos) == 0  # up to and including the first EOS
+    return tokens.masked_fill(~mask, pad_id), logprobs.masked_fill(~mask, 0.0), mask.long()
+
+
 @torch.no_grad()
 def generate_chunk(policy, prompts: list[list[int]], prompt_len: int, tok, *, max_new_tokens: int,
                    temperature: float, top_k: int, top_p: float, seed: int, device):
-    """Sample one chunk -> (sequences, attention_mask, response mask (float), behaviour logprobs)."""
+    """Sample one chunk -> (sequences, attention_mask, response mask (float), behaviour logprobs).
+
+    An FSDP-sharded policy has its root parameters gathered for the whole call (generation calls the
+    blocks, whose hooks gather their own, but not the root's forward), and samples every row for
+    max_new_tokens steps: stopping early when all rows hit EOS would differ between ranks, and every
+    rank must join the same collectives. The rows are cut after EOS as generate would cut them.
+    """
     idx, pmask = left_pad(prompts, prompt_len, tok.pad_id)
-    gen = unwrap(policy).generate(idx.to(device), max_new_tokens, attention_mask=pmask.to(device),
-                                  temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=tok.eos_id,
-                                  pad_token_id=tok.pad_id, seed=seed)
-    sequences = torch.cat((idx.to(device), gen.tokens), 1)
-    attention_mask = torch.cat((pmask.to(device), gen.mask), 1)
-    return sequences, attention_mask, gen.mask.float(), gen.logprobs
+    model = unwrap(policy)
+    fsdp = _is_fsdp(model)
+    if fsdp:
+        model.unshard()
+    gen = model.generate(idx.to(device), max_new_tokens, attention_mask=pmask.to(device), temperature=temperature,
+                         top_k=top_k, top_p=top_p, eos_token_id=None if fsdp else tok.eos_id,
+                         pad_token_id=tok.pad_id, seed=seed)
+    tokens, logprobs, mask = gen.tokens, gen.logprobs, gen.mask
+    if fsdp:
+        model.reshard()
+        tokens, logprobs, mask = _stop_at_eos(tokens, logprobs, tok.eos_id, tok.pad_id)
+    sequences = torch.cat((idx.to(device), tokens), 1)
+    attention_mask = torch.cat((pmask.to(device), mask), 1)
+    return sequences, attention_mask, mask.float(), logprobs
 
 
 def decode_rows(tok, sequences: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> tuple[list[str], list[str]]:

@@ -141,6 +141,14 @@ def wrap_model(model, rt: Runtime):
         for block in model.transformer.h:
             fully_shard(block)
         fully_shard(model)
+        # Initialize FSDP with one full forward + backward of a zero loss: generation calls the blocks
+        # directly (a block reached first would make itself a root), and a first forward under no_grad
+        # (rollout scoring) leaves the root's parameters without their gradient path.
+        with torch.enable_grad():
+            out = model(torch.zeros((1, 1), dtype=torch.long, device=rt.device))
+            (out.float().sum() * 0.0).backward()
+        for p in model.parameters():
+            p.grad = None
         return model
     return model
 

@@ -54,7 +54,8 @@ def test_ddp_two_gloo_processes_match_one(one_process, tmp_path, device):
         _same_metrics(one_process, two, stage)
 
 
-def test_fsdp2_sft_matches_one_process(one_process, tmp_path, device):
+def test_fsdp2_two_gloo_processes_match_one(one_process, tmp_path, device):
     two = tmp_path / "two"
-    _torchrun("sft", two, device, "--run.distributed=fsdp")
-    _same_metrics(one_process, two, "sft")
+    _torchrun("demo", two, device, "--run.distributed=fsdp")
+    for stage in ("sft", "rm", "ppo"):
+        _same_metrics(one_process, two, stage)
