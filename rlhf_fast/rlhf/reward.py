@@ -18,7 +18,7 @@ from .data import RM_KEYS, BatchSampler, read_jsonl, sequence_batch, tokenize_pa
 from .run_io import MetricsLogger
 from .runtime import (Runtime, autocast, build_model, check_finite, clip_and_step, load_checkpoint, load_model,
                       lr_at, make_optimizer, model_state, optimizer_state, progress, restore_rng, save_checkpoint,
-                      unwrap, wrap_model)
+                      wrap_model)
 
 
 def score_sequences(model, seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
