@@ -582,10 +582,6 @@ def test_generate_greedy_vs_hf_generate(backend, device):
     assert torch.equal(out.tokens.cpu()[:, :got.shape[1]], got)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "0 * log 0 evaluated as 0 * -inf = NaN: rlhf_fast/reference/token_logprobs.py row_stats "
-    "(-(log_p.exp() * log_p).sum) and grad_z_ ((z + entropy) * g_ent with z = -inf, NaN even when only logp "
-    "is differentiated); kernels/token_logprobs.py sums exp(y) * y with y = -inf"))
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_masked_vocab_minus_inf_logits(backend, device):
     """Logits of -inf (a masked or padded vocabulary) are zero-probability tokens: 0 log 0 = 0, as in
@@ -610,10 +606,6 @@ def test_masked_vocab_minus_inf_logits(backend, device):
     assert bool((grad.cpu()[:, live:] == 0).all())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "KL with -inf logits at the same (zero-probability) tokens is NaN: rlhf_fast/reference/kl_divergence.py "
-    "row_stats computes (log_p.exp() * (log_p - log_q)).sum with -inf - -inf = NaN; the Triton kernel "
-    "likewise; torch.distributions.kl_divergence gives the finite KL (it zeroes terms where p == 0)"))
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_masked_vocab_kl_divergence_vs_torch_distributions(backend, device):
     need_backend(backend, device)
