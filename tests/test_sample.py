@@ -150,14 +150,25 @@ def test_extension_draws_the_reference_tokens(dtype, V, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ties_are_kept_at_the_top_k_and_top_p_boundary(backend, device):
+def test_ties_at_the_top_k_and_top_p_boundary(backend, device):
+    """top-k keeps a boundary tie whole; top-p removes the lowest-index tokens of a tie its cut splits.
+
+    Probabilities of [3, 1, 2, 2, 0, 2]: 0.437, 0.059, 3 x 0.161, 0.022; ascending cumulative 0.022,
+    0.081, 0.242, 0.402, 0.563, 1 over tokens 4, 1, 2, 3, 5, 0 (ties in index order).
+    """
     need_backend(backend, device)
     logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0, 2.0]], device=device).expand(4000, 6)
-    top_k = torch.bincount(rlhf_fast.sample(logits, top_k=2, seed=1, backend=backend), minlength=6)
-    assert top_k[[1, 4]].sum() == 0 and (top_k[[0, 2, 3, 5]] > 0).all()
-    # mass of {3.0} is ~0.54 < top_p = 0.6, so the 2.0 tie is needed and kept whole
-    top_p = torch.bincount(rlhf_fast.sample(logits, top_p=0.6, seed=1, backend=backend), minlength=6)
-    assert top_p[[1, 4]].sum() == 0 and (top_p[[0, 2, 3, 5]] > 0).all()
+    cases = [(dict(top_k=2), {0, 2, 3, 5}),
+             (dict(top_p=0.9), {0, 2, 3, 5}),   # cut 0.1 below the tie: kept whole
+             (dict(top_p=0.6), {0, 3, 5}),      # cut 0.4: the tie's first token goes
+             (dict(top_p=0.45), {0, 5}),        # cut 0.55: its first two go
+             (dict(top_p=0.1), {0})]            # cut 0.9: the whole tie goes, token 0 stays
+    for kwargs, kept in cases:
+        want = warped_probs(logits[0], **kwargs)
+        assert set((want > 0).nonzero().flatten().tolist()) == kept, kwargs
+        tokens, logprobs = rlhf_fast.sample(logits, seed=1, return_logprobs=True, backend=backend, **kwargs)
+        assert set(tokens.tolist()) == kept, kwargs
+        torch.testing.assert_close(logprobs.double().cpu(), want.log()[tokens.cpu()], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -186,8 +186,11 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
         token = first i with cumsum(exp(s - s.max()))[i] > u * sum(exp(s - s.max()))
 
     where u in [0, 1) is the top 24 bits of Philox4x32-10(counter=(row, 0, offset), key=seed) word 0.
-    Ties: top-k and top-p both keep every token equal to the smallest kept value (transformers' top-p
-    keeps an arbitrary part of such a tie). The draw walks the vocabulary in index order, so no sort.
+    Ties: top-k keeps every token equal to the k-th value. When the top-p cut falls inside a run of
+    tied tokens, the lowest-index ones go first: exactly TopPLogitsWarper with a stable sort
+    (``torch.sort(s, stable=True)``). Its default CPU sort is unstable beyond 16 tokens, so stock
+    transformers removes as many tied tokens but arbitrary ones. bf16 logits tie often, so this
+    matters. min-p keeps ties. The draw walks the vocabulary in index order, so nothing is sorted.
     """
     return _sample(logits, "logits", False, temperature, top_k, top_p, min_p, seed, offset,
                    return_logprobs, backend, check_nan)

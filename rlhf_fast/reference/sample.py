@@ -6,9 +6,10 @@ csrc kernels: it draws the same uniform per row as the C++ and CUDA code, so for
 float32 rounding of a CDF step).
 
 The filters follow transformers' TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper and
-MinPLogitsWarper (min_tokens_to_keep=1), applied in that order, in float32. One deliberate difference:
-top-p keeps every token tied with the smallest kept value (transformers keeps an arbitrary subset of
-such a tie, depending on torch.sort's order), so top-k and top-p both keep boundary ties.
+MinPLogitsWarper (min_tokens_to_keep=1), applied in that order, in float32. Ties: top-k keeps every
+token tied with the k-th value; top-p sorts with a stable sort, so when a tie straddles its cut the
+lowest-index tied tokens are the ones removed (TopPLogitsWarper's own torch.sort is unstable on CPU
+for rows over 16 tokens: it removes as many tied tokens, but which ones is arbitrary).
 """
 from __future__ import annotations
 
@@ -89,13 +90,13 @@ def warp(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: 
     k = top_k.clamp(1, V)
     kth = torch.topk(scores, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
     scores = scores.masked_fill((scores < kth) & (top_k > 0)[:, None], neg_inf)
-    # TopPLogitsWarper: drop the ascending prefix whose cumulative probability is <= 1 - top_p.
-    sorted_logits, _ = torch.sort(scores, descending=False)
+    # TopPLogitsWarper: drop the ascending prefix whose cumulative probability is <= 1 - top_p; the
+    # stable sort puts tied tokens in index order, so a tie straddling the cut loses its lowest indices.
+    sorted_logits, sorted_indices = torch.sort(scores, descending=False, stable=True)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     sorted_remove = cumulative <= (1 - top_p).to(torch.float32)[:, None]
     sorted_remove[:, -1] = False
-    smallest_kept = sorted_logits.masked_fill(sorted_remove, float("inf")).amin(-1, keepdim=True)
-    scores = scores.masked_fill(scores < smallest_kept, neg_inf)
+    scores = scores.masked_fill(sorted_remove.scatter(1, sorted_indices, sorted_remove), neg_inf)
     # MinPLogitsWarper: drop p < min_p * p_max, never the top token.
     probs = scores.softmax(dim=-1)
     remove = probs < min_p[:, None] * probs.amax(-1, keepdim=True)

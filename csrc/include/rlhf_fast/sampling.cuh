@@ -164,19 +164,28 @@ struct SharedState {
   int64_t position;
   int64_t last_positive;
   unsigned long long below;
+  unsigned long long at;
   unsigned int chosen;
   unsigned int last_nonempty;
   int bad;
 };
 
+// What a threshold search found (the same in every thread): the key t, and what step 3 needs to cut
+// a tie at t. Weights are counts or fixed-point masses, as the search ran.
+struct Threshold {
+  uint32_t key;
+  unsigned long long below;  // weight of the keys in [floor_key, t): for counts, the tokens top-k removes
+  unsigned long long at;     // weight of the keys equal to t
+  double target;             // target_scale * total + target_shift
+};
+
 // Smallest key t (among keys >= floor_key) whose weight at or below t exceeds target_scale * total +
-// target_shift; weight 1 per token when kCount, else its mass exp(x - max) in fixed point. *below_out
-// receives the weight of the keys < t (for counts: how many tokens the threshold removes).
+// target_shift; weight 1 per token when kCount, else its mass exp(x - max) in fixed point.
 template <bool kCount, typename View>
-__device__ uint32_t radix_threshold(const View& view, float x_max, uint32_t floor_key, double target_scale,
-                                    double target_shift, SharedState& s, unsigned long long* below_out) {
+__device__ Threshold radix_threshold(const View& view, float x_max, uint32_t floor_key, double target_scale,
+                                     double target_shift, SharedState& s) {
   uint32_t prefix = 0, high_mask = 0;
-  unsigned long long below = 0;
+  unsigned long long below = 0, at = 0;
   double target = 0.0;
   for (int digit = 0; digit < kRadixDigits; ++digit) {
     const int shift = radix_shift(digit);
@@ -221,17 +230,20 @@ __device__ uint32_t radix_threshold(const View& view, float x_max, uint32_t floo
     acc = below + excl;
 #pragma unroll
     for (int j = 0; j < kBinsPerThread; ++j) {
-      if (threadIdx.x * kBinsPerThread + j == chosen) s.below = acc;
+      if (threadIdx.x * kBinsPerThread + j == chosen) {
+        s.below = acc;
+        s.at = own[j];
+      }
       acc += own[j];
     }
     __syncthreads();
     below = s.below;
+    at = s.at;
     prefix |= chosen << shift;
     high_mask |= mask << shift;
     __syncthreads();
   }
-  *below_out = below;
-  return prefix;
+  return Threshold{prefix, below, at, target};
 }
 
 // Copies the tokens with key >= threshold into shared memory, in index order (an ordered stream
@@ -271,9 +283,18 @@ template <typename View>
 __device__ void filter_and_draw(const View& view, uint32_t threshold, double top_p, float min_p, float x_max,
                                 const SampleArgs& args, int64_t row, SharedState& s) {
   const float remove_mass = top_p_remove_mass(top_p);
+  // The first tie_removed tokens (in index order) with key tie_key, tied at the top-p threshold, go.
+  uint32_t tie_key = 0;
+  int64_t tie_removed = 0;
+  float tie_mass = 0.0f;
   if (remove_mass > 0.0f) {
-    unsigned long long removed;
-    threshold = radix_threshold<false>(view, x_max, threshold, static_cast<double>(remove_mass), 0.0, s, &removed);
+    const Threshold cut = radix_threshold<false>(view, x_max, threshold, static_cast<double>(remove_mass), 0.0, s);
+    threshold = tie_key = cut.key;
+    tie_mass = expf(key_to_float(cut.key) - x_max);  // bit for bit what kept_mass gives a tied token
+    const unsigned long long each = __float2ull_rn(tie_mass * kMassScale);  // > 0: the chosen bin has weight
+    tie_removed = (tie_mass >= min_p && each > 0) ? tie_tokens_removed(static_cast<double>(cut.below), static_cast<double>(each),
+                                                         cut.target, static_cast<int64_t>(cut.at / each))
+                                    : 0;
   }
   const auto kept_mass = [&](float x) {
     const float e = expf(x - x_max);
@@ -290,7 +311,8 @@ __device__ void filter_and_draw(const View& view, uint32_t threshold, double top
     z_part += static_cast<double>(e);
     if (e > 0.0f) last = i > last ? i : last;
   });
-  const double z = cub::BlockReduce<double, kThreads>(s.cub.sum).Sum(z_part);
+  const double z = cub::BlockReduce<double, kThreads>(s.cub.sum).Sum(z_part) -
+                   static_cast<double>(tie_removed) * static_cast<double>(tie_mass);
   __syncthreads();
   const int64_t last_all = cub::BlockReduce<int64_t, kThreads>(s.cub.index).Reduce(last, MaxOp());
   if (threadIdx.x == 0) {
@@ -304,17 +326,34 @@ __device__ void filter_and_draw(const View& view, uint32_t threshold, double top
       static_cast<uint64_t>(*args.seed), static_cast<uint64_t>(*args.offset), static_cast<uint64_t>(row))) * z_row;
 
   // Inverse CDF in index order, one tile at a time; stops at the tile where the mass crosses target.
+  // Until tie_removed tied tokens have gone by, a block-wide prefix count ranks the tied ones.
   double running = 0.0;
+  int64_t ties_seen = 0;
   const int64_t n_tiles = view.tiles();
   for (int64_t tile = 0; tile < n_tiles; ++tile) {
     float m[View::kLanes];
     int64_t first;
     int lanes;
     view.load_tile(tile, m, &first, &lanes);
+    bool dropped[View::kLanes] = {};
+    if (ties_seen < tie_removed) {  // the same in every thread
+      int own_ties = 0;
+#pragma unroll
+      for (int j = 0; j < View::kLanes; ++j) own_ties += (j < lanes && order_key(m[j]) == tie_key) ? 1 : 0;
+      int excl_ties, tile_ties;
+      cub::BlockScan<int, kThreads>(s.cub.scan_i32).ExclusiveSum(own_ties, excl_ties, tile_ties);
+      __syncthreads();  // the double scan below reuses the scan storage
+      int64_t rank = ties_seen + excl_ties;
+#pragma unroll
+      for (int j = 0; j < View::kLanes; ++j) {
+        if (j < lanes && order_key(m[j]) == tie_key) dropped[j] = rank++ < tie_removed;
+      }
+      ties_seen += tile_ties;
+    }
     double own = 0.0;
 #pragma unroll
     for (int j = 0; j < View::kLanes; ++j) {
-      m[j] = j < lanes ? kept_mass(m[j]) : 0.0f;
+      m[j] = (j < lanes && !dropped[j]) ? kept_mass(m[j]) : 0.0f;
       own += static_cast<double>(m[j]);
     }
     double excl, tile_sum;
@@ -378,10 +417,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   const float x_max = s.x_max;
 
   if (top_k > 0 && top_k < args.vocab) {
-    unsigned long long removed;
-    const uint32_t threshold =
-        radix_threshold<true>(view, x_max, 0u, 1.0, -static_cast<double>(top_k), s, &removed);
-    const int64_t kept = args.vocab - static_cast<int64_t>(removed);
+    const Threshold cut = radix_threshold<true>(view, x_max, 0u, 1.0, -static_cast<double>(top_k), s);
+    const uint32_t threshold = cut.key;
+    const int64_t kept = args.vocab - static_cast<int64_t>(cut.below);
     if (kept <= kCandidates) {
       const int64_t count = gather_candidates(view, threshold, s);
       filter_and_draw(CandidateView{s.candidate_x, s.candidate_index, count}, threshold, top_p, min_p, x_max,

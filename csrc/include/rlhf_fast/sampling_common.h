@@ -7,7 +7,10 @@
 //      key t with #{key <= t} > V - k. Every token with key >= t stays (ties with the k-th value stay).
 //   3. top-p: the same select over masses e = exp(x - max) of the tokens top-k kept: the smallest key t
 //      with mass{key <= t} > (1 - top_p) * mass{kept}. This is transformers' "remove the ascending
-//      prefix whose cumulative probability is <= 1 - top_p", with a boundary tie kept whole.
+//      prefix whose cumulative probability is <= 1 - top_p" up to the c tokens tied at t: its sort
+//      (taken as stable) puts them in index order, so with S = mass{key < t} and e_t the mass of one,
+//      the first r = #{j in 1..c : S + j * e_t <= (1 - top_p) * mass{kept}} of them in index order
+//      are removed too (r < c: the cut lies inside or below the tie, so one always stays).
 //   4. min-p: keep e >= min_p (p >= min_p * p_max, as e_max = 1).
 //   5. Z = sum of kept e; the token is the first index whose cumulative kept e exceeds u * Z, with u the
 //      row's Philox uniform; logprob = (x - max) - log Z.
@@ -55,6 +58,31 @@ RLHF_FAST_HOST_DEVICE uint32_t order_key(float f) {
 #endif
   const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31) | 0x80000000u;
   return bits ^ flip;  // negative: all bits flipped; positive: sign bit set
+}
+
+// The float whose order_key is `key` (+0 for the key of zero).
+RLHF_FAST_HOST_DEVICE float key_to_float(uint32_t key) {
+  const uint32_t bits = (key & 0x80000000u) ? (key ^ 0x80000000u) : ~key;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
+
+// How many of the `ties` tokens tied at the top-p threshold go (step 3): #{j in 1..ties : below +
+// j * each <= target}, at most ties - 1. below: kept mass under the tie; each: the mass of one tied
+// token (> 0); target: (1 - top_p) * kept mass, in the units of the threshold search.
+RLHF_FAST_HOST_DEVICE int64_t tie_tokens_removed(double below, double each, double target, int64_t ties) {
+  if (ties <= 1 || !(below + each <= target)) return 0;
+  const double guess = (target - below) / each;
+  int64_t r = guess >= static_cast<double>(ties - 1) ? ties - 1 : static_cast<int64_t>(guess);
+  // The division rounds: settle r on the same sums the definition compares.
+  while (r > 0 && below + static_cast<double>(r) * each > target) --r;
+  while (r < ties - 1 && below + static_cast<double>(r + 1) * each <= target) ++r;
+  return r;
 }
 
 RLHF_FAST_HOST_DEVICE bool row_params_valid(float temperature, int64_t top_k, double top_p, float min_p) {

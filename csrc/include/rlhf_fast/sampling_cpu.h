@@ -95,11 +95,19 @@ struct RowScratch {
   static constexpr int kHistCopies = 4;
 };
 
+// What a threshold search found: the key t, and what step 3 needs to cut a tie at t.
+struct Threshold {
+  uint32_t key;
+  double below;   // weight of the tokens with floor_key <= key < t
+  double target;  // target_scale * total + target_shift
+  int64_t ties;   // tokens with key t; their indices, ascending, are RowScratch::cand[0, ties)
+};
+
 // Smallest key t among tokens with key >= floor_key such that the weight of those with key <= t
 // exceeds target_scale * total + target_shift (total = their whole weight). Weight: 1 per token when
 // kCount, else its mass. Each digit histograms the surviving candidates, then keeps only its bin.
 template <bool kCount>
-uint32_t radix_threshold(RowScratch& s, int64_t vocab, uint32_t floor_key, double target_scale,
+Threshold radix_threshold(RowScratch& s, int64_t vocab, uint32_t floor_key, double target_scale,
                          double target_shift) {
   double* hist = s.hist.data();
   double below = 0.0, target = 0.0;
@@ -162,7 +170,7 @@ uint32_t radix_threshold(RowScratch& s, int64_t vocab, uint32_t floor_key, doubl
     }
     n = kept;
   }
-  return prefix;
+  return Threshold{prefix, below, target, n};
 }
 
 template <typename T>
@@ -210,11 +218,14 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
   }
   uint32_t threshold = 0;
   if (top_k > 0 && top_k < V) {
-    threshold = radix_threshold<true>(s, V, 0, 1.0, -static_cast<double>(top_k));
+    threshold = radix_threshold<true>(s, V, 0, 1.0, -static_cast<double>(top_k)).key;
   }
   const float remove_mass = top_p_remove_mass(top_p);
+  int64_t tie_removed = 0;  // the first tie_removed tokens of s.cand (tied at the top-p threshold) go
   if (remove_mass > 0.0f) {
-    threshold = radix_threshold<false>(s, V, threshold, static_cast<double>(remove_mass), 0.0);
+    const Threshold cut = radix_threshold<false>(s, V, threshold, static_cast<double>(remove_mass), 0.0);
+    threshold = cut.key;
+    tie_removed = tie_tokens_removed(cut.below, static_cast<double>(mass[s.cand[0]]), cut.target, cut.ties);
   }
   // mass >= min_p compares the bits: both are >= 0, where the bit order is the value order, and integer
   // selects vectorize where float compares (which may trap) do not.
@@ -225,6 +236,7 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
   for (int64_t i = 0; i < V; ++i) {
     mass_bits[i] &= 0u - static_cast<uint32_t>((key[i] >= threshold) & (mass_bits[i] >= min_p_bits));
   }
+  for (int64_t c = 0; c < tie_removed; ++c) mass[s.cand[c]] = 0.0f;
   // Z and the running CDF: float sums of 64-token blocks (vectorized), accumulated in double. A float
   // running sum over 10^5 tokens drifts by ~1e-5, which would show in the returned logprob.
   constexpr int64_t kBlock = 64;
