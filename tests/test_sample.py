@@ -3,8 +3,11 @@ agreement between backends, bad input.
 
 The oracle of every distribution test is transformers itself (TemperatureLogitsWarper, TopKLogitsWarper,
 TopPLogitsWarper, MinPLogitsWarper with min_tokens_to_keep=1, in that order) in float64-free float32,
-as transformers runs them; the logits are random, so no tie sits on a filter boundary.
+as transformers runs them; the logits are random, so no tie sits on a filter boundary, except in the
+tie tests, whose expectations are stated by hand.
 """
+import math
+
 import pytest
 import torch
 from scipy import stats
@@ -169,6 +172,31 @@ def test_ties_at_the_top_k_and_top_p_boundary(backend, device):
         tokens, logprobs = rlhf_fast.sample(logits, seed=1, return_logprobs=True, backend=backend, **kwargs)
         assert set(tokens.tolist()) == kept, kwargs
         torch.testing.assert_close(logprobs.double().cpu(), want.log()[tokens.cpu()], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("top_k", [0, 700, 2500])
+def test_top_p_cut_inside_a_large_scattered_tie(backend, top_k, device):
+    """600 tokens tied at the top value, scattered over V = 9001 (several CUDA tiles), the top-p cut
+    after 300.5 of them: exactly the 300 highest-index tied tokens stay, each with p = 1/300. top_k 700
+    takes the CUDA kernel's shared-memory path, 0 and 2500 its streaming path."""
+    need_backend(backend, device)
+    V, ties, kept, n = 9001, 600, 300, 1000
+    g = torch.Generator().manual_seed(top_k)
+    x = torch.randn(V, generator=g) * 0.5 - 6.0
+    tied = torch.randperm(V, generator=g)[:ties].sort().values
+    x[tied] = 0.0
+    in_k = x >= x.sort(descending=True).values[top_k - 1] if top_k else torch.ones(V, dtype=torch.bool)
+    mass = torch.where(in_k, x.double().exp(), 0.0)
+    below = float(mass.sum()) - ties
+    top_p = 1 - (below + (ties - kept + 0.5)) / float(mass.sum())
+    tokens, logprobs = rlhf_fast.sample(x[None].expand(n, V).to(device), top_k=top_k, top_p=top_p, seed=top_k,
+                                        return_logprobs=True, backend=backend)
+    drawn = set(tokens.tolist())
+    assert drawn <= set(tied[ties - kept:].tolist()), "drew a token outside the kept half of the tie"
+    assert len(drawn) > kept * 0.9  # each kept token is drawn with chance 1 - e^-3.3 = 0.96
+    torch.testing.assert_close(logprobs.double().cpu(), torch.full((n,), -math.log(kept), dtype=torch.float64),
+                               atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
