@@ -200,6 +200,20 @@ def test_top_p_cut_inside_a_large_scattered_tie(backend, top_k, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("V", [7, 10, 20, 33, 100, 1000])
+def test_uniform_row_top_p_cut_rounds_as_transformers(backend, V, device):
+    """A uniform row puts the top-p cut exactly on a cumulative sum for round top_p (0.3 of 10 tokens):
+    transformers' float32 rounding then decides, and we keep as many tokens as it does."""
+    need_backend(backend, device)
+    top_p = torch.tensor([i / 100 for i in range(1, 100)] + [1 / 3, 2 / 3, 0.125, 0.999], dtype=torch.float64)
+    logits = torch.zeros(len(top_p), V)
+    kept = torch.tensor([int((warped_probs(logits[0], top_p=float(p)) > 0).sum()) for p in top_p])
+    _, logprobs = rlhf_fast.sample(logits.to(device), top_p=top_p.to(device), seed=2, return_logprobs=True,
+                                   backend=backend)
+    torch.testing.assert_close(logprobs.double().cpu(), -kept.double().log(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sample_from_probs_is_sample_of_log_probs(backend, device):
     need_backend(backend, device)
     probs = torch.softmax(torch.randn(41, 257, device=device), -1)

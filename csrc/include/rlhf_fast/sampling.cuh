@@ -176,7 +176,7 @@ struct Threshold {
   uint32_t key;
   unsigned long long below;  // weight of the keys in [floor_key, t): for counts, the tokens top-k removes
   unsigned long long at;     // weight of the keys equal to t
-  double target;             // target_scale * total + target_shift
+  unsigned long long total;  // weight of the keys >= floor_key
 };
 
 // Smallest key t (among keys >= floor_key) whose weight at or below t exceeds target_scale * total +
@@ -185,7 +185,7 @@ template <bool kCount, typename View>
 __device__ Threshold radix_threshold(const View& view, float x_max, uint32_t floor_key, double target_scale,
                                      double target_shift, SharedState& s) {
   uint32_t prefix = 0, high_mask = 0;
-  unsigned long long below = 0, at = 0;
+  unsigned long long below = 0, at = 0, total_weight = 0;
   double target = 0.0;
   for (int digit = 0; digit < kRadixDigits; ++digit) {
     const int shift = radix_shift(digit);
@@ -214,7 +214,10 @@ __device__ Threshold radix_threshold(const View& view, float x_max, uint32_t flo
     }
     unsigned long long excl, total;
     cub::BlockScan<unsigned long long, kThreads>(s.cub.scan_u64).ExclusiveSum(own_sum, excl, total);
-    if (digit == 0) target = target_scale * static_cast<double>(total) + target_shift;
+    if (digit == 0) {
+      total_weight = total;
+      target = target_scale * static_cast<double>(total) + target_shift;
+    }
     unsigned long long acc = below + excl;
 #pragma unroll
     for (int j = 0; j < kBinsPerThread; ++j) {
@@ -243,7 +246,7 @@ __device__ Threshold radix_threshold(const View& view, float x_max, uint32_t flo
     high_mask |= mask << shift;
     __syncthreads();
   }
-  return Threshold{prefix, below, at, target};
+  return Threshold{prefix, below, at, total_weight};
 }
 
 // Copies the tokens with key >= threshold into shared memory, in index order (an ordered stream
@@ -282,19 +285,21 @@ __device__ int64_t gather_candidates(const View& view, uint32_t threshold, Share
 template <typename View>
 __device__ void filter_and_draw(const View& view, uint32_t threshold, double top_p, float min_p, float x_max,
                                 const SampleArgs& args, int64_t row, SharedState& s) {
-  const float remove_mass = top_p_remove_mass(top_p);
+  const double remove_bound = top_p_remove_bound(top_p);
   // The first tie_removed tokens (in index order) with key tie_key, tied at the top-p threshold, go.
   uint32_t tie_key = 0;
   int64_t tie_removed = 0;
   float tie_mass = 0.0f;
-  if (remove_mass > 0.0f) {
-    const Threshold cut = radix_threshold<false>(view, x_max, threshold, static_cast<double>(remove_mass), 0.0, s);
+  if (remove_bound > 0.0) {
+    const Threshold cut = radix_threshold<false>(view, x_max, threshold, remove_bound, 0.0, s);
     threshold = tie_key = cut.key;
     tie_mass = expf(key_to_float(cut.key) - x_max);  // bit for bit what kept_mass gives a tied token
     const unsigned long long each = __float2ull_rn(tie_mass * kMassScale);  // > 0: the chosen bin has weight
-    tie_removed = (tie_mass >= min_p && each > 0) ? tie_tokens_removed(static_cast<double>(cut.below), static_cast<double>(each),
-                                                         cut.target, static_cast<int64_t>(cut.at / each))
-                                    : 0;
+    tie_removed = (tie_mass >= min_p && each > 0)
+                      ? tie_tokens_removed(static_cast<double>(cut.below), static_cast<double>(each),
+                                           static_cast<double>(cut.total), remove_bound,
+                                           static_cast<int64_t>(cut.at / each))
+                      : 0;
   }
   const auto kept_mass = [&](float x) {
     const float e = expf(x - x_max);

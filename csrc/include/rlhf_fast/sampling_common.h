@@ -6,11 +6,12 @@
 //   2. top-k: the k-th largest key by a 3-digit (11/11/10-bit) radix select over counts: the smallest
 //      key t with #{key <= t} > V - k. Every token with key >= t stays (ties with the k-th value stay).
 //   3. top-p: the same select over masses e = exp(x - max) of the tokens top-k kept: the smallest key t
-//      with mass{key <= t} > (1 - top_p) * mass{kept}. This is transformers' "remove the ascending
-//      prefix whose cumulative probability is <= 1 - top_p" up to the c tokens tied at t: its sort
-//      (taken as stable) puts them in index order, so with S = mass{key < t} and e_t the mass of one,
-//      the first r = #{j in 1..c : S + j * e_t <= (1 - top_p) * mass{kept}} of them in index order
-//      are removed too (r < c: the cut lies inside or below the tie, so one always stays).
+//      with mass{key <= t} > bound * mass{kept}, bound = 1 - top_p as transformers' float32 compare
+//      sees it (top_p_remove_bound). This is its "remove the ascending prefix whose cumulative
+//      probability is <= 1 - top_p" up to the c tokens tied at t: its sort (taken as stable) puts them
+//      in index order, so with S = mass{key < t} / mass{kept} and p the probability of one, the first
+//      r = #{j in 1..c : S + j * p <= bound} of them in index order go too (tie_tokens_removed;
+//      r < c: the cut lies inside or below the tie, so one always stays).
 //   4. min-p: keep e >= min_p (p >= min_p * p_max, as e_max = 1).
 //   5. Z = sum of kept e; the token is the first index whose cumulative kept e exceeds u * Z, with u the
 //      row's Philox uniform; logprob = (x - max) - log Z.
@@ -47,22 +48,17 @@ constexpr int kRadixBins = 2048;  // the widest digit (11 bits)
 RLHF_FAST_HOST_DEVICE int radix_shift(int digit) { return digit == 0 ? 21 : (digit == 1 ? 10 : 0); }
 RLHF_FAST_HOST_DEVICE uint32_t radix_mask(int digit) { return digit == 2 ? 0x3FFu : 0x7FFu; }
 
-// Unsigned key with the order of the float (-inf lowest); -0 and +0 get the same key, as they compare equal.
-RLHF_FAST_HOST_DEVICE uint32_t order_key(float f) {
-  f = f + 0.0f;
+// Bit casts for host and device code.
+RLHF_FAST_HOST_DEVICE uint32_t float_as_bits(float f) {
 #if defined(__CUDA_ARCH__)
-  const uint32_t bits = __float_as_uint(f);
+  return __float_as_uint(f);
 #else
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof(bits));
+  return bits;
 #endif
-  const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31) | 0x80000000u;
-  return bits ^ flip;  // negative: all bits flipped; positive: sign bit set
 }
-
-// The float whose order_key is `key` (+0 for the key of zero).
-RLHF_FAST_HOST_DEVICE float key_to_float(uint32_t key) {
-  const uint32_t bits = (key & 0x80000000u) ? (key ^ 0x80000000u) : ~key;
+RLHF_FAST_HOST_DEVICE float bits_as_float(uint32_t bits) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(bits);
 #else
@@ -71,17 +67,52 @@ RLHF_FAST_HOST_DEVICE float key_to_float(uint32_t key) {
   return f;
 #endif
 }
+RLHF_FAST_HOST_DEVICE uint64_t double_as_bits(double d) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(d));
+#else
+  uint64_t bits;
+  std::memcpy(&bits, &d, sizeof(bits));
+  return bits;
+#endif
+}
+RLHF_FAST_HOST_DEVICE double bits_as_double(uint64_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(bits));
+#else
+  double d;
+  std::memcpy(&d, &bits, sizeof(d));
+  return d;
+#endif
+}
 
-// How many of the `ties` tokens tied at the top-p threshold go (step 3): #{j in 1..ties : below +
-// j * each <= target}, at most ties - 1. below: kept mass under the tie; each: the mass of one tied
-// token (> 0); target: (1 - top_p) * kept mass, in the units of the threshold search.
-RLHF_FAST_HOST_DEVICE int64_t tie_tokens_removed(double below, double each, double target, int64_t ties) {
-  if (ties <= 1 || !(below + each <= target)) return 0;
-  const double guess = (target - below) / each;
+// Unsigned key with the order of the float (-inf lowest); -0 and +0 get the same key, as they compare equal.
+RLHF_FAST_HOST_DEVICE uint32_t order_key(float f) {
+  const uint32_t bits = float_as_bits(f + 0.0f);
+  const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31) | 0x80000000u;
+  return bits ^ flip;  // negative: all bits flipped; positive: sign bit set
+}
+
+// The float whose order_key is `key` (+0 for the key of zero).
+RLHF_FAST_HOST_DEVICE float key_to_float(uint32_t key) {
+  return bits_as_float((key & 0x80000000u) ? (key ^ 0x80000000u) : ~key);
+}
+
+// How many of the `ties` tokens tied at the top-p threshold go (step 3): #{j in 1..ties : S + j * p
+// <= bound}, at most ties - 1, with S = below / total and p = float32(each / total): one tied token's
+// probability rounded as transformers' float32 softmax rounds it, which decides the cut when the sums
+// meet the bound exactly (a uniform row and a round top_p). below: kept mass under the tie; each: the
+// mass of one tied token (> 0); total: the kept mass; bound: top_p_remove_bound.
+RLHF_FAST_HOST_DEVICE int64_t tie_tokens_removed(double below, double each, double total, double bound,
+                                                 int64_t ties) {
+  const double p = static_cast<double>(static_cast<float>(each / total));
+  const double s = below / total;
+  if (ties <= 1 || !(s + p <= bound)) return 0;
+  const double guess = (bound - s) / p;
   int64_t r = guess >= static_cast<double>(ties - 1) ? ties - 1 : static_cast<int64_t>(guess);
-  // The division rounds: settle r on the same sums the definition compares.
-  while (r > 0 && below + static_cast<double>(r) * each > target) --r;
-  while (r < ties - 1 && below + static_cast<double>(r + 1) * each <= target) ++r;
+  // The division rounds: settle r on the sums the definition compares.
+  while (r > 0 && s + static_cast<double>(r) * p > bound) --r;
+  while (r < ties - 1 && s + static_cast<double>(r + 1) * p <= bound) ++r;
   return r;
 }
 
@@ -89,7 +120,18 @@ RLHF_FAST_HOST_DEVICE bool row_params_valid(float temperature, int64_t top_k, do
   return temperature >= 0.0f && top_k >= 0 && top_p > 0.0 && top_p <= 1.0 && min_p >= 0.0f && min_p < 1.0f;
 }
 
-// The top-p cut in the float32 arithmetic of transformers: cumulative_probs <= (1 - top_p).
-RLHF_FAST_HOST_DEVICE float top_p_remove_mass(double top_p) { return static_cast<float>(1.0 - top_p); }
+// The top-p cut in the float32 arithmetic of transformers: float32 cumulative_probs <= R = float32(1 -
+// top_p), where torch's CPU cumsum rounds each exact (double-accumulated) prefix sum to float32. A sum c
+// rounds to at most R exactly when c <= R + ulp(R) / 2 (the midpoint goes to the even neighbour), so
+// this returns that bound on the cumulative probability; 0 when R is 0 (top_p = 1: nothing goes).
+RLHF_FAST_HOST_DEVICE double top_p_remove_bound(double top_p) {
+  const float r = static_cast<float>(1.0 - top_p);
+  if (!(r > 0.0f)) return 0.0;
+  const uint32_t bits = float_as_bits(r);
+  const float up = bits_as_float(bits + 1);
+  const double mid = 0.5 * (static_cast<double>(r) + static_cast<double>(up));  // exact: 25 significant bits
+  // R even: the midpoint rounds down to R, so it counts; R odd: it rounds up, so take the double below.
+  return (bits & 1u) == 0 ? mid : bits_as_double(double_as_bits(mid) - 1);
+}
 
 }  // namespace rlhf_fast

@@ -99,7 +99,7 @@ struct RowScratch {
 struct Threshold {
   uint32_t key;
   double below;   // weight of the tokens with floor_key <= key < t
-  double target;  // target_scale * total + target_shift
+  double total;   // weight of the tokens with key >= floor_key
   int64_t ties;   // tokens with key t; their indices, ascending, are RowScratch::cand[0, ties)
 };
 
@@ -110,7 +110,7 @@ template <bool kCount>
 Threshold radix_threshold(RowScratch& s, int64_t vocab, uint32_t floor_key, double target_scale,
                          double target_shift) {
   double* hist = s.hist.data();
-  double below = 0.0, target = 0.0;
+  double below = 0.0, total = 0.0, target = 0.0;
   uint32_t prefix = 0;
   int64_t n = 0;
   for (int digit = 0; digit < kRadixDigits; ++digit) {
@@ -125,7 +125,6 @@ Threshold radix_threshold(RowScratch& s, int64_t vocab, uint32_t floor_key, doub
         const double w = s.key[i] >= floor_key ? (kCount ? 1.0 : static_cast<double>(s.mass[i])) : 0.0;
         hist[(i % kCopies) * kRadixBins + ((s.key[i] >> shift) & mask)] += w;
       }
-      double total = 0.0;
       for (uint32_t b = 0; b <= mask; ++b) {
         for (int c = 1; c < kCopies; ++c) hist[b] += hist[c * kRadixBins + b];
         total += hist[b];
@@ -170,7 +169,7 @@ Threshold radix_threshold(RowScratch& s, int64_t vocab, uint32_t floor_key, doub
     }
     n = kept;
   }
-  return Threshold{prefix, below, target, n};
+  return Threshold{prefix, below, total, n};
 }
 
 template <typename T>
@@ -220,12 +219,13 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
   if (top_k > 0 && top_k < V) {
     threshold = radix_threshold<true>(s, V, 0, 1.0, -static_cast<double>(top_k)).key;
   }
-  const float remove_mass = top_p_remove_mass(top_p);
+  const double remove_bound = top_p_remove_bound(top_p);
   int64_t tie_removed = 0;  // the first tie_removed tokens of s.cand (tied at the top-p threshold) go
-  if (remove_mass > 0.0f) {
-    const Threshold cut = radix_threshold<false>(s, V, threshold, static_cast<double>(remove_mass), 0.0);
+  if (remove_bound > 0.0) {
+    const Threshold cut = radix_threshold<false>(s, V, threshold, remove_bound, 0.0);
     threshold = cut.key;
-    tie_removed = tie_tokens_removed(cut.below, static_cast<double>(mass[s.cand[0]]), cut.target, cut.ties);
+    tie_removed = tie_tokens_removed(cut.below, static_cast<double>(mass[s.cand[0]]), cut.total, remove_bound,
+                                     cut.ties);
   }
   // mass >= min_p compares the bits: both are >= 0, where the bit order is the value order, and integer
   // selects vectorize where float compares (which may trap) do not.
