@@ -308,9 +308,8 @@ ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32")
 
 # (stage, arch, fp32 inputs) -> {head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)}. Every entry is the
-# largest tile found free of register spills in the CI static check (Triton 3.9, strides 16-divisible);
-# fp32 inputs use IEEE fp32 dots (FMA, no tensor cores), hence much smaller tiles. GPU timings to choose
-# among spill-free tiles are still to be measured (no GPU was at hand).
+# largest tile found free of register spills in the CI static check (Triton 3.9, strides 16-divisible).
+# GPU timings to choose among spill-free tiles are still to be measured (no GPU was at hand).
 _CONFIGS = {
     ("fwd", 90, False): {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3),
                          256: (64, 64, 8, 2)},
@@ -331,15 +330,24 @@ _CONFIGS = {
     ("bwd_dq", 80, False): {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 4, 2), 128: (64, 32, 4, 2),
                             256: (32, 32, 8, 1)},
 }
-_FP32_CONFIGS = {
-    "fwd": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 16, 4, 2), 256: (16, 16, 4, 1)},
+# fp32 inputs use IEEE dots (FMA, no tensor cores) that keep both operands in registers: 16-row tiles,
+# and per-arch picks where ptxas spilled on one arch only.
+_FP32_TILES = {
+    "fwd": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
     "bwd_pre": {d: (64, 64, 4, 1) for d in HEAD_DIMS},
-    "bwd_dkdv": {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
-    "bwd_dkdv_atomic": {16: (32, 64, 4, 2), 32: (16, 32, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 4, 1),
-                        256: (16, 16, 4, 1)},
-    "bwd_dq": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (32, 16, 4, 2), 128: (64, 16, 4, 2), 256: (32, 16, 4, 1)},
+    "bwd_dq": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
 }
-_CONFIGS.update({(stage, arch, True): table for stage, table in _FP32_CONFIGS.items() for arch in ARCHS})
+_CONFIGS.update({(stage, arch, True): table for stage, table in _FP32_TILES.items() for arch in ARCHS})
+_CONFIGS.update({
+    ("bwd_dkdv", 80, True): {16: (16, 16, 4, 2), 32: (16, 16, 2, 2), 64: (16, 16, 4, 2), 128: (16, 16, 8, 2),
+                             256: (16, 16, 8, 2)},
+    ("bwd_dkdv", 90, True): {16: (16, 16, 4, 2), 32: (16, 16, 2, 2), 64: (16, 16, 4, 2), 128: (16, 16, 4, 2),
+                             256: (16, 16, 16, 1)},
+    ("bwd_dkdv_atomic", 80, True): {16: (16, 32, 4, 2), 32: (16, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 4, 1),
+                                    256: (16, 16, 8, 2)},
+    ("bwd_dkdv_atomic", 90, True): {16: (16, 32, 4, 2), 32: (16, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 8, 2),
+                                    256: (16, 16, 8, 2)},
+})
 
 
 def config(stage: str, arch: int, head_dim: int, dtype: str) -> AttnConfig:

@@ -98,11 +98,20 @@ def bht_strides(t: torch.Tensor, packed: bool) -> tuple[int, int, int]:
 
 
 def arch_of(device: torch.device) -> int:
-    """Config table to use: 90 on Hopper and newer, 80 otherwise (and in the CPU interpreter)."""
+    """Config table to use: 90 on Hopper and datacenter Blackwell (sm_90/sm_100, 227 KB of shared memory
+    per block), 80 elsewhere (Ampere, Ada, consumer Blackwell: <= 163 KB) and in the CPU interpreter."""
     if device.type != "cuda":
         return 80
     major, _ = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
+    return 90 if major in (9, 10) else 80
+
+
+def table_dtype(dtype: torch.dtype, device: torch.device) -> str:
+    """Dtype row of the config tables. The interpreter runs fp32 on the half-precision tiles: the small
+    fp32 tiles exist for GPU registers (IEEE dots), and larger tiles keep the CPU test lane fast."""
+    if device.type != "cuda" and dtype == torch.float32:
+        return "bf16"
+    return DTYPE_NAMES[dtype]
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -150,7 +159,7 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, packed_end
         return out.zero_(), lse.fill_(0.0)
     if packed:
         out[packed_end:].zero_()
-    cfg = kern.config("fwd", arch_of(q.device), d, DTYPE_NAMES[q.dtype])
+    cfg = kern.config("fwd", arch_of(q.device), d, table_dtype(q.dtype, q.device))
     grid = (triton.cdiv(max_seqlen, cfg.block_m), n_seq * hq)
     kern._attn_fwd_kernel[grid](
         q, k, v, out, lse, seq_arg(cu_seqlens, q.device),
@@ -183,7 +192,7 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: flo
         dq.zero_(), dk.zero_(), dv.zero_()
     arch = arch_of(q.device)
     cu = seq_arg(cu_seqlens, q.device)
-    dtype = DTYPE_NAMES[q.dtype]
+    dtype = table_dtype(q.dtype, q.device)
     common = dict(HEAD_DIM=d, IS_VARLEN=packed, DOT_PRECISION=dot_precision(q.dtype, q.device))
 
     delta = torch.empty_like(lse)
@@ -251,7 +260,7 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, scale: float):
     if tmax == 0:
         return out.zero_()
     group = hq // hkv
-    cfg = kern.split_config(arch_of(q.device), d, DTYPE_NAMES[q.dtype])
+    cfg = kern.split_config(arch_of(q.device), d, table_dtype(q.dtype, q.device))
     chunks = triton.cdiv(group, kern.BLOCK_G)
     n_splits, split_len = decode_splits(tmax, b * hkv * chunks, cfg.block_n, num_sms(q.device), kern.MAX_SPLITS)
     o_part = torch.empty((b, hq, n_splits, d), dtype=torch.float32, device=q.device)
