@@ -7,6 +7,7 @@ as transformers runs them; the logits are random, so no tie sits on a filter bou
 tie tests, whose expectations are stated by hand.
 """
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -22,7 +23,11 @@ DRAWS = 40_000
 
 
 def warped_probs(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
-    """transformers' processed distribution for one row of logits (V,), as float64 probabilities."""
+    """transformers' processed distribution for one row of logits (V,), as float64 probabilities.
+
+    TopPLogitsWarper's torch.sort is made stable: the default CPU sort is not (beyond 16 tokens), so
+    which tokens of a tie cut by top-p it removes would be arbitrary (see test_oracles.stable_torch_sort).
+    """
     from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
                                                          TopKLogitsWarper, TopPLogitsWarper)
     scores = logits.float().cpu()[None]
@@ -33,8 +38,10 @@ def warped_probs(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_
         warpers.append(TopPLogitsWarper(top_p))
     if min_p > 0.0:
         warpers.append(MinPLogitsWarper(min_p))
-    for warper in warpers:
-        scores = warper(None, scores)
+    sort = torch.sort
+    with mock.patch.object(torch, "sort", lambda *args, **kw: sort(*args, **{**kw, "stable": True})):
+        for warper in warpers:
+            scores = warper(None, scores)
     return torch.softmax(scores[0].double(), -1)
 
 
@@ -79,8 +86,10 @@ def test_distribution_per_row_parameters_in_one_batch(backend, device):
     """Four settings interleaved row by row, as per-row tensors, in one call; bf16 logits."""
     need_backend(backend, device)
     logits = (torch.randn(20, device=device) * 1.5).bfloat16()
-    settings = [dict(temperature=0.6, top_k=0, top_p=1.0, min_p=0.0), dict(temperature=1.0, top_k=4, top_p=1.0, min_p=0.0),
-                dict(temperature=1.2, top_k=0, top_p=0.7, min_p=0.0), dict(temperature=0.8, top_k=10, top_p=0.9, min_p=0.2)]
+    settings = [dict(temperature=0.6, top_k=0, top_p=1.0, min_p=0.0),
+                dict(temperature=1.0, top_k=4, top_p=1.0, min_p=0.0),
+                dict(temperature=1.2, top_k=0, top_p=0.7, min_p=0.0),
+                dict(temperature=0.8, top_k=10, top_p=0.9, min_p=0.2)]
     per_row = {name: torch.tensor([s[name] for s in settings], device=device).repeat(DRAWS // 4)
                for name in settings[0]}
     tokens = rlhf_fast.sample(logits.expand(DRAWS, 20), seed=5, offset=2, backend=backend, **per_row)
