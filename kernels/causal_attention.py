@@ -308,7 +308,7 @@ ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32")
 
 # (stage, arch, fp32 inputs) -> {head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)}. Every entry is the
-# largest tile found free of register spills in the CI static check (Triton 3.9, strides 16-divisible).
+# largest tile found free of register spills in the CI static check (Triton 3.9 and 3.6, strides 16-divisible).
 # GPU timings to choose among spill-free tiles are still to be measured (no GPU was at hand).
 _CONFIGS = {
     ("fwd", 90, False): {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3),
@@ -317,17 +317,17 @@ _CONFIGS = {
                          256: (64, 32, 8, 2)},
     ("bwd_pre", 90, False): {d: (128, 128, 4, 1) for d in HEAD_DIMS},
     ("bwd_pre", 80, False): {d: (128, 128, 4, 1) for d in HEAD_DIMS},
-    ("bwd_dkdv", 90, False): {16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 8, 2), 128: (32, 64, 8, 2),
+    ("bwd_dkdv", 90, False): {16: (32, 128, 4, 3), 32: (32, 128, 8, 3), 64: (32, 128, 8, 2), 128: (16, 64, 8, 2),
                               256: (16, 32, 8, 2)},
-    ("bwd_dkdv", 80, False): {16: (32, 128, 4, 3), 32: (32, 64, 4, 3), 64: (32, 64, 4, 2), 128: (32, 64, 8, 2),
+    ("bwd_dkdv", 80, False): {16: (32, 128, 8, 3), 32: (16, 64, 4, 3), 64: (16, 32, 4, 2), 128: (32, 64, 8, 2),
                               256: (16, 32, 8, 1)},
-    ("bwd_dkdv_atomic", 90, False): {16: (32, 128, 4, 3), 32: (32, 64, 4, 3), 64: (32, 128, 8, 2),
+    ("bwd_dkdv_atomic", 90, False): {16: (32, 128, 8, 3), 32: (32, 64, 4, 3), 64: (32, 128, 8, 2),
                                      128: (16, 64, 8, 2), 256: (16, 32, 8, 2)},
-    ("bwd_dkdv_atomic", 80, False): {16: (32, 128, 4, 3), 32: (32, 64, 4, 3), 64: (16, 64, 4, 2),
+    ("bwd_dkdv_atomic", 80, False): {16: (32, 128, 8, 3), 32: (16, 64, 4, 3), 64: (16, 64, 4, 2),
                                      128: (16, 32, 8, 2), 256: (16, 16, 8, 1)},
     ("bwd_dq", 90, False): {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 4, 3), 128: (128, 32, 8, 2),
                             256: (64, 16, 8, 2)},
-    ("bwd_dq", 80, False): {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 4, 2), 128: (64, 32, 4, 2),
+    ("bwd_dq", 80, False): {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 8, 2), 128: (64, 32, 4, 2),
                             256: (32, 32, 8, 1)},
 }
 # fp32 inputs use IEEE dots (FMA, no tensor cores) that keep both operands in registers: 16-row tiles,
