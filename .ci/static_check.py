@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         if r.error:
             print(f"\n--- {r.name} [{r.config}] sm_{r.arch}:\n{r.error[-4000:]}")
     print(f"\nstatic_check: {len(results) - len(failed) - len(accepted)}/{len(results)} ok, "
-          f"{len(accepted)} known spills, {len(failed)} failed "
+          f"{len(failed)} failed, {len(accepted)} known spills "
           f"({time.perf_counter() - t0:.1f} s)")
     return 1 if failed else 0
 

@@ -48,3 +48,22 @@ def test_static_check_rejects_planted_configs():
     assert _status(out, "planted_compile_error", 80) == \
         "FAIL: CompilationError: arange's range must be a power of 2", out
     assert "0/3 ok, 3 failed" in out, out
+
+
+def test_known_spill_is_accepted_only_up_to_its_listed_bytes(tmp_path):
+    import json
+
+    import triton
+    known = tmp_path / "known.json"
+
+    def run(max_bytes: int) -> tuple[int, str]:
+        entry = {"triton": triton.__version__, "name": "planted_spill", "arch": 80,
+                 "max_spill_stores": max_bytes, "max_spill_loads": max_bytes}
+        known.write_text(json.dumps({"entries": [entry]}))
+        return _static_check("--file", str(PLANTED / "static_bad.py"), "--arch", "80", "--match", "planted_spill",
+                             "--known-spills", str(known))
+
+    rc, out = run(10_000)
+    assert rc == 0 and "0/1 ok, 0 failed, 1 known spills" in out, out
+    rc, out = run(1)
+    assert rc == 1 and "0/1 ok, 1 failed, 0 known spills" in out, out
