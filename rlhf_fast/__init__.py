@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ._backend import BACKENDS, BackendUnavailable
+from ._lazy import lazy_exports
 from .info import extension_info
 
 __version__ = "0.1.0"
@@ -62,15 +63,4 @@ _LAZY = {
 
 __all__ = ["BACKENDS", "BackendUnavailable", "extension_info", *_LAZY]
 
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rlhf_fast' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
