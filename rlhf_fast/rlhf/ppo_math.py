@@ -83,6 +83,31 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _check_like_first(mask, **tensors) -> None:
+    """The first of `tensors` a float tensor; the others float tensors of its shape and device; the mask too."""
+    (ref_name, ref), *others = tensors.items()
+    _check_float(ref_name, ref)
+    for name, t in others:
+        _check_same_shape(name, t, ref_name, ref)
+    _check_mask(mask, ref, ref_name)
+
+
+def _clipped_loss_inputs(mask, clip_range, **tensors) -> tuple[torch.Tensor, ...]:
+    """The checked inputs of a clipped PPO loss, upcast by ``_compute_dtype`` and with padding zeroed.
+
+    The first of `tensors` is the current prediction (its gradient flows); the others come from the
+    rollout and are detached. Padding is zeroed before use: an inf there would turn the zero gradient
+    into 0 * inf = NaN.
+    """
+    _check_like_first(mask, **tensors)
+    _check_clip_range(clip_range)
+    current, *rollout = tensors.values()
+    dtype = _compute_dtype(current, *rollout)
+    valid = mask != 0
+    return (torch.where(valid, current.to(dtype), 0.0),
+            *(torch.where(valid, t.detach().to(dtype), 0.0) for t in rollout))
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of ``x`` over the entries where ``mask`` is nonzero (float masks act as weights).
 
@@ -197,22 +222,15 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     Returns ``(pg_loss, {"clipfrac", "approx_kl"})``; the stats are detached scalars. Padding may hold
     inf: it is zeroed before use, so the loss and the gradient stay finite.
     """
-    _check_float("logprobs", logprobs)
-    _check_same_shape("old_logprobs", old_logprobs, "logprobs", logprobs)
-    _check_same_shape("advantages", advantages, "logprobs", logprobs)
-    _check_mask(mask, logprobs, "logprobs")
-    _check_clip_range(clip_range)
-    dtype = _compute_dtype(logprobs, old_logprobs, advantages)
-    valid = mask != 0
-    # Padding is zeroed before exp: an inf there would turn the zero gradient into 0 * inf = NaN.
-    log_ratio = torch.where(valid, logprobs.to(dtype) - old_logprobs.detach().to(dtype), 0.0)
+    logprobs, old_logprobs, adv = _clipped_loss_inputs(mask, clip_range, logprobs=logprobs,
+                                                       old_logprobs=old_logprobs, advantages=advantages)
+    log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
-    adv = torch.where(valid, advantages.detach().to(dtype), 0.0)
     pg_losses = -adv * ratio
     pg_losses_clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), mask)
     with torch.no_grad():
-        clipfrac = masked_mean((pg_losses_clipped > pg_losses).to(dtype), mask)
+        clipfrac = masked_mean((pg_losses_clipped > pg_losses).to(ratio.dtype), mask)
         approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
     return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
 
@@ -231,22 +249,14 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     Half-precision inputs are upcast to float32. Returns ``(vf_loss, {"vf_clipfrac"})``; the stat
     is a detached scalar. Padding is zeroed before use, so the loss and the gradient stay finite.
     """
-    _check_float("values", values)
-    _check_same_shape("old_values", old_values, "values", values)
-    _check_same_shape("returns", returns, "values", values)
-    _check_mask(mask, values, "values")
-    _check_clip_range(clip_range)
-    dtype = _compute_dtype(values, old_values, returns)
-    valid = mask != 0
-    values = torch.where(valid, values.to(dtype), 0.0)  # padding zeroed: finite loss and gradient
-    old = torch.where(valid, old_values.detach().to(dtype), 0.0)
-    target = torch.where(valid, returns.detach().to(dtype), 0.0)
+    values, old, target = _clipped_loss_inputs(mask, clip_range, values=values, old_values=old_values,
+                                               returns=returns)
     v_clipped = old + torch.clamp(values - old, -clip_range, clip_range)
     losses = (values - target) ** 2
     losses_clipped = (v_clipped - target) ** 2
     loss = 0.5 * masked_mean(torch.maximum(losses, losses_clipped), mask)
     with torch.no_grad():
-        vf_clipfrac = masked_mean((losses_clipped > losses).to(dtype), mask)
+        vf_clipfrac = masked_mean((losses_clipped > losses).to(losses.dtype), mask)
     return loss, {"vf_clipfrac": vf_clipfrac}
 
 
@@ -256,9 +266,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     1 is a perfect value function, 0 is no better than a constant, negative is worse. NaN when the
     returns have zero variance (as CleanRL's ``np.nan``): the ratio is undefined there.
     """
-    _check_float("values", values)
-    _check_same_shape("returns", returns, "values", values)
-    _check_mask(mask, values, "values")
+    _check_like_first(mask, values=values, returns=returns)
     with torch.no_grad():
         var_returns = masked_var(returns, mask, unbiased=False)
         var_residual = masked_var(returns - values, mask, unbiased=False)
