@@ -1,16 +1,16 @@
 """causal_attention_varlen: packed sequences checked one by one against float64 math; bad cu_seqlens.
 
-Tolerance as in test_causal_attention.py: max|ours - ref64| <= 2 * max|same_dtype - ref64| + EPS * max|ref64|
-per sequence and per tensor (out, dq, dk, dv), same_dtype being the plain math in the input dtype.
+Tolerance as in test_causal_attention.py (tests/attention_helpers.py), per sequence and per tensor
+(out, dq, dk, dv).
 """
 import pytest
 import torch
 
+from attention_helpers import assert_attention_close, assert_bad_input_raises, attention_math
 from conftest import need_backend
 from rlhf_fast import causal_attention_varlen
 from rlhf_fast.reference.causal_attention import causal_attention as reference
 
-EPS = {torch.float32: 2e-5, torch.bfloat16: 2.0 ** -7}
 LENGTHS = (1, 5, 64, 100)
 
 
@@ -21,15 +21,6 @@ def _pack(lengths, hq, hkv, d, dtype, device, extra_rows=0):
     v = torch.randn(total, hkv, d, dtype=dtype, device=device)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
     return q, k, v, cu
-
-
-def _math_same_dtype(q, k, v):
-    """Causal attention of one (1, H, L, D) sequence computed in q's dtype (no upcast)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    future = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).triu(1)
-    return scores.masked_fill(future, float("-inf")).softmax(-1) @ v
 
 
 def _seq_grads(fn, q, k, v, do):
@@ -53,11 +44,9 @@ def _check_packed(lengths, hq, hkv, d, dtype, device, extra_rows=0, **kw):
         if s == e:
             continue
         ref64 = _seq_grads(reference, q[s:e].double(), k[s:e].double(), v[s:e].double(), do[s:e].double())
-        same = _seq_grads(_math_same_dtype, q[s:e], k[s:e], v[s:e], do[s:e])
+        same = _seq_grads(attention_math, q[s:e], k[s:e], v[s:e], do[s:e])
         for name, a, r, m in zip(("out", "dq", "dk", "dv"), ours, ref64, same):
-            err = (a[s:e].double() - r).abs().max().item()
-            bound = 2 * (m.double() - r).abs().max().item() + EPS[dtype] * max(1.0, r.abs().max().item())
-            assert err <= bound, f"sequence {i} (length {e - s}) {name}: max error {err:.3g} > {bound:.3g}"
+            assert_attention_close(a[s:e], r, m, f"sequence {i} (length {e - s}) {name}")
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 1), (2, 2)], ids=["gqa4", "mha"])
@@ -103,11 +92,9 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(fn(q, k, v), causal_attention_varlen(q, k, v, cu, 9, backend="triton"))
 
 
-def _bad(**change):
+def _good_args():
     q, k, v, cu = _pack((3, 4), 4, 2, 16, torch.float32, "cpu")
-    args = dict(q=q, k=k, v=v, cu_seqlens=cu, max_seqlen=4)
-    args.update({name: fn(args) for name, fn in change.items()})
-    return args
+    return dict(q=q, k=k, v=v, cu_seqlens=cu, max_seqlen=4)
 
 
 BAD = [
@@ -133,7 +120,4 @@ BAD = [
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_raises(case):
     _, change, match = case
-    args = _bad(**change)
-    with pytest.raises(ValueError, match=match):
-        causal_attention_varlen(args["q"], args["k"], args["v"], args["cu_seqlens"], args["max_seqlen"],
-                                backend="reference")
+    assert_bad_input_raises(causal_attention_varlen, _good_args(), change, match)
