@@ -3,7 +3,7 @@
 _softmax_kernel computes in float64 and rounds on the store, so it is at least as accurate as
 PyTorch's own softmax on either device (Triton's float32 exp is an approximate ex2 on GPUs, which
 could not promise that). Casts from float64 go through float32: Triton 3.9's interpreter turns a
-float64 -> bfloat16 cast into garbage (0 or NaN). _planted_softmax_kernel is the same but rounds the max-subtracted logits
+float64 -> bfloat16 cast into garbage (0 or NaN). With PLANTED it rounds the max-subtracted logits
 to bfloat16 before exp, a precision drop of the kind a kernel can hide
 behind a loose tolerance: on randn rows its float32 outputs are off by up to ~1e-3 absolute (3%
 relative on the small probabilities), which torch.allclose(atol=1e-2, rtol=1e-2), a tolerance common in
@@ -15,23 +15,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _softmax_kernel(x_ptr, y_ptr, n_cols, stride, BLOCK: tl.constexpr):
+def _softmax_kernel(x_ptr, y_ptr, n_cols, stride, BLOCK: tl.constexpr, PLANTED: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
     x = tl.load(x_ptr + row * stride + offs, mask=mask, other=-float("inf")).to(tl.float64)
-    num = tl.exp(x - tl.max(x, axis=0))
-    y = num / tl.sum(num, axis=0)
-    tl.store(y_ptr + row * stride + offs, y.to(tl.float32).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _planted_softmax_kernel(x_ptr, y_ptr, n_cols, stride, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < n_cols
-    x = tl.load(x_ptr + row * stride + offs, mask=mask, other=-float("inf")).to(tl.float64)
-    z = (x - tl.max(x, axis=0)).to(tl.float32).to(tl.bfloat16).to(tl.float64)  # the planted precision drop
+    z = x - tl.max(x, axis=0)
+    if PLANTED:
+        z = z.to(tl.float32).to(tl.bfloat16).to(tl.float64)  # the planted precision drop
     num = tl.exp(z)
     y = num / tl.sum(num, axis=0)
     tl.store(y_ptr + row * stride + offs, y.to(tl.float32).to(y_ptr.dtype.element_ty), mask=mask)
@@ -41,6 +32,5 @@ def softmax(x: torch.Tensor, planted: bool = False) -> torch.Tensor:
     """softmax(x, dim=-1) for a contiguous (rows, cols) tensor, one program per row."""
     rows, cols = x.shape
     y = torch.empty_like(x)
-    kernel = _planted_softmax_kernel if planted else _softmax_kernel
-    kernel[(rows,)](x, y, cols, x.stride(0), BLOCK=triton.next_power_of_2(cols))
+    _softmax_kernel[(rows,)](x, y, cols, x.stride(0), BLOCK=triton.next_power_of_2(cols), PLANTED=planted)
     return y
