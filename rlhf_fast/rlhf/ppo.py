@@ -19,9 +19,8 @@ from .ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, exp
                        masked_whiten, per_token_rewards, policy_loss, value_loss)
 from .data import BatchSampler
 from .rollout import Rollout, gather_rollout, kl_per_token, make_rollout, response_logprobs, response_values
-from .run_io import MetricsLogger
-from .runtime import (Runtime, autocast, check_finite, clip_and_step, make_optimizer, model_state, progress,
-                      optimizer_state, restore_rng, save_checkpoint, unwrap)
+from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, make_optimizer, model_state,
+                      optimizer_state, resume_training, save_checkpoint, unwrap)
 
 
 def kl_controller(c):
@@ -126,25 +125,14 @@ def train_ppo(cfg, rt: Runtime, tok, models: dict, prompts: list[list[int]], pro
     sampler = BatchSampler(len(prompts), c.rollout_batch_size, cfg.run.seed)
     kl_ctl = kl_controller(c)
     start = 0
-    if resume_state is not None and resume_state["optimizers"]["policy"] is None:
-        raise ValueError("this PPO checkpoint was written by an FSDP run, whose optimizer state is not saved: "
-                         "it cannot be resumed; start the stage again")
     if resume_state is not None:
-        for k in ("policy", "value"):
-            opts[k].load_state_dict(resume_state["optimizers"][k])
-        sampler.load_state_dict(resume_state["sampler"])
+        saved = resume_state["optimizers"]
+        start = resume_training(resume_state, "this PPO checkpoint", [(opts[k], saved[k]) for k in opts], sampler)
         kl_ctl.load_state_dict(resume_state["kl_ctl"])
-        start = resume_state["step"]
-        restore_rng(resume_state)
-    elif rt.is_main:
-        (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
-    logger = MetricsLogger(stage_dir / "metrics.jsonl", resume_step=start) if rt.is_main else None
+    log = StageLog(cfg, rt, stage_dir, "ppo", c.steps, start)
     ckpt_path = stage_dir / "checkpoint.pt"
     if start == 0 and eval_fn is not None:
-        score = eval_fn(0)
-        if logger is not None:
-            logger.log(0, task_score=score)
-    bar = progress(cfg, rt, c.steps, start, "ppo")
+        log.log(0, task_score=eval_fn(0))
     record = resume_state.get("record", {}) if resume_state is not None else {}
     for step in range(start + 1, c.steps + 1):
         for m in ("policy", "value"):
@@ -158,10 +146,7 @@ def train_ppo(cfg, rt: Runtime, tok, models: dict, prompts: list[list[int]], pro
         kl_ctl.update(record["kl"], c.rollout_batch_size)
         if eval_fn is not None and (step % c.eval_every == 0 or step == c.steps):
             record["task_score"] = eval_fn(step)
-        if logger is not None:
-            logger.log(step, **record)
-        bar.update()
-        bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
+        log.step(step, record, score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
         if step % c.ckpt_every == 0 or step == c.steps:
             save_checkpoint(ckpt_path, rt, policy=model_state(models["policy"]), value=model_state(models["value"]),
                             optimizers={k: optimizer_state(o, rt) for k, o in opts.items()},
@@ -169,7 +154,5 @@ def train_ppo(cfg, rt: Runtime, tok, models: dict, prompts: list[list[int]], pro
                             kl_ctl=kl_ctl.state_dict(), step=step, record=record)
         if on_step is not None:
             on_step(step)
-    bar.close()
-    if logger is not None:
-        logger.close()
+    log.close()
     return record

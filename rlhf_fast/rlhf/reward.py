@@ -15,9 +15,8 @@ import torch.nn.functional as F
 
 from .config import Config
 from .data import RM_KEYS, BatchSampler, read_jsonl, sequence_batch, tokenize_pairs
-from .run_io import MetricsLogger
-from .runtime import (Runtime, autocast, build_model, check_finite, clip_and_step, load_checkpoint, load_model,
-                      lr_at, make_optimizer, model_state, optimizer_state, progress, restore_rng, save_checkpoint,
+from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, load_checkpoint, lr_at,
+                      make_optimizer, model_state, optimizer_state, resume_training, save_checkpoint, stage_model,
                       wrap_model)
 
 
@@ -81,30 +80,15 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
     sampler = BatchSampler(len(pairs), c.batch_size, cfg.run.seed + 1)
     ckpt_path = stage_dir / "checkpoint.pt"
     state = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
-    if state is not None:
-        model = load_model(state["model"], rt.device)
-    elif init:
-        model = load_model(load_checkpoint(init)["model"], rt.device, head="reward")
-    else:
-        model = build_model(cfg, tok.vocab_size, head="reward").to(rt.device)
-    model.train()
+    model = stage_model(cfg, rt, tok.vocab_size, "reward", state, init)
     wrapped = wrap_model(model, rt)
     opt = make_optimizer(wrapped, c.lr, c.weight_decay)
     start = 0
-    if state is not None and state["optimizer"] is None:
-        raise ValueError(f"{ckpt_path} was written by an FSDP run, whose optimizer state is not saved: "
-                         "it cannot be resumed; start the stage again")
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        start = state["step"]
-        restore_rng(state)
+        start = resume_training(state, str(ckpt_path), [(opt, state["optimizer"])], sampler)
         if state.get("done"):
             return state["result"]
-    elif rt.is_main:
-        (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
-    logger = MetricsLogger(stage_dir / "metrics.jsonl", resume_step=start) if rt.is_main else None
-    bar = progress(cfg, rt, c.steps, start, "rm")
+    log = StageLog(cfg, rt, stage_dir, "rm", c.steps, start)
     acc = float("nan")
     for step in range(start + 1, c.steps + 1):
         mine = [pairs[i] for i in sampler.next()[rt.rank::rt.world]]
@@ -126,18 +110,13 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
             model.eval()
             acc = record["eval_accuracy"] = pair_accuracy(model, eval_pairs, rt, 4 * c.batch_size, tok.pad_id)
             model.train()
-        if logger is not None:
-            logger.log(step, **record)
-        bar.update()
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{train_acc:.2f}")
+        log.step(step, record, loss=f"{loss:.3f}", acc=f"{train_acc:.2f}")
         if step % c.ckpt_every == 0 and step < c.steps:
             save_checkpoint(ckpt_path, rt, model=model_state(model), optimizer=optimizer_state(opt, rt),
                             sampler=sampler.state_dict(), step=step)
         if on_step is not None:
             on_step(step)
-    bar.close()
-    if logger is not None:
-        logger.close()
+    log.close()
     model.eval()
     result = {"rm_accuracy": acc, "reward_mean": 0.0, "reward_std": 1.0}
     if norm_sequences is not None and c.norm_samples > 0:

@@ -1,5 +1,5 @@
 """What every stage shares: device and process group, model build/load, wrapping (DDP / FSDP2),
-checkpoints, the learning-rate schedule, the NaN guard and progress bars."""
+checkpoints and resuming, the learning-rate schedule, the NaN guard, the metrics log and progress bar."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config
-from .run_io import atomic_torch_save, get_rng_state, set_rng_state
+from .run_io import MetricsLogger, atomic_torch_save, get_rng_state, set_rng_state
 
 
 class NonFiniteError(RuntimeError):
@@ -112,6 +112,19 @@ def load_model(state: dict, device: torch.device, head: str | None = None):
     return model.to(device)
 
 
+def stage_model(cfg: Config, rt: Runtime, vocab_size: int, head: str, state: dict | None, init: str | Path | None):
+    """The model a stage trains, in train mode on rt.device: from the stage's own checkpoint `state`
+    when resuming, else from the checkpoint `init` (backbone kept; a new `head` if it differs), else
+    freshly initialized."""
+    if state is not None:
+        model = load_model(state["model"], rt.device)
+    elif init:
+        model = load_model(load_checkpoint(init)["model"], rt.device, head=head)
+    else:
+        model = build_model(cfg, vocab_size, head=head).to(rt.device)
+    return model.train()
+
+
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -128,6 +141,22 @@ def save_checkpoint(path: str | Path, rt: Runtime, **state) -> None:
 
 def restore_rng(state: dict) -> None:
     set_rng_state(state["rng"])
+
+
+def resume_training(state: dict, what: str, optimizers: list, sampler) -> int:
+    """Load a stage checkpoint's optimizer, sampler and RNG state; returns the step it was saved at.
+
+    optimizers: [(optimizer, its saved state)]; a saved state of None (an FSDP run, see
+    ``optimizer_state``) cannot be resumed: ValueError naming the checkpoint as `what`.
+    """
+    if any(saved is None for _, saved in optimizers):
+        raise ValueError(f"{what} was written by an FSDP run, whose optimizer state is not saved: "
+                         "it cannot be resumed; start the stage again")
+    for opt, saved in optimizers:
+        opt.load_state_dict(saved)
+    sampler.load_state_dict(state["sampler"])
+    restore_rng(state)
+    return state["step"]
 
 
 def wrap_model(model, rt: Runtime):
@@ -213,6 +242,36 @@ def progress(cfg: Config, rt: Runtime, total: int, initial: int, desc: str):
         if tqdm is not None:
             return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
     return _NoBar()
+
+
+class StageLog:
+    """A stage's metrics.jsonl and progress bar; only the main rank writes the log.
+
+    A stage starting at step 0 starts a new log; one resumed at step N drops what was logged after N
+    (see ``MetricsLogger``). Call ``close()`` at the end.
+    """
+
+    def __init__(self, cfg: Config, rt: Runtime, stage_dir: Path, stage: str, total: int, start: int):
+        path = stage_dir / "metrics.jsonl"
+        if start == 0 and rt.is_main:
+            path.unlink(missing_ok=True)
+        self.logger = MetricsLogger(path, resume_step=start) if rt.is_main else None
+        self.bar = progress(cfg, rt, total, start, stage)
+
+    def log(self, step: int, **record) -> None:
+        if self.logger is not None:
+            self.logger.log(step, **record)
+
+    def step(self, step: int, record: dict, **postfix: str) -> None:
+        """Log `record` for `step` and advance the bar, showing `postfix`."""
+        self.log(step, **record)
+        self.bar.update()
+        self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.logger is not None:
+            self.logger.close()
 
 
 class _NoBar:

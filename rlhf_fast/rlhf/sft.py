@@ -13,9 +13,8 @@ import torch
 
 from .config import Config
 from .data import IGNORE_INDEX, SFT_KEYS, BatchSampler, read_jsonl, sft_batch, sft_padded_batch, tokenize_sft
-from .run_io import MetricsLogger
-from .runtime import (Runtime, autocast, build_model, check_finite, clip_and_step, load_checkpoint, load_model,
-                      lr_at, make_optimizer, model_state, optimizer_state, progress, restore_rng, save_checkpoint,
+from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, load_checkpoint, lr_at,
+                      make_optimizer, model_state, optimizer_state, resume_training, save_checkpoint, stage_model,
                       unwrap, wrap_model)
 
 
@@ -40,28 +39,14 @@ def train_sft(cfg: Config, rt: Runtime, tok, data_path: str | Path, stage_dir: P
     sampler = BatchSampler(len(examples), c.batch_size, cfg.run.seed)
     ckpt_path = stage_dir / "checkpoint.pt"
     state = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
-    if state is not None:
-        model = load_model(state["model"], rt.device)
-    elif c.init:
-        model = load_model(load_checkpoint(c.init)["model"], rt.device, head="lm")
-    else:
-        model = build_model(cfg, tok.vocab_size).to(rt.device)
-    model.train()
+    model = stage_model(cfg, rt, tok.vocab_size, "lm", state, c.init)
     wrapped = wrap_model(model, rt)
     opt = make_optimizer(wrapped, c.lr, c.weight_decay)
     start, loss = 0, float("nan")
-    if state is not None and state["optimizer"] is None:
-        raise ValueError(f"{ckpt_path} was written by an FSDP run, whose optimizer state is not saved: "
-                         "it cannot be resumed; start the stage again")
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        start, loss = state["step"], state.get("loss", float("nan"))
-        restore_rng(state)
-    elif rt.is_main:
-        (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
-    logger = MetricsLogger(stage_dir / "metrics.jsonl", resume_step=start) if rt.is_main else None
-    bar = progress(cfg, rt, c.steps, start, "sft")
+        start = resume_training(state, str(ckpt_path), [(opt, state["optimizer"])], sampler)
+        loss = state.get("loss", float("nan"))
+    log = StageLog(cfg, rt, stage_dir, "sft", c.steps, start)
     packed = c.packing == "packed" or (c.packing == "auto" and rt.device.type == "cuda")
     for step in range(start + 1, c.steps + 1):
         ids = sampler.next()[rt.rank::rt.world]
@@ -78,17 +63,12 @@ def train_sft(cfg: Config, rt: Runtime, tok, data_path: str | Path, stage_dir: P
         check_finite("sft", step, loss=loss)
         local_loss.backward()
         grad_norm = clip_and_step(wrapped, opt, c.grad_clip, "sft", step)
-        if logger is not None:
-            logger.log(step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=int(n_global))
-        bar.update()
-        bar.set_postfix(loss=f"{loss:.3f}")
+        log.step(step, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(n_global)}, loss=f"{loss:.3f}")
         if step % c.ckpt_every == 0 or step == c.steps:
             save_checkpoint(ckpt_path, rt, model=model_state(model), optimizer=optimizer_state(opt, rt),
                             sampler=sampler.state_dict(), step=step, loss=loss)
         if on_step is not None:
             on_step(step)
-    bar.close()
-    if logger is not None:
-        logger.close()
+    log.close()
     unwrap(wrapped).eval()
     return {"steps": c.steps, "loss": loss}
