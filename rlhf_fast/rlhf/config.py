@@ -77,18 +77,11 @@ class TaskConfig:
 
 
 @dataclass
-class SFTConfig:
-    data: str = ""
-    """SFT JSONL ({prompt, response}); '' = the built-in task's data written into the run directory"""
-    init: str = ""
-    """checkpoint to start from ('' = random initialization)"""
+class OptimConfig:
+    """AdamW, its learning-rate schedule and the checkpoint cadence: the fields the SFT and reward-model
+    stages share (the defaults are SFT's; RMConfig sets its own lr, warmup_steps and ckpt_every)."""
     steps: int = 300
     """optimizer steps"""
-    batch_size: int = 64
-    """sequences per step"""
-    packing: Literal["auto", "packed", "padded"] = "auto"
-    """'packed': one row, no padding (varlen attention); 'padded': right-padded rows; 'auto': packed on
-    CUDA, padded on CPU (where the reference varlen attention loops over sequences)"""
     lr: float = 3e-3
     """peak learning rate (AdamW), linear warmup then cosine decay to lr/10"""
     warmup_steps: int = 30
@@ -102,29 +95,34 @@ class SFTConfig:
 
 
 @dataclass
-class RMConfig:
+class SFTConfig(OptimConfig):
+    data: str = ""
+    """SFT JSONL ({prompt, response}); '' = the built-in task's data written into the run directory"""
+    init: str = ""
+    """checkpoint to start from ('' = random initialization)"""
+    batch_size: int = 64
+    """sequences per step"""
+    packing: Literal["auto", "packed", "padded"] = "auto"
+    """'packed': one row, no padding (varlen attention); 'padded': right-padded rows; 'auto': packed on
+    CUDA, padded on CPU (where the reference varlen attention loops over sequences)"""
+
+
+@dataclass
+class RMConfig(OptimConfig):
+    # the reward model's own defaults of OptimConfig fields (their help text is OptimConfig's)
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    ckpt_every: int = 100
     data: str = ""
     """training pairs JSONL ({prompt, chosen, rejected}); '' = built-in task data"""
     eval_data: str = ""
     """held-out pairs JSONL; '' = built-in task data"""
     init: str = "sft"
     """'sft' = this run's SFT checkpoint, a checkpoint path, or '' for random initialization"""
-    steps: int = 300
-    """optimizer steps"""
     batch_size: int = 64
     """pairs per step"""
-    lr: float = 1e-3
-    """peak learning rate (AdamW), warmup then cosine decay"""
-    warmup_steps: int = 20
-    """linear warmup steps"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    grad_clip: float = 1.0
-    """gradient norm clip (0 = off)"""
     norm_samples: int = 256
     """SFT-policy samples used to normalize the reward to mean 0, std 1 (0 = no normalization)"""
-    ckpt_every: int = 100
-    """steps between checkpoints (and at the end)"""
 
 
 @dataclass
@@ -219,14 +217,17 @@ _UNIT = {"demo_error_rate", "label_noise", "gamma", "lam"}
 
 @functools.lru_cache(maxsize=None)
 def field_help(cls) -> dict[str, str]:
-    """Field name -> the docstring written under it in the class body."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
+    """Field name -> the docstring written under it in the class body, or in a base dataclass's body
+    (a subclass that only changes a field's default keeps the base's text)."""
     out = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            out[node.target.id] = nxt.value.value
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                out[node.target.id] = nxt.value.value
     return out
 
 

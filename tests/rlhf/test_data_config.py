@@ -1,11 +1,12 @@
 """Built-in task, JSONL data, tokenizer, config and CLI: fast checks, no model."""
+import dataclasses
 import json
 import random
 
 import pytest
 
 from rlhf_fast import cli
-from rlhf_fast.rlhf.config import build_config, field_help, PPOConfig
+from rlhf_fast.rlhf.config import SECTIONS, build_config, field_help, PPOConfig
 from rlhf_fast.rlhf.data import (IGNORE_INDEX, PPO_KEYS, RM_KEYS, SFT_KEYS, BatchSampler, read_jsonl,
                                  sequence_batch, sft_batch, sft_padded_batch, tokenize_prompts, tokenize_sft)
 from rlhf_fast.rlhf.task import SortTask, task_reward, write_task_data
@@ -128,6 +129,18 @@ def test_cli_help_documents_fields_and_errors_exit_2(capsys):
     assert cli.main(["rm", "--resume", "/nonexistent/run"]) == 2
     stage, cfg, resume = cli.parse(["demo", "--out", "runs/x", "--ppo.top_p", "0.9"])
     assert (stage, cfg.run.out, cfg.ppo.top_p, resume) == ("demo", "runs/x", 0.9, False)
+
+
+def test_every_field_has_help_and_inherited_fields_keep_their_stage_default(capsys):
+    for section, cls in SECTIONS.items():
+        docs = field_help(cls)
+        assert all(docs.get(f.name) for f in dataclasses.fields(cls)), section
+    with pytest.raises(SystemExit):
+        cli.main(["rm", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    assert "--rm.lr FLOAT peak learning rate (AdamW), linear warmup then cosine decay to lr/10 (default: 0.001)" in out
+    assert "--rm.ckpt_every INT steps between checkpoints (and at the end) (default: 100)" in out
+    assert build_config(None, {"sft.lr": "0.01"}).rm.lr == 1e-3
 
 
 def test_local_hf_tokenizer(tmp_path):
