@@ -51,18 +51,14 @@ rlhf_fast::SampleArgs make_args(const torch::Tensor& x, const torch::Tensor& tem
   return args;
 }
 
-void run_cpu(const torch::Tensor& x, const rlhf_fast::SampleArgs& args) {
-  namespace cpu = rlhf_fast::cpu;
+rlhf_fast::InputDtype input_dtype(const torch::Tensor& x) {
   switch (x.scalar_type()) {
     case torch::kFloat:
-      cpu::sample_rows(x.data_ptr<float>(), args);
-      break;
+      return rlhf_fast::InputDtype::kFloat32;
     case torch::kHalf:
-      cpu::sample_rows(reinterpret_cast<const cpu::Half16*>(x.data_ptr<at::Half>()), args);
-      break;
+      return rlhf_fast::InputDtype::kFloat16;
     case torch::kBFloat16:
-      cpu::sample_rows(reinterpret_cast<const cpu::BFloat16*>(x.data_ptr<at::BFloat16>()), args);
-      break;
+      return rlhf_fast::InputDtype::kBFloat16;
     default:
       TORCH_CHECK_VALUE(false, "input must be float32, float16 or bfloat16, got ", x.scalar_type());
   }
@@ -72,21 +68,7 @@ void run_cpu(const torch::Tensor& x, const rlhf_fast::SampleArgs& args) {
 void run_cuda(const torch::Tensor& x, const rlhf_fast::SampleArgs& args) {
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  rlhf_fast::InputDtype dtype = rlhf_fast::InputDtype::kFloat32;
-  switch (x.scalar_type()) {
-    case torch::kFloat:
-      dtype = rlhf_fast::InputDtype::kFloat32;
-      break;
-    case torch::kHalf:
-      dtype = rlhf_fast::InputDtype::kFloat16;
-      break;
-    case torch::kBFloat16:
-      dtype = rlhf_fast::InputDtype::kBFloat16;
-      break;
-    default:
-      TORCH_CHECK_VALUE(false, "input must be float32, float16 or bfloat16, got ", x.scalar_type());
-  }
-  const cudaError_t err = rlhf_fast::launch_sample(x.data_ptr(), dtype, args, stream);
+  const cudaError_t err = rlhf_fast::launch_sample(x.data_ptr(), input_dtype(x), args, stream);
   TORCH_CHECK(err == cudaSuccess, "rlhf_fast sample kernel failed: ", cudaGetErrorString(err));
 }
 #endif
@@ -120,7 +102,7 @@ std::tuple<torch::Tensor, torch::Tensor> sample(torch::Tensor x, const torch::Te
 #endif
   } else {
     TORCH_CHECK_VALUE(x.is_cpu(), "input must be on CPU or CUDA, got ", x.device());
-    run_cpu(x, args);
+    rlhf_fast::cpu::sample_rows(x.data_ptr(), input_dtype(x), args);
   }
   return {tokens, logprobs};
 }

@@ -6,15 +6,8 @@
 namespace rlhf_fast {
 
 cudaError_t launch_sample(const void* input, InputDtype dtype, const SampleArgs& args, cudaStream_t stream) {
-  switch (dtype) {
-    case InputDtype::kFloat32:
-      return cuda::launch_sample_typed(static_cast<const float*>(input), args, stream);
-    case InputDtype::kFloat16:
-      return cuda::launch_sample_typed(static_cast<const __half*>(input), args, stream);
-    case InputDtype::kBFloat16:
-      return cuda::launch_sample_typed(static_cast<const __nv_bfloat16*>(input), args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return visit_input<__half, __nv_bfloat16>(
+      input, dtype, [&](const auto* typed) { return cuda::launch_sample_typed(typed, args, stream); });
 }
 
 }  // namespace rlhf_fast

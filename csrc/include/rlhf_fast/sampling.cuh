@@ -249,43 +249,64 @@ __device__ Threshold radix_threshold(const View& view, float x_max, uint32_t flo
   return Threshold{prefix, below, at, total_weight};
 }
 
-// Copies the tokens with key >= threshold into shared memory, in index order (an ordered stream
-// compaction, tile by tile). The caller guarantees they fit.
-template <typename View>
-__device__ int64_t gather_candidates(const View& view, uint32_t threshold, SharedState& s) {
-  int64_t base = 0;
+// Calls f(x, first, lanes) for the tiles of `view` in index order until f returns false: x holds
+// this thread's part of the tile, `lanes` tempered values from index `first` on (View::load_tile).
+template <typename View, typename F>
+__device__ __forceinline__ void for_each_tile(const View& view, F&& f) {
   const int64_t n_tiles = view.tiles();
   for (int64_t tile = 0; tile < n_tiles; ++tile) {
     float x[View::kLanes];
     int64_t first;
     int lanes;
     view.load_tile(tile, x, &first, &lanes);
-    int count = 0;
-#pragma unroll
-    for (int j = 0; j < View::kLanes; ++j) count += (j < lanes && order_key(x[j]) >= threshold) ? 1 : 0;
-    int excl, tile_count;
-    cub::BlockScan<int, kThreads>(s.cub.scan_i32).ExclusiveSum(count, excl, tile_count);
-    int64_t slot = base + excl;
-#pragma unroll
-    for (int j = 0; j < View::kLanes; ++j) {
-      if (j < lanes && order_key(x[j]) >= threshold) {
-        s.candidate_x[slot] = x[j];
-        s.candidate_index[slot] = static_cast<int32_t>(first + j);
-        ++slot;
-      }
-    }
-    base += tile_count;
-    __syncthreads();
+    if (!f(x, first, lanes)) break;
   }
-  return base;
+}
+
+// Numbers the tile's values where pred(x) holds in index order from `base` across the block: calls
+// on_match(lane, number) for each of this thread's, then returns how many the tile has (every thread).
+template <int kLanes, typename Pred, typename OnMatch>
+__device__ __forceinline__ int number_matches(const float* x, int lanes, int64_t base, Pred pred,
+                                              OnMatch on_match, SharedState& s) {
+  int own = 0;
+#pragma unroll
+  for (int j = 0; j < kLanes; ++j) own += (j < lanes && pred(x[j])) ? 1 : 0;
+  int excl, tile_count;
+  cub::BlockScan<int, kThreads>(s.cub.scan_i32).ExclusiveSum(own, excl, tile_count);
+  int64_t number = base + excl;
+#pragma unroll
+  for (int j = 0; j < kLanes; ++j) {
+    if (j < lanes && pred(x[j])) on_match(j, number++);
+  }
+  __syncthreads();  // the scan storage is reused, and on_match may have written shared memory
+  return tile_count;
+}
+
+// Copies the tokens with key >= threshold into shared memory, in index order (an ordered stream
+// compaction, tile by tile). The caller guarantees they fit.
+template <typename View>
+__device__ int64_t gather_candidates(const View& view, uint32_t threshold, SharedState& s) {
+  int64_t count = 0;
+  for_each_tile(view, [&](const float* x, int64_t first, int lanes) {
+    count += number_matches<View::kLanes>(
+        x, lanes, count, [&](float v) { return order_key(v) >= threshold; },
+        [&](int j, int64_t slot) {
+          s.candidate_x[slot] = x[j];
+          s.candidate_index[slot] = static_cast<int32_t>(first + j);
+        },
+        s);
+    return true;
+  });
+  return count;
 }
 
 // Top-p over `view` (tokens with key >= threshold), then min-p, Z and the inverse-CDF draw; writes
 // the row's token and logprob.
 template <typename View>
-__device__ void filter_and_draw(const View& view, uint32_t threshold, double top_p, float min_p, float x_max,
+__device__ void filter_and_draw(const View& view, uint32_t threshold, const RowParams& p, float x_max,
                                 const SampleArgs& args, int64_t row, SharedState& s) {
-  const double remove_bound = top_p_remove_bound(top_p);
+  const float min_p = p.min_p;
+  const double remove_bound = top_p_remove_bound(p.top_p);
   // The first tie_removed tokens (in index order) with key tie_key, tied at the top-p threshold, go.
   uint32_t tie_key = 0;
   int64_t tie_removed = 0;
@@ -327,33 +348,18 @@ __device__ void filter_and_draw(const View& view, uint32_t threshold, double top
   }
   __syncthreads();
   const double z_row = s.z;
-  const double target = static_cast<double>(philox_row_uniform(
-      static_cast<uint64_t>(*args.seed), static_cast<uint64_t>(*args.offset), static_cast<uint64_t>(row))) * z_row;
+  const double target = static_cast<double>(row_uniform(args, row)) * z_row;
 
   // Inverse CDF in index order, one tile at a time; stops at the tile where the mass crosses target.
   // Until tie_removed tied tokens have gone by, a block-wide prefix count ranks the tied ones.
   double running = 0.0;
   int64_t ties_seen = 0;
-  const int64_t n_tiles = view.tiles();
-  for (int64_t tile = 0; tile < n_tiles; ++tile) {
-    float m[View::kLanes];
-    int64_t first;
-    int lanes;
-    view.load_tile(tile, m, &first, &lanes);
+  for_each_tile(view, [&](float* m, int64_t first, int lanes) {
     bool dropped[View::kLanes] = {};
     if (ties_seen < tie_removed) {  // the same in every thread
-      int own_ties = 0;
-#pragma unroll
-      for (int j = 0; j < View::kLanes; ++j) own_ties += (j < lanes && order_key(m[j]) == tie_key) ? 1 : 0;
-      int excl_ties, tile_ties;
-      cub::BlockScan<int, kThreads>(s.cub.scan_i32).ExclusiveSum(own_ties, excl_ties, tile_ties);
-      __syncthreads();  // the double scan below reuses the scan storage
-      int64_t rank = ties_seen + excl_ties;
-#pragma unroll
-      for (int j = 0; j < View::kLanes; ++j) {
-        if (j < lanes && order_key(m[j]) == tie_key) dropped[j] = rank++ < tie_removed;
-      }
-      ties_seen += tile_ties;
+      ties_seen += number_matches<View::kLanes>(
+          m, lanes, ties_seen, [&](float v) { return order_key(v) == tie_key; },
+          [&](int j, int64_t rank) { dropped[j] = rank < tie_removed; }, s);
     }
     double own = 0.0;
 #pragma unroll
@@ -375,13 +381,13 @@ __device__ void filter_and_draw(const View& view, uint32_t threshold, double top
       }
     }
     __syncthreads();
-    if (s.position != INT64_MAX) break;
     running += tile_sum;
-  }
+    return s.position == INT64_MAX;
+  });
   if (threadIdx.x == 0) {
     const int64_t position = s.position != INT64_MAX ? s.position : s.last_positive;
     args.tokens[row] = view.token_at(position);
-    args.logprobs[row] = static_cast<float>(static_cast<double>(view.x_at(position) - x_max) - log(z_row));
+    args.logprobs[row] = drawn_logprob(view.x_at(position), x_max, z_row);
   }
 }
 
@@ -389,30 +395,25 @@ template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ input, SampleArgs args) {
   __shared__ SharedState s;
   const int64_t row = blockIdx.x;
-  const float temperature = args.temperature[row];
-  const int64_t top_k = args.top_k[row];
-  const double top_p = args.top_p[row];
-  const float min_p = args.min_p[row];
-  const bool greedy = temperature == 0.0f;
-  const RowView<T, kVec> view{input + row * args.row_stride, args.vocab, greedy ? 1.0f : temperature,
-                              args.from_probs};
+  const RowParams p = row_params(args, row);
+  const RowView<T, kVec> view{input + row * args.row_stride, args.vocab, p.divisor(), args.from_probs};
 
-  // Pass 1: max, argmax (lowest index on ties), NaN / +inf.
+  // Pass 1: max, argmax (lowest index on ties: NaN never wins), NaN.
   ArgMax best{-INFINITY, args.vocab};
-  int bad = 0;
+  int has_nan = 0;
   view.for_each([&](int64_t i, float x) {
-    bad |= (x != x) | (x == INFINITY);
+    has_nan |= x != x;
     if (x > best.value) best = ArgMax{x, i};
   });
   const ArgMax top = cub::BlockReduce<ArgMax, kThreads>(s.cub.argmax).Reduce(best, ArgMaxOp());
-  const int any_bad = __syncthreads_or(bad);
+  const int any_nan = __syncthreads_or(has_nan);
   if (threadIdx.x == 0) {
     s.x_max = top.value;
     s.argmax = top.index;
-    s.bad = any_bad || !(top.value > -INFINITY) || !row_params_valid(temperature, top_k, top_p, min_p);
+    s.bad = !p.can_sample(top.value, any_nan != 0);
   }
   __syncthreads();
-  if (s.bad || greedy) {
+  if (s.bad || p.greedy()) {
     if (threadIdx.x == 0) {
       args.tokens[row] = s.bad ? -1 : s.argmax;
       args.logprobs[row] = s.bad ? NAN : 0.0f;
@@ -421,20 +422,19 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   }
   const float x_max = s.x_max;
 
-  if (top_k > 0 && top_k < args.vocab) {
-    const Threshold cut = radix_threshold<true>(view, x_max, 0u, 1.0, -static_cast<double>(top_k), s);
+  if (p.top_k > 0 && p.top_k < args.vocab) {
+    const Threshold cut = radix_threshold<true>(view, x_max, 0u, 1.0, -static_cast<double>(p.top_k), s);
     const uint32_t threshold = cut.key;
     const int64_t kept = args.vocab - static_cast<int64_t>(cut.below);
     if (kept <= kCandidates) {
       const int64_t count = gather_candidates(view, threshold, s);
-      filter_and_draw(CandidateView{s.candidate_x, s.candidate_index, count}, threshold, top_p, min_p, x_max,
-                      args, row, s);
+      filter_and_draw(CandidateView{s.candidate_x, s.candidate_index, count}, threshold, p, x_max, args, row, s);
       return;
     }
-    filter_and_draw(view, threshold, top_p, min_p, x_max, args, row, s);
+    filter_and_draw(view, threshold, p, x_max, args, row, s);
     return;
   }
-  filter_and_draw(view, 0u, top_p, min_p, x_max, args, row, s);
+  filter_and_draw(view, 0u, p, x_max, args, row, s);
 }
 
 template <typename T>

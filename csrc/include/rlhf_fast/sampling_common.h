@@ -1,5 +1,6 @@
-// What the CPU (sampling_cpu.h) and CUDA (sampling.cuh) samplers share: the call's arguments, the
-// order-preserving float key the radix threshold search runs on, and the per-row parameter checks.
+// What the CPU (sampling_cpu.h) and CUDA (sampling.cuh) samplers share: the call's arguments and input
+// types, a row's parameters and when it can be sampled, the order-preserving float key the radix
+// threshold search runs on, the top-p cut's float32 rounding, and the row's uniform and logprob.
 //
 // The algorithm, per row (no sort):
 //   1. x = logits / T in float32 (log(probs) / T for sample_from_probs); max, argmax, NaN / +inf flags.
@@ -18,6 +19,7 @@
 // A row whose input or parameters are invalid gets token -1 and logprob NaN.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -42,60 +44,83 @@ struct SampleArgs {
   float* logprobs = nullptr;           // (rows,) output
 };
 
+// One row's parameters (meanings and "off" values as in SampleArgs).
+struct RowParams {
+  float temperature;
+  int64_t top_k;
+  double top_p;
+  float min_p;
+
+  RLHF_FAST_HOST_DEVICE bool greedy() const { return temperature == 0.0f; }
+  // What step 1 divides by: greedy rows take the argmax of the raw input.
+  RLHF_FAST_HOST_DEVICE float divisor() const { return greedy() ? 1.0f : temperature; }
+  // Whether the row gets a token: parameters in range, and tempered input without NaN whose maximum
+  // x_max is finite (a row of -inf or with +inf has no distribution).
+  RLHF_FAST_HOST_DEVICE bool can_sample(float x_max, bool any_nan) const {
+    return !any_nan && x_max > -INFINITY && x_max < INFINITY && temperature >= 0.0f && top_k >= 0 &&
+           top_p > 0.0 && top_p <= 1.0 && min_p >= 0.0f && min_p < 1.0f;
+  }
+};
+
+RLHF_FAST_HOST_DEVICE RowParams row_params(const SampleArgs& args, int64_t row) {
+  return RowParams{args.temperature[row], args.top_k[row], args.top_p[row], args.min_p[row]};
+}
+
+// The row's uniform in [0, 1) for the draw (step 5).
+RLHF_FAST_HOST_DEVICE float row_uniform(const SampleArgs& args, int64_t row) {
+  return philox_row_uniform(static_cast<uint64_t>(*args.seed), static_cast<uint64_t>(*args.offset),
+                            static_cast<uint64_t>(row));
+}
+
+// logprob of the drawn token (step 5): (x - x_max) - log z, rounded to float32 once.
+RLHF_FAST_HOST_DEVICE float drawn_logprob(float x, float x_max, double z) {
+  return static_cast<float>(static_cast<double>(x - x_max) - std::log(z));
+}
+
+// The input's element type. The CPU and CUDA paths store 16-bit floats in their own types, named by
+// visit_input's Half and BFloat16.
+enum class InputDtype { kFloat32, kFloat16, kBFloat16 };
+
+// f(input as const T*) for T the storage type of `dtype`; returns what f returns.
+template <typename Half, typename BFloat16, typename F>
+auto visit_input(const void* input, InputDtype dtype, F&& f) {
+  switch (dtype) {
+    case InputDtype::kFloat16:
+      return f(static_cast<const Half*>(input));
+    case InputDtype::kBFloat16:
+      return f(static_cast<const BFloat16*>(input));
+    case InputDtype::kFloat32:
+      break;
+  }
+  return f(static_cast<const float*>(input));
+}
+
 constexpr int kRadixDigits = 3;
 constexpr int kRadixBins = 2048;  // the widest digit (11 bits)
 
 RLHF_FAST_HOST_DEVICE int radix_shift(int digit) { return digit == 0 ? 21 : (digit == 1 ? 10 : 0); }
 RLHF_FAST_HOST_DEVICE uint32_t radix_mask(int digit) { return digit == 2 ? 0x3FFu : 0x7FFu; }
 
-// Bit casts for host and device code.
-RLHF_FAST_HOST_DEVICE uint32_t float_as_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  return bits;
-#endif
-}
-RLHF_FAST_HOST_DEVICE float bits_as_float(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-#endif
-}
-RLHF_FAST_HOST_DEVICE uint64_t double_as_bits(double d) {
-#if defined(__CUDA_ARCH__)
-  return static_cast<uint64_t>(__double_as_longlong(d));
-#else
-  uint64_t bits;
-  std::memcpy(&bits, &d, sizeof(bits));
-  return bits;
-#endif
-}
-RLHF_FAST_HOST_DEVICE double bits_as_double(uint64_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double(static_cast<long long>(bits));
-#else
-  double d;
-  std::memcpy(&d, &bits, sizeof(d));
-  return d;
-#endif
+// The bits of `from` read as a To (C++20's std::bit_cast), host and device: a memcpy of a local, which
+// compilers (nvcc too) turn into a register move.
+template <typename To, typename From>
+RLHF_FAST_HOST_DEVICE To bit_cast(From from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs types of the same size");
+  To to;
+  std::memcpy(&to, &from, sizeof(to));
+  return to;
 }
 
 // Unsigned key with the order of the float (-inf lowest); -0 and +0 get the same key, as they compare equal.
 RLHF_FAST_HOST_DEVICE uint32_t order_key(float f) {
-  const uint32_t bits = float_as_bits(f + 0.0f);
+  const uint32_t bits = bit_cast<uint32_t>(f + 0.0f);
   const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31) | 0x80000000u;
   return bits ^ flip;  // negative: all bits flipped; positive: sign bit set
 }
 
 // The float whose order_key is `key` (+0 for the key of zero).
 RLHF_FAST_HOST_DEVICE float key_to_float(uint32_t key) {
-  return bits_as_float((key & 0x80000000u) ? (key ^ 0x80000000u) : ~key);
+  return bit_cast<float>((key & 0x80000000u) ? (key ^ 0x80000000u) : ~key);
 }
 
 // How many of the `ties` tokens tied at the top-p threshold go (step 3): #{j in 1..ties : S + j * p
@@ -116,10 +141,6 @@ RLHF_FAST_HOST_DEVICE int64_t tie_tokens_removed(double below, double each, doub
   return r;
 }
 
-RLHF_FAST_HOST_DEVICE bool row_params_valid(float temperature, int64_t top_k, double top_p, float min_p) {
-  return temperature >= 0.0f && top_k >= 0 && top_p > 0.0 && top_p <= 1.0 && min_p >= 0.0f && min_p < 1.0f;
-}
-
 // The top-p cut in the float32 arithmetic of transformers: float32 cumulative_probs <= R = float32(1 -
 // top_p), where torch's CPU cumsum rounds each exact (double-accumulated) prefix sum to float32. A sum c
 // rounds to at most R exactly when c <= R + ulp(R) / 2 (the midpoint goes to the even neighbour), so
@@ -127,11 +148,11 @@ RLHF_FAST_HOST_DEVICE bool row_params_valid(float temperature, int64_t top_k, do
 RLHF_FAST_HOST_DEVICE double top_p_remove_bound(double top_p) {
   const float r = static_cast<float>(1.0 - top_p);
   if (!(r > 0.0f)) return 0.0;
-  const uint32_t bits = float_as_bits(r);
-  const float up = bits_as_float(bits + 1);
+  const uint32_t bits = bit_cast<uint32_t>(r);
+  const float up = bit_cast<float>(bits + 1);
   const double mid = 0.5 * (static_cast<double>(r) + static_cast<double>(up));  // exact: 25 significant bits
   // R even: the midpoint rounds down to R, so it counts; R odd: it rounds up, so take the double below.
-  return (bits & 1u) == 0 ? mid : bits_as_double(double_as_bits(mid) - 1);
+  return (bits & 1u) == 0 ? mid : bit_cast<double>(bit_cast<uint64_t>(mid) - 1);
 }
 
 }  // namespace rlhf_fast

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -23,36 +22,28 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-RLHF_FAST_HOST_DEVICE float bits_to_float(uint32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
 RLHF_FAST_HOST_DEVICE float to_float(float v) { return v; }
-RLHF_FAST_HOST_DEVICE float to_float(BFloat16 v) { return bits_to_float(static_cast<uint32_t>(v.bits) << 16); }
+RLHF_FAST_HOST_DEVICE float to_float(BFloat16 v) { return bit_cast<float>(static_cast<uint32_t>(v.bits) << 16); }
 RLHF_FAST_HOST_DEVICE float to_float(Half16 v) {
   const uint32_t sign = (static_cast<uint32_t>(v.bits) & 0x8000u) << 16;
   const uint32_t exponent = (v.bits >> 10) & 0x1Fu;
   const uint32_t mantissa = v.bits & 0x3FFu;
-  if (exponent == 0x1F) return bits_to_float(sign | 0x7F800000u | (mantissa << 13));
+  if (exponent == 0x1F) return bit_cast<float>(sign | 0x7F800000u | (mantissa << 13));
   if (exponent == 0) {
     const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;  // 2^-24
     return sign ? -magnitude : magnitude;
   }
-  return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  return bit_cast<float>(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 }
 
 // exp(x) for x <= 0 with ~1 ulp error (Cephes expf). The range checks are integer compares on the
 // float's bits: GCC will not if-convert float compares (they may trap), and the loop must vectorize.
 RLHF_FAST_HOST_DEVICE float exp_nonpositive(float x) {
   constexpr uint32_t kMinus87 = 0xC2AE0000u;  // bits of -87.0f; larger bits = more negative
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t bits = bit_cast<uint32_t>(x);
   const uint32_t in_range = 0u - static_cast<uint32_t>(bits <= kMinus87);  // all ones unless x < -87
   const uint32_t clamped_bits = bits <= kMinus87 ? bits : kMinus87;
-  float xc;
-  std::memcpy(&xc, &clamped_bits, sizeof(xc));
+  const float xc = bit_cast<float>(clamped_bits);
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -63,16 +54,8 @@ RLHF_FAST_HOST_DEVICE float exp_nonpositive(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * (r * r) + r + 1.0f;
-  const uint32_t scale_bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &scale_bits, sizeof(scale));
-  const float e = y * scale;
-  uint32_t e_bits;
-  std::memcpy(&e_bits, &e, sizeof(e_bits));
-  e_bits &= in_range;  // exp(x < -87) < 1.7e-38: flushed to 0
-  float out;
-  std::memcpy(&out, &e_bits, sizeof(out));
-  return out;
+  const float scale = bit_cast<float>(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  return bit_cast<float>(bit_cast<uint32_t>(y * scale) & in_range);  // exp(x < -87) < 1.7e-38: flushed to 0
 }
 
 // Sum of n <= 64 floats in float (vectorized); callers accumulate these partial sums in double.
@@ -175,12 +158,8 @@ Threshold radix_threshold(RowScratch& s, int64_t vocab, uint32_t floor_key, doub
 template <typename T>
 void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
   const int64_t V = a.vocab;
-  const float temperature = a.temperature[row];
-  const int64_t top_k = a.top_k[row];
-  const double top_p = a.top_p[row];
-  const float min_p = a.min_p[row];
-  const bool greedy = temperature == 0.0f;
-  const float t = greedy ? 1.0f : temperature;
+  const RowParams p = row_params(a, row);
+  const float t = p.divisor();
   float* x = s.x.data();
   if (a.from_probs) {
     for (int64_t i = 0; i < V; ++i) x[i] = std::log(to_float(in[i])) / t;
@@ -188,22 +167,20 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
 #pragma omp simd
     for (int64_t i = 0; i < V; ++i) x[i] = to_float(in[i]) / t;
   }
-  float x_max = -std::numeric_limits<float>::infinity();
-  int bad = 0;
-#pragma omp simd reduction(max : x_max) reduction(+ : bad)
+  float x_max = -INFINITY;
+  int nans = 0;
+#pragma omp simd reduction(max : x_max) reduction(+ : nans)
   for (int64_t i = 0; i < V; ++i) {
     const float v = x[i];
     x_max = v > x_max ? v : x_max;  // NaN never wins
-    bad += v != v;
+    nans += v != v;
   }
-  bad += x_max == std::numeric_limits<float>::infinity();
-  if (bad || !(x_max > -std::numeric_limits<float>::infinity()) ||
-      !row_params_valid(temperature, top_k, top_p, min_p)) {
+  if (!p.can_sample(x_max, nans > 0)) {
     a.tokens[row] = -1;
     a.logprobs[row] = std::numeric_limits<float>::quiet_NaN();
     return;
   }
-  if (greedy) {
+  if (p.greedy()) {
     a.tokens[row] = std::find(x, x + V, x_max) - x;
     a.logprobs[row] = 0.0f;
     return;
@@ -216,10 +193,10 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
     key[i] = order_key(x[i]);
   }
   uint32_t threshold = 0;
-  if (top_k > 0 && top_k < V) {
-    threshold = radix_threshold<true>(s, V, 0, 1.0, -static_cast<double>(top_k)).key;
+  if (p.top_k > 0 && p.top_k < V) {
+    threshold = radix_threshold<true>(s, V, 0, 1.0, -static_cast<double>(p.top_k)).key;
   }
-  const double remove_bound = top_p_remove_bound(top_p);
+  const double remove_bound = top_p_remove_bound(p.top_p);
   int64_t tie_removed = 0;  // the first tie_removed tokens of s.cand (tied at the top-p threshold) go
   if (remove_bound > 0.0) {
     const Threshold cut = radix_threshold<false>(s, V, threshold, remove_bound, 0.0);
@@ -229,8 +206,7 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
   }
   // mass >= min_p compares the bits: both are >= 0, where the bit order is the value order, and integer
   // selects vectorize where float compares (which may trap) do not.
-  uint32_t min_p_bits;
-  std::memcpy(&min_p_bits, &min_p, sizeof(min_p_bits));
+  const uint32_t min_p_bits = bit_cast<uint32_t>(p.min_p);
   uint32_t* mass_bits = reinterpret_cast<uint32_t*>(mass);
 #pragma omp simd
   for (int64_t i = 0; i < V; ++i) {
@@ -243,8 +219,7 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
   double z = 0.0;
   for (int64_t start = 0; start < V; start += kBlock) z += block_sum(mass + start, std::min(kBlock, V - start));
   // Inverse CDF in index order: skip whole blocks, then scan inside the crossing block.
-  const double target = static_cast<double>(philox_row_uniform(
-      static_cast<uint64_t>(*a.seed), static_cast<uint64_t>(*a.offset), static_cast<uint64_t>(row))) * z;
+  const double target = static_cast<double>(row_uniform(a, row)) * z;
   int64_t token = -1, last_positive = 0;
   double running = 0.0;
   for (int64_t start = 0; start < V && token < 0; start += kBlock) {
@@ -271,12 +246,12 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
   }
   if (token < 0) token = last_positive;
   a.tokens[row] = token;
-  a.logprobs[row] = static_cast<float>(static_cast<double>(x[token] - x_max) - std::log(z));
+  a.logprobs[row] = drawn_logprob(x[token], x_max, z);
 }
 
 // Sample every row of `input` ((rows, row_stride) with inner stride 1). Rows run in parallel.
 template <typename T>
-void sample_rows(const T* input, const SampleArgs& args) {
+void sample_rows_typed(const T* input, const SampleArgs& args) {
 #pragma omp parallel
   {
     RowScratch scratch(args.vocab);
@@ -285,6 +260,11 @@ void sample_rows(const T* input, const SampleArgs& args) {
       sample_row(input + row * args.row_stride, row, args, scratch);
     }
   }
+}
+
+// sample_rows_typed for an input of element type `dtype` (host memory).
+inline void sample_rows(const void* input, InputDtype dtype, const SampleArgs& args) {
+  visit_input<Half16, BFloat16>(input, dtype, [&](const auto* typed) { sample_rows_typed(typed, args); });
 }
 
 }  // namespace cpu

@@ -8,8 +8,6 @@
 
 namespace rlhf_fast {
 
-enum class InputDtype { kFloat32, kFloat16, kBFloat16 };
-
 // Launch one block per row of `input` ((args.rows, args.row_stride), inner stride 1, device memory) on
 // `stream`. All pointers in `args` are device pointers. Returns the launch error, if any.
 cudaError_t launch_sample(const void* input, InputDtype dtype, const SampleArgs& args, cudaStream_t stream);
