@@ -9,7 +9,7 @@ import torch
 
 from . import fused_linear_logprobs as fll
 from . import kl_divergence as kld
-from . import token_logprobs as tl
+from ._chunks import lm_head_backward, lm_head_chunks
 
 
 def validate(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, temperature, chunk_size) -> None:
@@ -35,47 +35,16 @@ def validate(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, temperature
 def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature: float,
             chunk_rows: int | None = None):
     """-> (kl (N,), stats (4, N) = (m_p, log s_p, m_q, log s_q)), fp32."""
-    n, vocab = hidden.shape[0], weight.shape[0]
-    chunk_rows = min(chunk_rows or tl.rows_per_chunk(vocab), max(n, 1))
-    kl = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    stats = torch.empty(4, n, dtype=torch.float32, device=hidden.device)
-    buf = torch.empty(2, chunk_rows, vocab, dtype=torch.float32, device=hidden.device)
-    for s in range(0, n, chunk_rows):
-        e = min(n, s + chunk_rows)
-        z = fll.logits_chunk(hidden[s:e], weight, bias, temperature, buf[0])
-        zr = fll.logits_chunk(ref_hidden[s:e], ref_weight, ref_bias, temperature, buf[1])
-        kl[s:e], stats[:, s:e] = kld.row_stats(z, zr)
-    return kl, stats
+    chunks = lm_head_chunks(((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias)), temperature, chunk_rows)
+    return kld.kl_over(chunks, hidden.shape[0], hidden.device)
 
 
 def backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl,
              temperature: float, chunk_rows: int | None = None, need=(True, True, True)):
     """Returns (d hidden, d weight, d bias), None where not needed."""
-    need_h, need_w, need_b = need[0], need[1], need[2] and bias is not None
-    n, vocab = hidden.shape[0], weight.shape[0]
-    chunk_rows = min(chunk_rows or tl.rows_per_chunk(vocab), max(n, 1))
-    fp32 = hidden.dtype == torch.float32
-    d_hidden = torch.empty_like(hidden) if need_h else None
-    d_weight32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-    d_bias32 = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
-    buf = torch.empty(2, chunk_rows, vocab, dtype=torch.float32, device=hidden.device)
-    for s in range(0, n, chunk_rows):
-        e = min(n, s + chunk_rows)
-        z = fll.logits_chunk(hidden[s:e], weight, bias, temperature, buf[0])
-        zr = fll.logits_chunk(ref_hidden[s:e], ref_weight, ref_bias, temperature, buf[1])
-        dz, _ = kld.grads_(z, zr, stats[:, s:e], kl[s:e], grad_kl[s:e], temperature, False)
-        if need_h:
-            if fp32:
-                torch.mm(dz, weight, out=d_hidden[s:e])
-            else:
-                d_hidden[s:e] = dz.to(weight.dtype) @ weight
-        if need_w:
-            d_weight32.addmm_(dz.t(), hidden[s:e] if fp32 else hidden[s:e].float())
-        if need_b:
-            d_bias32 += dz.sum(0)
-    d_weight = None if d_weight32 is None else d_weight32.to(weight.dtype)
-    d_bias = None if d_bias32 is None else d_bias32.to(bias.dtype)
-    return d_hidden, d_weight, d_bias
+    chunks = lm_head_chunks(((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias)), temperature, chunk_rows)
+    grads = ((rows, dz) for rows, dz, _ in kld.grads_over(chunks, stats, kl, grad_kl, temperature, False))
+    return lm_head_backward(grads, hidden, weight, bias, need)
 
 
 class _FusedLinearKL(torch.autograd.Function):

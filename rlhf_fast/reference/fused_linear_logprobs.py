@@ -9,6 +9,7 @@ import torch
 
 from .. import _validate
 from . import token_logprobs as tl
+from ._chunks import lm_head_backward, lm_head_chunks
 
 
 def validate(hidden, weight, targets, bias, temperature, ignore_index, chunk_size,
@@ -34,70 +35,19 @@ def validate(hidden, weight, targets, bias, temperature, ignore_index, chunk_siz
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
 
-def logits_chunk(hidden, weight, bias, temperature: float, out: torch.Tensor) -> torch.Tensor:
-    """out[:n] <- (hidden @ weight.T + bias) / T in fp32, for hidden (n, H). Reuses `out` (no fresh pages)."""
-    buf = out[: hidden.shape[0]]
-    if hidden.dtype == torch.float32:
-        if bias is None:
-            torch.mm(hidden, weight.t(), out=buf)
-        else:
-            torch.addmm(bias, hidden, weight.t(), out=buf)
-    else:
-        buf.copy_(torch.nn.functional.linear(hidden, weight, bias))
-    if temperature != 1.0:
-        buf.div_(temperature)
-    return buf
-
-
 def forward(hidden, weight, bias, targets, temperature: float, want_entropy: bool, ignore_index: int,
             chunk_rows: int | None = None):
     """hidden (N, H), weight (V, H) -> (logp (N,), entropy (N,) or (0,), stats (2, N) = (max, log s)), fp32."""
-    n, vocab = hidden.shape[0], weight.shape[0]
-    chunk_rows = min(chunk_rows or tl.rows_per_chunk(vocab), max(n, 1))
-    dev = hidden.device
-    logp = torch.empty(n, dtype=torch.float32, device=dev)
-    entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=dev)
-    stats = torch.empty(2, n, dtype=torch.float32, device=dev)
-    buf = torch.empty(chunk_rows, vocab, dtype=torch.float32, device=dev)
-    for s in range(0, n, chunk_rows):
-        e = min(n, s + chunk_rows)
-        z = logits_chunk(hidden[s:e], weight, bias, temperature, buf)
-        lp, ent, st = tl.row_stats(z, targets[s:e], ignore_index, want_entropy)
-        logp[s:e], stats[:, s:e] = lp, st
-        if want_entropy:
-            entropy[s:e] = ent
-    return logp, entropy, stats
+    chunks = lm_head_chunks(((hidden, weight, bias),), temperature, chunk_rows)
+    return tl.stats_over(chunks, targets, want_entropy, ignore_index)
 
 
 def backward(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature: float,
              ignore_index: int, chunk_rows: int | None = None, need=(True, True, True)):
     """Returns (d hidden, d weight, d bias); an entry is None where `need` says it is not wanted."""
-    need_h, need_w, need_b = need[0], need[1], need[2] and bias is not None
-    n, vocab = hidden.shape[0], weight.shape[0]
-    chunk_rows = min(chunk_rows or tl.rows_per_chunk(vocab), max(n, 1))
-    fp32 = hidden.dtype == torch.float32
-    d_hidden = torch.empty_like(hidden) if need_h else None
-    d_weight32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-    d_bias32 = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
-    buf = torch.empty(chunk_rows, vocab, dtype=torch.float32, device=hidden.device)
-    for s in range(0, n, chunk_rows):
-        e = min(n, s + chunk_rows)
-        z = logits_chunk(hidden[s:e], weight, bias, temperature, buf)
-        ent = entropy[s:e] if grad_entropy is not None else None
-        g_e = grad_entropy[s:e] if grad_entropy is not None else None
-        dz = tl.grad_z_(z, targets[s:e], stats[:, s:e], ent, grad_logp[s:e], g_e, ignore_index, temperature)
-        if need_h:
-            if fp32:
-                torch.mm(dz, weight, out=d_hidden[s:e])
-            else:
-                d_hidden[s:e] = dz.to(weight.dtype) @ weight
-        if need_w:
-            d_weight32.addmm_(dz.t(), hidden[s:e] if fp32 else hidden[s:e].float())
-        if need_b:
-            d_bias32 += dz.sum(0)
-    d_weight = None if d_weight32 is None else d_weight32.to(weight.dtype)
-    d_bias = None if d_bias32 is None else d_bias32.to(bias.dtype)
-    return d_hidden, d_weight, d_bias
+    chunks = lm_head_chunks(((hidden, weight, bias),), temperature, chunk_rows)
+    grads = tl.grads_over(chunks, targets, stats, entropy, grad_logp, grad_entropy, ignore_index, temperature)
+    return lm_head_backward(grads, hidden, weight, bias, need)
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):

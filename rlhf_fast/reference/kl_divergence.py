@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate
-from . import token_logprobs as tl
+from ._chunks import logits_chunks
 
 
 def validate(logits, ref_logits, temperature) -> None:
@@ -63,36 +63,36 @@ def grads_(z, zr, stats, kl, grad_kl, temperature: float, need_ref: bool):
     return dz, dzr
 
 
-def _f32(x, temperature):
-    return x.to(torch.float32, copy=True).div_(temperature)
+def kl_over(chunks, n: int, device):
+    """row_stats over (rows, [z, zr]) chunks covering N rows -> (kl (N,), stats (4, N)), fp32."""
+    kl = torch.empty(n, dtype=torch.float32, device=device)
+    stats = torch.empty(4, n, dtype=torch.float32, device=device)
+    for rows, (z, zr) in chunks:
+        kl[rows], stats[:, rows] = row_stats(z, zr)
+    return kl, stats
+
+
+def grads_over(chunks, stats, kl, grad_kl, temperature: float, need_ref: bool):
+    """Yield (rows, dz, dzr or None) for each (rows, [z, zr]) chunk; grads_ overwrites the chunk's z, zr."""
+    for rows, (z, zr) in chunks:
+        yield rows, *grads_(z, zr, stats[:, rows], kl[rows], grad_kl[rows], temperature, need_ref)
 
 
 def forward(logits, ref_logits, temperature: float, chunk_rows: int | None = None):
     """logits, ref_logits (N, V) -> (kl (N,), stats (4, N)), fp32."""
-    n, vocab = logits.shape
-    chunk_rows = chunk_rows or tl.rows_per_chunk(vocab)
-    kl = torch.empty(n, dtype=torch.float32, device=logits.device)
-    stats = torch.empty(4, n, dtype=torch.float32, device=logits.device)
-    for s in range(0, n, chunk_rows):
-        e = min(n, s + chunk_rows)
-        kl[s:e], stats[:, s:e] = row_stats(_f32(logits[s:e], temperature), _f32(ref_logits[s:e], temperature))
-    return kl, stats
+    return kl_over(logits_chunks((logits, ref_logits), temperature, chunk_rows), logits.shape[0], logits.device)
 
 
 def backward(grad_kl, logits, ref_logits, stats, kl, temperature: float, need_ref: bool,
              chunk_rows: int | None = None):
     """Returns (d logits, d ref_logits or None), in the inputs' dtypes."""
-    n, vocab = logits.shape
-    chunk_rows = chunk_rows or tl.rows_per_chunk(vocab)
     d_logits = torch.empty_like(logits)
     d_ref = torch.empty_like(ref_logits) if need_ref else None
-    for s in range(0, n, chunk_rows):
-        e = min(n, s + chunk_rows)
-        dz, dzr = grads_(_f32(logits[s:e], temperature), _f32(ref_logits[s:e], temperature), stats[:, s:e],
-                         kl[s:e], grad_kl[s:e], temperature, need_ref)
-        d_logits[s:e] = dz
+    for rows, dz, dzr in grads_over(logits_chunks((logits, ref_logits), temperature, chunk_rows), stats, kl,
+                                    grad_kl, temperature, need_ref):
+        d_logits[rows] = dz
         if need_ref:
-            d_ref[s:e] = dzr
+            d_ref[rows] = dzr
     return d_logits, d_ref
 
 

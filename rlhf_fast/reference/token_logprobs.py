@@ -2,20 +2,14 @@
 
 The forward keeps only per-row statistics (max, log-sum-exp, entropy); the backward recomputes softmax one chunk of
 rows at a time and writes d(logits) straight into a tensor of the logits' dtype, so the largest fp32
-temporary is (rows_per_chunk, V), never (N, V).
+temporary is (chunk_rows, V), never (N, V).
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _validate
-
-# Elements of the largest fp32 temporary: (rows_per_chunk, V). 2**22 * 4 bytes = 16 MiB.
-CHUNK_ELEMENTS = 1 << 22
-
-
-def rows_per_chunk(vocab: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    return max(1, chunk_elements // max(vocab, 1))
+from ._chunks import logits_chunks
 
 
 def validate(logits, targets, temperature: float, ignore_index: int, name: str = "logits") -> None:
@@ -91,37 +85,43 @@ def grad_z_(z: torch.Tensor, targets, stats, entropy, grad_logp, grad_entropy, i
     return z
 
 
+def stats_over(chunks, targets, want_entropy: bool, ignore_index: int):
+    """row_stats over (rows, [z]) chunks covering targets' N rows -> (logp (N,), entropy (N,) or (0,),
+    stats (2, N)), fp32."""
+    n, dev = targets.shape[0], targets.device
+    logp = torch.empty(n, dtype=torch.float32, device=dev)
+    entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=dev)
+    stats = torch.empty(2, n, dtype=torch.float32, device=dev)
+    for rows, (z,) in chunks:
+        lp, ent, st = row_stats(z, targets[rows], ignore_index, want_entropy)
+        logp[rows], stats[:, rows] = lp, st
+        if want_entropy:
+            entropy[rows] = ent
+    return logp, entropy, stats
+
+
+def grads_over(chunks, targets, stats, entropy, grad_logp, grad_entropy, ignore_index: int, temperature: float):
+    """Yield (rows, d(logits) fp32) for each (rows, [z]) chunk; grad_z_ overwrites the chunk's z."""
+    for rows, (z,) in chunks:
+        ent = entropy[rows] if grad_entropy is not None else None
+        g_e = grad_entropy[rows] if grad_entropy is not None else None
+        g_l = grad_logp[rows] if grad_logp is not None else None
+        yield rows, grad_z_(z, targets[rows], stats[:, rows], ent, g_l, g_e, ignore_index, temperature)
+
+
 def forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float, want_entropy: bool,
             ignore_index: int, chunk_rows: int | None = None):
     """logits (N, V), targets (N,) -> (logp (N,), entropy (N,) or (0,), stats (2, N)), fp32."""
-    n, vocab = logits.shape
-    chunk_rows = chunk_rows or rows_per_chunk(vocab)
-    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
-    entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=logits.device)
-    stats = torch.empty(2, n, dtype=torch.float32, device=logits.device)
-    for s in range(0, n, chunk_rows):
-        e = min(n, s + chunk_rows)
-        z = logits[s:e].float() / temperature
-        lp, ent, st = row_stats(z, targets[s:e], ignore_index, want_entropy)
-        logp[s:e], stats[:, s:e] = lp, st
-        if want_entropy:
-            entropy[s:e] = ent
-    return logp, entropy, stats
+    return stats_over(logits_chunks((logits,), temperature, chunk_rows), targets, want_entropy, ignore_index)
 
 
 def backward(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature: float,
              ignore_index: int, chunk_rows: int | None = None) -> torch.Tensor:
     """Returns d(logits), same shape and dtype as logits."""
-    n, vocab = logits.shape
-    chunk_rows = chunk_rows or rows_per_chunk(vocab)
     grad = torch.empty_like(logits)
-    for s in range(0, n, chunk_rows):
-        e = min(n, s + chunk_rows)
-        z = logits[s:e].to(torch.float32, copy=True).div_(temperature)
-        ent = entropy[s:e] if grad_entropy is not None else None
-        g_e = grad_entropy[s:e] if grad_entropy is not None else None
-        g_l = grad_logp[s:e] if grad_logp is not None else None
-        grad[s:e] = grad_z_(z, targets[s:e], stats[:, s:e], ent, g_l, g_e, ignore_index, temperature)
+    for rows, dz in grads_over(logits_chunks((logits,), temperature, chunk_rows), targets, stats, entropy,
+                               grad_logp, grad_entropy, ignore_index, temperature):
+        grad[rows] = dz
     return grad
 
 

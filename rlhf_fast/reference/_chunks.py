@@ -1,0 +1,93 @@
+"""Token-row chunks shared by the reference logprob/KL ops.
+
+Each op walks its N rows in chunks so that its largest fp32 temporary is (chunk_rows, V), never (N, V).
+A chunk is (rows, zs): a slice of the N rows and, per input, that slice's fp32 logits divided by T.
+The logits ops copy zs out of their (N, V) inputs (`logits_chunks`); the fused-linear ops compute them
+from the lm_head into one reused buffer (`lm_head_chunks`) and push each chunk's d(logits) back
+through it (`lm_head_backward`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+# Elements of the largest fp32 temporary: (rows_per_chunk, V). 2**22 * 4 bytes = 16 MiB.
+CHUNK_ELEMENTS = 1 << 22
+
+Chunk = tuple[slice, list[torch.Tensor]]
+
+
+def rows_per_chunk(vocab: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    return max(1, chunk_elements // max(vocab, 1))
+
+
+def row_chunks(n: int, vocab: int, chunk_rows: int | None = None) -> list[slice]:
+    """Consecutive slices of at most chunk_rows (default: rows_per_chunk(vocab)) rows covering range(n)."""
+    step = chunk_rows or rows_per_chunk(vocab)
+    return [slice(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def logits_chunks(logits: Sequence[torch.Tensor], temperature: float,
+                  chunk_rows: int | None = None) -> Iterator[Chunk]:
+    """Chunks of (N, V) logits tensors: zs[i] = logits[i][rows] as a fresh fp32 tensor / T (callers may
+    overwrite it)."""
+    n, vocab = logits[0].shape
+    for rows in row_chunks(n, vocab, chunk_rows):
+        yield rows, [x[rows].to(torch.float32, copy=True).div_(temperature) for x in logits]
+
+
+def lm_head_chunks(heads: Sequence[tuple], temperature: float, chunk_rows: int | None = None) -> Iterator[Chunk]:
+    """Chunks of lm_head logits: zs[i] = linear(hidden[rows], weight, bias) / T in fp32, for heads[i] =
+    (hidden (N, H_i), weight (V, H_i), bias (V,) or None). zs live in one buffer that the next chunk
+    overwrites, so peak memory stays one (len(heads), chunk_rows, V) fp32 block."""
+    n, vocab = heads[0][0].shape[0], heads[0][1].shape[0]
+    chunks = row_chunks(n, vocab, chunk_rows)
+    if not chunks:
+        return
+    first = chunks[0]
+    buf = torch.empty(len(heads), first.stop - first.start, vocab, dtype=torch.float32,
+                      device=heads[0][0].device)
+    for rows in chunks:
+        yield rows, [_linear_into(h[rows], w, b, temperature, out) for (h, w, b), out in zip(heads, buf)]
+
+
+def _linear_into(hidden, weight, bias, temperature: float, out: torch.Tensor) -> torch.Tensor:
+    """out[:n] <- (hidden @ weight.T + bias) / T in fp32, for hidden (n, H). Reuses `out` (no fresh pages)."""
+    buf = out[: hidden.shape[0]]
+    if hidden.dtype == torch.float32:
+        if bias is None:
+            torch.mm(hidden, weight.t(), out=buf)
+        else:
+            torch.addmm(bias, hidden, weight.t(), out=buf)
+    else:
+        buf.copy_(torch.nn.functional.linear(hidden, weight, bias))
+    if temperature != 1.0:
+        buf.div_(temperature)
+    return buf
+
+
+def lm_head_backward(grad_chunks: Iterable[tuple[slice, torch.Tensor]], hidden, weight, bias, need):
+    """(d hidden, d weight, d bias) of logits = linear(hidden, weight, bias), given (rows, d(logits) fp32)
+    for every chunk of rows; an entry is None where `need` (3 bools) says it is not wanted.
+
+    d(hidden) is written per chunk in hidden's dtype; d(weight) and d(bias) accumulate over chunks in fp32.
+    """
+    need_h, need_w, need_b = need[0], need[1], need[2] and bias is not None
+    fp32 = hidden.dtype == torch.float32
+    d_hidden = torch.empty_like(hidden) if need_h else None
+    d_weight32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    d_bias32 = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+    for rows, dz in grad_chunks:
+        if need_h:
+            if fp32:
+                torch.mm(dz, weight, out=d_hidden[rows])
+            else:
+                d_hidden[rows] = dz.to(weight.dtype) @ weight
+        if need_w:
+            d_weight32.addmm_(dz.t(), hidden[rows] if fp32 else hidden[rows].float())
+        if need_b:
+            d_bias32 += dz.sum(0)
+    d_weight = None if d_weight32 is None else d_weight32.to(weight.dtype)
+    d_bias = None if d_bias32 is None else d_bias32.to(bias.dtype)
+    return d_hidden, d_weight, d_bias
