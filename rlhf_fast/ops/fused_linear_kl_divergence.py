@@ -6,7 +6,8 @@ import torch
 
 from .. import _backend
 from ..reference import fused_linear_kl_divergence as ref
-from .fused_linear_logprobs import _contig, cdiv, run_backward_slices, split_plan, tile_config
+from .fused_linear_logprobs import (_contig, cdiv, fake_grads, grads_out, needed_grads, run_backward_slices,
+                                    split_plan, tile_config, tile_kwargs)
 
 _OP = "fused_linear_kl_divergence"
 
@@ -23,9 +24,7 @@ def _triton_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temp
         hidden, weight, bias if bias is not None else hidden, ref_hidden, ref_weight,
         ref_bias if ref_bias is not None else ref_hidden, part, n, vocab, hidden.shape[1], ref_hidden.shape[1],
         hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), 1.0 / temperature,
-        tiles_per_split, int(bias is not None), int(ref_bias is not None), BLOCK_N=cfg.block_n,
-        BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, DOT_PRECISION=prec, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        tiles_per_split, int(bias is not None), int(ref_bias is not None), **tile_kwargs(cfg, prec))
     m_p, s_p, s_d, m_q, s_q = part.unbind(0)
     big_p, big_q = m_p.max(0).values, m_q.max(0).values
     scale_p = torch.exp(m_p - big_p)
@@ -41,10 +40,6 @@ def _triton_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_
                      temperature, need):
     from ..kernels import kl_divergence as kk
     _, cfg, prec = tile_config(hidden.dtype, kk.FUSED_CONFIGS)
-    need_x, need_w = bool(need[0]), bool(need[1])
-    if hidden.shape[0] == 0:
-        return (torch.zeros_like(hidden) if need_x else None, torch.zeros_like(weight) if need_w else None,
-                torch.zeros_like(bias) if need[2] else None)
 
     def launch(d_x, d_w, d_b, v_begin, v_end, grid):
         kk._fused_linear_kl_divergence_bwd_kernel[grid](
@@ -53,14 +48,9 @@ def _triton_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_
             hidden.shape[0], weight.shape[0], hidden.shape[1], ref_hidden.shape[1], v_begin, v_end,
             hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), hidden.shape[1],
             weight.shape[1], 1.0 / temperature, int(bias is not None), int(ref_bias is not None),
-            int(bool(need[2])), NEED_X=need_x, NEED_W=need_w, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
-            BLOCK_K=cfg.block_k, DOT_PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            int(bool(need[2])), NEED_X=bool(need[0]), NEED_W=bool(need[1]), **tile_kwargs(cfg, prec))
 
     return run_backward_slices(launch, hidden, weight, bias, need, cfg)
-
-
-def _empty(t):
-    return t.new_empty(0)
 
 
 @torch.library.custom_op("rlhf_fast::fused_linear_kl_divergence_fwd", mutates_args=())
@@ -91,15 +81,13 @@ def _bwd_op(grad_kl: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, b
     else:
         grads = ref.backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl,
                              temperature, chunk_size or None, need)
-    return tuple(g if g is not None else _empty(hidden) for g in grads)
+    return grads_out(grads, hidden)
 
 
 @_bwd_op.register_fake
 def _(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl, temperature,
       chunk_size, need, backend):
-    return (torch.empty_like(hidden) if need[0] else _empty(hidden),
-            torch.empty_like(weight) if need[1] else _empty(hidden),
-            torch.empty_like(bias) if bias is not None and need[2] else _empty(hidden))
+    return fake_grads(hidden, weight, bias, need)
 
 
 def _setup_context(ctx, inputs, output):
@@ -112,8 +100,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_kl, _grad_stats):
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl = ctx.saved_tensors
     temperature, chunk_size, backend = ctx.args
-    need = [bool(x) for x in ctx.needs_input_grad[:3]]
-    need[2] = need[2] and bias is not None
+    need = needed_grads(ctx, bias)
     d_h, d_w, d_b = _bwd_op(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl,
                             temperature, chunk_size, need, backend)
     return (d_h if need[0] else None, d_w if need[1] else None, d_b if need[2] else None,

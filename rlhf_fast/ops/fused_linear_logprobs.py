@@ -23,6 +23,26 @@ def _empty(like):
     return like.new_empty(0)
 
 
+def needed_grads(ctx, bias) -> list[bool]:
+    """Which of (hidden, weight, bias), the op's first three inputs, autograd wants a gradient for."""
+    need = [bool(x) for x in ctx.needs_input_grad[:3]]
+    need[2] = need[2] and bias is not None
+    return need
+
+
+def grads_out(grads, like) -> tuple:
+    """(d hidden, d weight, d bias) as a backward custom op returns them: empty tensors for None."""
+    return tuple(g if g is not None else _empty(like) for g in grads)
+
+
+def fake_grads(hidden, weight, bias, need) -> tuple:
+    """register_fake of a backward custom op: grads_out's shapes for these inputs and `need`."""
+    has_b = bias is not None and need[2]
+    return (torch.empty_like(hidden) if need[0] else _empty(hidden),
+            torch.empty_like(weight) if need[1] else _empty(hidden),
+            torch.empty_like(bias) if has_b else _empty(hidden))
+
+
 def tile_config(dtype: torch.dtype, table: dict | None = None):
     """(kernel module, TileConfig, dot precision) for a Triton fused-linear kernel.
 
@@ -34,6 +54,12 @@ def tile_config(dtype: torch.dtype, table: dict | None = None):
         prec = k.INTERPRET_BF16_PRECISION if name == "bf16" else k.DOT_PRECISION[name]
         return k, k.INTERPRET_CONFIG, prec
     return k, (table or k.CONFIGS)[name], k.DOT_PRECISION[name]
+
+
+def tile_kwargs(cfg, prec: str) -> dict:
+    """A TileConfig and dot precision as Triton launch keywords (constexprs, warps, stages)."""
+    return dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, DOT_PRECISION=prec,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def split_plan(n: int, vocab: int, cfg, device) -> tuple[int, int]:
@@ -68,6 +94,9 @@ def run_backward_slices(launch, hidden, weight, bias, need, cfg):
     d(weight) in a bounded fp32 buffer and cast it into the result.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
+    if n == 0:  # no tokens: zero gradients, and no empty grid to launch
+        return (torch.zeros_like(hidden) if need[0] else None, torch.zeros_like(weight) if need[1] else None,
+                torch.zeros_like(bias) if need[2] else None)
     d_x, d_w, d_b = grad_buffers(hidden, weight, bias, need)
     if weight.dtype == torch.float32 or not need[1]:
         slice_rows = vocab
@@ -101,8 +130,7 @@ def _triton_forward(hidden, weight, bias, targets, temperature, want_entropy, ig
     k._fused_linear_logprobs_fwd_kernel[(cdiv(n, cfg.block_n), splits)](
         hidden, weight, bias if bias is not None else hidden, targets, part, n, vocab, hidden.shape[1],
         hidden.stride(0), weight.stride(0), 1.0 / temperature, ignore_index, tiles_per_split,
-        int(bias is not None), int(want_entropy), BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
-        BLOCK_K=cfg.block_k, DOT_PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        int(bias is not None), int(want_entropy), **tile_kwargs(cfg, prec))
     m, s, sy, zt = part.unbind(0)
     big_m = m.max(0).values
     scale = torch.exp(m - big_m)
@@ -121,10 +149,6 @@ def _triton_backward(grad_logp, grad_entropy, hidden, weight, bias, targets, sta
                      ignore_index, need):
     k, cfg, prec = tile_config(hidden.dtype)
     have_ent = grad_entropy is not None
-    need_x, need_w = bool(need[0]), bool(need[1])
-    if hidden.shape[0] == 0:
-        return (torch.zeros_like(hidden) if need_x else None, torch.zeros_like(weight) if need_w else None,
-                torch.zeros_like(bias) if need[2] else None)
 
     def launch(d_x, d_w, d_b, v_begin, v_end, grid):
         k._fused_linear_logprobs_bwd_kernel[grid](
@@ -132,8 +156,7 @@ def _triton_backward(grad_logp, grad_entropy, hidden, weight, bias, targets, sta
             grad_logp, grad_entropy if have_ent else grad_logp, d_x, d_w, d_b, hidden.shape[0], weight.shape[0],
             hidden.shape[1], v_begin, v_end, hidden.stride(0), weight.stride(0), hidden.shape[1],
             weight.shape[1], 1.0 / temperature, ignore_index, int(bias is not None), int(have_ent),
-            int(bool(need[2])), NEED_X=need_x, NEED_W=need_w, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
-            BLOCK_K=cfg.block_k, DOT_PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            int(bool(need[2])), NEED_X=bool(need[0]), NEED_W=bool(need[1]), **tile_kwargs(cfg, prec))
 
     return run_backward_slices(launch, hidden, weight, bias, need, cfg)
 
@@ -165,26 +188,19 @@ def _bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden: 
             need: list[bool], backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     chosen = _backend.resolve(_OP, backend, hidden.device, gpu="triton")
     if chosen == "triton":
-        d_h, d_w, d_b = _triton_backward(grad_logp.contiguous(),
-                                         None if grad_entropy is None else grad_entropy.contiguous(),
-                                         hidden.contiguous(), weight.contiguous(), _contig(bias),
-                                         targets.long().contiguous(), stats, entropy, temperature, ignore_index,
-                                         need)
+        grads = _triton_backward(grad_logp.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
+                                 hidden.contiguous(), weight.contiguous(), _contig(bias), targets.long().contiguous(),
+                                 stats, entropy, temperature, ignore_index, need)
     else:
-        d_h, d_w, d_b = ref.backward(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy,
-                                     temperature, ignore_index, chunk_size or None, need)
-    # custom ops cannot return None: unwanted gradients come back as empty tensors
-    return (d_h if d_h is not None else _empty(hidden), d_w if d_w is not None else _empty(hidden),
-            d_b if d_b is not None else _empty(hidden))
+        grads = ref.backward(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature,
+                             ignore_index, chunk_size or None, need)
+    return grads_out(grads, hidden)
 
 
 @_bwd_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature, ignore_index,
       chunk_size, need, backend):
-    has_b = bias is not None and need[2]
-    return (torch.empty_like(hidden) if need[0] else _empty(hidden),
-            torch.empty_like(weight) if need[1] else _empty(hidden),
-            torch.empty_like(bias) if has_b else _empty(hidden))
+    return fake_grads(hidden, weight, bias, need)
 
 
 def _setup_context(ctx, inputs, output):
@@ -197,8 +213,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
     hidden, weight, bias, targets, stats, entropy = ctx.saved_tensors
     temperature, want_entropy, ignore_index, chunk_size, backend = ctx.args
-    need = [bool(x) for x in ctx.needs_input_grad[:3]]
-    need[2] = need[2] and bias is not None
+    need = needed_grads(ctx, bias)
     if grad_logp is None:
         grad_logp = torch.zeros_like(stats[0])
     d_h, d_w, d_b = _bwd_op(grad_logp, grad_entropy if want_entropy else None, hidden, weight, bias, targets,
