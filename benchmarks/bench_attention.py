@@ -46,9 +46,27 @@ def _sdpa(backend_name: str):
     return run
 
 
+def _without_tma(fn):
+    """fn with the forward's TMA descriptors off (RLHF_FAST_ATTN_TMA=0): the pointer path of the same kernel."""
+    def run(*args):
+        old = os.environ.get("RLHF_FAST_ATTN_TMA")
+        os.environ["RLHF_FAST_ATTN_TMA"] = "0"
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                del os.environ["RLHF_FAST_ATTN_TMA"]
+            else:
+                os.environ["RLHF_FAST_ATTN_TMA"] = old
+    return run
+
+
 def _providers() -> dict:
     import rlhf_fast
-    table = {"ours": lambda q, k, v: rlhf_fast.causal_attention(q, k, v, backend="triton")}
+    ours = lambda q, k, v: rlhf_fast.causal_attention(q, k, v, backend="triton")  # noqa: E731
+    table = {"ours": ours}
+    if torch.cuda.get_device_capability()[0] in (9, 10):  # TMA on by default there: time the pointer path too
+        table["ours_no_tma"] = _without_tma(ours)
     for name, backend in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_cudnn", "CUDNN_ATTENTION")):
         fn = _sdpa(backend)
         if fn is not None:
@@ -92,7 +110,7 @@ def train_rows(quick: bool) -> list[dict]:
                     for name, ms in times.items():
                         row[f"{name}_ms"] = ms[phase]
                         row[f"{name}_tflops"] = flops[phase] / (ms[phase] * 1e-3) / 1e12
-                    baselines = [ms[phase] for name, ms in times.items() if name != "ours"]
+                    baselines = [ms[phase] for name, ms in times.items() if name.startswith("sdpa")]
                     row["ours"] = times["ours"][phase]
                     row["baseline"] = min(baselines) if baselines else None
                     row["ratio"] = row["baseline"] / row["ours"] if baselines else None

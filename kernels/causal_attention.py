@@ -34,9 +34,32 @@ def _seq_bounds(CU_SEQLENS, seq, max_seqlen, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _program(CU_SEQLENS, max_seqlen, n_heads, IS_VARLEN: tl.constexpr):
+    """(sequence, head, first token, length) of this program: axis 1 of the grid is n_seq * n_heads."""
+    pid = tl.program_id(1)
+    seq = pid // n_heads
+    tok0, seqlen = _seq_bounds(CU_SEQLENS, seq, max_seqlen, IS_VARLEN)
+    return seq, pid % n_heads, tok0, seqlen
+
+
+@triton.jit
 def _base(PTR, seq, head, tok0, stride_b, stride_h, stride_t):
     """Pointer to token 0, dim 0 of (seq, head); int64 so large tensors do not overflow."""
     return PTR + seq.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h + tok0 * stride_t
+
+
+@triton.jit
+def _load_rows(PTR, seq, head, tok0, stride_b, stride_h, stride_t, offs, offs_d, rows):
+    """Rows `offs` (len(offs), D) of (seq, head); rows where `rows` is False read as 0."""
+    ptrs = _base(PTR, seq, head, tok0, stride_b, stride_h, stride_t) + offs[:, None] * stride_t + offs_d[None, :]
+    return tl.load(ptrs, mask=rows[:, None], other=0.0)
+
+
+@triton.jit
+def _store_rows(PTR, seq, head, tok0, stride_b, stride_h, stride_t, offs, offs_d, rows, value):
+    """Store `value` (len(offs), D) into rows `offs` of (seq, head), in PTR's dtype, where `rows`."""
+    ptrs = _base(PTR, seq, head, tok0, stride_b, stride_h, stride_t) + offs[:, None] * stride_t + offs_d[None, :]
+    tl.store(ptrs, value.to(PTR.dtype.element_ty), mask=rows[:, None])
 
 
 @triton.jit
@@ -54,15 +77,41 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 # ----------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, lo, hi, offs_m, offs_n, seqlen,
-                    qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax over key blocks [lo, hi). k_ptrs (D, BLOCK_N) and v_ptrs (BLOCK_N, D) at key 0."""
+def _kv_tile(src, stride_t, start_n, cols, seqlen, desc_b, desc_h, desc_t0, BLOCK_N: tl.constexpr,
+             HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, TRANSPOSE: tl.constexpr, USE_TMA: tl.constexpr):
+    """Keys or values [start_n, start_n + BLOCK_N) of one head as (BLOCK_N, D), or (D, BLOCK_N) with
+    TRANSPOSE; with MASKED, rows past the sequence read as 0.
+
+    src: pointers at key 0 laid out like the result, or (USE_TMA) a 4-D descriptor over (batch, head, token,
+    dim) whose block (desc_b, desc_h, desc_t0 + start_n, 0) is read by TMA. A descriptor bounds the whole
+    tensor, not one packed sequence, so its rows past the sequence are zeroed here (they may hold anything).
+    """
+    if USE_TMA:
+        t = src.load([desc_b, desc_h, desc_t0 + start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        if MASKED:
+            t = tl.where(cols[:, None] < seqlen, t, 0.0)
+        if TRANSPOSE:
+            t = tl.trans(t)
+    elif MASKED:
+        if TRANSPOSE:
+            t = tl.load(src + start_n * stride_t, mask=cols[None, :] < seqlen, other=0.0)
+        else:
+            t = tl.load(src + start_n * stride_t, mask=cols[:, None] < seqlen, other=0.0)
+    else:
+        t = tl.load(src + start_n * stride_t)
+    return t
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, desc_b, desc_h, desc_t0, lo, hi,
+                    offs_m, offs_n, seqlen, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """Online softmax over key blocks [lo, hi). k_src (D, BLOCK_N) and v_src (BLOCK_N, D) pointers at key 0,
+    or TMA descriptors (see _kv_tile)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASKED:
-            k = tl.load(k_ptrs + start_n * stride_kt, mask=cols[None, :] < seqlen, other=0.0)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_kt)
+        k = _kv_tile(k_src, stride_kt, start_n, cols, seqlen, desc_b, desc_h, desc_t0, BLOCK_N, HEAD_DIM,
+                     MASKED, True, USE_TMA)
         s = _dot(q, k, None, DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
             keep = (cols[None, :] <= offs_m[:, None]) & (cols[None, :] < seqlen)
@@ -71,10 +120,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, lo, 
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < seqlen, other=0.0)
-        else:
-            v = tl.load(v_ptrs + start_n * stride_vt)
+        v = _kv_tile(v_src, stride_vt, start_n, cols, seqlen, desc_b, desc_h, desc_t0, BLOCK_N, HEAD_DIM,
+                     MASKED, False, USE_TMA)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -87,14 +134,15 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_SEQLENS,
                      stride_lb, stride_lh,
                      max_seqlen, n_q_heads, group, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (cdiv(max_seqlen, BLOCK_M), n_seq * Hq): one query block of one head of one sequence."""
+                     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """Grid (cdiv(max_seqlen, BLOCK_M), n_seq * Hq): one query block of one head of one sequence.
+
+    With USE_TMA (Hopper), K and V are 4-D TMA descriptors with (1, 1, BLOCK_N, D) blocks over
+    (B, Hkv, T, D), or over (1, Hkv, total, D) when packed; otherwise pointers like Q.
+    """
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     start_m = tl.program_id(0)
-    pid = tl.program_id(1)
-    seq = pid // n_q_heads
-    head = pid % n_q_heads
-    tok0, seqlen = _seq_bounds(CU_SEQLENS, seq, max_seqlen, IS_VARLEN)
+    seq, head, tok0, seqlen = _program(CU_SEQLENS, max_seqlen, n_q_heads, IS_VARLEN)
     if start_m * BLOCK_M >= seqlen:
         return
     kv_head = head // group
@@ -102,26 +150,36 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_SEQLENS,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m < seqlen
-    q_base = _base(Q, seq, head, tok0, stride_qb, stride_qh, stride_qt)
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=rows[:, None], other=0.0)
-    k_ptrs = _base(K, seq, kv_head, tok0, stride_kb, stride_kh, stride_kt) + offs_n[None, :] * stride_kt + offs_d[:, None]
-    v_ptrs = _base(V, seq, kv_head, tok0, stride_vb, stride_vh, stride_vt) + offs_n[:, None] * stride_vt + offs_d[None, :]
+    q = _load_rows(Q, seq, head, tok0, stride_qb, stride_qh, stride_qt, offs_m, offs_d, rows)
+    if USE_TMA:
+        k_src = K
+        v_src = V
+        desc_t0 = tok0.to(tl.int32)
+        if IS_VARLEN:
+            desc_b = 0
+        else:
+            desc_b = seq
+    else:
+        k_src = _base(K, seq, kv_head, tok0, stride_kb, stride_kh, stride_kt) + offs_n[None, :] * stride_kt + offs_d[:, None]
+        v_src = _base(V, seq, kv_head, tok0, stride_vb, stride_vh, stride_vt) + offs_n[:, None] * stride_vt + offs_d[None, :]
+        desc_b = 0
+        desc_t0 = 0
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     diag = start_m * BLOCK_M
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, 0, diag,
-                                    offs_m, offs_n, seqlen, qk_scale, BLOCK_N, False, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, diag,
-                                    tl.minimum(diag + BLOCK_M, seqlen), offs_m, offs_n, seqlen, qk_scale,
-                                    BLOCK_N, True, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, desc_b, kv_head, desc_t0,
+                                    0, diag, offs_m, offs_n, seqlen, qk_scale, BLOCK_N, HEAD_DIM, False,
+                                    DOT_PRECISION, USE_TMA)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, desc_b, kv_head, desc_t0,
+                                    diag, tl.minimum(diag + BLOCK_M, seqlen), offs_m, offs_n, seqlen, qk_scale,
+                                    BLOCK_N, HEAD_DIM, True, DOT_PRECISION, USE_TMA)
     # every row sees key 0, so l_i >= 1 and m_i is finite
     acc = acc / l_i[:, None]
     lse_ptrs = LSE + seq.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + tok0 + offs_m
     tl.store(lse_ptrs, m_i + tl.math.log2(l_i), mask=rows)
-    o_base = _base(O, seq, head, tok0, stride_ob, stride_oh, stride_ot)
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), mask=rows[:, None])
+    _store_rows(O, seq, head, tok0, stride_ob, stride_oh, stride_ot, offs_m, offs_d, rows, acc)
 
 
 # ----------------------------------------------------------------------------------------------- backward
@@ -132,19 +190,14 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, CU_SEQLENS,
                                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr):
     """delta = rowsum(O * dO) in fp32, laid out like the LSE."""
     start_m = tl.program_id(0)
-    pid = tl.program_id(1)
-    seq = pid // n_q_heads
-    head = pid % n_q_heads
-    tok0, seqlen = _seq_bounds(CU_SEQLENS, seq, max_seqlen, IS_VARLEN)
+    seq, head, tok0, seqlen = _program(CU_SEQLENS, max_seqlen, n_q_heads, IS_VARLEN)
     if start_m * BLOCK_M >= seqlen:
         return
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m < seqlen
-    o = tl.load(_base(O, seq, head, tok0, stride_ob, stride_oh, stride_ot) + offs_m[:, None] * stride_ot
-                + offs_d[None, :], mask=rows[:, None], other=0.0)
-    do = tl.load(_base(DO, seq, head, tok0, stride_db, stride_dh, stride_dt) + offs_m[:, None] * stride_dt
-                 + offs_d[None, :], mask=rows[:, None], other=0.0)
+    o = _load_rows(O, seq, head, tok0, stride_ob, stride_oh, stride_ot, offs_m, offs_d, rows)
+    do = _load_rows(DO, seq, head, tok0, stride_db, stride_dh, stride_dt, offs_m, offs_d, rows)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + seq.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + tok0 + offs_m, delta, mask=rows)
 
@@ -196,20 +249,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS,
     """
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     start_n = tl.program_id(0) * BLOCK_N
-    pid = tl.program_id(1)
-    seq = pid // n_kv_heads
-    kv_head = pid % n_kv_heads
-    tok0, seqlen = _seq_bounds(CU_SEQLENS, seq, max_seqlen, IS_VARLEN)
+    seq, kv_head, tok0, seqlen = _program(CU_SEQLENS, max_seqlen, n_kv_heads, IS_VARLEN)
     if start_n >= seqlen:
         return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    kv_rows = offs_n[:, None] < seqlen
-    k = tl.load(_base(K, seq, kv_head, tok0, stride_kb, stride_kh, stride_kt) + offs_n[:, None] * stride_kt
-                + offs_d[None, :], mask=kv_rows, other=0.0)
-    v = tl.load(_base(V, seq, kv_head, tok0, stride_vb, stride_vh, stride_vt) + offs_n[:, None] * stride_vt
-                + offs_d[None, :], mask=kv_rows, other=0.0)
+    kv_rows = offs_n < seqlen
+    k = _load_rows(K, seq, kv_head, tok0, stride_kb, stride_kh, stride_kt, offs_n, offs_d, kv_rows)
+    v = _load_rows(V, seq, kv_head, tok0, stride_vb, stride_vh, stride_vt, offs_n, offs_d, kv_rows)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     diag_hi = tl.minimum(start_n + BLOCK_N, seqlen)
@@ -225,24 +273,19 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS,
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE + row0, DELTA + row0,
                                       stride_qt, stride_dot, stride_dqt, start_n + BLOCK_N, seqlen, offs_n, seqlen,
                                       scale, qk_scale, BLOCK_M, False, ATOMIC_DQ, DOT_PRECISION)
-    dk_ptrs = _base(DK, seq, kv_head, tok0, stride_dkb, stride_dkh, stride_dkt) + offs_n[:, None] * stride_dkt + offs_d[None, :]
-    dv_ptrs = _base(DV, seq, kv_head, tok0, stride_dvb, stride_dvh, stride_dvt) + offs_n[:, None] * stride_dvt + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_rows)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_rows)
+    _store_rows(DK, seq, kv_head, tok0, stride_dkb, stride_dkh, stride_dkt, offs_n, offs_d, kv_rows, dk * scale)
+    _store_rows(DV, seq, kv_head, tok0, stride_dvb, stride_dvh, stride_dvt, offs_n, offs_d, kv_rows, dv)
 
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, lo, hi, offs_m, offs_n,
-                       seqlen, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       seqlen, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
     """Accumulate dQ (BLOCK_M, D) over key blocks [lo, hi); k_ptrs and v_ptrs (D, BLOCK_N) at key 0."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASKED:
-            k_t = tl.load(k_ptrs + start_n * stride_kt, mask=cols[None, :] < seqlen, other=0.0)
-            v_t = tl.load(v_ptrs + start_n * stride_vt, mask=cols[None, :] < seqlen, other=0.0)
-        else:
-            k_t = tl.load(k_ptrs + start_n * stride_kt)
-            v_t = tl.load(v_ptrs + start_n * stride_vt)
+        k_t = _kv_tile(k_ptrs, stride_kt, start_n, cols, seqlen, 0, 0, 0, BLOCK_N, HEAD_DIM, MASKED, True, False)
+        v_t = _kv_tile(v_ptrs, stride_vt, start_n, cols, seqlen, 0, 0, 0, BLOCK_N, HEAD_DIM, MASKED, True, False)
         s = _dot(q, k_t, None, DOT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
@@ -264,10 +307,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
     """Grid (cdiv(max_seqlen, BLOCK_M), n_seq * Hq): dQ of one query block (the deterministic path)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     start_m = tl.program_id(0)
-    pid = tl.program_id(1)
-    seq = pid // n_q_heads
-    head = pid % n_q_heads
-    tok0, seqlen = _seq_bounds(CU_SEQLENS, seq, max_seqlen, IS_VARLEN)
+    seq, head, tok0, seqlen = _program(CU_SEQLENS, max_seqlen, n_q_heads, IS_VARLEN)
     if start_m * BLOCK_M >= seqlen:
         return
     kv_head = head // group
@@ -275,10 +315,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m < seqlen
-    q = tl.load(_base(Q, seq, head, tok0, stride_qb, stride_qh, stride_qt) + offs_m[:, None] * stride_qt
-                + offs_d[None, :], mask=rows[:, None], other=0.0)
-    do = tl.load(_base(DO, seq, head, tok0, stride_dob, stride_doh, stride_dot) + offs_m[:, None] * stride_dot
-                 + offs_d[None, :], mask=rows[:, None], other=0.0)
+    q = _load_rows(Q, seq, head, tok0, stride_qb, stride_qh, stride_qt, offs_m, offs_d, rows)
+    do = _load_rows(DO, seq, head, tok0, stride_dob, stride_doh, stride_dot, offs_m, offs_d, rows)
     row0 = seq.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + tok0
     lse = tl.load(LSE + row0 + offs_m, mask=rows, other=float("inf"))
     delta = tl.load(DELTA + row0 + offs_m, mask=rows, other=0.0)
@@ -287,12 +325,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     diag = start_m * BLOCK_M
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, 0, diag, offs_m, offs_n,
-                            seqlen, qk_scale, BLOCK_N, False, DOT_PRECISION)
+                            seqlen, qk_scale, BLOCK_N, HEAD_DIM, False, DOT_PRECISION)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, diag,
-                            tl.minimum(diag + BLOCK_M, seqlen), offs_m, offs_n, seqlen, qk_scale, BLOCK_N, True,
-                            DOT_PRECISION)
-    dq_ptrs = _base(DQ, seq, head, tok0, stride_dqb, stride_dqh, stride_dqt) + offs_m[:, None] * stride_dqt + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=rows[:, None])
+                            tl.minimum(diag + BLOCK_M, seqlen), offs_m, offs_n, seqlen, qk_scale, BLOCK_N, HEAD_DIM,
+                            True, DOT_PRECISION)
+    _store_rows(DQ, seq, head, tok0, stride_dqb, stride_dqh, stride_dqt, offs_m, offs_d, rows, dq * scale)
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -350,6 +387,18 @@ _CONFIGS.update({
 })
 
 
+def uses_tma(arch: int, dtype: str) -> bool:
+    """Whether the forward on this config table reads K and V through TMA descriptors: Hopper (and
+    datacenter Blackwell, which share the sm_90 table) for fp16/bf16. fp32 runs FMA dots on 16-row tiles,
+    bound by arithmetic, not loads."""
+    return arch == 90 and dtype != "fp32"
+
+
+def tma_block(stage: str, arch: int, head_dim: int, dtype: str) -> list[int]:
+    """Block shape of the K/V descriptors, (1, 1, BLOCK_N, D) over (batch, head, token, dim)."""
+    return [1, 1, config(stage, arch, head_dim, dtype).block_n, head_dim]
+
+
 def config(stage: str, arch: int, head_dim: int, dtype: str) -> AttnConfig:
     """The config the launcher uses for `stage` ("fwd", "bwd_pre", "bwd_dkdv", "bwd_dkdv_atomic", "bwd_dq")."""
     return AttnConfig(*_CONFIGS[(stage, arch, dtype == "fp32")][head_dim])
@@ -392,11 +441,14 @@ def _specs_for(arch: int, dtype: str, d: int, varlen: bool) -> list[KernelSpec]:
     lse = "stride_lb stride_lh"
     out = []
     c = config("fwd", arch, d, dtype)
+    tma = uses_tma(arch, dtype)
+    sig = _signature(dtype, "Q K V O LSE CU_SEQLENS",
+                     f"{_strides('q', 'k', 'v', 'o')} {lse} max_seqlen n_q_heads group qk_scale")
+    if tma:
+        sig["K"] = sig["V"] = f"tensordesc<{dtype}{tma_block('fwd', arch, d, dtype)}>"
     out.append(KernelSpec(
-        f"attn_fwd[{tag},BM={c.block_m},BN={c.block_n}]", _attn_fwd_kernel,
-        _signature(dtype, "Q K V O LSE CU_SEQLENS",
-                   f"{_strides('q', 'k', 'v', 'o')} {lse} max_seqlen n_q_heads group qk_scale"),
-        dict(HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_VARLEN=varlen, DOT_PRECISION=prec),
+        f"attn_fwd[{tag},BM={c.block_m},BN={c.block_n}{',tma' if tma else ''}]", _attn_fwd_kernel, sig,
+        dict(HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_VARLEN=varlen, DOT_PRECISION=prec, USE_TMA=tma),
         c.num_warps, c.num_stages, (arch,)))
     c = config("bwd_pre", arch, d, dtype)
     out.append(KernelSpec(

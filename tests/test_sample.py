@@ -26,7 +26,7 @@ def warped_probs(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_
     """transformers' processed distribution for one row of logits (V,), as float64 probabilities.
 
     TopPLogitsWarper's torch.sort is made stable: the default CPU sort is not (beyond 16 tokens), so
-    which tokens of a tie cut by top-p it removes would be arbitrary (see test_oracles.stable_torch_sort).
+    which tokens of a tie cut by top-p it removes would be arbitrary (see test_oracles_sample.stable_torch_sort).
     """
     from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
                                                          TopKLogitsWarper, TopPLogitsWarper)

@@ -9,6 +9,7 @@ padded or (Hq, total) packed.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -124,6 +125,37 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def tma_wanted(arch: int, dtype: str, device: torch.device) -> bool:
+    """Read K and V through TMA descriptors in the forward? On the config tables that use them (see
+    kernels.causal_attention.uses_tma), with Triton's host-side TensorDescriptor. RLHF_FAST_ATTN_TMA=0
+    turns them off on the GPU; =1 turns them on for CPU tensors too (Triton's interpreter runs them:
+    that is how the CPU tests cover this path)."""
+    from rlhf_fast.kernels import causal_attention as kern
+
+    env = os.environ.get("RLHF_FAST_ATTN_TMA", "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"RLHF_FAST_ATTN_TMA must be 0 or 1 when set, got {env!r}")
+    if env == "0" or (device.type != "cuda" and env != "1"):
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (Triton >= 3.4)
+    except ImportError:
+        return False
+    return device.type != "cuda" or kern.uses_tma(arch, dtype)
+
+
+def kv_descriptor(t: torch.Tensor, packed: bool, block: list[int]):
+    """A 4-D TMA descriptor over (B, H, T, D), or (1, H, total, D) for a packed (total, H, D) tensor; None
+    where TMA cannot address it (base or a stride not 16-byte aligned)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    view = t.unsqueeze(0).transpose(1, 2) if packed else t
+    item = view.element_size()
+    if view.data_ptr() % 16 or any(st * item % 16 for st in view.stride()[:-1]) or view.stride(-1) != 1:
+        return None
+    return TensorDescriptor(view, list(view.shape), list(view.stride()), block)
+
+
 def seq_arg(cu_seqlens, device: torch.device) -> torch.Tensor:
     """CU_SEQLENS kernel argument: the offsets when packed, an unused int32 placeholder when padded."""
     return cu_seqlens if cu_seqlens is not None else torch.empty(1, dtype=torch.int32, device=device)
@@ -159,15 +191,23 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, packed_end
         return out.zero_(), lse.fill_(0.0)
     if packed:
         out[packed_end:].zero_()
-    cfg = kern.config("fwd", arch_of(q.device), d, table_dtype(q.dtype, q.device))
+    arch, dtype = arch_of(q.device), table_dtype(q.dtype, q.device)
+    cfg = kern.config("fwd", arch, d, dtype)
+    k_src, v_src = k, v
+    if tma_wanted(arch, dtype, q.device):
+        block = kern.tma_block("fwd", arch, d, dtype)
+        k_src, v_src = kv_descriptor(k, packed, block), kv_descriptor(v, packed, block)
+        if k_src is None or v_src is None:
+            k_src, v_src = k, v
     grid = (triton.cdiv(max_seqlen, cfg.block_m), n_seq * hq)
     kern._attn_fwd_kernel[grid](
-        q, k, v, out, lse, seq_arg(cu_seqlens, q.device),
+        q, k_src, v_src, out, lse, seq_arg(cu_seqlens, q.device),
         *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(out, packed),
         *lse_strides(lse, packed),
         max_seqlen, hq, hq // hkv, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_VARLEN=packed,
-        DOT_PRECISION=dot_precision(q.dtype, q.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_PRECISION=dot_precision(q.dtype, q.device), USE_TMA=k_src is not k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
