@@ -121,3 +121,23 @@ BAD = [
 def test_bad_input_raises(case):
     _, change, match = case
     assert_bad_input_raises(causal_attention_varlen, _good_args(), change, match)
+
+
+def test_cu_seqlens_checked_once_per_version(monkeypatch):
+    """The same unmodified cu_seqlens is read on the host once (no sync per layer); an in-place change,
+    another max_seqlen or another total is checked again, so a tensor made bad after passing still raises."""
+    from rlhf_fast.ops import _attention_launch as launch
+
+    args = _good_args()
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real_tolist(t))
+    for _ in range(3):
+        launch.check_cu_seqlens(args["cu_seqlens"], args["max_seqlen"], args["q"].shape[0])
+    assert len(reads) == 1
+    launch.check_cu_seqlens(args["cu_seqlens"], args["max_seqlen"] + 1, args["q"].shape[0])
+    assert len(reads) == 2
+    args["cu_seqlens"][1] = 0
+    args["cu_seqlens"][0] = 1  # in place: version bumps, so the check runs again
+    with pytest.raises(ValueError, match="start at 0"):
+        causal_attention_varlen(**args, backend="reference")

@@ -69,7 +69,8 @@ def causal_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         (total, Hq, D) in q's dtype. For each sequence i with s, e = cu_seqlens[i], cu_seqlens[i+1]:
         ``out[s:e] = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
         v[s:e].transpose(0, 1), is_causal=True, enable_gqa=True, scale=scale).transpose(0, 1)``.
-        The values of cu_seqlens are checked on the host (one device sync per call).
+        The values of cu_seqlens are checked on the host: one device sync the first time a tensor is
+        seen, none when the same unmodified tensor comes again (as it does for every layer of a model).
     """
     _launch.check_qkv(q, k, v, token_dim=0, ndim=3)
     _validate.check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
