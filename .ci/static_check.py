@@ -6,8 +6,9 @@ Every module kernels/<name>.py (imported as rlhf_fast.kernels.<name>; modules wh
 launcher picks from. For each spec and each arch in spec.archs this script compiles the kernel with
 Triton's ahead-of-time API (triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))), reads
 registers and spill stores/loads from the log of the ptxas -v that Triton runs (TRITON_DUMP_PTXAS_LOG)
-and the dynamic shared memory from the compiled metadata. It fails on a compile error, any spill, or shared
-memory over what one block may use on the arch.
+and the dynamic shared memory from the compiled metadata. It fails on a compile error, any spill, shared
+memory over what one block may use on the arch, or PTX lacking an instruction the spec names in
+`ptx_contains` (e.g. TMA's cp.async.bulk.tensor: a config meant to use a hardware feature must get it).
 
 Pointer arguments are compiled as 16-byte aligned (tt.divisibility=16), which is what Triton's
 launcher specializes them to for torch tensors at run time; it changes the code (cp.async/TMA
@@ -66,6 +67,7 @@ class Result:
     spill_loads: int | None = None
     shared: int | None = None
     error: str | None = None
+    missing_ptx: tuple = ()
     seconds: float = 0.0
 
     def problems(self) -> list[str]:
@@ -77,6 +79,8 @@ class Result:
             out.append(f"spills {self.spill_stores} B stores / {self.spill_loads} B loads")
         if self.shared is not None and self.shared > SHARED_LIMIT[self.arch]:
             out.append(f"shared memory {self.shared} B > sm_{self.arch} limit {SHARED_LIMIT[self.arch]} B")
+        if self.missing_ptx:
+            out.append(f"PTX lacks {', '.join(self.missing_ptx)}")
         return out
 
 
@@ -188,6 +192,8 @@ def check_one(source: str, index: int, arch: int) -> Result:
             kernel = triton.compile(_ast_source(spec), target=GPUTarget("cuda", arch, 32),
                                     options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         result.shared = int(kernel.metadata.shared)
+        ptx = kernel.asm["ptx"]
+        result.missing_ptx = tuple(text for text in spec.ptx_contains.get(arch, ()) if text not in ptx)
         result.regs, result.spill_stores, result.spill_loads = _parse_ptxas(log.getvalue())
     except Exception as exc:  # any compile failure is a finding, reported in the table
         result.error = f"{type(exc).__name__}: {exc}"
@@ -255,7 +261,7 @@ def _is_known_spill(r: Result, known: dict) -> bool:
     limit = known.get((r.name, r.arch))
     if limit is None or not (r.spill_stores or r.spill_loads):
         return False
-    if r.shared is not None and r.shared > SHARED_LIMIT[r.arch]:
+    if (r.shared is not None and r.shared > SHARED_LIMIT[r.arch]) or r.missing_ptx:
         return False
     return r.spill_stores <= limit[0] and r.spill_loads <= limit[1]
 

@@ -15,3 +15,4 @@ class KernelSpec:
     num_stages: int = 3
     archs: tuple = (80, 90)   # compute capabilities this config is launched on
     attrs: dict = field(default_factory=dict)  # optional ASTSource attrs (e.g. divisibility hints)
+    ptx_contains: dict = field(default_factory=dict)  # arch -> texts its PTX must hold (e.g. "wgmma")

@@ -367,20 +367,25 @@ _CONFIGS = {
     ("bwd_dq", 80, False): {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 8, 2), 128: (64, 32, 4, 2),
                             256: (32, 32, 8, 1)},
 }
-# fp32 inputs use IEEE dots (FMA, no tensor cores) that keep both operands in registers: 16-row tiles,
-# and per-arch picks where ptxas spilled on one arch only.
+# fp32 inputs use IEEE dots (FMA, no tensor cores) that keep both operands in registers: 16- and 32-row
+# tiles. ptxas (Triton 3.6's and 3.9's differ) picks register budgets erratically for these: a config
+# clean on one arch or version can spill a few bytes on another, so every entry below was swept and
+# chosen clean for both Triton versions and for the padded and packed variants.
 _FP32_TILES = {
     "fwd": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
     "bwd_pre": {d: (64, 64, 4, 1) for d in HEAD_DIMS},
     "bwd_dq": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
 }
-_CONFIGS.update({(stage, arch, True): table for stage, table in _FP32_TILES.items() for arch in ARCHS})
+_CONFIGS.update({(stage, arch, True): dict(table) for stage, table in _FP32_TILES.items() for arch in ARCHS})
+_CONFIGS[("fwd", 90, True)][128] = (32, 16, 8, 1)
+_CONFIGS[("fwd", 80, True)][256] = (32, 32, 8, 1)
+_CONFIGS[("bwd_pre", 90, True)][32] = (64, 64, 8, 1)
 _CONFIGS.update({
-    ("bwd_dkdv", 80, True): {16: (16, 16, 4, 2), 32: (16, 16, 2, 2), 64: (16, 16, 4, 2), 128: (16, 16, 8, 2),
-                             256: (16, 16, 8, 2)},
-    ("bwd_dkdv", 90, True): {16: (16, 16, 4, 2), 32: (16, 16, 2, 2), 64: (16, 16, 4, 2), 128: (16, 16, 4, 2),
+    ("bwd_dkdv", 80, True): {16: (16, 16, 4, 2), 32: (16, 16, 2, 2), 64: (16, 16, 4, 2), 128: (16, 32, 8, 1),
+                             256: (16, 16, 4, 1)},
+    ("bwd_dkdv", 90, True): {16: (16, 16, 8, 1), 32: (16, 16, 2, 2), 64: (16, 16, 4, 2), 128: (16, 16, 4, 2),
                              256: (16, 16, 16, 1)},
-    ("bwd_dkdv_atomic", 80, True): {16: (16, 32, 4, 2), 32: (16, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 4, 1),
+    ("bwd_dkdv_atomic", 80, True): {16: (16, 32, 4, 2), 32: (16, 16, 8, 1), 64: (32, 32, 8, 2), 128: (16, 16, 8, 1),
                                     256: (16, 16, 8, 2)},
     ("bwd_dkdv_atomic", 90, True): {16: (16, 32, 4, 2), 32: (16, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 8, 2),
                                     256: (16, 16, 8, 2)},
@@ -449,7 +454,7 @@ def _specs_for(arch: int, dtype: str, d: int, varlen: bool) -> list[KernelSpec]:
     out.append(KernelSpec(
         f"attn_fwd[{tag},BM={c.block_m},BN={c.block_n}{',tma' if tma else ''}]", _attn_fwd_kernel, sig,
         dict(HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_VARLEN=varlen, DOT_PRECISION=prec, USE_TMA=tma),
-        c.num_warps, c.num_stages, (arch,)))
+        c.num_warps, c.num_stages, (arch,), ptx_contains={90: ("cp.async.bulk.tensor", "wgmma")} if tma else {}))
     c = config("bwd_pre", arch, d, dtype)
     out.append(KernelSpec(
         f"attn_bwd_pre[{tag},BM={c.block_m}]", _attn_bwd_preprocess_kernel,

@@ -1,7 +1,8 @@
 """CI layer 2's checker (.ci/static_check.py) passes a clean kernel config and rejects planted bad ones.
 
 The planted configs (tests/ci/planted/static_bad.py) spill registers, use more shared memory than
-the arch allows, and fail to compile; each must show as FAIL with its reason and fail the run.
+the arch allows, fail to compile, or lack a PTX instruction they require; each must show as FAIL with
+its reason and fail the run.
 Compiling needs Triton (its NVIDIA backend and bundled ptxas) but no GPU.
 """
 import importlib.util
@@ -47,7 +48,14 @@ def test_static_check_rejects_planted_configs():
     assert _status(out, "planted_shared", 80).startswith("FAIL: shared memory 229376 B > sm_80 limit 166912 B"), out
     assert _status(out, "planted_compile_error", 80) == \
         "FAIL: CompilationError: arange's range must be a power of 2", out
-    assert "0/3 ok, 3 failed" in out, out
+    assert _status(out, "planted_no_wgmma", 80) == "FAIL: PTX lacks wgmma", out
+    assert "0/4 ok, 4 failed" in out, out
+
+
+def test_static_check_accepts_required_ptx():
+    """static_good's matmul compiled for sm_90 does lower tl.dot to wgmma: a spec requiring it passes."""
+    rc, out = _static_check("--file", str(PLANTED / "static_good_wgmma.py"), "--arch", "90")
+    assert rc == 0 and _status(out, "planted_matmul_wgmma", 90) == "ok", out
 
 
 def test_known_spill_is_accepted_only_up_to_its_listed_bytes(tmp_path):

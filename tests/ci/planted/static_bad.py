@@ -5,6 +5,7 @@
 - planted_shared: the clean matmul of static_good.py with BLOCK_K=128 and 8 pipeline stages:
   224 KiB of shared memory on sm_80 (limit 163 KiB), 256 KiB on sm_90 (limit 227 KiB), no spills.
 - planted_compile_error: a kernel that does not type-check (tl.arange of a non-power-of-2 length).
+- planted_no_wgmma: the clean matmul, required to use Hopper's wgmma, compiled for sm_80 (which has none).
 """
 import triton
 import triton.language as tl
@@ -37,4 +38,7 @@ def static_configs():
                    attrs={"K": "D"}),
         KernelSpec("planted_compile_error", _planted_compile_error_kernel, {"x_ptr": "*i32", "BLOCK": "constexpr"},
                    {"BLOCK": 100}, num_warps=4, num_stages=1),
+        KernelSpec("planted_no_wgmma", _planted_matmul_kernel, MATMUL_SIGNATURE,
+                   {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3,
+                   ptx_contains={80: ("wgmma",)}),
     ]
