@@ -12,6 +12,7 @@ from collections import namedtuple
 import triton
 import triton.language as tl
 
+from ._online_softmax import _online_lse_step, _rebased_sum
 from ._spec import KernelSpec
 
 TileConfig = namedtuple("TileConfig", "block_n block_v block_k num_warps num_stages")
@@ -128,21 +129,15 @@ def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V
     for i in range(0, tiles_per_split):
         col0 = v_begin + i * BLOCK_V
         cols = col0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
         z = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, V - col0, H, stride_x, stride_w, inv_t,
                          has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], z, float("-inf")), 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # tiles of -inf (bias-masked vocab): no NaN
-        alpha = tl.exp(m - m_safe)
-        live = col_mask[None, :] & (z > float("-inf"))
-        y = tl.where(live, z - m_safe[:, None], 0.0)
-        e = tl.where(live, tl.exp(y), 0.0)
+        z = tl.where((cols < V)[None, :], z, float("-inf"))  # no softmax mass past the vocab
+        m_new, s_new, alpha, y, e = _online_lse_step(z, m, s, 1)
         if want_entropy:
-            # sy = sum exp(z - m) (z - m), re-based when m grows (entropy = log s - sy / s)
-            sy = alpha * (sy + tl.where(s > 0, (m - m_new) * s, 0.0)) + tl.sum(e * y, 1)
-        s = s * alpha + tl.sum(e, 1)
+            # sy = sum exp(z - m) (z - m) (entropy = log s - sy / s)
+            sy = _rebased_sum(sy, s, alpha, m - m_new, e * y, 1)
         zt += tl.sum(tl.where(cols[None, :] == t[:, None], z, 0.0), 1)
-        m = m_new
+        m, s = m_new, s_new
     n_splits = tl.num_programs(1)
     out = part_ptr + split * N + rows
     tl.store(out, m, mask=row_mask)

@@ -12,6 +12,7 @@ from collections import namedtuple
 import triton
 import triton.language as tl
 
+from ._online_softmax import _online_lse_step, _rebased_sum
 from ._spec import KernelSpec
 from .fused_linear_logprobs import DOT_PRECISION, NEED_PAIRS, TileConfig, _grad_products, _logits_tile
 
@@ -55,32 +56,26 @@ def _kl_fwd_kernel(p_ptr, q_ptr, kl_ptr, stats_ptr, stride_p, stride_q, V, inv_t
 
 @triton.jit
 def _kl_online_update(zp, zq, mask, m_p, m_q, s_p, s_q, s_d, AXIS: tl.constexpr):
-    """Fold one tile into the running (m_p, m_q, s_p = sum e^(zp - m_p), s_q, s_d), along AXIS.
+    """Fold one tile (-inf on masked lanes) into the running (m_p, m_q, s_p = sum e^(zp - m_p), s_q, s_d),
+    along AXIS.
 
     s_d = sum e^(zp - m_p) ((zp - m_p) - (zq - m_q)): relative to the running maxima, so
     KL = s_d / s_p - log s_p + log s_q never subtracts two lse-sized numbers. When a maximum grows,
     the old terms are rescaled and shifted by the change of (m_p - m_q).
     """
-    mp_new = tl.maximum(m_p, tl.max(zp, AXIS))
     mq_new = tl.maximum(m_q, tl.max(zq, AXIS))
-    # -inf logits (masked vocabulary) have p = 0 and add nothing; a leading all -inf tile must not
-    # turn the running sums into NaN through exp(-inf - -inf)
-    mp_safe = tl.where(mp_new == float("-inf"), 0.0, mp_new)
+    mp_new, sp_new, alpha, yp, e = _online_lse_step(zp, m_p, s_p, AXIS)
+    # q does not go through _online_lse_step: yq must keep its -inf where q = 0 (KL = inf if p > 0 there)
     mq_safe = tl.where(mq_new == float("-inf"), 0.0, mq_new)
-    alpha = tl.exp(m_p - mp_safe)
-    live = mask & (zp > float("-inf"))
     if AXIS == 0:
-        yp = tl.where(live, zp - mp_safe, 0.0)
         yq = tl.where(mask, zq - mq_safe, 0.0)
     else:
-        yp = tl.where(live, zp - mp_safe[:, None], 0.0)
         yq = tl.where(mask, zq - mq_safe[:, None], 0.0)
-    e = tl.where(live, tl.exp(yp), 0.0)
-    shift = tl.where(s_p > 0, s_p * ((m_p - mp_new) - (m_q - mq_new)), 0.0)
-    s_d = alpha * (s_d + shift) + tl.sum(tl.where(live, e * (yp - yq), 0.0), AXIS)
-    s_p = s_p * alpha + tl.sum(e, AXIS)
+    # -inf logits (masked vocabulary) have p = 0 and add nothing, not 0 * inf
+    terms = tl.where(mask & (zp > float("-inf")), e * (yp - yq), 0.0)
+    s_d = _rebased_sum(s_d, s_p, alpha, (m_p - mp_new) - (m_q - mq_new), terms, AXIS)
     s_q = s_q * tl.exp(m_q - mq_safe) + tl.sum(tl.where(mask, tl.exp(yq), 0.0), AXIS)
-    return mp_new, mq_new, s_p, s_q, s_d
+    return mp_new, mq_new, sp_new, s_q, s_d
 
 
 @triton.jit
@@ -147,7 +142,8 @@ def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
 
 
 @triton.jit
-def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, kl_ptr, g_ptr, dx_ptr, dw_ptr, db_ptr, N, V, H, HR, v_begin, v_end,
+def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, kl_ptr, g_ptr,
+                                           dx_ptr, dw_ptr, db_ptr, N, V, H, HR, v_begin, v_end,
                                            stride_x, stride_w, stride_xr, stride_wr, stride_dx, stride_dw,
                                            inv_t, has_bias, has_ref_bias, need_b, NEED_X: tl.constexpr,
                                            NEED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,

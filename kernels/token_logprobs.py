@@ -10,6 +10,7 @@ from collections import namedtuple
 import triton
 import triton.language as tl
 
+from ._online_softmax import _online_lse_step, _rebased_sum
 from ._spec import KernelSpec
 
 RowConfig = namedtuple("RowConfig", "block_v num_warps num_stages")
@@ -30,17 +31,10 @@ def _token_logprobs_fwd_kernel(logits_ptr, targets_ptr, logp_ptr, entropy_ptr, s
     for off in range(0, V, BLOCK_V):
         mask = off + cols < V
         z = tl.load(base + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(z, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a leading all -inf tile: no NaN
-        alpha = tl.exp(m - m_safe)
-        live = z > float("-inf")  # off-row lanes and -inf logits (masked vocabulary): p = 0, 0 log 0 = 0
-        y = tl.where(live, z - m_safe, 0.0)
-        e = tl.where(live, tl.exp(y), 0.0)
+        m_new, s_new, alpha, y, e = _online_lse_step(z, m, s, 0)
         if WANT_ENTROPY:
-            # sy = sum exp(z - m) (z - m), re-based when m grows
-            sy = alpha * (sy + tl.where(s > 0, (m - m_new) * s, 0.0)) + tl.sum(e * y, 0)
-        s = s * alpha + tl.sum(e, 0)
-        m = m_new
+            sy = _rebased_sum(sy, s, alpha, m - m_new, e * y, 0)  # sy = sum exp(z - m) (z - m)
+        m, s = m_new, s_new
     log_s = tl.log(s)
     t = tl.load(targets_ptr + row)
     valid = t != ignore_index

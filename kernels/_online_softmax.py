@@ -1,0 +1,39 @@
+"""Online softmax statistics over vocab tiles, shared by the token_logprobs, fused_linear_logprobs and
+kl_divergence kernels (a helper module: no kernels, no static_configs).
+
+A row's logits z arrive tile by tile; the kernels keep a running max m and s = sum e^(z - m) (so
+lse = m + log s), plus sums of e^(z - m) w that stay relative to m (entropy: w = z - m; KL:
+w = log p - log q up to the maxima), and re-base all of them when m grows.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _online_lse_step(z, m, s, AXIS: tl.constexpr):
+    """Fold tile z (fp32, -inf on masked lanes) into the running max m and s = sum e^(z - m) along AXIS.
+
+    Returns (m_new, s_new, alpha, y, e): alpha = e^(m - m_new) rescales sums taken relative to the old
+    max; y = z - m_new and e = e^y, both 0 where z = -inf (masked lanes and masked vocabulary: p = 0 and
+    0 log 0 = 0). A leading tile of only -inf leaves m at -inf without turning s into NaN.
+    """
+    m_new = tl.maximum(m, tl.max(z, AXIS))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    live = z > float("-inf")
+    if AXIS == 0:
+        y = tl.where(live, z - m_safe, 0.0)
+    else:
+        y = tl.where(live, z - m_safe[:, None], 0.0)
+    e = tl.where(live, tl.exp(y), 0.0)
+    return m_new, s * alpha + tl.sum(e, AXIS), alpha, y, e
+
+
+@triton.jit
+def _rebased_sum(acc, s, alpha, shift, terms, AXIS: tl.constexpr):
+    """Running acc = sum e^(z - m) w with the new tile's terms e * w added along AXIS.
+
+    acc and s = sum e^(z - m) are the old running sums; when the maxima grow each old w moves by
+    `shift` (entropy: m - m_new) and each old e^(z - m) by alpha (from _online_lse_step).
+    """
+    return alpha * (acc + tl.where(s > 0, s * shift, 0.0)) + tl.sum(terms, AXIS)
