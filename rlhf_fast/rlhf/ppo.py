@@ -124,13 +124,14 @@ def train_ppo(cfg, rt: Runtime, tok, models: dict, prompts: list[list[int]], pro
             "value": make_optimizer(models["value"], c.value_lr, 0.0)}
     sampler = BatchSampler(len(prompts), c.rollout_batch_size, cfg.run.seed)
     kl_ctl = kl_controller(c)
+    ckpt_path = stage_dir / "checkpoint.pt"
     start = 0
     if resume_state is not None:
         saved = resume_state["optimizers"]
-        start = resume_training(resume_state, "this PPO checkpoint", [(opts[k], saved[k]) for k in opts], sampler)
+        start = resume_training(resume_state, str(ckpt_path), [(models[k], opts[k], saved[k]) for k in opts],
+                                sampler)
         kl_ctl.load_state_dict(resume_state["kl_ctl"])
     log = StageLog(cfg, rt, stage_dir, "ppo", c.steps, start)
-    ckpt_path = stage_dir / "checkpoint.pt"
     if start == 0 and eval_fn is not None:
         log.log(0, task_score=eval_fn(0))
     record = resume_state.get("record", {}) if resume_state is not None else {}
@@ -149,7 +150,7 @@ def train_ppo(cfg, rt: Runtime, tok, models: dict, prompts: list[list[int]], pro
         log.step(step, record, score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
         if step % c.ckpt_every == 0 or step == c.steps:
             save_checkpoint(ckpt_path, rt, policy=model_state(models["policy"]), value=model_state(models["value"]),
-                            optimizers={k: optimizer_state(o, rt) for k, o in opts.items()},
+                            optimizers={k: optimizer_state(models[k], o) for k, o in opts.items()},
                             sampler=sampler.state_dict(),
                             kl_ctl=kl_ctl.state_dict(), step=step, record=record)
         if on_step is not None:

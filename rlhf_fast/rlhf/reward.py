@@ -85,7 +85,7 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
     opt = make_optimizer(wrapped, c.lr, c.weight_decay)
     start = 0
     if state is not None:
-        start = resume_training(state, str(ckpt_path), [(opt, state["optimizer"])], sampler)
+        start = resume_training(state, str(ckpt_path), [(wrapped, opt, state["optimizer"])], sampler)
         if state.get("done"):
             return state["result"]
     log = StageLog(cfg, rt, stage_dir, "rm", c.steps, start)
@@ -112,7 +112,7 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
             model.train()
         log.step(step, record, loss=f"{loss:.3f}", acc=f"{train_acc:.2f}")
         if step % c.ckpt_every == 0 and step < c.steps:
-            save_checkpoint(ckpt_path, rt, model=model_state(model), optimizer=optimizer_state(opt, rt),
+            save_checkpoint(ckpt_path, rt, model=model_state(model), optimizer=optimizer_state(wrapped, opt),
                             sampler=sampler.state_dict(), step=step)
         if on_step is not None:
             on_step(step)
@@ -123,6 +123,6 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
         result["reward_mean"], result["reward_std"] = reward_moments(model, norm_sequences(), rt, 4 * c.batch_size,
                                                                     tok.pad_id)
     state = fold_normalization(model_state(model), result["reward_mean"], result["reward_std"])
-    save_checkpoint(ckpt_path, rt, model=state, optimizer=optimizer_state(opt, rt),
+    save_checkpoint(ckpt_path, rt, model=state, optimizer=optimizer_state(wrapped, opt),
                     sampler=sampler.state_dict(), step=c.steps, done=True, result=result)
     return result

@@ -95,10 +95,33 @@ def model_state(model) -> dict:
     return {"config": unwrap(model).config.to_dict(), "head": unwrap(model).head, "weights": full_state_dict(model)}
 
 
-def optimizer_state(opt, rt: "Runtime") -> dict | None:
-    """The optimizer state to checkpoint; None under FSDP, whose sharded state this checkpoint format
-    does not hold (an FSDP run restarts its stage instead of resuming it)."""
-    return None if rt.mode == "fsdp" else opt.state_dict()
+def optimizer_state(model, opt) -> dict:
+    """The optimizer state to checkpoint: unsharded, on CPU, keyed by parameter name, so it is the same
+    whether `model` is sharded by FSDP, replicated by DDP or in one process, and resumes under any of them.
+    Every rank must call it (gathering FSDP shards is a collective); the main rank gets the state, the
+    others an empty dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(unwrap(model), opt,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, opt, saved: dict) -> None:
+    """Load `saved` (from ``optimizer_state``, or torch's own ``opt.state_dict()``) into `opt`, sharding
+    it like `model`'s parameters. Every rank must call it with the full state (a collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(unwrap(model), opt, optim_state_dict=_keyed_by_name(saved, model),
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _keyed_by_name(saved: dict, model) -> dict:
+    """`saved` with parameters named. Checkpoints of DDP and one-process runs written before names were
+    used hold ``opt.state_dict()``, keyed by position in ``make_optimizer``'s order: named_parameters'."""
+    if not all(isinstance(key, int) for group in saved["param_groups"] for key in group["params"]):
+        return saved
+    names = [name for name, _ in unwrap(model).named_parameters()]
+    return {"state": {names[key]: value for key, value in saved["state"].items()},
+            "param_groups": [{**group, "params": [names[key] for key in group["params"]]}
+                             for group in saved["param_groups"]]}
 
 
 def load_model(state: dict, device: torch.device, head: str | None = None):
@@ -146,14 +169,15 @@ def restore_rng(state: dict) -> None:
 def resume_training(state: dict, what: str, optimizers: list, sampler) -> int:
     """Load a stage checkpoint's optimizer, sampler and RNG state; returns the step it was saved at.
 
-    optimizers: [(optimizer, its saved state)]; a saved state of None (an FSDP run, see
-    ``optimizer_state``) cannot be resumed: ValueError naming the checkpoint as `what`.
+    optimizers: [(model, its optimizer, the optimizer's saved state)]. A saved state of None (what FSDP
+    runs wrote before their optimizer state was saved) cannot be resumed: ValueError naming the
+    checkpoint as `what`.
     """
-    if any(saved is None for _, saved in optimizers):
-        raise ValueError(f"{what} was written by an FSDP run, whose optimizer state is not saved: "
-                         "it cannot be resumed; start the stage again")
-    for opt, saved in optimizers:
-        opt.load_state_dict(saved)
+    if any(saved is None for _, _, saved in optimizers):
+        raise ValueError(f"{what} was written by an FSDP run of an older rlhf_fast, which did not save the "
+                         "optimizer state: it cannot be resumed; start the stage again")
+    for model, opt, saved in optimizers:
+        load_optimizer_state(model, opt, saved)
     sampler.load_state_dict(state["sampler"])
     restore_rng(state)
     return state["step"]

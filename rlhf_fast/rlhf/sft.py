@@ -44,7 +44,7 @@ def train_sft(cfg: Config, rt: Runtime, tok, data_path: str | Path, stage_dir: P
     opt = make_optimizer(wrapped, c.lr, c.weight_decay)
     start, loss = 0, float("nan")
     if state is not None:
-        start = resume_training(state, str(ckpt_path), [(opt, state["optimizer"])], sampler)
+        start = resume_training(state, str(ckpt_path), [(wrapped, opt, state["optimizer"])], sampler)
         loss = state.get("loss", float("nan"))
     log = StageLog(cfg, rt, stage_dir, "sft", c.steps, start)
     packed = c.packing == "packed" or (c.packing == "auto" and rt.device.type == "cuda")
@@ -65,7 +65,7 @@ def train_sft(cfg: Config, rt: Runtime, tok, data_path: str | Path, stage_dir: P
         grad_norm = clip_and_step(wrapped, opt, c.grad_clip, "sft", step)
         log.step(step, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(n_global)}, loss=f"{loss:.3f}")
         if step % c.ckpt_every == 0 or step == c.steps:
-            save_checkpoint(ckpt_path, rt, model=model_state(model), optimizer=optimizer_state(opt, rt),
+            save_checkpoint(ckpt_path, rt, model=model_state(model), optimizer=optimizer_state(wrapped, opt),
                             sampler=sampler.state_dict(), step=step, loss=loss)
         if on_step is not None:
             on_step(step)

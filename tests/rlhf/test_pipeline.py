@@ -1,5 +1,6 @@
 """The stages end to end on a tiny model: outputs, resume after a kill mid-PPO, NaN guard (seconds each)."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from rlhf_fast.rlhf import pipeline
 from rlhf_fast.rlhf.config import build_config
 from rlhf_fast.rlhf.run_io import read_metrics
 from rlhf_fast.rlhf.runtime import NonFiniteError
+
+from .stop_after import Stop, stop_after
 
 TINY = {
     "run.progress": "false", "run.threads": 1, "run.plots": "false",
@@ -38,10 +41,6 @@ def sft_rm_run(tmp_path_factory, device):
     pipeline.run_sft(cfg)
     pipeline.run_rm(cfg)
     return out
-
-
-class Stop(Exception):
-    pass
 
 
 def test_demo_outputs(sft_rm_run, tmp_path, device):
@@ -74,13 +73,8 @@ def test_resume_after_kill_mid_ppo_matches_uninterrupted(sft_rm_run, tmp_path, d
     for d in (full, killed):
         shutil.copytree(sft_rm_run, d)
     pipeline.run_ppo(tiny(full, device))
-
-    def kill(step):
-        if step == 3:  # after step 3's update, before its checkpoint (ckpt_every=2): the resumed run redoes 3
-            raise Stop
-
-    with pytest.raises(Stop):
-        pipeline.run_ppo(tiny(killed, device), on_step=kill)
+    with pytest.raises(Stop):  # after step 3's update, before its checkpoint (ckpt_every=2): the resumed run redoes 3
+        pipeline.run_ppo(tiny(killed, device), on_step=stop_after(3))
     assert torch.load(killed / "ppo" / "checkpoint.pt", weights_only=False)["step"] == 2
     pipeline.run_ppo(tiny(killed, device), resume=True)
     if device.type != "cpu":  # bitwise equality is the CPU guarantee; GPU kernels may reorder float sums
@@ -92,6 +86,33 @@ def test_resume_after_kill_mid_ppo_matches_uninterrupted(sft_rm_run, tmp_path, d
     for name in ("policy", "value"):
         for k, v in a[name]["weights"].items():
             assert torch.equal(v, b[name]["weights"][k]), (name, k)
+
+
+def test_checkpoints_of_older_versions_resume_or_say_why(tmp_path, device):
+    """Optimizer state keyed by parameter index (DDP and one-process checkpoints written before it was keyed
+    by name) resumes to the uninterrupted run's metrics; None (what FSDP runs wrote then) is refused, naming
+    the checkpoint."""
+    full, old = tmp_path / "full", tmp_path / "old"
+    pipeline.run_sft(tiny(full, device))
+    with pytest.raises(Stop):
+        pipeline.run_sft(tiny(old, device), on_step=stop_after(2))
+    path = old / "sft" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=False)
+    torch.save({**ckpt, "optimizer": None}, path)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + " was written by an FSDP run of an older"):
+        pipeline.run_sft(tiny(old, device), resume=True)
+    saved = ckpt["optimizer"]
+    index = {name: i for i, name in enumerate(name for group in saved["param_groups"] for name in group["params"])}
+    by_index = {"state": {index[name]: s for name, s in saved["state"].items()},
+                "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                                 for group in saved["param_groups"]]}
+    torch.save({**ckpt, "optimizer": by_index}, path)
+    pipeline.run_sft(tiny(old, device), resume=True)
+    resumed, uninterrupted = read_metrics(old / "sft" / "metrics.jsonl"), read_metrics(full / "sft" / "metrics.jsonl")
+    if device.type == "cpu":  # bitwise equality is the CPU guarantee; GPU kernels may reorder float sums
+        assert resumed == uninterrupted
+    else:
+        assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted] == [1, 2, 3]
 
 
 def test_nan_reward_stops_ppo_at_its_step(sft_rm_run, tmp_path, device, monkeypatch):
