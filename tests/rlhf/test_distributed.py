@@ -96,11 +96,12 @@ def test_fsdp2_run_stopped_mid_ppo_resumes_to_the_same_metrics(fsdp_run, tmp_pat
     _same_metrics(fsdp_run, one, "ppo")
 
 
-def test_one_process_run_stopped_mid_ppo_resumes_under_fsdp2(fsdp_run, tmp_path, device):
-    """The other way round: a checkpoint of one process, resumed on 2 FSDP2 ranks (to float32 rounding)."""
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_one_process_run_stopped_mid_ppo_resumes_on_two_ranks(fsdp_run, tmp_path, device, mode):
+    """The other way round: a checkpoint of one process, resumed on 2 ranks (to float32 rounding)."""
     out = tmp_path / "one"
     shutil.copytree(fsdp_run, out, ignore=shutil.ignore_patterns("ppo"))
     with pytest.raises(Stop):
         pipeline.run_ppo(tiny(out, device), on_step=stop_after(3))
-    _torchrun(CLI, "ppo", out, device, FSDP, f"--resume={out}")
+    _torchrun(CLI, "ppo", out, device, f"--run.distributed={mode}", f"--resume={out}")
     _same_metrics(fsdp_run, out, "ppo")
