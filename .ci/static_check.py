@@ -138,7 +138,8 @@ def load_specs(source: str) -> list:
 
 def config_str(spec) -> str:
     parts = [f"{k}={v}" for k, v in spec.constexprs.items()]
-    return ",".join(parts + [f"warps={spec.num_warps}", f"stages={spec.num_stages}"])
+    extra = [] if spec.maxnreg is None else [f"maxnreg={spec.maxnreg}"]
+    return ",".join(parts + [f"warps={spec.num_warps}", f"stages={spec.num_stages}"] + extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +180,14 @@ def _parse_ptxas(log: str) -> tuple[int, int, int]:
     return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
+def _options(spec) -> dict:
+    """Compile options as the launcher passes them (maxnreg only where the spec sets one)."""
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    if spec.maxnreg is not None:
+        options["maxnreg"] = spec.maxnreg
+    return options
+
+
 def check_one(source: str, index: int, arch: int) -> Result:
     t0 = time.perf_counter()
     spec = load_specs(source)[index]
@@ -190,7 +199,7 @@ def check_one(source: str, index: int, arch: int) -> Result:
         log = io.StringIO()
         with contextlib.redirect_stdout(log):  # Triton prints its own ptxas -v log here
             kernel = triton.compile(_ast_source(spec), target=GPUTarget("cuda", arch, 32),
-                                    options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+                                    options=_options(spec))
         result.shared = int(kernel.metadata.shared)
         ptx = kernel.asm["ptx"]
         result.missing_ptx = tuple(text for text in spec.ptx_contains.get(arch, ()) if text not in ptx)

@@ -16,3 +16,4 @@ class KernelSpec:
     archs: tuple = (80, 90)   # compute capabilities this config is launched on
     attrs: dict = field(default_factory=dict)  # optional ASTSource attrs (e.g. divisibility hints)
     ptx_contains: dict = field(default_factory=dict)  # arch -> texts its PTX must hold (e.g. "wgmma")
+    maxnreg: int | None = None  # register budget per thread passed to ptxas (.maxnreg); None: ptxas picks

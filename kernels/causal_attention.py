@@ -13,11 +13,11 @@ that straddle it, and the ragged tail of the sequence).
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import triton
 import triton.language as tl
 
+from ._attention_configs import ARCHS, DTYPES, HEAD_DIMS, AttnConfig, config, tma_block, uses_tma  # noqa: F401
 from ._spec import KernelSpec
 
 
@@ -332,83 +332,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
     _store_rows(DQ, seq, head, tok0, stride_dqb, stride_dqh, stride_dqt, offs_m, offs_d, rows, dq * scale)
 
 
-# ----------------------------------------------------------------------------------------------- configs
-class AttnConfig(NamedTuple):
-    block_m: int      # query rows per block
-    block_n: int      # key rows per block
-    num_warps: int
-    num_stages: int
-
-
-HEAD_DIMS = (16, 32, 64, 128, 256)
-ARCHS = (80, 90)
-DTYPES = ("fp16", "bf16", "fp32")
-
-# (stage, arch, fp32 inputs) -> {head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)}. Every entry is the
-# largest tile found free of register spills in the CI static check (Triton 3.9 and 3.6, strides 16-divisible).
-# GPU timings to choose among spill-free tiles are still to be measured (no GPU was at hand).
-_CONFIGS = {
-    ("fwd", 90, False): {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3),
-                         256: (64, 64, 8, 2)},
-    ("fwd", 80, False): {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 32, 8, 2),
-                         256: (64, 32, 8, 2)},
-    ("bwd_pre", 90, False): {d: (128, 128, 4, 1) for d in HEAD_DIMS},
-    ("bwd_pre", 80, False): {d: (128, 128, 4, 1) for d in HEAD_DIMS},
-    ("bwd_dkdv", 90, False): {16: (32, 128, 8, 3), 32: (32, 128, 8, 3), 64: (32, 128, 8, 2), 128: (16, 64, 8, 2),
-                              256: (16, 32, 8, 2)},
-    ("bwd_dkdv", 80, False): {16: (32, 128, 8, 3), 32: (16, 64, 4, 2), 64: (16, 32, 4, 2), 128: (32, 64, 8, 2),
-                              256: (16, 32, 8, 1)},
-    ("bwd_dkdv_atomic", 90, False): {16: (32, 128, 8, 3), 32: (32, 64, 4, 3), 64: (32, 128, 8, 2),
-                                     128: (16, 64, 8, 2), 256: (16, 32, 8, 2)},
-    ("bwd_dkdv_atomic", 80, False): {16: (32, 128, 8, 3), 32: (16, 64, 4, 3), 64: (16, 64, 4, 2),
-                                     128: (16, 32, 8, 2), 256: (16, 16, 8, 1)},
-    ("bwd_dq", 90, False): {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 4, 3), 128: (128, 32, 8, 2),
-                            256: (64, 16, 8, 2)},
-    ("bwd_dq", 80, False): {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 8, 2), 128: (64, 32, 4, 2),
-                            256: (32, 32, 8, 1)},
-}
-# fp32 inputs use IEEE dots (FMA, no tensor cores) that keep both operands in registers: 16- and 32-row
-# tiles. ptxas (Triton 3.6's and 3.9's differ) picks register budgets erratically for these: a config
-# clean on one arch or version can spill a few bytes on another, so every entry below was swept and
-# chosen clean for both Triton versions and for the padded and packed variants.
-_FP32_TILES = {
-    "fwd": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
-    "bwd_pre": {d: (64, 64, 4, 1) for d in HEAD_DIMS},
-    "bwd_dq": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
-}
-_CONFIGS.update({(stage, arch, True): dict(table) for stage, table in _FP32_TILES.items() for arch in ARCHS})
-_CONFIGS[("fwd", 90, True)][128] = (32, 16, 8, 1)
-_CONFIGS[("fwd", 80, True)][256] = (32, 32, 8, 1)
-_CONFIGS[("bwd_pre", 90, True)][32] = (64, 64, 8, 1)
-_CONFIGS.update({
-    ("bwd_dkdv", 80, True): {16: (16, 16, 4, 2), 32: (16, 16, 2, 2), 64: (16, 16, 4, 2), 128: (16, 32, 8, 1),
-                             256: (16, 16, 4, 1)},
-    ("bwd_dkdv", 90, True): {16: (16, 16, 8, 1), 32: (16, 16, 2, 2), 64: (16, 16, 4, 2), 128: (16, 16, 4, 2),
-                             256: (16, 16, 16, 1)},
-    ("bwd_dkdv_atomic", 80, True): {16: (16, 32, 4, 2), 32: (16, 16, 8, 1), 64: (32, 32, 8, 2), 128: (16, 16, 8, 1),
-                                    256: (16, 16, 8, 2)},
-    ("bwd_dkdv_atomic", 90, True): {16: (16, 32, 4, 2), 32: (16, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 8, 2),
-                                    256: (16, 16, 8, 2)},
-})
-
-
-def uses_tma(arch: int, dtype: str) -> bool:
-    """Whether the forward on this config table reads K and V through TMA descriptors: Hopper (and
-    datacenter Blackwell, which share the sm_90 table) for fp16/bf16. fp32 runs FMA dots on 16-row tiles,
-    bound by arithmetic, not loads."""
-    return arch == 90 and dtype != "fp32"
-
-
-def tma_block(stage: str, arch: int, head_dim: int, dtype: str) -> list[int]:
-    """Block shape of the K/V descriptors, (1, 1, BLOCK_N, D) over (batch, head, token, dim)."""
-    return [1, 1, config(stage, arch, head_dim, dtype).block_n, head_dim]
-
-
-def config(stage: str, arch: int, head_dim: int, dtype: str) -> AttnConfig:
-    """The config the launcher uses for `stage` ("fwd", "bwd_pre", "bwd_dkdv", "bwd_dkdv_atomic", "bwd_dq")."""
-    return AttnConfig(*_CONFIGS[(stage, arch, dtype == "fp32")][head_dim])
-
-
+# ----------------------------------------------------------------------------------------------- specs
 def _signature(dtype: str, names: str, scalars: str) -> dict:
     sig = {}
     for name in names.split():
@@ -446,21 +370,26 @@ def _specs_for(arch: int, dtype: str, d: int, varlen: bool) -> list[KernelSpec]:
     lse = "stride_lb stride_lh"
     out = []
     c = config("fwd", arch, d, dtype)
-    tma = uses_tma(arch, dtype)
-    sig = _signature(dtype, "Q K V O LSE CU_SEQLENS",
-                     f"{_strides('q', 'k', 'v', 'o')} {lse} max_seqlen n_q_heads group qk_scale")
-    if tma:
-        sig["K"] = sig["V"] = f"tensordesc<{dtype}{tma_block('fwd', arch, d, dtype)}>"
-    out.append(KernelSpec(
-        f"attn_fwd[{tag},BM={c.block_m},BN={c.block_n}{',tma' if tma else ''}]", _attn_fwd_kernel, sig,
-        dict(HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_VARLEN=varlen, DOT_PRECISION=prec, USE_TMA=tma),
-        c.num_warps, c.num_stages, (arch,), ptx_contains={90: ("cp.async.bulk.tensor", "wgmma")} if tma else {}))
+    # Where the forward uses TMA, the pointer variant still runs for tensors TMA cannot address
+    # (unaligned) or with RLHF_FAST_ATTN_TMA=0: both are checked.
+    for tma in (False, True) if uses_tma(arch, dtype) else (False,):
+        sig = _signature(dtype, "Q K V O LSE CU_SEQLENS",
+                         f"{_strides('q', 'k', 'v', 'o')} {lse} max_seqlen n_q_heads group qk_scale")
+        if tma:
+            sig["K"] = sig["V"] = f"tensordesc<{dtype}{tma_block('fwd', arch, d, dtype)}>"
+        out.append(KernelSpec(
+            f"attn_fwd[{tag},BM={c.block_m},BN={c.block_n}{',tma' if tma else ''}]", _attn_fwd_kernel, sig,
+            dict(HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_VARLEN=varlen, DOT_PRECISION=prec,
+                 USE_TMA=tma),
+            c.num_warps, c.num_stages, (arch,), maxnreg=c.maxnreg,
+            ptx_contains={90: ("cp.async.bulk.tensor", "wgmma")} if tma else {}))
     c = config("bwd_pre", arch, d, dtype)
     out.append(KernelSpec(
         f"attn_bwd_pre[{tag},BM={c.block_m}]", _attn_bwd_preprocess_kernel,
         _signature(dtype, "O DO DELTA CU_SEQLENS", "stride_ob stride_oh stride_ot stride_db stride_dh stride_dt "
                    f"{lse} max_seqlen n_q_heads"),
-        dict(HEAD_DIM=d, BLOCK_M=c.block_m, IS_VARLEN=varlen), c.num_warps, c.num_stages, (arch,)))
+        dict(HEAD_DIM=d, BLOCK_M=c.block_m, IS_VARLEN=varlen), c.num_warps, c.num_stages, (arch,),
+        maxnreg=c.maxnreg))
     for atomic in (False, True):
         c = config("bwd_dkdv_atomic" if atomic else "bwd_dkdv", arch, d, dtype)
         sig = _signature(dtype, "Q K V DO LSE DELTA DK DV DQ CU_SEQLENS",
@@ -471,12 +400,12 @@ def _specs_for(arch: int, dtype: str, d: int, varlen: bool) -> list[KernelSpec]:
             f"attn_bwd_dkdv[{tag},BM={c.block_m},BN={c.block_n}{',atomic_dq' if atomic else ''}]",
             _attn_bwd_dkdv_kernel, sig,
             dict(HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_VARLEN=varlen, ATOMIC_DQ=atomic,
-                 DOT_PRECISION=prec), c.num_warps, c.num_stages, (arch,)))
+                 DOT_PRECISION=prec), c.num_warps, c.num_stages, (arch,), maxnreg=c.maxnreg))
     c = config("bwd_dq", arch, d, dtype)
     out.append(KernelSpec(
         f"attn_bwd_dq[{tag},BM={c.block_m},BN={c.block_n}]", _attn_bwd_dq_kernel,
         _signature(dtype, "Q K V DO LSE DELTA DQ CU_SEQLENS",
                    f"{_strides('q', 'k', 'v', 'do', 'dq')} {lse} max_seqlen n_q_heads group scale qk_scale"),
         dict(HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_VARLEN=varlen, DOT_PRECISION=prec),
-        c.num_warps, c.num_stages, (arch,)))
+        c.num_warps, c.num_stages, (arch,), maxnreg=c.maxnreg))
     return out

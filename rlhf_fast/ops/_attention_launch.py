@@ -166,6 +166,15 @@ def kv_descriptor(t: torch.Tensor, packed: bool, block: list[int]):
     return TensorDescriptor(view, list(view.shape), list(view.stride()), block)
 
 
+def launch_options(cfg) -> dict:
+    """num_warps, num_stages and, where the config table sets one, the ptxas register budget (maxnreg):
+    the same options the CI static check compiles each config with."""
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if getattr(cfg, "maxnreg", None) is not None:
+        options["maxnreg"] = cfg.maxnreg
+    return options
+
+
 def seq_arg(cu_seqlens, device: torch.device) -> torch.Tensor:
     """CU_SEQLENS kernel argument: the offsets when packed, an unused int32 placeholder when padded."""
     return cu_seqlens if cu_seqlens is not None else torch.empty(1, dtype=torch.int32, device=device)
@@ -217,7 +226,7 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, packed_end
         max_seqlen, hq, hq // hkv, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_VARLEN=packed,
         DOT_PRECISION=dot_precision(q.dtype, q.device), USE_TMA=k_src is not k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        **launch_options(cfg))
     return out, lse
 
 
@@ -250,7 +259,7 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: flo
     kern._attn_bwd_preprocess_kernel[(triton.cdiv(max_seqlen, cfg.block_m), n_seq * hq)](
         out, do, delta, cu, *bht_strides(out, packed), *bht_strides(do, packed), *lse_strides(delta, packed),
         max_seqlen, hq, HEAD_DIM=d, BLOCK_M=cfg.block_m, IS_VARLEN=packed,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        **launch_options(cfg))
 
     atomic = not deterministic
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
@@ -262,7 +271,7 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: flo
         *lse_strides(lse, packed),
         max_seqlen, hkv, hq // hkv, scale, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic, **common,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        **launch_options(cfg))
     if atomic:
         return dq.copy_(dq_acc), dk, dv
 
@@ -273,7 +282,7 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: flo
         *bht_strides(dq, packed), *lse_strides(lse, packed),
         max_seqlen, hq, hq // hkv, scale, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        **launch_options(cfg))
     return dq, dk, dv
 
 
@@ -320,7 +329,7 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, scale: float):
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         hkv, group, tmax, split_len, n_splits, scale * LOG2E,
         HEAD_DIM=d, BLOCK_N=cfg.block_n, BLOCK_G=kern.BLOCK_G, DOT_PRECISION=dot_precision(q.dtype, q.device),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        **launch_options(cfg))
     kern._decode_combine_kernel[(b * hq,)](
         o_part, lse_part, out, out.stride(0), out.stride(1), hq, n_splits,
         HEAD_DIM=d, MAX_SPLITS=kern.MAX_SPLITS,
