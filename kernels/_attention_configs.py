@@ -52,10 +52,11 @@ _FP32_TILES = {
     "bwd_pre": {d: (64, 64, 4, 1) for d in HEAD_DIMS},
     "bwd_dq": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
 }
-_CONFIGS.update({(stage, arch, True): dict(table) for stage, table in _FP32_TILES.items() for arch in ARCHS})
-_CONFIGS[("fwd", 90, True)][128] = (32, 16, 8, 1)
-_CONFIGS[("fwd", 80, True)][256] = (32, 32, 8, 1)
-_CONFIGS[("bwd_pre", 90, True)][32] = (64, 64, 8, 1)
+# per-arch picks where the shared fp32 tile spilled on one arch only
+_FP32_ARCH_PICKS = {("fwd", 90): {128: (32, 16, 8, 1)}, ("fwd", 80): {256: (32, 32, 8, 1)},
+                    ("bwd_pre", 90): {32: (64, 64, 8, 1)}}
+_CONFIGS.update({(stage, arch, True): {**table, **_FP32_ARCH_PICKS.get((stage, arch), {})}
+                 for stage, table in _FP32_TILES.items() for arch in ARCHS})
 _CONFIGS.update({
     ("bwd_dkdv", 80, True): {16: (16, 16, 4, 2), 32: (16, 16, 2, 2), 64: (16, 16, 4, 2), 128: (16, 32, 8, 1),
                              256: (16, 16, 4, 1)},
@@ -75,9 +76,9 @@ def uses_tma(arch: int, dtype: str) -> bool:
     return arch == 90 and dtype != "fp32"
 
 
-def tma_block(stage: str, arch: int, head_dim: int, dtype: str) -> list[int]:
-    """Block shape of the K/V descriptors, (1, 1, BLOCK_N, D) over (batch, head, token, dim)."""
-    return [1, 1, config(stage, arch, head_dim, dtype).block_n, head_dim]
+def tma_block(cfg: AttnConfig, head_dim: int) -> list[int]:
+    """Block shape of the K/V descriptors under `cfg`, (1, 1, BLOCK_N, D) over (batch, head, token, dim)."""
+    return [1, 1, cfg.block_n, head_dim]
 
 
 def config(stage: str, arch: int, head_dim: int, dtype: str) -> AttnConfig:

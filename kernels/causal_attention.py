@@ -376,7 +376,7 @@ def _specs_for(arch: int, dtype: str, d: int, varlen: bool) -> list[KernelSpec]:
         sig = _signature(dtype, "Q K V O LSE CU_SEQLENS",
                          f"{_strides('q', 'k', 'v', 'o')} {lse} max_seqlen n_q_heads group qk_scale")
         if tma:
-            sig["K"] = sig["V"] = f"tensordesc<{dtype}{tma_block('fwd', arch, d, dtype)}>"
+            sig["K"] = sig["V"] = f"tensordesc<{dtype}{tma_block(c, d)}>"
         out.append(KernelSpec(
             f"attn_fwd[{tag},BM={c.block_m},BN={c.block_n}{',tma' if tma else ''}]", _attn_fwd_kernel, sig,
             dict(HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_VARLEN=varlen, DOT_PRECISION=prec,

@@ -214,7 +214,7 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, packed_end
     cfg = kern.config("fwd", arch, d, dtype)
     k_src, v_src = k, v
     if tma_wanted(arch, dtype, q.device):
-        block = kern.tma_block("fwd", arch, d, dtype)
+        block = kern.tma_block(cfg, d)
         k_src, v_src = kv_descriptor(k, packed, block), kv_descriptor(v, packed, block)
         if k_src is None or v_src is None:
             k_src, v_src = k, v
