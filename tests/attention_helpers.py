@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from parity import assert_close_to_reference
+from rlhf_fast import causal_attention, causal_attention_varlen
+from rlhf_fast.reference.causal_attention import causal_attention as reference
 
 EPS = {torch.float32: 2e-5, torch.bfloat16: 2.0 ** -7}
 
@@ -43,3 +45,56 @@ def assert_bad_input_raises(op, args, change, match):
     bad = {**args, **{name: fn(args) for name, fn in change.items()}}
     with pytest.raises(ValueError, match=match):
         op(**bad, backend="reference")
+
+
+def fwd_bwd(fn, q, k, v, do, **kw):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), do.to(out.dtype))
+    return (out, *grads)
+
+
+def check_against_float64(q, k, v, **kw):
+    """Compare out, dq, dk, dv of the Triton path with the float64 reference, FlashAttention's rule."""
+    do = torch.randn_like(q)
+    ours = fwd_bwd(causal_attention, q, k, v, do, backend="triton", **kw)
+    ref64 = fwd_bwd(reference, q.double(), k.double(), v.double(), do.double())
+    same = fwd_bwd(attention_math, q, k, v, do)
+    for name, a, r, s in zip(("out", "dq", "dk", "dv"), ours, ref64, same):
+        assert a.dtype == q.dtype and a.shape == r.shape, name
+        assert_attention_close(a, r, s, name)
+
+
+def pack(lengths, hq, hkv, d, dtype, device, extra_rows=0):
+    total = sum(lengths) + extra_rows
+    q = torch.randn(total, hq, d, dtype=dtype, device=device)
+    k = torch.randn(total, hkv, d, dtype=dtype, device=device)
+    v = torch.randn(total, hkv, d, dtype=dtype, device=device)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return q, k, v, cu
+
+
+def seq_grads(fn, q, k, v, do):
+    """(out, dq, dk, dv) of one sequence given as (L, H, D) slices, via the (1, H, L, D) layout."""
+    q, k, v = (x.detach().clone().transpose(0, 1).unsqueeze(0).requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), do.transpose(0, 1).unsqueeze(0).to(out.dtype))
+    return [t.squeeze(0).transpose(0, 1) for t in (out, *grads)]
+
+
+def check_packed(lengths, hq, hkv, d, dtype, device, extra_rows=0, **kw):
+    q, k, v, cu = pack(lengths, hq, hkv, d, dtype, device, extra_rows)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = causal_attention_varlen(*leaves, cu, max(lengths), backend="triton", **kw)
+    do = torch.randn_like(out)
+    ours = [out, *torch.autograd.grad(out, leaves, do)]
+    end = int(cu[-1])
+    for t in ours:  # rows past cu_seqlens[-1] belong to no sequence
+        assert torch.all(t[end:] == 0)
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if s == e:
+            continue
+        ref64 = seq_grads(reference, q[s:e].double(), k[s:e].double(), v[s:e].double(), do[s:e].double())
+        same = seq_grads(attention_math, q[s:e], k[s:e], v[s:e], do[s:e])
+        for name, a, r, m in zip(("out", "dq", "dk", "dv"), ours, ref64, same):
+            assert_attention_close(a[s:e], r, m, f"sequence {i} (length {e - s}) {name}")

@@ -9,17 +9,11 @@ tests/attention_helpers.py).
 import pytest
 import torch
 
-from attention_helpers import assert_attention_close, attention_math
+from attention_helpers import check_against_float64, check_packed
 from conftest import need_backend
-from rlhf_fast import causal_attention, causal_attention_varlen
 from rlhf_fast.ops import _attention_launch as launch
-from rlhf_fast.reference.causal_attention import causal_attention as reference
 
-
-def _grads(fn, q, k, v, do, **kw):
-    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = fn(q, k, v, **kw)
-    return (out, *torch.autograd.grad(out, (q, k, v), do.to(out.dtype)))
+LENGTHS = (21, 16)  # ragged: neither a multiple of 16
 
 
 @pytest.mark.parametrize("d", [16, 32, 64, 128, 256])
@@ -32,22 +26,7 @@ def test_table_entry_matches_float64(arch, dtype, d, device, monkeypatch):
     monkeypatch.setattr(launch, "arch_of", lambda _: arch)
     monkeypatch.setattr(launch, "table_dtype", lambda dt, _: launch.DTYPE_NAMES[dt])
     torch.manual_seed(d)
-    lengths = (21, 16)  # ragged: neither a multiple of 16
-    q, k, v = (torch.randn(1, h, sum(lengths), d, dtype=dtype, device=device) for h in (2, 1, 1))
-    do = torch.randn_like(q)
-    ref64 = _grads(reference, q.double(), k.double(), v.double(), do.double())
-    same = _grads(attention_math, q, k, v, do)
+    q, k, v = (torch.randn(1, h, sum(LENGTHS), d, dtype=dtype, device=device) for h in (2, 1, 1))
     for det in (False, True):
-        ours = _grads(causal_attention, q, k, v, do, backend="triton", deterministic=det)
-        for name, a, r, s in zip(("out", "dq", "dk", "dv"), ours, ref64, same):
-            assert_attention_close(a, r, s, f"padded {name} (deterministic={det})")
-    # packed: two sequences, each checked on its own
-    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32, device=device)
-    packed = [x[0].transpose(0, 1) for x in (q, k, v, do)]
-    ours = _grads(lambda *t: causal_attention_varlen(*t, cu, max(lengths), backend="triton"), *packed)
-    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        seq = [x[:, :, s:e] for x in (q, k, v, do)]
-        ref64 = _grads(reference, *(x.double() for x in seq))
-        same = _grads(attention_math, *seq)
-        for name, a, r, m in zip(("out", "dq", "dk", "dv"), ours, ref64, same):
-            assert_attention_close(a[s:e], r[0].transpose(0, 1), m[0].transpose(0, 1), f"packed [{s}:{e}] {name}")
+        check_against_float64(q, k, v, deterministic=det)
+    check_packed(LENGTHS, 2, 1, d, dtype, device)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention_helpers import EPS, assert_attention_close, attention_math
+from attention_helpers import EPS, check_against_float64, fwd_bwd
 from conftest import need_backend
 from rlhf_fast import causal_attention
 from rlhf_fast.reference.causal_attention import causal_attention as reference
@@ -20,29 +20,11 @@ def _inputs(b, hq, hkv, t, d, dtype, device):
     return q, k, v
 
 
-def _fwd_bwd(fn, q, k, v, do, **kw):
-    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = fn(q, k, v, **kw)
-    grads = torch.autograd.grad(out, (q, k, v), do.to(out.dtype))
-    return (out, *grads)
-
-
-def _check_against_float64(q, k, v, **kw):
-    """Compare out, dq, dk, dv of the Triton path with the float64 reference, FlashAttention's rule."""
-    do = torch.randn_like(q)
-    ours = _fwd_bwd(causal_attention, q, k, v, do, backend="triton", **kw)
-    ref64 = _fwd_bwd(reference, q.double(), k.double(), v.double(), do.double())
-    same = _fwd_bwd(attention_math, q, k, v, do)
-    for name, a, r, s in zip(("out", "dq", "dk", "dv"), ours, ref64, same):
-        assert a.dtype == q.dtype and a.shape == r.shape, name
-        assert_attention_close(a, r, s, name)
-
-
 @pytest.mark.parametrize("t", [1, 17, 128, 300])
 @pytest.mark.parametrize("d", [16, 64, 128])
 def test_mha_fp32_matches_float64(t, d, device):
     need_backend("triton", device)
-    _check_against_float64(*_inputs(1, 2, 2, t, d, torch.float32, device))
+    check_against_float64(*_inputs(1, 2, 2, t, d, torch.float32, device))
 
 
 # (Hq, Hkv, T, D): MQA, GQA 4:1 and MHA over ragged and block-multiple lengths, the long case on GQA.
@@ -53,17 +35,17 @@ BF16_CASES.append((8, 2, 300, 64))
 @pytest.mark.parametrize("hq,hkv,t,d", BF16_CASES)
 def test_heads_bf16_matches_float64(hq, hkv, t, d, device):
     need_backend("triton", device)
-    _check_against_float64(*_inputs(1, hq, hkv, t, d, torch.bfloat16, device))
+    check_against_float64(*_inputs(1, hq, hkv, t, d, torch.bfloat16, device))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_deterministic_dq_pass_matches_and_repeats(dtype, device):
     need_backend("triton", device)
     q, k, v = _inputs(1, 4, 1, 77, 32, dtype, device)
-    _check_against_float64(q, k, v, deterministic=True)
+    check_against_float64(q, k, v, deterministic=True)
     do = torch.randn_like(q)
-    first = _fwd_bwd(causal_attention, q, k, v, do, backend="triton", deterministic=True)
-    second = _fwd_bwd(causal_attention, q, k, v, do, backend="triton", deterministic=True)
+    first = fwd_bwd(causal_attention, q, k, v, do, backend="triton", deterministic=True)
+    second = fwd_bwd(causal_attention, q, k, v, do, backend="triton", deterministic=True)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -78,7 +60,7 @@ def test_strided_bthd_view(device):
     assert not q.is_contiguous() and v.stride(-1) == 2
     out = causal_attention(q, k, v, backend="triton")
     assert out.stride() == q.stride()
-    _check_against_float64(q, k, v)
+    check_against_float64(q, k, v)
 
 
 def test_reference_backend_is_sdpa(device):

@@ -7,7 +7,7 @@ pointer path of the same kernel. Tolerance as in test_causal_attention.py (tests
 import pytest
 import torch
 
-from attention_helpers import assert_attention_close, attention_math
+from attention_helpers import assert_attention_close, attention_math, check_against_float64
 from conftest import need_backend
 from rlhf_fast import causal_attention, causal_attention_varlen
 from rlhf_fast.ops import _attention_launch as launch
@@ -29,21 +29,17 @@ def tma(monkeypatch):
     return made
 
 
-def _tma_expected(q):
-    """Whether the launcher uses descriptors for q's dtype and device once the path is forced on."""
-    if q.device.type != "cuda":
-        return True
-    return launch.tma_wanted(launch.arch_of(q.device), launch.table_dtype(q.dtype, q.device), q.device)
+def _assert_descriptors_made(q, made):
+    """K and V went through descriptors, wherever the launcher uses them for q's dtype and device."""
+    if q.device.type != "cuda" or launch.tma_wanted(launch.arch_of(q.device),
+                                                    launch.table_dtype(q.dtype, q.device), q.device):
+        assert len(made) == 2 and all(d is not None for d in made), made
 
 
-def _check_forward(q, k, v, made=None):
-    """Forward against float64; with `made` (the tma fixture), also that K and V went through descriptors."""
+def _check_forward(q, k, v):
     out = causal_attention(q, k, v, backend="triton")
     ref64 = reference(q.double(), k.double(), v.double())
     assert_attention_close(out, ref64, attention_math(q, k, v), "out")
-    if made is not None and _tma_expected(q):
-        assert len(made) == 2 and all(d is not None for d in made), made
-    return out
 
 
 @pytest.mark.parametrize("t,d,hq,hkv", [(1, 16, 2, 2), (17, 64, 4, 1), (300, 16, 4, 2), (129, 128, 2, 1)])
@@ -51,7 +47,8 @@ def _check_forward(q, k, v, made=None):
 def test_padded_forward_matches_float64(tma, t, d, hq, hkv, dtype, device):
     need_backend("triton", device)
     q, k, v = (torch.randn(2, h, t, d, dtype=dtype, device=device) for h in (hq, hkv, hkv))
-    _check_forward(q, k, v, tma)
+    _check_forward(q, k, v)
+    _assert_descriptors_made(q, tma)
 
 
 def test_strided_view_and_gradients(tma, device):
@@ -59,16 +56,8 @@ def test_strided_view_and_gradients(tma, device):
     forward saves drives the backward."""
     need_backend("triton", device)
     q, k, v = (torch.randn(2, 77, h, 32, device=device).transpose(1, 2) for h in (4, 2, 2))
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = _check_forward(*leaves, made=tma)
-    do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, do)
-    ref = [x.double().requires_grad_() for x in (q, k, v)]
-    ref_grads = torch.autograd.grad(reference(*ref), ref, do.double())
-    same = [x.clone().requires_grad_() for x in (q, k, v)]
-    same_grads = torch.autograd.grad(attention_math(*same), same, do)
-    for name, a, r, s in zip(("dq", "dk", "dv"), grads, ref_grads, same_grads):
-        assert_attention_close(a, r, s, name)
+    check_against_float64(q, k, v)
+    _assert_descriptors_made(q, tma)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

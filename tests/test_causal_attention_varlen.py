@@ -6,7 +6,7 @@ Tolerance as in test_causal_attention.py (tests/attention_helpers.py), per seque
 import pytest
 import torch
 
-from attention_helpers import assert_attention_close, assert_bad_input_raises, attention_math
+from attention_helpers import assert_bad_input_raises, check_packed, pack
 from conftest import need_backend
 from rlhf_fast import causal_attention_varlen
 from rlhf_fast.reference.causal_attention import causal_attention as reference
@@ -14,59 +14,24 @@ from rlhf_fast.reference.causal_attention import causal_attention as reference
 LENGTHS = (1, 5, 64, 100)
 
 
-def _pack(lengths, hq, hkv, d, dtype, device, extra_rows=0):
-    total = sum(lengths) + extra_rows
-    q = torch.randn(total, hq, d, dtype=dtype, device=device)
-    k = torch.randn(total, hkv, d, dtype=dtype, device=device)
-    v = torch.randn(total, hkv, d, dtype=dtype, device=device)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    return q, k, v, cu
-
-
-def _seq_grads(fn, q, k, v, do):
-    """(out, dq, dk, dv) of one sequence given as (L, H, D) slices, via the (1, H, L, D) layout."""
-    q, k, v = (x.detach().clone().transpose(0, 1).unsqueeze(0).requires_grad_() for x in (q, k, v))
-    out = fn(q, k, v)
-    grads = torch.autograd.grad(out, (q, k, v), do.transpose(0, 1).unsqueeze(0).to(out.dtype))
-    return [t.squeeze(0).transpose(0, 1) for t in (out, *grads)]
-
-
-def _check_packed(lengths, hq, hkv, d, dtype, device, extra_rows=0, **kw):
-    q, k, v, cu = _pack(lengths, hq, hkv, d, dtype, device, extra_rows)
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = causal_attention_varlen(*leaves, cu, max(lengths), backend="triton", **kw)
-    do = torch.randn_like(out)
-    ours = [out, *torch.autograd.grad(out, leaves, do)]
-    end = int(cu[-1])
-    for t in ours:  # rows past cu_seqlens[-1] belong to no sequence
-        assert torch.all(t[end:] == 0)
-    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        if s == e:
-            continue
-        ref64 = _seq_grads(reference, q[s:e].double(), k[s:e].double(), v[s:e].double(), do[s:e].double())
-        same = _seq_grads(attention_math, q[s:e], k[s:e], v[s:e], do[s:e])
-        for name, a, r, m in zip(("out", "dq", "dk", "dv"), ours, ref64, same):
-            assert_attention_close(a[s:e], r, m, f"sequence {i} (length {e - s}) {name}")
-
-
 @pytest.mark.parametrize("hq,hkv", [(4, 1), (2, 2)], ids=["gqa4", "mha"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_packed_matches_per_sequence(hq, hkv, dtype, device):
     need_backend("triton", device)
-    _check_packed(LENGTHS, hq, hkv, 64, dtype, device)
+    check_packed(LENGTHS, hq, hkv, 64, dtype, device)
 
 
 def test_empty_sequences_and_trailing_rows(device):
     """Empty sequences are skipped, rows after cu_seqlens[-1] get zeros (deterministic dQ path)."""
     need_backend("triton", device)
-    _check_packed((0, 17, 0, 3), 2, 1, 16, torch.float32, device, extra_rows=4, deterministic=True)
+    check_packed((0, 17, 0, 3), 2, 1, 16, torch.float32, device, extra_rows=4, deterministic=True)
 
 
 def test_head_dim_128_strided(device):
     """(total, H, D) views with a padded head stride are read in place."""
     need_backend("triton", device)
     lengths = (33, 7)
-    q, k, v, cu = _pack(lengths, 2, 1, 128, torch.float32, device)
+    q, k, v, cu = pack(lengths, 2, 1, 128, torch.float32, device)
     wide = torch.randn(q.shape[0], 3, 128, device=device)
     q = wide[:, :2]
     assert not q.is_contiguous()
@@ -78,7 +43,7 @@ def test_head_dim_128_strided(device):
 
 def test_reference_backend_matches_triton(device):
     need_backend("triton", device)
-    q, k, v, cu = _pack((3, 9), 2, 2, 32, torch.float32, device)
+    q, k, v, cu = pack((3, 9), 2, 2, 32, torch.float32, device)
     a = causal_attention_varlen(q, k, v, cu, 9, backend="reference")
     b = causal_attention_varlen(q, k, v, cu, 9, backend="triton")
     torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
@@ -86,14 +51,14 @@ def test_reference_backend_matches_triton(device):
 
 def test_torch_compile_fullgraph(device):
     need_backend("triton", device)
-    q, k, v, cu = _pack((3, 9), 2, 1, 16, torch.float32, device)
+    q, k, v, cu = pack((3, 9), 2, 1, 16, torch.float32, device)
     fn = torch.compile(lambda q, k, v: causal_attention_varlen(q, k, v, cu, 9, backend="triton"),
                        fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(fn(q, k, v), causal_attention_varlen(q, k, v, cu, 9, backend="triton"))
 
 
 def _good_args():
-    q, k, v, cu = _pack((3, 4), 4, 2, 16, torch.float32, "cpu")
+    q, k, v, cu = pack((3, 4), 4, 2, 16, torch.float32, "cpu")
     return dict(q=q, k=k, v=v, cu_seqlens=cu, max_seqlen=4)
 
 
