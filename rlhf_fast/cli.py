@@ -4,6 +4,8 @@
     rlhf-fast sft --out runs/x --sft.data=my_sft.jsonl  # one stage, own data
     rlhf-fast ppo --config ppo.yaml --ppo.kl_coef=0.02  # YAML/JSON file, then overrides
     rlhf-fast ppo --resume runs/x                       # continue a killed run from its last checkpoint
+    rlhf-fast ppo --out runs/x --overwrite              # train the stage again (later stages removed)
+    rlhf-fast sample runs/x --prompt "sort:3915="       # what the trained policy answers
     torchrun --nproc_per_node=2 -m rlhf_fast ppo ...    # DDP (FSDP2 with --run.distributed=fsdp)
 
 Every field of the config is an option `--<section>.<field>=<value>`; `rlhf-fast <stage> --help` lists
@@ -35,13 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .rlhf.config import SECTIONS, field_help
     parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    sub = parser.add_subparsers(dest="stage", required=True, metavar="{sft,rm,ppo,demo}")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="{sft,rm,ppo,demo,sample}")
     for stage, (what, sections) in STAGES.items():
         p = sub.add_parser(stage, help=what, description=what, allow_abbrev=False)
         p.add_argument("--config", metavar="FILE", help="YAML or JSON config file, nested by section")
         p.add_argument("--out", metavar="DIR", help="run directory (same as --run.out)")
         p.add_argument("--resume", metavar="DIR",
                        help="continue the run in DIR from its last checkpoints, with its saved config")
+        p.add_argument("--overwrite", action="store_true",
+                       help="train the stage again in a run that has it, removing its results and the later "
+                            "stages' (without it, such a run is refused)")
         for section in sections:
             cls = SECTIONS[section]
             group = p.add_argument_group(f"{section} options")
@@ -51,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
                 group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
                                    metavar=_type_name(hints[f.name]),
                                    help=f"{docs.get(f.name, '')} (default: {f.default!r})")
+    p = sub.add_parser("sample", help="print what a run's trained policy answers to a prompt",
+                       description="print what a run's trained policy answers to a prompt", allow_abbrev=False)
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for several)")
+    p.add_argument("--stage", choices=("ppo", "sft"), default="ppo", help="policy after PPO or after SFT")
+    p.add_argument("--max_new_tokens", type=int, default=None, help="default: the run's ppo.max_new_tokens")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
     return parser
 
 
@@ -66,11 +82,11 @@ def parse(argv: list[str] | None = None):
         key, _, value = item[2:].partition("=")
         overrides[key] = value
     base = None
-    if args.resume:
-        candidates = [Path(args.resume) / name for name in ("config.yaml", "config.json")]
+    if args.resume:  # the stage's own record of what it trained, else the run's last one
+        candidates = [Path(args.resume) / d / name for d in (args.stage, ".") for name in ("config.yaml", "config.json")]
         saved = next((p for p in candidates if p.is_file()), None)
         if saved is None:
-            raise ValueError(f"--resume: {str(candidates[0])!r} does not exist (not a run directory?)")
+            raise ValueError(f"--resume: {str(candidates[2])!r} does not exist (not a run directory?)")
         base = load_file(saved)
         overrides["run.out"] = args.resume
     if args.out:
@@ -78,12 +94,29 @@ def parse(argv: list[str] | None = None):
             raise ValueError("--out and --resume name different directories; --resume DIR continues DIR")
         overrides["run.out"] = args.out
     cfg = build_config(args.config, overrides, base=base)
-    return args.stage, cfg, bool(args.resume)
+    return args.stage, cfg, bool(args.resume), args.overwrite
+
+
+def _sample(argv: list[str]) -> int:
+    from .rlhf.answer import answer
+    args = build_parser().parse_args(argv)
+    for prompt in args.prompt:
+        print(answer(args.run_dir, prompt, args.stage, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                     device=args.device))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sample"]:
+        try:
+            return _sample(argv)
+        except (ValueError, OSError) as exc:
+            print(f"rlhf-fast sample: error: {exc}", file=sys.stderr)
+            return 1
     try:
-        stage, cfg, resume = parse(argv)
+        stage, cfg, resume, overwrite = parse(argv)
     except ValueError as exc:
         print(f"rlhf-fast: error: {exc}", file=sys.stderr)
         return 2
@@ -91,10 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     from .rlhf.runtime import NonFiniteError
     runner = {"sft": pipeline.run_sft, "rm": pipeline.run_rm, "ppo": pipeline.run_ppo, "demo": pipeline.run_demo}
     try:
-        runner[stage](cfg, resume=resume)
+        runner[stage](cfg, resume=resume, overwrite=overwrite)
     except (NonFiniteError, ValueError) as exc:
         print(f"rlhf-fast {stage}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # e.g. a read-only or full disk under --out
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"rlhf-fast {stage}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nrlhf-fast {stage}: interrupted; continue with: rlhf-fast {stage} --resume {cfg.run.out}",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import re
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -209,9 +210,9 @@ SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 _POSITIVE = {"steps", "batch_size", "rollout_batch_size", "gen_batch_size", "minibatch_size", "ppo_epochs",
              "lr", "value_lr", "max_new_tokens", "n_layer", "n_head", "n_embd", "block_size", "n_sft",
              "n_pairs", "n_eval_pairs", "n_prompts", "n_eval_prompts", "ckpt_every", "eval_every",
-             "kl_horizon", "target_kl"}
-_NONNEGATIVE = {"warmup_steps", "weight_decay", "grad_clip", "norm_samples", "kl_coef", "temperature",
-                "top_k", "missing_eos_penalty", "seed"}
+             "kl_horizon", "target_kl", "temperature"}
+_NONNEGATIVE = {"warmup_steps", "weight_decay", "grad_clip", "norm_samples", "kl_coef",
+                "top_k", "missing_eos_penalty", "seed", "threads"}
 _UNIT = {"demo_error_rate", "label_noise", "gamma", "lam"}
 
 
@@ -298,8 +299,13 @@ def validate(cfg: Config) -> Config:
                              f"({cfg.ppo.rollout_batch_size})")
     if cfg.model.n_embd % cfg.model.n_head:
         raise ValueError(f"model.n_embd ({cfg.model.n_embd}) must be a multiple of model.n_head ({cfg.model.n_head})")
+    if cfg.ppo.eval_prompts and not cfg.ppo.reward_fn:
+        raise ValueError("ppo.eval_prompts needs ppo.reward_fn ('module:function') to score the held-out "
+                         "responses")
     if cfg.ppo.reward_mode != "model" and not cfg.ppo.reward_fn:
         raise ValueError(f"ppo.reward_mode={cfg.ppo.reward_mode!r} needs ppo.reward_fn ('module:function')")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.run.device):
+        raise ValueError(f"run.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.run.device!r}")
     if cfg.task.min_digits > cfg.task.max_digits or cfg.task.min_digits < 2:
         raise ValueError(f"task.min_digits must be in [2, task.max_digits], got {cfg.task.min_digits}")
     return cfg
@@ -309,12 +315,29 @@ def load_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ValueError(f"config file {path}:{line}: not UTF-8 text ({exc.reason})") from None
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-        data = yaml.safe_load(text) or {}
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"config file {str(path)!r} is YAML, which needs PyYAML: "
+                             "pip install 'rlhf_fast[train]' (or pass a .json file)") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"config file {where}: YAML syntax error ({what})") from None
     elif path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {path}:{exc.lineno}: JSON syntax error ({exc.msg})") from None
     else:
         raise ValueError(f"config file must end in .yaml, .yml or .json, got {str(path)!r}")
     if not isinstance(data, dict):
@@ -341,13 +364,11 @@ def build_config(file: str | Path | None = None, overrides: dict[str, object] | 
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (JSON if PyYAML is missing), atomically."""
-    from .run_io import atomic_write_json
+    from .run_io import atomic_write_json, atomic_write_text
     path = Path(path)
     try:
         import yaml
     except ImportError:
         atomic_write_json(cfg.to_dict(), path.with_suffix(".json"))
         return
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), path)

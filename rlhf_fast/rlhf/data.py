@@ -12,8 +12,6 @@ Token layout of one example: ``[BOS] prompt response [EOS]``; the SFT loss cover
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,13 +63,8 @@ def read_jsonl(path: str | Path, keys: tuple[str, ...]) -> list[Line]:
 
 def write_jsonl(path: str | Path, records: list[dict]) -> None:
     """Write `records` atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    from .run_io import atomic_write_text
+    atomic_write_text("".join(json.dumps(r) + "\n" for r in records), path)
 
 
 def _check_len(where: str, n: int, limit: int, what: str) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .rollout import decode_rows, generate_chunk
+from .rollout import call_reward_fn, decode_rows, generate_chunk
 from .runtime import Runtime
 
 EVAL_SEED = 99_991  # fixed, so every evaluation of a run sees the same sampling noise
@@ -28,7 +28,7 @@ def task_score(policy, prompts: list[list[int]], prompt_len: int, tok, scorer, r
                                           top_p=top_p, seed=EVAL_SEED + 1009 * seed + j, device=rt.device)
         if j >= n_chunks:  # a filler call, only there to keep the ranks in step
             continue
-        scores = scorer(*decode_rows(tok, seqs, mask, prompt_len))
-        total += torch.tensor([float(sum(scores)), float(len(scores))], dtype=torch.float64, device=rt.device)
+        scores = call_reward_fn(scorer, *decode_rows(tok, seqs, mask, prompt_len))
+        total += torch.tensor([float(scores.sum()), float(len(scores))], dtype=torch.float64, device=rt.device)
     total = rt.all_reduce_sum(total)
     return float(total[0] / total[1])

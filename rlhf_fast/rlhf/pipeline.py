@@ -2,24 +2,27 @@
 
 Run directory layout (``cfg.run.out``)::
 
-    config.yaml            resolved config of the last command (``--resume`` reads it back)
+    config.yaml            resolved config of the last stage started (``demo --resume`` reads it back)
     summary.json           task_score_sft, rm_accuracy, task_score_ppo, kl_final, seconds, ...
     demo.png               (demo) task score, reward and KL over the PPO iterations
     data/*.jsonl           the built-in task's data (when a data path is left empty)
-    sft/ rm/ ppo/          per stage: metrics.jsonl (one line per step), checkpoint.pt, plots/*.png
+    sft/ rm/ ppo/          per stage: config.yaml (what it trained, ``<stage> --resume`` reads it back),
+                           metrics.jsonl (one line per step), checkpoint.safetensors, plots/*.png,
+                           result.json (written last: the stage is finished)
 """
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from .config import Config, save_config
+from .config import Config
 from .data import PPO_KEYS, read_jsonl, tokenize_prompts
 from .run_io import atomic_write_json, plot_metrics
+from .checkpoint import stage_checkpoint
+from .run_dir import ORDER, Plan, claim, finish, is_finished, load_callable, preflight, stage_init
 from .runtime import Runtime, load_checkpoint, load_model, setup_runtime, wrap_model
 from .task import task_reward, write_task_data
 from .tokenizer import get_tokenizer
@@ -31,15 +34,29 @@ PLOT_KEYS = {
 }
 
 
-def _start(cfg: Config, stage: str) -> tuple[Runtime, object, Path]:
-    rt = setup_runtime(cfg)
-    out = Path(cfg.run.out)
-    if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        (out / stage).mkdir(exist_ok=True)
+def _begin(cfg: Config, stage: str, resume: bool, overwrite: bool) -> tuple[Plan, Runtime | None]:
+    """Validate (nothing written if that fails), then claim the run directory for `stage`.
+    (plan, None) for a finished stage that --resume has nothing left to do in."""
+    plan = preflight(cfg, stage, resume, overwrite)
+    if plan.finished:
+        print(f"rlhf-fast {stage}: {plan.out / stage} is finished; nothing to resume", flush=True)
+        return plan, None
+    rt = setup_runtime(plan.cfg)
+    claim(plan, rt.is_main)
     rt.barrier()
-    return rt, get_tokenizer(cfg.run.tokenizer), out
+    return plan, rt
+
+
+def _read_summary(out: Path) -> dict:
+    path = out / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _finish(plan: Plan, rt: Runtime, **values) -> dict:
+    """Add the stage's values to summary.json, then mark the stage finished."""
+    summary = _update_summary(plan.out, rt, **values)
+    finish(plan, rt.is_main, values)
+    return summary
 
 
 def _task_data(cfg: Config, rt: Runtime, out: Path) -> dict[str, Path]:
@@ -55,11 +72,10 @@ def _task_data(cfg: Config, rt: Runtime, out: Path) -> dict[str, Path]:
 
 
 def _update_summary(out: Path, rt: Runtime, **values) -> dict:
-    path = out / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else {}
+    summary = _read_summary(out)
     summary.update(values)
     if rt.is_main:
-        atomic_write_json(summary, path)
+        atomic_write_json(summary, out / "summary.json")
     return summary
 
 
@@ -75,26 +91,8 @@ def _plots(cfg: Config, stage_dir: Path, stage: str, rt: Runtime) -> None:
         print(f"rlhf-fast: no plots ({exc})")
 
 
-def _load_callable(spec: str):
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"ppo.reward_fn must be 'module:function', got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"ppo.reward_fn={spec!r} cannot be loaded: {exc}") from None
-    if not callable(fn):
-        raise ValueError(f"ppo.reward_fn={spec!r} is not callable")
-    return fn
-
-
 def _prompts(path, tok, cfg) -> list[list[int]]:
     return tokenize_prompts(read_jsonl(path, PPO_KEYS), tok, cfg.model.block_size, cfg.ppo.max_new_tokens)
-
-
-def _stage_init(value: str, out: Path, stage: str) -> str:
-    """'sft' / 'rm' -> this run's checkpoint of that stage; anything else is a path."""
-    return str(out / stage / "checkpoint.pt") if value == stage else value
 
 
 def _eval_fn(cfg: Config, rt: Runtime, tok, policy, eval_prompts, prompt_len: int, scorer):
@@ -114,12 +112,11 @@ def _builtin(cfg: Config, rt: Runtime, out: Path, name: str) -> Path:
 def _evaluation(cfg: Config, rt: Runtime, out: Path, builtin_task: bool):
     """(held-out prompts file, scorer) for the task score, or (None, None).
 
-    ppo.eval_prompts set: those prompts, scored by ppo.reward_fn (no score without one). Otherwise, when
+    ppo.eval_prompts set: those prompts, scored by ppo.reward_fn (the config requires one). Otherwise, when
     the stage trains on the built-in task: its held-out prompts and hidden scorer.
     """
     if cfg.ppo.eval_prompts:
-        scorer = _load_callable(cfg.ppo.reward_fn) if cfg.ppo.reward_fn else None
-        return (Path(cfg.ppo.eval_prompts), scorer) if scorer is not None else (None, None)
+        return Path(cfg.ppo.eval_prompts), load_callable(cfg.ppo.reward_fn)
     if builtin_task:
         return _builtin(cfg, rt, out, "eval_prompts"), task_reward
     return None, None
@@ -134,32 +131,41 @@ def _policy_eval(cfg, rt, tok, out, policy, builtin_task: bool) -> float | None:
     return _eval_fn(cfg, rt, tok, policy, eval_prompts, max(map(len, eval_prompts)), scorer)(0)
 
 
-def run_sft(cfg: Config, resume: bool = False, on_step=None) -> dict:
+def run_sft(cfg: Config, resume: bool = False, on_step=None, overwrite: bool = False) -> dict:
+    """SFT into cfg.run.out/sft. resume: continue it (a finished stage is left as it is); overwrite: start
+    it again, removing its results and the later stages'. Neither, into a stage that has run: ValueError."""
     from .sft import train_sft
     t0 = time.time()
-    rt, tok, out = _start(cfg, "sft")
+    plan, rt = _begin(cfg, "sft", resume, overwrite)
+    if rt is None:
+        return _read_summary(plan.out)
+    cfg, out, tok = plan.cfg, plan.out, get_tokenizer(plan.cfg.run.tokenizer)
     data = cfg.sft.data or _builtin(cfg, rt, out, "sft")
     result = train_sft(cfg, rt, tok, data, out / "sft", resume, on_step=on_step)
     _plots(cfg, out / "sft", "sft", rt)
-    policy = load_model(load_checkpoint(out / "sft" / "checkpoint.pt")["model"], rt.device).eval()
+    policy = load_model(load_checkpoint(stage_checkpoint(out / "sft"))["model"], rt.device).eval()
     score = _policy_eval(cfg, rt, tok, out, policy, builtin_task=not cfg.sft.data)
-    return _update_summary(out, rt, world_size=rt.world, task_score_sft=score, sft_loss=result["loss"],
-                           seconds_sft=time.time() - t0)
+    return _finish(plan, rt, world_size=rt.world, task_score_sft=score, sft_loss=result["loss"],
+                   seconds_sft=time.time() - t0)
 
 
-def run_rm(cfg: Config, resume: bool = False, on_step=None) -> dict:
+def run_rm(cfg: Config, resume: bool = False, on_step=None, overwrite: bool = False) -> dict:
+    """The reward model into cfg.run.out/rm; resume and overwrite as in `run_sft`."""
     from .reward import train_rm
     t0 = time.time()
-    rt, tok, out = _start(cfg, "rm")
+    plan, rt = _begin(cfg, "rm", resume, overwrite)
+    if rt is None:
+        return _read_summary(plan.out)
+    cfg, out, tok = plan.cfg, plan.out, get_tokenizer(plan.cfg.run.tokenizer)
     train = cfg.rm.data or _builtin(cfg, rt, out, "rm_train")
-    init = _stage_init(cfg.rm.init, out, "sft")
+    init = stage_init(cfg.rm.init, out, "sft")
     norm = None
     if init and cfg.rm.norm_samples > 0:  # SFT samples on the training pairs' prompts
         norm = lambda: _sft_samples(cfg, rt, tok, init, train)  # noqa: E731
     result = train_rm(cfg, rt, tok, train, cfg.rm.eval_data or _builtin(cfg, rt, out, "rm_eval"),
                       init, out / "rm", resume, norm_sequences=norm, on_step=on_step)
     _plots(cfg, out / "rm", "rm", rt)
-    return _update_summary(out, rt, **result, seconds_rm=time.time() - t0)
+    return _finish(plan, rt, **result, seconds_rm=time.time() - t0)
 
 
 @torch.no_grad()
@@ -181,17 +187,21 @@ def _sft_samples(cfg: Config, rt: Runtime, tok, policy_ckpt: str, pairs_path) ->
     return seqs
 
 
-def run_ppo(cfg: Config, resume: bool = False, on_step=None) -> dict:
+def run_ppo(cfg: Config, resume: bool = False, on_step=None, overwrite: bool = False) -> dict:
+    """PPO into cfg.run.out/ppo; resume and overwrite as in `run_sft`."""
     from .ppo import train_ppo
     t0 = time.time()
-    rt, tok, out = _start(cfg, "ppo")
+    plan, rt = _begin(cfg, "ppo", resume, overwrite)
+    if rt is None:
+        return _read_summary(plan.out)
+    cfg, out, tok = plan.cfg, plan.out, get_tokenizer(plan.cfg.run.tokenizer)
     prompts = _prompts(cfg.ppo.prompts or _builtin(cfg, rt, out, "prompts"), tok, cfg)
     eval_path, scorer = _evaluation(cfg, rt, out, builtin_task=not cfg.ppo.prompts)
     eval_prompts = _prompts(eval_path, tok, cfg) if eval_path is not None else []
     prompt_len = max(map(len, prompts + eval_prompts))
-    sft_state = load_checkpoint(_stage_init(cfg.ppo.policy_init, out, "sft"))["model"]
-    rm_state = load_checkpoint(_stage_init(cfg.ppo.reward_init, out, "rm"))["model"]
-    ckpt = out / "ppo" / "checkpoint.pt"
+    sft_state = load_checkpoint(stage_init(cfg.ppo.policy_init, out, "sft"))["model"]
+    rm_state = load_checkpoint(stage_init(cfg.ppo.reward_init, out, "rm"))["model"]
+    ckpt = stage_checkpoint(out / "ppo")
     state = load_checkpoint(ckpt) if resume and ckpt.is_file() else None
     reward = load_model(rm_state, rt.device).eval()
     if state is not None:
@@ -204,13 +214,13 @@ def run_ppo(cfg: Config, resume: bool = False, on_step=None) -> dict:
     for frozen in (ref, reward):
         frozen.requires_grad_(False)
     models = {"policy": wrap_model(policy, rt), "value": wrap_model(value, rt), "ref": ref, "reward": reward}
-    reward_fn = _load_callable(cfg.ppo.reward_fn) if cfg.ppo.reward_fn else None
+    reward_fn = load_callable(cfg.ppo.reward_fn) if cfg.ppo.reward_fn else None
     eval_fn = _eval_fn(cfg, rt, tok, policy, eval_prompts, prompt_len, scorer) if eval_prompts else None
     record = train_ppo(cfg, rt, tok, models, prompts, prompt_len, out / "ppo", state, eval_fn=eval_fn,
                        reward_fn=reward_fn, scorer=scorer, on_step=on_step)
     _plots(cfg, out / "ppo", "ppo", rt)
-    return _update_summary(out, rt, task_score_ppo=record.get("task_score"), kl_final=record.get("kl"),
-                           score_final=record.get("score"), seconds_ppo=time.time() - t0)
+    return _finish(plan, rt, task_score_ppo=record.get("task_score"), kl_final=record.get("kl"),
+                   score_final=record.get("score"), seconds_ppo=time.time() - t0)
 
 
 def summary_plot(out: Path) -> Path | None:
@@ -244,14 +254,20 @@ def summary_plot(out: Path) -> Path | None:
     return path
 
 
-def run_demo(cfg: Config, resume: bool = False) -> dict:
-    """SFT -> reward model -> PPO on the built-in task; summary.json gets the total `seconds`."""
+def run_demo(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
+    """SFT -> reward model -> PPO on the built-in task; summary.json gets the total `seconds` (left as it is
+    when --resume finds every stage finished). All three stages are checked before the first starts."""
     t0 = time.time()
-    run_sft(cfg, resume)
+    out = Path(cfg.run.out)
+    for i, stage in enumerate(ORDER):
+        preflight(cfg, stage, resume, overwrite, earlier=ORDER[:i])
+    ran = not (resume and all(is_finished(out / stage) for stage in ORDER))
+    run_sft(cfg, resume, overwrite=overwrite)  # --overwrite removes rm/ and ppo/ too
     run_rm(cfg, resume)
     summary = run_ppo(cfg, resume)
     rt = setup_runtime(cfg)
-    summary = _update_summary(Path(cfg.run.out), rt, seconds=time.time() - t0)
+    if ran:
+        summary = _update_summary(out, rt, seconds=time.time() - t0)
     if rt.is_main and cfg.run.plots:
         summary_plot(Path(cfg.run.out))
     if rt.is_main:

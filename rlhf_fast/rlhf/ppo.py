@@ -17,6 +17,7 @@ import torch
 
 from .ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, explained_variance, masked_mean,
                        masked_whiten, per_token_rewards, policy_loss, value_loss)
+from . import checkpoint
 from .data import BatchSampler
 from .rollout import Rollout, gather_rollout, kl_per_token, make_rollout, response_logprobs, response_values
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, make_optimizer, model_state,
@@ -124,11 +125,11 @@ def train_ppo(cfg, rt: Runtime, tok, models: dict, prompts: list[list[int]], pro
             "value": make_optimizer(models["value"], c.value_lr, 0.0)}
     sampler = BatchSampler(len(prompts), c.rollout_batch_size, cfg.run.seed)
     kl_ctl = kl_controller(c)
-    ckpt_path = stage_dir / "checkpoint.pt"
+    ckpt_path = stage_dir / checkpoint.NAME
     start = 0
     if resume_state is not None:
         saved = resume_state["optimizers"]
-        start = resume_training(resume_state, str(ckpt_path), [(models[k], opts[k], saved[k]) for k in opts],
+        start = resume_training(resume_state, str(checkpoint.stage_checkpoint(stage_dir)), [(models[k], opts[k], saved[k]) for k in opts],
                                 sampler)
         kl_ctl.load_state_dict(resume_state["kl_ctl"])
     log = StageLog(cfg, rt, stage_dir, "ppo", c.steps, start)

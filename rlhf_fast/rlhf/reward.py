@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import checkpoint
 from .config import Config
 from .data import RM_KEYS, BatchSampler, read_jsonl, sequence_batch, tokenize_pairs
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, load_checkpoint, lr_at,
@@ -78,14 +79,15 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
     pairs = tokenize_pairs(read_jsonl(train_path, RM_KEYS), tok, cfg.model.block_size)
     eval_pairs = tokenize_pairs(read_jsonl(eval_path, RM_KEYS), tok, cfg.model.block_size)
     sampler = BatchSampler(len(pairs), c.batch_size, cfg.run.seed + 1)
-    ckpt_path = stage_dir / "checkpoint.pt"
-    state = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
+    ckpt_path = stage_dir / checkpoint.NAME
+    saved = checkpoint.stage_checkpoint(stage_dir)
+    state = load_checkpoint(saved) if resume and saved.is_file() else None
     model = stage_model(cfg, rt, tok.vocab_size, "reward", state, init)
     wrapped = wrap_model(model, rt)
     opt = make_optimizer(wrapped, c.lr, c.weight_decay)
     start = 0
     if state is not None:
-        start = resume_training(state, str(ckpt_path), [(wrapped, opt, state["optimizer"])], sampler)
+        start = resume_training(state, str(saved), [(wrapped, opt, state["optimizer"])], sampler)
         if state.get("done"):
             return state["result"]
     log = StageLog(cfg, rt, stage_dir, "rm", c.steps, start)

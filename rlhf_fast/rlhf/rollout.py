@@ -127,6 +127,52 @@ def decode_rows(tok, sequences: torch.Tensor, mask: torch.Tensor, prompt_len: in
     return prompts, responses
 
 
+def _fn_name(fn) -> str:
+    return f"{getattr(fn, '__module__', None) or '?'}:{getattr(fn, '__qualname__', None) or repr(fn)}"
+
+
+def _is_number(v) -> bool:
+    """A real number: int, float, or a 0-d numeric tensor / numpy scalar (bools and strings are not)."""
+    if isinstance(v, (bool, str, bytes)):
+        return False
+    if isinstance(v, (int, float)):
+        return True
+    dtype = str(getattr(v, "dtype", "bool"))
+    return getattr(v, "ndim", 1) == 0 and "bool" not in dtype and "complex" not in dtype and (
+        "int" in dtype or "float" in dtype)
+
+
+def call_reward_fn(fn, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """(n,) float64 scores of `fn(prompts, responses)`, which must return one real number per response (a
+    list/tuple of numbers or a 1-D tensor/array of n values); anything else raises ValueError naming `fn`
+    and what it returned. Non-finite numbers pass: the NaN guard reports them with their step."""
+    n = len(prompts)
+    out = fn(prompts, responses)
+    expected = f"it must return {n} numbers, one per response (a list or a 1-D tensor)"
+    if isinstance(out, torch.Tensor) or (hasattr(out, "shape") and hasattr(out, "dtype")):  # numpy too
+        try:
+            t = torch.as_tensor(out)
+        except TypeError:
+            raise ValueError(f"reward function {_fn_name(fn)} returned an array of {out.dtype}; {expected}") from None
+        if t.dim() != 1 or t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"reward function {_fn_name(fn)} returned a {tuple(t.shape)} {t.dtype} tensor; "
+                             f"{expected}")
+        values = t.detach().double().cpu()
+    elif isinstance(out, (list, tuple)):
+        bad = next((v for v in out if not _is_number(v)), None)
+        if bad is not None:
+            raise ValueError(f"reward function {_fn_name(fn)} returned a {type(out).__name__} holding "
+                             f"{bad!r} ({type(bad).__name__}); {expected}")
+        values = torch.tensor([float(v) for v in out], dtype=torch.float64)
+    else:
+        shown = repr(out) if len(repr(out)) < 60 else repr(out)[:57] + "..."
+        raise ValueError(f"reward function {_fn_name(fn)} returned {shown} ({type(out).__name__}); {expected}")
+    if values.numel() != n:
+        raise ValueError(f"reward function {_fn_name(fn)} returned {values.numel()} values for {n} responses; "
+                         f"{expected}")
+    return values
+
+
 @torch.no_grad()
 def make_rollout(policy, ref_policy, value_model, reward_model, prompts: list[list[int]], prompt_len: int, tok,
                  cfg, seed: int, device, reward_fn=None, scorer=None) -> Rollout:
@@ -143,9 +189,9 @@ def make_rollout(policy, ref_policy, value_model, reward_model, prompts: list[li
     if c.reward_mode in ("model", "sum"):
         scores += reward_model(seqs, attention_mask=amask).float()
     if c.reward_mode in ("fn", "sum"):
-        scores += torch.tensor([float(x) for x in reward_fn(*texts)], device=device)
+        scores += call_reward_fn(reward_fn, *texts).to(device=device, dtype=scores.dtype)
     scores -= c.missing_eos_penalty * (1.0 - has_eos)
-    task = (torch.tensor(scorer(*texts), device=device, dtype=torch.float32) if scorer is not None
+    task = (call_reward_fn(scorer, *texts).to(device=device, dtype=torch.float32) if scorer is not None
             else torch.full((len(prompts),), float("nan"), device=device))
     return Rollout(seqs, amask, mask, logprobs.float(), ref_logprobs.float(), values.float(), scores, task, has_eos)
 

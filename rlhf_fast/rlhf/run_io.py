@@ -19,7 +19,7 @@ import torch
 
 __all__ = [
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
-    "MetricsLogger", "read_metrics", "plot_metrics", "get_rng_state", "set_rng_state",
+    "remove_stale_temps", "MetricsLogger", "read_metrics", "plot_metrics", "get_rng_state", "set_rng_state",
 ]
 
 
@@ -34,12 +34,35 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temps(directory) -> list[Path]:
+    """Delete the temp files ``.<name>.*.tmp`` that a kill during an atomic write left in `directory`
+    (not recursive). Only for a directory no other process is writing to. Returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def _atomic_write(path, write) -> Path:
     """Call ``write(binary_file)`` on a temp file next to ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600; give the file the mode open() would give it
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import checkpoint
 from .config import Config
-from .run_io import MetricsLogger, atomic_torch_save, get_rng_state, set_rng_state
+from .run_io import MetricsLogger, get_rng_state, set_rng_state
 
 
 class NonFiniteError(RuntimeError):
@@ -49,22 +50,38 @@ class Runtime:
             dist.barrier()
 
 
-def setup_runtime(cfg: Config) -> Runtime:
-    """Pick the device, and join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+def check_runtime(cfg: Config) -> tuple[str, str, int]:
+    """(device name, distributed mode, world size) for `cfg` in this process, or ValueError naming the
+    run.* field that cannot work here (device, backend, distributed launch). Changes nothing."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     mode = cfg.run.distributed
     if mode == "auto":
         mode = "ddp" if world > 1 else "none"
     if mode != "none" and world == 1 and not dist.is_initialized():
-        mode = "none"  # one process: nothing to shard or synchronize
+        raise ValueError(f"run.distributed={mode!r} needs the processes torchrun starts (WORLD_SIZE is unset): "
+                         f"torchrun --nproc_per_node=N -m rlhf_fast ... (or --run.distributed=auto for one process)")
+    if world > 1 and mode == "none":
+        raise ValueError("run.distributed='none' but the job was launched with WORLD_SIZE > 1")
     name = cfg.run.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"run.device={cfg.run.device!r} but torch.cuda.is_available() is False")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"run.device={cfg.run.device!r} but torch.cuda.is_available() is False")
+        if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+            raise ValueError(f"run.device={cfg.run.device!r} but there are {torch.cuda.device_count()} CUDA devices")
+    if cfg.run.backend == "triton":
+        from .._backend import triton_reason
+        reason = triton_reason(torch.device(name.split(":")[0]))
+        if reason is not None:
+            raise ValueError(f"run.backend='triton' cannot run on run.device={name!r}: {reason}")
+    return name, mode, world
+
+
+def setup_runtime(cfg: Config) -> Runtime:
+    """Pick the device, and join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    name, mode, world = check_runtime(cfg)
     if world > 1:
-        if mode == "none":
-            raise ValueError("run.distributed='none' but the job was launched with WORLD_SIZE > 1")
         if not dist.is_initialized():
             dist.init_process_group("nccl" if name.startswith("cuda") else "gloo")
         rank = dist.get_rank()
@@ -149,16 +166,16 @@ def stage_model(cfg: Config, rt: Runtime, vocab_size: int, head: str, state: dic
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint's state (tensors on CPU); CheckpointError (a ValueError) naming an unreadable file."""
+    return checkpoint.load(path)
 
 
 def save_checkpoint(path: str | Path, rt: Runtime, **state) -> None:
-    """Atomically write `state` plus the RNG state (main rank only; every rank waits for it)."""
+    """Atomically write `state` plus the RNG state (main rank only; every rank waits for it). An older
+    run's pickle checkpoint next to it is removed once the new one is in place."""
     if rt.is_main:
-        atomic_torch_save({**state, "rng": get_rng_state()}, path)
+        checkpoint.save({**state, "rng": get_rng_state()}, path)
+        Path(path).with_name(checkpoint.LEGACY_NAME).unlink(missing_ok=True)
     rt.barrier()
 
 
@@ -232,10 +249,14 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimiz
 def check_finite(stage: str, step: int, **values) -> None:
     """Raise NonFiniteError naming the stage, the step and the offending quantity."""
     for name, v in values.items():
-        t = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-        if not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(f"{stage} step {step}: {name} is not finite ({t.flatten()[:4].tolist()}); "
-                                 "the step was not applied and the last checkpoint is kept")
+        t = (v if isinstance(v, torch.Tensor) else torch.tensor(float(v))).detach().flatten()
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            where = bad.nonzero().flatten()
+            shown = ", ".join(f"[{i}]={t[i].item()}" for i in where[:4].tolist())
+            more = f" and {len(where) - 4} more" if len(where) > 4 else ""
+            raise NonFiniteError(f"{stage} step {step}: {name} is not finite ({len(where)} of {t.numel()} values: "
+                                 f"{shown}{more}); the step was not applied and the last checkpoint is kept")
 
 
 def clip_and_step(model, opt, grad_clip: float, stage: str, step: int) -> float:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from .config import Config
 from .data import IGNORE_INDEX, SFT_KEYS, BatchSampler, read_jsonl, sft_batch, sft_padded_batch, tokenize_sft
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, load_checkpoint, lr_at,
@@ -37,14 +38,15 @@ def train_sft(cfg: Config, rt: Runtime, tok, data_path: str | Path, stage_dir: P
     c = cfg.sft
     examples = tokenize_sft(read_jsonl(data_path, SFT_KEYS), tok, cfg.model.block_size)
     sampler = BatchSampler(len(examples), c.batch_size, cfg.run.seed)
-    ckpt_path = stage_dir / "checkpoint.pt"
-    state = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
+    ckpt_path = stage_dir / checkpoint.NAME
+    saved = checkpoint.stage_checkpoint(stage_dir)
+    state = load_checkpoint(saved) if resume and saved.is_file() else None
     model = stage_model(cfg, rt, tok.vocab_size, "lm", state, c.init)
     wrapped = wrap_model(model, rt)
     opt = make_optimizer(wrapped, c.lr, c.weight_decay)
     start, loss = 0, float("nan")
     if state is not None:
-        start = resume_training(state, str(ckpt_path), [(wrapped, opt, state["optimizer"])], sampler)
+        start = resume_training(state, str(saved), [(wrapped, opt, state["optimizer"])], sampler)
         loss = state.get("loss", float("nan"))
     log = StageLog(cfg, rt, stage_dir, "sft", c.steps, start)
     packed = c.packing == "packed" or (c.packing == "auto" and rt.device.type == "cuda")

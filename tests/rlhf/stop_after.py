@@ -25,9 +25,9 @@ def main(step: int, argv: list[str]) -> None:
     from rlhf_fast.cli import parse
     from rlhf_fast.rlhf import pipeline
 
-    stage, cfg, resume = parse(argv)
+    stage, cfg, resume, overwrite = parse(argv)
     try:
-        getattr(pipeline, f"run_{stage}")(cfg, resume=resume, on_step=stop_after(step))
+        getattr(pipeline, f"run_{stage}")(cfg, resume=resume, on_step=stop_after(step), overwrite=overwrite)
     except Stop:
         dist.destroy_process_group()
         return

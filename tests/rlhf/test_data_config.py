@@ -127,7 +127,7 @@ def test_cli_help_documents_fields_and_errors_exit_2(capsys):
     assert cli.main(["ppo", "--ppo.kl_cof=1"]) == 2
     assert "unknown config field 'ppo.kl_cof'" in capsys.readouterr().err
     assert cli.main(["rm", "--resume", "/nonexistent/run"]) == 2
-    stage, cfg, resume = cli.parse(["demo", "--out", "runs/x", "--ppo.top_p", "0.9"])
+    stage, cfg, resume, _ = cli.parse(["demo", "--out", "runs/x", "--ppo.top_p", "0.9"])
     assert (stage, cfg.run.out, cfg.ppo.top_p, resume) == ("demo", "runs/x", 0.9, False)
 
 

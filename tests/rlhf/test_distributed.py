@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import rlhf_fast
-from rlhf_fast.rlhf import pipeline
+from rlhf_fast.rlhf import checkpoint, pipeline
 from rlhf_fast.rlhf.run_io import read_metrics
 
 from .stop_after import Stop, stop_after
@@ -87,7 +87,7 @@ def test_fsdp2_run_stopped_mid_ppo_resumes_to_the_same_metrics(fsdp_run, tmp_pat
     stopped, one = tmp_path / "stopped", tmp_path / "one"
     shutil.copytree(fsdp_run, stopped, ignore=shutil.ignore_patterns("ppo"))
     _torchrun(STOP_AFTER + ["3"], "ppo", stopped, device, FSDP)
-    ckpt = torch.load(stopped / "ppo" / "checkpoint.pt", weights_only=False)
+    ckpt = checkpoint.load(stopped / "ppo" / checkpoint.NAME)
     assert ckpt["step"] == 2 and all(ckpt["optimizers"][m]["state"] for m in ("policy", "value"))
     shutil.copytree(stopped, one)
     _torchrun(CLI, "ppo", stopped, device, FSDP, f"--resume={stopped}")

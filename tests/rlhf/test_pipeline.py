@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from rlhf_fast.rlhf import pipeline
+from rlhf_fast.rlhf import checkpoint, pipeline
 from rlhf_fast.rlhf.config import build_config
 from rlhf_fast.rlhf.run_io import read_metrics
 from rlhf_fast.rlhf.runtime import NonFiniteError
@@ -53,7 +53,7 @@ def test_demo_outputs(sft_rm_run, tmp_path, device):
     assert json.loads((out / "summary.json").read_text()) == summary
     assert (out / "config.yaml").is_file() and (out / "data" / "sft.jsonl").is_file()
     for stage in ("sft", "rm", "ppo"):
-        assert (out / stage / "checkpoint.pt").is_file()
+        assert (out / stage / checkpoint.NAME).is_file()
     assert {p.name for p in (out / "ppo" / "plots").glob("*.png")} >= {"score.png", "kl.png", "task_score.png"}
     assert pipeline.summary_plot(out).read_bytes()[:4] == b"\x89PNG"
     ppo = read_metrics(out / "ppo" / "metrics.jsonl")
@@ -64,7 +64,7 @@ def test_demo_outputs(sft_rm_run, tmp_path, device):
     assert len(read_metrics(out / "sft" / "metrics.jsonl")) == 3
     assert "eval_accuracy" in read_metrics(out / "rm" / "metrics.jsonl")[-1]
     # the RM was normalized over SFT samples, and the critic starts from it
-    ckpt = torch.load(out / "rm" / "checkpoint.pt", weights_only=False)
+    ckpt = checkpoint.load(out / "rm" / checkpoint.NAME)
     assert ckpt["done"] and ckpt["result"]["reward_std"] > 0
 
 
@@ -75,14 +75,14 @@ def test_resume_after_kill_mid_ppo_matches_uninterrupted(sft_rm_run, tmp_path, d
     pipeline.run_ppo(tiny(full, device))
     with pytest.raises(Stop):  # after step 3's update, before its checkpoint (ckpt_every=2): the resumed run redoes 3
         pipeline.run_ppo(tiny(killed, device), on_step=stop_after(3))
-    assert torch.load(killed / "ppo" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert checkpoint.load(killed / "ppo" / checkpoint.NAME)["step"] == 2
     pipeline.run_ppo(tiny(killed, device), resume=True)
     if device.type != "cpu":  # bitwise equality is the CPU guarantee; GPU kernels may reorder float sums
         assert len(read_metrics(killed / "ppo" / "metrics.jsonl")) == len(read_metrics(full / "ppo" / "metrics.jsonl"))
         return
     assert read_metrics(killed / "ppo" / "metrics.jsonl") == read_metrics(full / "ppo" / "metrics.jsonl")
-    a = torch.load(full / "ppo" / "checkpoint.pt", weights_only=False)
-    b = torch.load(killed / "ppo" / "checkpoint.pt", weights_only=False)
+    a = checkpoint.load(full / "ppo" / checkpoint.NAME)
+    b = checkpoint.load(killed / "ppo" / checkpoint.NAME)
     for name in ("policy", "value"):
         for k, v in a[name]["weights"].items():
             assert torch.equal(v, b[name]["weights"][k]), (name, k)
@@ -96,8 +96,10 @@ def test_checkpoints_of_older_versions_resume_or_say_why(tmp_path, device):
     pipeline.run_sft(tiny(full, device))
     with pytest.raises(Stop):
         pipeline.run_sft(tiny(old, device), on_step=stop_after(2))
-    path = old / "sft" / "checkpoint.pt"
-    ckpt = torch.load(path, weights_only=False)
+    new = old / "sft" / checkpoint.NAME
+    ckpt = checkpoint.load(new)
+    new.unlink()
+    path = old / "sft" / checkpoint.LEGACY_NAME  # older versions pickled the state: read with weights_only=True
     torch.save({**ckpt, "optimizer": None}, path)
     with pytest.raises(ValueError, match=re.escape(str(path)) + " was written by an FSDP run of an older"):
         pipeline.run_sft(tiny(old, device), resume=True)
@@ -124,14 +126,14 @@ def test_nan_reward_stops_ppo_at_its_step(sft_rm_run, tmp_path, device, monkeypa
     cfg = tiny(out, device, **{"ppo.reward_mode": "sum", "ppo.reward_fn": "nan_reward_module:reward"})
     with pytest.raises(NonFiniteError, match=r"ppo step 1: reward is not finite"):
         pipeline.run_ppo(cfg)
-    assert not (out / "ppo" / "checkpoint.pt").exists()
+    assert not (out / "ppo" / checkpoint.NAME).exists()
 
 
 def test_nan_guard_names_stage_and_step_and_keeps_checkpoint(tmp_path, device):
     cfg = tiny(tmp_path, device, **{"sft.lr": 1e30, "sft.warmup_steps": 0, "sft.grad_clip": 0})
     with pytest.raises(NonFiniteError, match=r"sft step 2: loss is not finite"):
         pipeline.run_sft(cfg)
-    ckpt = torch.load(tmp_path / "sft" / "checkpoint.pt", weights_only=False)
+    ckpt = checkpoint.load(tmp_path / "sft" / checkpoint.NAME)
     assert ckpt["step"] == 1
 
 
@@ -145,7 +147,8 @@ def test_custom_reward_function_replaces_the_reward_model(sft_rm_run, tmp_path, 
     assert record["score"] == pytest.approx(record["task_score_rollout"])  # the score is the rule-based reward
     bad = tiny(out, device, **{"ppo.reward_mode": "sum", "ppo.reward_fn": "rlhf_fast.rlhf.task:no_such_fn"})
     with pytest.raises(ValueError, match="ppo.reward_fn='rlhf_fast.rlhf.task:no_such_fn' cannot be loaded"):
-        pipeline.run_ppo(bad)
+        pipeline.run_ppo(bad, overwrite=True)
+    assert read_metrics(out / "ppo" / "metrics.jsonl")[-1] == record  # refused before anything was removed
 
 
 def test_own_sft_data_is_used_and_no_builtin_task_is_written(tmp_path, device):
@@ -177,7 +180,7 @@ def test_sigkill_mid_ppo_then_cli_resume_matches_uninterrupted(sft_rm_run, tmp_p
         time.sleep(0.02)
     proc.kill()
     proc.wait()
-    assert torch.load(killed / "ppo" / "checkpoint.pt", weights_only=False)["step"] < 6
+    assert checkpoint.load(killed / "ppo" / checkpoint.NAME)["step"] < 6
     done = subprocess.run([sys.executable, "-m", "rlhf_fast", "ppo", "--resume", str(killed)], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

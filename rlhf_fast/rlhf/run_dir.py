@@ -1,0 +1,231 @@
+"""What a stage checks before it writes anything into its run directory, and how it then claims it.
+
+``preflight`` validates all a stage can know before training (device, backend, distributed launch, thread
+count, tokenizer, data files, reward function, the checkpoints it starts from, the state of the run
+directory) and raises ``ValueError`` with one line naming the problem; it writes nothing, so a launch that
+fails there leaves an existing run exactly as it was. ``claim`` then prepares the directory: stale temp
+files removed, ``--overwrite`` carried out, the resolved config recorded, at the top (what ``--resume`` of
+the whole run reads) and with the stage (``<stage>/config.yaml``, next to what it trained).
+
+A stage is finished when ``<stage>/result.json`` exists (written last, with what the stage adds to
+summary.json). A stage folder with a checkpoint or metrics is never replaced silently: rerunning it needs
+``--resume`` (continue; a finished stage is skipped) or ``--overwrite`` (start again; the later stages,
+built on it, are removed too).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import checkpoint
+from .config import Config, ModelConfig, save_config
+from .run_io import remove_stale_temps
+
+ORDER = ("sft", "rm", "ppo")
+RESULT = "result.json"
+
+
+@dataclass
+class Plan:
+    cfg: Config  # the config the stage runs with (model architecture taken from its init checkpoint)
+    out: Path
+    stage: str
+    resume: bool
+    finished: bool  # resume of a finished stage: nothing to do
+    remove: list[Path]  # what --overwrite removes: this stage's folder and the later stages'
+
+
+def stage_results(stage_dir: Path) -> list[Path]:
+    """The files that show a stage has run in `stage_dir` (checkpoint, metrics, result)."""
+    names = (checkpoint.NAME, checkpoint.LEGACY_NAME, "metrics.jsonl", RESULT)
+    return [stage_dir / n for n in names if (stage_dir / n).is_file()]
+
+
+def is_finished(stage_dir: Path) -> bool:
+    return (stage_dir / RESULT).is_file()
+
+
+def stage_init(value: str, out: Path, stage: str) -> str:
+    """'sft' / 'rm' -> this run's checkpoint of that stage; anything else is a path."""
+    return str(checkpoint.stage_checkpoint(out / stage)) if value == stage else value
+
+
+def _inits(cfg: Config, out: Path, stage: str) -> list[tuple[str, str, str]]:
+    """(config key, checkpoint path, earlier stage or '') of the checkpoints `stage` starts from."""
+    if stage == "sft":
+        return [("sft.init", cfg.sft.init, "")] if cfg.sft.init else []
+    if stage == "rm":
+        return [("rm.init", stage_init(cfg.rm.init, out, "sft"), "sft" if cfg.rm.init == "sft" else "")] \
+            if cfg.rm.init else []
+    return [("ppo.policy_init", stage_init(cfg.ppo.policy_init, out, "sft"),
+             "sft" if cfg.ppo.policy_init == "sft" else ""),
+            ("ppo.reward_init", stage_init(cfg.ppo.reward_init, out, "rm"),
+             "rm" if cfg.ppo.reward_init == "rm" else "")]
+
+
+def _model_of(meta: dict) -> dict:
+    state = meta.get("model") or meta.get("policy") or {}
+    return state.get("config") or {}
+
+
+def adopt_architecture(cfg: Config, gpt_config: dict) -> Config:
+    """`cfg` with the model section of the checkpoint it starts from (its fields that the checkpoint's
+    GPTConfig records), so the recorded config says what was trained."""
+    cfg = copy.deepcopy(cfg)
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in gpt_config and gpt_config[f.name] is not None:
+            setattr(cfg.model, f.name, gpt_config[f.name])
+    return cfg
+
+
+def _check_writable(out: Path) -> None:
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"run.out={str(out)!r}: {str(parent)!r} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"run.out={str(out)!r}: {str(parent)!r} is not writable (permission denied); "
+                         "choose another --out")
+
+
+def check_tokenizer(spec: str):
+    """The tokenizer named by run.tokenizer, or ValueError saying what to install or fix."""
+    from .tokenizer import get_tokenizer
+    try:
+        return get_tokenizer(spec)
+    except ImportError as exc:
+        package = "tiktoken" if spec.startswith("tiktoken:") else "transformers"
+        raise ValueError(f"run.tokenizer={spec!r} needs the {package} package ({exc}): "
+                         "pip install 'rlhf_fast[tokenizers]'") from None
+    except (OSError, KeyError) as exc:
+        raise ValueError(f"run.tokenizer={spec!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
+
+
+def read_data(path, keys):
+    """`read_jsonl`, with a non-UTF-8 file reported as ValueError naming file and line."""
+    from .data import read_jsonl
+    try:
+        return read_jsonl(path, keys)
+    except UnicodeDecodeError as exc:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 text ({exc.reason}); data files must be "
+                                     "UTF-8 encoded JSONL") from None
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from None
+
+
+def load_callable(spec: str, key: str = "ppo.reward_fn"):
+    """'module:function' -> the function. The working directory is on the import path, as with
+    `python -m`, so a module next to where the command runs is found."""
+    import importlib
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"{key} must be 'module:function', got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"{key}={spec!r} cannot be loaded: {exc}") from None
+    except Exception as exc:  # the module itself failed while importing
+        raise ValueError(f"{key}={spec!r}: importing {module!r} raised {type(exc).__name__}: {exc}") from None
+    if not callable(fn):
+        raise ValueError(f"{key}={spec!r} is not callable (it is a {type(fn).__name__})")
+    return fn
+
+
+def _check_data(cfg: Config, stage: str, tok) -> None:
+    from .data import PPO_KEYS, RM_KEYS, SFT_KEYS, tokenize_pairs, tokenize_prompts, tokenize_sft
+    block, new = cfg.model.block_size, cfg.ppo.max_new_tokens
+    files = {"sft": [(cfg.sft.data, SFT_KEYS, lambda ls: tokenize_sft(ls, tok, block))],
+             "rm": [(p, RM_KEYS, lambda ls: tokenize_pairs(ls, tok, block)) for p in (cfg.rm.data, cfg.rm.eval_data)],
+             "ppo": [(cfg.ppo.prompts, PPO_KEYS, lambda ls: tokenize_prompts(ls, tok, block, new))]}[stage]
+    if cfg.ppo.eval_prompts and stage in ("sft", "ppo"):
+        files.append((cfg.ppo.eval_prompts, PPO_KEYS, lambda ls: tokenize_prompts(ls, tok, block, new)))
+    for path, keys, tokenize in files:
+        if path:
+            tokenize(read_data(path, keys))
+
+
+def preflight(cfg: Config, stage: str, resume: bool, overwrite: bool, earlier: tuple[str, ...] = ()) -> Plan:
+    """Check everything `stage` needs before it touches `cfg.run.out`; ValueError with one line if anything
+    is wrong. `earlier`: stages that run before this one in the same command (their checkpoints will exist).
+    """
+    from .runtime import check_runtime
+    if resume and overwrite:
+        raise ValueError("--resume continues a run and --overwrite starts it again: pass one of them")
+    out = Path(cfg.run.out)
+    check_runtime(cfg)
+    _check_writable(out)
+    stage_dir = out / stage
+    finished = resume and is_finished(stage_dir)
+    if not resume and not overwrite and stage_results(stage_dir):
+        what = "a finished" if is_finished(stage_dir) else "an unfinished"
+        hint = "" if is_finished(stage_dir) else f"continue it with --resume {out}, or "
+        raise ValueError(f"{stage_dir} already holds {what} {stage} stage; {hint}pass --overwrite to replace it "
+                         "(and the later stages built on it), or choose a new --out")
+    if finished:
+        return Plan(cfg, out, stage, resume, True, [])
+    tok = check_tokenizer(cfg.run.tokenizer)
+    _check_data(cfg, stage, tok)
+    if cfg.ppo.reward_fn and stage == "ppo" or (cfg.ppo.eval_prompts and stage in ("sft", "ppo")):
+        load_callable(cfg.ppo.reward_fn)
+    for key, path, made_by in _inits(cfg, out, stage):
+        if made_by in earlier:
+            continue
+        if made_by and not Path(path).is_file():
+            raise ValueError(f"{key}={made_by!r} needs this run's {made_by} stage, but {path} does not exist: "
+                             f"run `rlhf-fast {made_by} --out {out}` first, or give {key} a checkpoint path")
+        meta = checkpoint.read_meta(path)
+        if key in ("sft.init", "rm.init", "ppo.policy_init"):
+            cfg = adopt_architecture(cfg, _model_of(meta))
+    if resume:
+        own = checkpoint.stage_checkpoint(stage_dir)
+        if own.is_file():
+            checkpoint.read_meta(own)
+    later = ORDER[ORDER.index(stage):] if overwrite else ()
+    return Plan(cfg, out, stage, resume, False, [out / s for s in later if (out / s).exists()])
+
+
+def claim(plan: Plan, is_main: bool) -> None:
+    """Prepare the run directory for the stage of `plan` (main rank only): stale temp files, --overwrite,
+    the recorded configs. Prints one line for what --overwrite removes."""
+    if not is_main:
+        return
+    out, stage_dir = plan.out, plan.out / plan.stage
+    if plan.remove:
+        print(f"rlhf-fast {plan.stage}: --overwrite: removing {', '.join(str(p) for p in plan.remove)}", flush=True)
+        summary_path = out / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        for d in plan.remove:
+            if summary is not None and (d / RESULT).is_file():
+                for key in json.loads((d / RESULT).read_text()):
+                    summary.pop(key, None)
+            shutil.rmtree(d)
+        if summary is not None:
+            summary.pop("seconds", None)  # the whole demo's time no longer describes the run
+            from .run_io import atomic_write_json
+            atomic_write_json(summary, summary_path)
+        (out / "demo.png").unlink(missing_ok=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    for d in (out, stage_dir, out / "data", stage_dir / "plots"):
+        remove_stale_temps(d)
+    save_config(plan.cfg, out / "config.yaml")
+    save_config(plan.cfg, stage_dir / "config.yaml")
+
+
+def finish(plan: Plan, is_main: bool, result: dict) -> None:
+    """Mark the stage finished, with the values it added to summary.json."""
+    if is_main:
+        from .run_io import atomic_write_json
+        atomic_write_json(result, plan.out / plan.stage / RESULT)
