@@ -79,6 +79,8 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "transformers", "scipy", "safetensors"],
         "train": ["tqdm", "matplotlib", "pyyaml", "safetensors"],
+        # run.tokenizer='tiktoken:<encoding>' or 'hf:<local dir>'
+        "tokenizers": ["tiktoken", "transformers"],
     },
     entry_points={"console_scripts": ["rlhf-fast = rlhf_fast.cli:main"]},
     ext_modules=ext_modules,

@@ -37,7 +37,7 @@ def answer(run_dir, prompt: str, stage: str = "ppo", *, max_new_tokens: int | No
     state = checkpoint.load(path)
     policy = load_model(state["policy" if stage == "ppo" else "model"], torch.device(device)).eval()
     tok = check_tokenizer(cfg.run.tokenizer)
-    new = max_new_tokens or cfg.ppo.max_new_tokens
+    new = cfg.ppo.max_new_tokens if max_new_tokens is None else max_new_tokens
     if new <= 0 or temperature < 0:
         raise ValueError(f"need max_new_tokens > 0 and temperature >= 0, got {new} and {temperature}")
     ids = tokenize_prompts([Line("--prompt", {"prompt": prompt})], tok, policy.config.block_size, new)

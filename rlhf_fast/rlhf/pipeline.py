@@ -13,6 +13,7 @@ Run directory layout (``cfg.run.out``)::
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 
 from .config import Config
 from .data import PPO_KEYS, read_jsonl, tokenize_prompts
-from .run_io import atomic_write_json, plot_metrics
+from .run_io import atomic_write_json, plot_metrics, remove_stale_temps
 from .checkpoint import stage_checkpoint
 from .run_dir import ORDER, Plan, claim, finish, is_finished, load_callable, preflight, stage_init
 from .runtime import Runtime, load_checkpoint, load_model, setup_runtime, wrap_model
@@ -40,6 +41,9 @@ def _begin(cfg: Config, stage: str, resume: bool, overwrite: bool) -> tuple[Plan
     plan = preflight(cfg, stage, resume, overwrite)
     if plan.finished:
         print(f"rlhf-fast {stage}: {plan.out / stage} is finished; nothing to resume", flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            for d in (plan.out, plan.out / stage):
+                remove_stale_temps(d)
         return plan, None
     rt = setup_runtime(plan.cfg)
     claim(plan, rt.is_main)
