@@ -65,7 +65,8 @@ def test_failed_launches_leave_a_finished_run_untouched(run, device, tmp_path, c
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("ppo:\n  lr: 1e-4\n   kl_coef: 0.1\nrun:\n  seed: 1\n")  # line 3 is indented wrongly
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setitem(sys.modules, "tiktoken", None)  # not installed: `import tiktoken` raises ImportError
+    for package in ("tiktoken", "transformers"):  # not installed: `import <package>` raises ImportError
+        monkeypatch.setitem(sys.modules, package, None)
     cases = [  # (extra argv, what the one-line error must say)
         (["--ppo.temperature=0"], "ppo.temperature must be > 0"),
         (["--overwrite", "--ppo.temperature=0"], "ppo.temperature must be > 0"),
@@ -78,6 +79,7 @@ def test_failed_launches_leave_a_finished_run_untouched(run, device, tmp_path, c
         (["--overwrite", "--run.distributed=ddp"], "needs the processes torchrun starts"),
         (["--overwrite", "--run.backend=triton"], "run.backend='triton' cannot run"),
         (["--overwrite", "--run.tokenizer=tiktoken:gpt2"], "pip install 'rlhf_fast[tokenizers]'"),
+        (["--overwrite", f"--run.tokenizer=hf:{tmp_path}"], "needs the transformers package"),
         (["--overwrite", f"--config={bad_yaml}"], f"{bad_yaml}:3: YAML syntax error"),
         (["--overwrite", "--ppo.policy_init=nowhere.safetensors"], "nowhere.safetensors' does not exist"),
     ]
@@ -212,6 +214,12 @@ def test_unwritable_out_and_ctrl_c_are_one_line(tmp_path, device, capsys, monkey
     rc, err = _main(["sft", *_args(tmp_path / "ro" / "run", device)], capsys)
     assert rc == 1 and "is not writable" in err
     monkeypatch.undo()
+
+    def denied(cfg, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "sft" / "metrics.jsonl"))
+    monkeypatch.setattr(pipeline, "run_sft", denied)
+    rc, err = _main(["sft", *_args(tmp_path / "run", device)], capsys)
+    assert rc == 1 and err == f"rlhf-fast sft: error: Permission denied: {tmp_path / 'run' / 'sft' / 'metrics.jsonl'}"
 
     def interrupted(cfg, **kwargs):
         raise KeyboardInterrupt
