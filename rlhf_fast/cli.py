@@ -83,7 +83,8 @@ def parse(argv: list[str] | None = None):
         overrides[key] = value
     base = None
     if args.resume:  # the stage's own record of what it trained, else the run's last one
-        candidates = [Path(args.resume) / d / name for d in (args.stage, ".") for name in ("config.yaml", "config.json")]
+        candidates = [Path(args.resume) / d / name for d in (args.stage, ".")
+                      for name in ("config.yaml", "config.json")]
         saved = next((p for p in candidates if p.is_file()), None)
         if saved is None:
             raise ValueError(f"--resume: {str(candidates[2])!r} does not exist (not a run directory?)")

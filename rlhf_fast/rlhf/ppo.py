@@ -129,8 +129,8 @@ def train_ppo(cfg, rt: Runtime, tok, models: dict, prompts: list[list[int]], pro
     start = 0
     if resume_state is not None:
         saved = resume_state["optimizers"]
-        start = resume_training(resume_state, str(checkpoint.stage_checkpoint(stage_dir)), [(models[k], opts[k], saved[k]) for k in opts],
-                                sampler)
+        start = resume_training(resume_state, str(checkpoint.stage_checkpoint(stage_dir)),
+                                [(models[k], opts[k], saved[k]) for k in opts], sampler)
         kl_ctl.load_state_dict(resume_state["kl_ctl"])
     log = StageLog(cfg, rt, stage_dir, "ppo", c.steps, start)
     if start == 0 and eval_fn is not None:

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import rlhf_fast
 from rlhf_fast.rlhf import checkpoint, pipeline

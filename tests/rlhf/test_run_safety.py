@@ -13,7 +13,6 @@ import torch
 
 from rlhf_fast import cli
 from rlhf_fast.rlhf import checkpoint, pipeline
-from rlhf_fast.rlhf.run_io import read_metrics
 
 from .test_pipeline import TINY, tiny
 
