@@ -10,7 +10,7 @@ the whole run reads) and with the stage (``<stage>/config.yaml``, next to what i
 A stage is finished when ``<stage>/result.json`` exists (written last, with what the stage adds to
 summary.json). A stage folder with a checkpoint or metrics is never replaced silently: rerunning it needs
 ``--resume`` (continue; a finished stage is skipped) or ``--overwrite`` (start again; the later stages,
-built on it, are removed too).
+built on it, go too: they wait in ``<out>/.replaced`` until the new stage finishes).
 """
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ from pathlib import Path
 
 from . import checkpoint
 from .config import Config, ModelConfig, save_config
-from .run_io import remove_stale_temps
+from .run_io import atomic_write_json, remove_stale_temps
 
 ORDER = ("sft", "rm", "ppo")
 RESULT = "result.json"
+REPLACED = ".replaced"
 
 
 @dataclass
@@ -197,6 +198,32 @@ def preflight(cfg: Config, stage: str, resume: bool, overwrite: bool, earlier: t
     return Plan(cfg, out, stage, resume, False, [out / s for s in later if (out / s).exists()])
 
 
+def _set_aside(plan: Plan) -> None:
+    """--overwrite: move the stage's folder and the later stages' to <out>/.replaced, where they stay until
+    the new stage finishes, so a new attempt that fails (a NaN at step 1) loses nothing. When .replaced
+    already exists, the last --overwrite never finished: it keeps its (older, complete) results, and the
+    folders of the failed attempt are deleted instead."""
+    out, aside = plan.out, plan.out / REPLACED
+    keep = aside.exists()
+    verb = "removing the unfinished attempt" if keep else f"moving aside to {aside} (deleted when it finishes)"
+    print(f"rlhf-fast {plan.stage}: --overwrite: {verb}: {', '.join(str(p) for p in plan.remove)}", flush=True)
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    aside.mkdir(exist_ok=True)
+    for d in plan.remove:
+        if summary is not None and (d / RESULT).is_file():
+            for key in json.loads((d / RESULT).read_text()):
+                summary.pop(key, None)
+        if keep:
+            shutil.rmtree(d)
+        else:
+            d.rename(aside / d.name)
+    if summary is not None:
+        summary.pop("seconds", None)  # the whole demo's time no longer describes the run
+        atomic_write_json(summary, summary_path)
+    (out / "demo.png").unlink(missing_ok=True)
+
+
 def claim(plan: Plan, is_main: bool) -> None:
     """Prepare the run directory for the stage of `plan` (main rank only): stale temp files, --overwrite,
     the recorded configs. Prints one line for what --overwrite removes."""
@@ -204,19 +231,7 @@ def claim(plan: Plan, is_main: bool) -> None:
         return
     out, stage_dir = plan.out, plan.out / plan.stage
     if plan.remove:
-        print(f"rlhf-fast {plan.stage}: --overwrite: removing {', '.join(str(p) for p in plan.remove)}", flush=True)
-        summary_path = out / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-        for d in plan.remove:
-            if summary is not None and (d / RESULT).is_file():
-                for key in json.loads((d / RESULT).read_text()):
-                    summary.pop(key, None)
-            shutil.rmtree(d)
-        if summary is not None:
-            summary.pop("seconds", None)  # the whole demo's time no longer describes the run
-            from .run_io import atomic_write_json
-            atomic_write_json(summary, summary_path)
-        (out / "demo.png").unlink(missing_ok=True)
+        _set_aside(plan)
     stage_dir.mkdir(parents=True, exist_ok=True)
     for d in (out, stage_dir, out / "data", stage_dir / "plots"):
         remove_stale_temps(d)
@@ -225,7 +240,7 @@ def claim(plan: Plan, is_main: bool) -> None:
 
 
 def finish(plan: Plan, is_main: bool, result: dict) -> None:
-    """Mark the stage finished, with the values it added to summary.json."""
+    """Mark the stage finished, with the values it added to summary.json; what --overwrite set aside goes."""
     if is_main:
-        from .run_io import atomic_write_json
         atomic_write_json(result, plan.out / plan.stage / RESULT)
+        shutil.rmtree(plan.out / REPLACED, ignore_errors=True)

@@ -97,8 +97,8 @@ def test_rerun_is_refused_and_overwrite_removes_later_stages(run, device, capsys
     # train SFT again, wider (64); the reward model and PPO were built on the old one: removed, and said so
     cfg = tiny(run, device, **{"model.n_embd": 64})
     pipeline.run_sft(cfg, overwrite=True)
-    assert "--overwrite: removing" in capsys.readouterr().out
-    assert not (run / "rm").exists() and not (run / "ppo").exists()
+    assert "--overwrite: moving aside" in capsys.readouterr().out
+    assert not (run / "rm").exists() and not (run / "ppo").exists() and not (run / ".replaced").exists()
     summary = json.loads((run / "summary.json").read_text())
     assert "rm_accuracy" not in summary and "task_score_ppo" not in summary and "task_score_sft" in summary
     # a plain `rm` (its config says n_embd 32) trains and records the architecture of the checkpoint it starts from
@@ -108,6 +108,18 @@ def test_rerun_is_refused_and_overwrite_removes_later_stages(run, device, capsys
         assert "n_embd: 64" in (run / config).read_text(), config
     for stage, key in (("rm", "model"), ("ppo", "policy")):
         assert checkpoint.load(run / stage / checkpoint.NAME)[key]["config"]["n_embd"] == 64
+
+
+def test_overwrite_that_fails_keeps_the_replaced_results(run, device, nan_reward, capsys):
+    from rlhf_fast.rlhf.runtime import NonFiniteError
+    old = (run / "ppo" / "metrics.jsonl").read_bytes()
+    cfg = tiny(run, device, **{"ppo.reward_mode": "sum", "ppo.reward_fn": "nan_reward_mod:reward"})
+    for attempt in range(2):  # a second failed attempt must not replace the results kept by the first
+        with pytest.raises(NonFiniteError, match="ppo step 1: reward is not finite"):
+            pipeline.run_ppo(cfg, overwrite=True)
+        assert (run / ".replaced" / "ppo" / "metrics.jsonl").read_bytes() == old, attempt
+    pipeline.run_ppo(tiny(run, device, **{"ppo.steps": 1}), overwrite=True)
+    assert not (run / ".replaced").exists()
 
 
 def test_unfinished_stage_needs_resume_or_overwrite(run, device, capsys):
