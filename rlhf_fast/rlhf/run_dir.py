@@ -200,13 +200,12 @@ def preflight(cfg: Config, stage: str, resume: bool, overwrite: bool, earlier: t
 
 def _set_aside(plan: Plan) -> None:
     """--overwrite: move the stage's folder and the later stages' to <out>/.replaced, where they stay until
-    the new stage finishes, so a new attempt that fails (a NaN at step 1) loses nothing. When .replaced
-    already exists, the last --overwrite never finished: it keeps its (older, complete) results, and the
-    folders of the failed attempt are deleted instead."""
+    the new stage finishes, so a new attempt that fails (a NaN at step 1) loses nothing. A stage already in
+    .replaced (the last --overwrite never finished) keeps the results there, and its folder in the run,
+    made by the failed attempt, is deleted instead."""
     out, aside = plan.out, plan.out / REPLACED
-    keep = aside.exists()
-    verb = "removing the unfinished attempt" if keep else f"moving aside to {aside} (deleted when it finishes)"
-    print(f"rlhf-fast {plan.stage}: --overwrite: {verb}: {', '.join(str(p) for p in plan.remove)}", flush=True)
+    print(f"rlhf-fast {plan.stage}: --overwrite: moving aside to {aside} (deleted when {plan.stage} finishes): "
+          f"{', '.join(str(p) for p in plan.remove)}", flush=True)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     aside.mkdir(exist_ok=True)
@@ -214,7 +213,7 @@ def _set_aside(plan: Plan) -> None:
         if summary is not None and (d / RESULT).is_file():
             for key in json.loads((d / RESULT).read_text()):
                 summary.pop(key, None)
-        if keep:
+        if (aside / d.name).exists():
             shutil.rmtree(d)
         else:
             d.rename(aside / d.name)

@@ -14,7 +14,7 @@ import signal
 
 import pytest
 
-from rlhf_fast.rlhf import checkpoint, pipeline, run_io
+from rlhf_fast.rlhf import checkpoint, pipeline, run_dir, run_io
 
 from .test_pipeline import tiny
 
@@ -88,7 +88,7 @@ KILLS = [
                                                        during=lambda o, d, p: _half_write(d, p))),
     ("mid summary.json write", lambda: _kill_at(pipeline, "atomic_write_json", 1, match=_path_is("summary.json"),
                                                 during=lambda o, obj, p, *a: _half_json(obj, p))),
-    ("mid result.json write", lambda: _kill_at(run_io, "atomic_write_json", 1, match=_path_is("result.json"),
+    ("mid result.json write", lambda: _kill_at(run_dir, "atomic_write_json", 1, match=_path_is("result.json"),
                                                during=lambda o, obj, p, *a: _half_json(obj, p))),
 ]
 
