@@ -206,7 +206,8 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_range: float, *, clip_range_high: float | None = None,
-                dual_clip: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                dual_clip: float | None = None, loss_agg: str | None = None,
+                max_len: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), to minimize.
 
     logprobs: (B, T) log pi(a_t|s_t) under the current policy (differentiable); old_logprobs,
@@ -229,6 +230,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     ``approx_kl`` is the k3 estimator of KL(pi_old || pi) (Schulman, "Approximating KL
     divergence"): unbiased for samples from pi_old and never negative, as CleanRL logs it.
     Half-precision inputs are upcast to float32 (the ratio is compared with 1 +- clip_range).
+    ``loss_agg`` (with ``max_len``) reduces the per-token losses with ``critic_free.aggregate_loss``
+    instead of the masked mean (GRPO / Dr. GRPO token weighting); the stats stay token means.
     Returns ``(pg_loss, stats)``; the stats are detached scalars. Padding may hold inf: it is zeroed
     before use, so the loss and the gradient stay finite.
     """
@@ -249,7 +252,11 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         dual_bound = -adv * dual_clip
         dual_active = (adv < 0) & (clipped_losses > dual_bound)
         clipped_losses = torch.where(dual_active, dual_bound, clipped_losses)
-    loss = masked_mean(clipped_losses, mask)
+    if loss_agg is None:
+        loss = masked_mean(clipped_losses, mask)
+    else:
+        from .critic_free import aggregate_loss  # critic_free builds on this module
+        loss = aggregate_loss(clipped_losses, mask, loss_agg, max_len=max_len)
     with torch.no_grad():
         clipped = pg_losses_clipped > pg_losses
         stats = {

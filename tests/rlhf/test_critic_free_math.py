@@ -188,3 +188,32 @@ def test_policy_loss_unchanged_when_new_options_are_off(device):
         policy_loss(lp, old, adv, mask, 0.2, dual_clip=1.0)
     with pytest.raises(ValueError, match="clip_range_high"):
         policy_loss(lp, old, adv, mask, 0.2, clip_range_high=0.0)
+
+
+@pytest.mark.parametrize("mode", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
+def test_policy_loss_aggregation_by_definition(device, mode):
+    """policy_loss(loss_agg=...) against a float64 loop over the per-token clipped losses."""
+    B, T, max_len, lo, hi = 5, 13, 16, 0.2, 0.28
+    g = torch.Generator().manual_seed(11)
+    lp, old, adv = (torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3 for _ in range(3))
+    mask = torch.rand(B, T, generator=g) > 0.4
+    mask[:, 0] = True
+    per_row = []
+    for b in range(B):
+        losses = []
+        for t in range(T):
+            if mask[b, t]:
+                r, a = math.exp(lp[b, t] - old[b, t]), float(adv[b, t])
+                losses.append(max(-a * r, -a * min(max(r, 1 - lo), 1 + hi)))
+        per_row.append(losses)
+    if mode == "seq_mean_token_mean":
+        want = statistics.fmean(sum(row) / len(row) for row in per_row)
+    elif mode == "token_mean":
+        want = sum(map(sum, per_row)) / sum(map(len, per_row))
+    else:
+        want = sum(map(sum, per_row)) / (B * max_len)
+    got, stats = policy_loss(lp.to(device), old.to(device), adv.to(device), mask.to(device), lo, clip_range_high=hi,
+                             loss_agg=mode, max_len=max_len)
+    torch.testing.assert_close(got, t64(want, device), **F64)
+    _, base_stats = policy_loss(lp.to(device), old.to(device), adv.to(device), mask.to(device), lo, clip_range_high=hi)
+    assert torch.equal(stats["clipfrac"], base_stats["clipfrac"])  # the stats stay token means
