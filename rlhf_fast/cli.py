@@ -4,6 +4,8 @@
     rlhf-fast sft --out runs/x --sft.data=my_sft.jsonl  # one stage, own data
     rlhf-fast ppo --config ppo.yaml --ppo.kl_coef=0.02  # YAML/JSON file, then overrides
     rlhf-fast ppo --resume runs/x                       # continue a killed run from its last checkpoint
+    rlhf-fast demo --algo grpo --out runs/g             # built-in task: SFT -> GRPO on verifiable answers
+    rlhf-fast rl --rl.algo=rloo --rl.reward_fn=my:fn    # critic-free RL (--rl.algo=ppo: the ppo stage)
     torchrun --nproc_per_node=2 -m rlhf_fast ppo ...    # DDP (FSDP2 with --run.distributed=fsdp)
 
 Every field of the config is an option `--<section>.<field>=<value>`; `rlhf-fast <stage> --help` lists
@@ -21,7 +23,9 @@ STAGES = {
     "sft": ("supervised fine-tuning on prompt -> response demonstrations", ("run", "model", "task", "sft")),
     "rm": ("reward model on preference pairs (Bradley-Terry loss)", ("run", "model", "task", "rm")),
     "ppo": ("PPO against the reward model with a KL penalty to the SFT policy", ("run", "model", "task", "ppo")),
-    "demo": ("the whole pipeline on the built-in sorting task", ("run", "model", "task", "sft", "rm", "ppo")),
+    "demo": ("the whole pipeline on the built-in sorting task", ("run", "model", "task", "sft", "rm", "ppo", "rl")),
+    "rl": ("RL by --rl.algo: ppo (the ppo stage), or critic-free grpo, dr_grpo, rloo, reinforce_pp",
+           ("run", "model", "task", "ppo", "rl")),
 }
 
 
@@ -35,13 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .rlhf.config import SECTIONS, field_help
     parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    sub = parser.add_subparsers(dest="stage", required=True, metavar="{sft,rm,ppo,demo}")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="{sft,rm,ppo,demo,rl}")
     for stage, (what, sections) in STAGES.items():
         p = sub.add_parser(stage, help=what, description=what, allow_abbrev=False)
         p.add_argument("--config", metavar="FILE", help="YAML or JSON config file, nested by section")
         p.add_argument("--out", metavar="DIR", help="run directory (same as --run.out)")
         p.add_argument("--resume", metavar="DIR",
                        help="continue the run in DIR from its last checkpoints, with its saved config")
+        if stage == "demo":
+            p.add_argument("--algo", dest="rl.algo", default=argparse.SUPPRESS,
+                           choices=["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp"],
+                           help="ppo: SFT -> reward model -> PPO (default); otherwise SFT -> this critic-free "
+                                "algorithm on the task's verifiable answers (same as --rl.algo)")
         for section in sections:
             cls = SECTIONS[section]
             group = p.add_argument_group(f"{section} options")
@@ -89,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .rlhf import pipeline
     from .rlhf.runtime import NonFiniteError
-    runner = {"sft": pipeline.run_sft, "rm": pipeline.run_rm, "ppo": pipeline.run_ppo, "demo": pipeline.run_demo}
+    from .rlhf import rl_pipeline
+    runner = {"sft": pipeline.run_sft, "rm": pipeline.run_rm, "ppo": pipeline.run_ppo, "demo": pipeline.run_demo,
+              "rl": rl_pipeline.run_rl}
     try:
         runner[stage](cfg, resume=resume)
     except (NonFiniteError, ValueError) as exc:

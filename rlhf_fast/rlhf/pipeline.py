@@ -245,7 +245,11 @@ def summary_plot(out: Path) -> Path | None:
 
 
 def run_demo(cfg: Config, resume: bool = False) -> dict:
-    """SFT -> reward model -> PPO on the built-in task; summary.json gets the total `seconds`."""
+    """SFT -> reward model -> PPO on the built-in task; summary.json gets the total `seconds`.
+    With rl.algo other than 'ppo': SFT -> that critic-free algorithm (``rl_pipeline.run_rl_demo``)."""
+    if cfg.rl.algo != "ppo":
+        from .rl_pipeline import run_rl_demo
+        return run_rl_demo(cfg, resume)
     t0 = time.time()
     run_sft(cfg, resume)
     run_rm(cfg, resume)
