@@ -1,0 +1,201 @@
+"""The `rl` stage's critic-free algorithms end to end on a tiny model (seconds each): outputs and metrics,
+advantages against a by-definition float64 loop, the reward-function contract, resume after a stop,
+and 2 gloo processes against 1."""
+import json
+import math
+import shutil
+import statistics
+
+import pytest
+import torch
+
+from rlhf_fast.rlhf import pipeline
+from rlhf_fast.rlhf.critic_free_trainer import advantages, resolve
+from rlhf_fast.rlhf.data import BatchSampler
+from rlhf_fast.rlhf.reward_fns import RewardFunctions
+from rlhf_fast.rlhf.rl_pipeline import run_rl
+from rlhf_fast.rlhf.rollout import Rollout
+from rlhf_fast.rlhf.run_io import read_metrics
+
+from .stop_after import Stop, stop_after
+from .test_distributed import _same_metrics, _torchrun
+from .test_pipeline import tiny
+
+RL = {"rl.steps": 4, "rl.rollout_batch_size": 4, "rl.gen_batch_size": 2, "rl.group_size": 4, "rl.minibatch_size": 8,
+      "rl.max_new_tokens": 5, "rl.eval_every": 2, "rl.ckpt_every": 2}
+UPDATE_KEYS = ("pg_loss", "entropy", "approx_kl", "clipfrac", "clipfrac_low", "clipfrac_high")
+ROLLOUT_KEYS = ("reward_mean", "reward_std", "groups_all_equal", "unscored", "response_len", "task_score_rollout")
+
+
+def rl_cfg(out, device, algo="grpo", **extra):
+    return tiny(out, device, **{**RL, "rl.algo": algo, **extra})
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, device):
+    out = tmp_path_factory.mktemp("sft")
+    pipeline.run_sft(rl_cfg(out, device))
+    return out
+
+
+def copy_of(sft_run, tmp_path, name="run"):
+    out = tmp_path / name
+    shutil.copytree(sft_run, out)
+    return out
+
+
+def test_demo_algo_grpo_writes_the_ppo_demo_summary_keys(tmp_path, device):
+    out = tmp_path / "demo"
+    summary = pipeline.run_demo(rl_cfg(out, device))
+    for key in ("task_score_sft", "task_score_ppo", "rm_accuracy", "kl_final", "seconds"):
+        assert key in summary, key
+    assert summary["rm_accuracy"] is None and summary["algo"] == "grpo"
+    assert summary["task_score_ppo"] == summary["task_score_rl"] is not None
+    assert not (out / "rm").exists() and not (out / "ppo").exists()  # no reward model, no PPO
+    rows = read_metrics(out / "rl" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in rows if "task_score" in r] == [0, 2, 4]
+    for key in UPDATE_KEYS + ROLLOUT_KEYS + ("kl", "kl_loss"):
+        assert all(key in r for r in rows[1:]), key
+    ckpt = torch.load(out / "rl" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 4 and set(ckpt) >= {"policy", "optimizer", "sampler"}
+
+
+@pytest.mark.parametrize("algo", ["dr_grpo", "rloo", "reinforce_pp"])
+def test_each_algorithm_runs_and_logs_its_kl_where_it_belongs(sft_run, tmp_path, device, algo):
+    out = copy_of(sft_run, tmp_path)
+    run_rl(rl_cfg(out, device, algo, **{"rl.steps": 2}))
+    rows = read_metrics(out / "rl" / "metrics.jsonl")[1:]
+    assert len(rows) == 2 and all(k in rows[-1] for k in UPDATE_KEYS + ROLLOUT_KEYS + ("kl",))
+    assert ("kl_loss" in rows[-1]) == (resolve(rl_cfg(out, device, algo).rl)["kl_in"] == "loss")
+
+
+def test_kl_coef_zero_loads_no_reference(sft_run, tmp_path, device, monkeypatch):
+    out = copy_of(sft_run, tmp_path)
+    from rlhf_fast.rlhf import rl_pipeline
+    loads = []
+    real = rl_pipeline.load_model
+    monkeypatch.setattr(rl_pipeline, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    run_rl(rl_cfg(out, device, **{"rl.kl_coef": 0, "rl.steps": 1}))
+    assert len(loads) == 1  # the policy only: no reference, no reward model
+    row = read_metrics(out / "rl" / "metrics.jsonl")[-1]
+    assert "kl" not in row and "kl_loss" not in row
+
+
+def _rollout(scores, kl, mask):
+    B, T = mask.shape
+    z = torch.zeros(B, T, dtype=torch.float64)
+    return Rollout(torch.zeros(B, 1, dtype=torch.long), torch.ones(B, 1, dtype=torch.long), mask, kl, z, z,
+                   scores, torch.full((B,), math.nan), torch.ones(B))
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "rloo", "reinforce_pp"])
+def test_advantages_match_a_float64_loop(device, algo):
+    """The trainer's composition (KL placement, baseline, scale) on random odd-sized input, row by row."""
+    G, n_groups, T, beta = 3, 3, 7, 0.1
+    B = G * n_groups
+    g = torch.Generator().manual_seed(5)
+    mask = (torch.rand(B, T, generator=g) > 0.3).double()
+    mask[:, 0] = 1
+    kl = torch.randn(B, T, generator=g, dtype=torch.float64) * mask  # ref_logprobs 0: kl_per_token k1 = logprobs
+    scores = torch.randn(B, generator=g, dtype=torch.float64)
+    scores[4] = math.nan  # unscored: out of its group's baseline, advantage 0
+    c = rl_cfg("unused", device, algo, **{"rl.group_size": G, "rl.kl_coef": beta, "rl.minibatch_size": 4}).rl
+    preset = resolve(c)
+    _, got = advantages(_rollout(scores, kl, mask), c, preset)
+    valid = [not math.isnan(s) for s in scores.tolist()]
+    want = torch.zeros(B, T, dtype=torch.float64)
+    if algo == "reinforce_pp":  # returns of (score at the last token - beta * kl), whitened over valid tokens
+        for b in range(B):
+            last = max(t for t in range(T) if mask[b, t])
+            r = [(-beta * float(kl[b, t])) + (float(scores[b]) if t == last and valid[b] else 0.0) for t in range(T)]
+            run = 0.0
+            for t in reversed(range(T)):
+                run = run + r[t] if mask[b, t] else 0.0
+                want[b, t] = run
+        toks = [float(want[b, t]) for b in range(B) for t in range(T) if valid[b] and mask[b, t]]
+        mu, sd = statistics.fmean(toks), statistics.stdev(toks)
+        want = torch.tensor([[(float(want[b, t]) - mu) / (sd + 1e-8) if valid[b] and mask[b, t] else 0.0
+                              for t in range(T)] for b in range(B)], dtype=torch.float64)
+    else:
+        seq = [float(scores[b]) - (beta * float(kl[b].sum()) if preset["kl_in"] == "reward" else 0.0)
+               for b in range(B)]
+        for b in range(B):
+            group = [i for i in range(b - b % G, b - b % G + G) if valid[i]]
+            if not valid[b]:
+                continue
+            others = [seq[i] for i in group if i != b] if preset["leave_one_out"] else [seq[i] for i in group]
+            a = seq[b] - statistics.fmean(others)
+            if preset["scale"] == "group":
+                a /= statistics.stdev([seq[i] for i in group]) + 1e-4
+            want[b] = a * mask[b]
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)
+    assert got[4].abs().sum() == 0
+
+
+def fields_echo(prompts, responses, *, answer, level):
+    """A reward function of the JSONL fields: None (unscorable) where level is "skip"."""
+    return [None if lv == "skip" else float(a == r) + len(p) * 0.0 for p, r, a, lv in
+            zip(prompts, responses, answer, level)]
+
+
+def length(prompts, responses, **fields):
+    return [float(len(r)) for r in responses]
+
+
+def test_reward_functions_get_fields_weights_and_none():
+    rf = RewardFunctions(f"{__name__}:fields_echo, {__name__}:length", "2,0.5")
+    rows = [{"prompt": "p", "answer": "12", "level": "a"}, {"prompt": "q", "answer": "3", "level": "skip"},
+            {"prompt": "r", "answer": "45"}]
+    got = rf(["p", "q", "r"], ["12", "3", "4"], rows)
+    assert got[0] == 2 * 1.0 + 0.5 * 2 and math.isnan(got[1]) and got[2] == 0.5 * 1  # level None: scored
+    with pytest.raises(ValueError, match="reward_weights"):
+        RewardFunctions(f"{__name__}:length", "1,2")
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        RewardFunctions("rlhf_fast.nope:fn")
+    bad = RewardFunctions(f"{__name__}:length")
+    bad.fns = [("nan", lambda p, r: [math.nan] * len(r))]
+    with pytest.raises(ValueError, match="finite"):
+        bad(["p"], ["x"], [{"prompt": "p"}])
+    bad.fns = [("short", lambda p, r: [])]
+    with pytest.raises(ValueError, match="one float or None"):
+        bad(["p"], ["x"], [{"prompt": "p"}])
+
+
+def unscorable_odd_answers(prompts, responses, *, answer):
+    """None for prompts whose reference answer has an odd digit sum."""
+    return [None if sum(map(int, a)) % 2 else float(r == a) for r, a in zip(responses, answer)]
+
+
+def test_unscored_responses_are_counted(sft_run, tmp_path, device):
+    out = copy_of(sft_run, tmp_path)
+    cfg = rl_cfg(out, device, **{"rl.steps": 1, "rl.reward_fn": f"{__name__}:unscorable_odd_answers"})
+    run_rl(cfg)
+    prompts = [json.loads(line) for line in (out / "data" / "prompts.jsonl").read_text().splitlines()]
+    batch = BatchSampler(len(prompts), cfg.rl.rollout_batch_size, cfg.run.seed).next()  # the first step's prompts
+    odd = sum(sum(map(int, prompts[i]["answer"])) % 2 for i in batch)
+    assert 0 < odd < len(batch)
+    assert read_metrics(out / "rl" / "metrics.jsonl")[-1]["unscored"] == odd * cfg.rl.group_size
+
+
+def test_resume_after_stop_matches_uninterrupted(sft_run, tmp_path, device):
+    full, killed = copy_of(sft_run, tmp_path, "full"), copy_of(sft_run, tmp_path, "killed")
+    run_rl(rl_cfg(full, device))
+    with pytest.raises(Stop):  # after step 3's update, before its checkpoint (ckpt_every=2): resuming redoes 3
+        run_rl(rl_cfg(killed, device), on_step=stop_after(3))
+    assert torch.load(killed / "rl" / "checkpoint.pt", weights_only=False)["step"] == 2
+    run_rl(rl_cfg(killed, device), resume=True)
+    a, b = read_metrics(killed / "rl" / "metrics.jsonl"), read_metrics(full / "rl" / "metrics.jsonl")
+    if device.type != "cpu":  # bitwise equality is the CPU guarantee
+        assert len(a) == len(b)
+        return
+    assert a == b
+
+
+def test_two_gloo_processes_match_one(sft_run, tmp_path, device):
+    if device.type != "cpu":
+        pytest.skip("the gloo equivalence tests run on CPU")
+    one, two = copy_of(sft_run, tmp_path, "one"), copy_of(sft_run, tmp_path, "two")
+    run_rl(rl_cfg(one, device))
+    _torchrun(["-m", "rlhf_fast"], "rl", two, device, *[f"--{k}={v}" for k, v in {**RL, "rl.algo": "grpo"}.items()])
+    _same_metrics(one, two, "rl")
