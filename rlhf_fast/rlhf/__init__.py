@@ -5,7 +5,7 @@ Stages (each also a CLI subcommand, see ``rlhf_fast.cli``): ``run_sft``, ``run_r
 The PPO math is exposed as small pure functions: ``compute_gae``, ``masked_mean``, ``masked_whiten``,
 ``policy_loss``, ``value_loss`` and friends (``rlhf_fast.rlhf.ppo_math``); the critic-free math
 (GRPO, Dr. GRPO, RLOO, REINFORCE++) as ``group_advantages``, ``aggregate_loss`` and
-``reinforce_pp_advantages`` (``rlhf_fast.rlhf.critic_free``).
+``reinforce_pp_advantages`` (``rlhf_fast.rlhf.critic_free``), trained by ``run_rl`` (``rl.algo``).
 
 Names are loaded lazily so that ``import rlhf_fast.rlhf`` stays cheap.
 """
@@ -27,6 +27,7 @@ _LAZY = {
     "run_rm": "rlhf_fast.rlhf.pipeline",
     "run_ppo": "rlhf_fast.rlhf.pipeline",
     "run_demo": "rlhf_fast.rlhf.pipeline",
+    "run_rl": "rlhf_fast.rlhf.rl_pipeline",
     "NonFiniteError": "rlhf_fast.rlhf.runtime",
 }
 
