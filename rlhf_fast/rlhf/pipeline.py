@@ -10,7 +10,6 @@ Run directory layout (``cfg.run.out``)::
 """
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from pathlib import Path
@@ -76,16 +75,8 @@ def _plots(cfg: Config, stage_dir: Path, stage: str, rt: Runtime) -> None:
 
 
 def _load_callable(spec: str):
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"ppo.reward_fn must be 'module:function', got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"ppo.reward_fn={spec!r} cannot be loaded: {exc}") from None
-    if not callable(fn):
-        raise ValueError(f"ppo.reward_fn={spec!r} is not callable")
-    return fn
+    from .reward_fns import load_function
+    return load_function(spec, "ppo.reward_fn")
 
 
 def _prompts(path, tok, cfg) -> list[list[int]]:

@@ -21,9 +21,10 @@ from .data import PPO_KEYS, read_jsonl
 
 
 def load_function(spec: str, key: str = "rl.reward_fn"):
+    """The callable named by 'module:function'; ValueError naming the config `key` if it cannot be had."""
     module, _, name = spec.strip().partition(":")
     if not module or not name:
-        raise ValueError(f"{key} entries must be 'module:function', got {spec!r}")
+        raise ValueError(f"{key} must be 'module:function', got {spec!r}")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
