@@ -18,7 +18,7 @@ from .config import Config
 from .data import Line, tokenize_prompts
 from .evaluate import task_score
 from .reward_fns import RewardFunctions, read_prompt_records
-from .run_io import plot_metrics
+from .run_io import plot_metrics, read_metrics
 from .runtime import load_checkpoint, load_model, wrap_model
 from .task import task_reward
 
@@ -58,7 +58,7 @@ def run_rl(cfg: Config, resume: bool = False, on_step=None) -> dict:
     if rt.mode == "fsdp":
         raise ValueError("rl.algo other than 'ppo' runs with run.distributed 'none' or 'ddp', not 'fsdp'")
     builtin = not c.prompts
-    data = pipeline._task_data(cfg, rt, out) if builtin or not c.eval_prompts else None
+    data = pipeline._task_data(cfg, rt, out) if builtin else None
     prompts, fields = _records(c.prompts or data["prompts"], tok, cfg)
     spec = c.reward_fn or (BUILTIN_REWARD if builtin else "")
     rewards = RewardFunctions(spec, c.reward_weights) if spec else None
@@ -105,13 +105,16 @@ def run_rl(cfg: Config, resume: bool = False, on_step=None) -> dict:
 
 def run_rl_demo(cfg: Config, resume: bool = False) -> dict:
     """SFT -> cfg.rl.algo on the built-in task, scored by its reference answers. summary.json has the
-    PPO demo's keys: task_score_ppo is the RL stage's final task score (whatever the algorithm) and
-    rm_accuracy is None (no reward model)."""
+    PPO demo's keys: task_score_sft and task_score_ppo are the RL stage's task scores at step 0 (the SFT
+    policy) and at the end, so that they differ by the policy only, not by the evaluation's sampling
+    settings (rl.* rather than ppo.*); rm_accuracy is None (no reward model)."""
     t0 = time.time()
     pipeline.run_sft(cfg, resume)
     summary = run_rl(cfg, resume)
     rt = pipeline.setup_runtime(cfg)
-    summary = pipeline._update_summary(Path(cfg.run.out), rt, rm_accuracy=None,
+    out = Path(cfg.run.out)
+    first = read_metrics(out / "rl" / "metrics.jsonl")[0]
+    summary = pipeline._update_summary(out, rt, rm_accuracy=None, task_score_sft=first.get("task_score"),
                                        task_score_ppo=summary.get("task_score_rl"), seconds=time.time() - t0)
     if rt.is_main:
         print(json.dumps({k: summary.get(k) for k in ("algo", "task_score_sft", "task_score_ppo", "rm_accuracy",

@@ -51,6 +51,7 @@ def test_demo_algo_grpo_writes_the_ppo_demo_summary_keys(tmp_path, device):
         assert key in summary, key
     assert summary["rm_accuracy"] is None and summary["algo"] == "grpo"
     assert summary["task_score_ppo"] == summary["task_score_rl"] is not None
+    assert summary["task_score_sft"] == read_metrics(out / "rl" / "metrics.jsonl")[0]["task_score"]
     assert not (out / "rm").exists() and not (out / "ppo").exists()  # no reward model, no PPO
     rows = read_metrics(out / "rl" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
@@ -199,3 +200,33 @@ def test_two_gloo_processes_match_one(sft_run, tmp_path, device):
     run_rl(rl_cfg(one, device))
     _torchrun(["-m", "rlhf_fast"], "rl", two, device, *[f"--{k}={v}" for k, v in {**RL, "rl.algo": "grpo"}.items()])
     _same_metrics(one, two, "rl")
+
+
+def test_cli_rl_stage_and_demo_algo_flag():
+    from rlhf_fast.cli import parse
+    stage, cfg, _ = parse(["demo", "--algo", "rloo", "--out", "x"])
+    assert stage == "demo" and cfg.rl.algo == "rloo"
+    stage, cfg, _ = parse(["rl", "--rl.algo=dr_grpo", "--rl.clip_range_high=0.28", "--rl.loss_agg=token_mean"])
+    assert (stage, cfg.rl.algo, cfg.rl.clip_range_high, cfg.rl.loss_agg) == ("rl", "dr_grpo", 0.28, "token_mean")
+    with pytest.raises(SystemExit):
+        parse(["demo", "--algo", "ppo2"])
+    with pytest.raises(ValueError, match="rl.group_size must be >= 2"):
+        parse(["rl", "--rl.algo=grpo", "--rl.group_size=1"])
+    with pytest.raises(ValueError, match="rl.dual_clip"):
+        parse(["rl", "--rl.dual_clip=0.5"])
+
+
+def test_own_prompts_without_reward_fn_use_the_reward_model(sft_run, tmp_path, device, monkeypatch):
+    out = copy_of(sft_run, tmp_path)
+    pipeline.run_rm(rl_cfg(out, device))
+    from rlhf_fast.rlhf import rl_pipeline
+    loads = []
+    real = rl_pipeline.load_model
+    monkeypatch.setattr(rl_pipeline, "load_model", lambda *a, **k: loads.append(a[0]["head"]) or real(*a, **k))
+    run_rl(rl_cfg(out, device, "rloo", **{"rl.prompts": str(out / "data" / "prompts.jsonl"), "rl.reward_init": "rm",
+                                          "rl.steps": 1}))
+    assert loads == ["lm", "lm", "reward"]  # policy, reference, reward model
+    row = read_metrics(out / "rl" / "metrics.jsonl")[-1]
+    assert "task_score_rollout" not in row and row["reward_std"] > 0  # scored by the model, not the task
+    with pytest.raises(ValueError, match="rl.reward_fn"):
+        run_rl(rl_cfg(out, device, **{"rl.prompts": str(out / "data" / "prompts.jsonl")}))
