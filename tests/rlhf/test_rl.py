@@ -230,3 +230,16 @@ def test_own_prompts_without_reward_fn_use_the_reward_model(sft_run, tmp_path, d
     assert "task_score_rollout" not in row and row["reward_std"] > 0  # scored by the model, not the task
     with pytest.raises(ValueError, match="rl.reward_fn"):
         run_rl(rl_cfg(out, device, **{"rl.prompts": str(out / "data" / "prompts.jsonl")}))
+
+
+def test_own_eval_prompts_are_scored_by_the_reward_functions_with_their_fields(sft_run, tmp_path, device):
+    out = copy_of(sft_run, tmp_path)
+    data = out / "data"
+    run_rl(rl_cfg(out, device, **{"rl.prompts": str(data / "prompts.jsonl"),
+                                  "rl.eval_prompts": str(data / "eval_prompts.jsonl"),
+                                  "rl.reward_fn": "rlhf_fast.rlhf.task:answer_reward", "rl.steps": 2}))
+    builtin = copy_of(sft_run, tmp_path, "builtin")  # the same prompts as the built-in task: the same scores
+    run_rl(rl_cfg(builtin, device, **{"rl.steps": 2}))
+    a, b = read_metrics(out / "rl" / "metrics.jsonl"), read_metrics(builtin / "rl" / "metrics.jsonl")
+    assert [r.get("task_score") for r in a] == [r.get("task_score") for r in b]
+    assert a[0]["task_score"] is not None
