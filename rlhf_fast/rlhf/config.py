@@ -247,7 +247,8 @@ class RLConfig:
     kl_kind: Literal["k1", "k2", "k3"] = "k1"
     """KL estimator when kl_in='reward'"""
     scale: Literal["auto", "group", "batch", "none"] = "auto"
-    """advantage scale: group std (GRPO), batch std, or none (Dr. GRPO, RLOO); 'auto' = the algorithm's"""
+    """advantage scale: group std (GRPO), batch std, or none (Dr. GRPO, RLOO); 'auto' = the algorithm's
+    (reinforce_pp always whitens its per-token returns over the batch)"""
     loss_agg: Literal["auto", "seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = "auto"
     """how token losses are averaged (GRPO, DAPO, Dr. GRPO); 'auto' = the algorithm's"""
     missing_eos_penalty: float = 0.0

@@ -201,6 +201,8 @@ def train_critic_free(cfg, rt: Runtime, tok, models: dict, prompts: list[list[in
         b = collect_group_rollout(models, [prompts[i] for i in ids], [fields[i] for i in ids], prompt_len, tok,
                                   cfg, rt, step, rewards, scorer)
         check_finite("rl", step, ref_logprobs=b.ref_logprobs)
+        if rewards is None:  # NaN marks an unscored response only when a reward function says so
+            check_finite("rl", step, reward=b.scores)
         kl, adv = advantages(b, c, preset)
         record = rollout_stats(b, kl, c.group_size, models.get("ref") is not None)
         record.update(policy_update(models, opt, b, adv, prompt_len, cfg, rt, step, preset))

@@ -16,6 +16,7 @@ from rlhf_fast.rlhf.reward_fns import RewardFunctions
 from rlhf_fast.rlhf.rl_pipeline import run_rl
 from rlhf_fast.rlhf.rollout import Rollout
 from rlhf_fast.rlhf.run_io import read_metrics
+from rlhf_fast.rlhf.runtime import NonFiniteError
 
 from .stop_after import Stop, stop_after
 from .test_distributed import _same_metrics, _torchrun
@@ -243,3 +244,28 @@ def test_own_eval_prompts_are_scored_by_the_reward_functions_with_their_fields(s
     a, b = read_metrics(out / "rl" / "metrics.jsonl"), read_metrics(builtin / "rl" / "metrics.jsonl")
     assert [r.get("task_score") for r in a] == [r.get("task_score") for r in b]
     assert a[0]["task_score"] is not None
+
+
+def test_algo_ppo_runs_the_ppo_stage(tmp_path, device, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "run_ppo", lambda cfg, resume=False, on_step=None: calls.append(resume) or {})
+    run_rl(rl_cfg(tmp_path, device, "ppo"), resume=True)
+    assert calls == [True] and not (tmp_path / "rl").exists()
+
+
+def test_nan_reward_model_score_stops_the_run(sft_run, tmp_path, device, monkeypatch):
+    """NaN marks an unscored response only when a reward function returns None; from a model it is an error."""
+    out = copy_of(sft_run, tmp_path)
+    pipeline.run_rm(rl_cfg(out, device))
+    from rlhf_fast.rlhf import rl_pipeline
+    real = rl_pipeline.load_model
+
+    def load_model(state, device, *args, **kwargs):
+        model = real(state, device, *args, **kwargs)
+        if state["head"] == "reward":
+            model.forward = lambda seqs, attention_mask=None: torch.full(seqs.shape[:1], math.nan)
+        return model
+    monkeypatch.setattr(rl_pipeline, "load_model", load_model)
+    with pytest.raises(NonFiniteError, match="rl step 1: reward is not finite"):
+        run_rl(rl_cfg(out, device, **{"rl.prompts": str(out / "data" / "prompts.jsonl"), "rl.reward_init": "rm"}))
+    assert not (out / "rl" / "checkpoint.pt").exists()
