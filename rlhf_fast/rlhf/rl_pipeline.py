@@ -90,7 +90,7 @@ def run_rl(cfg: Config, resume: bool = False, on_step=None) -> dict:
                               max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
                               top_p=c.top_p, seed=cfg.run.seed)
     record = train_critic_free(cfg, rt, tok, models, prompts, fields, prompt_len, out / "rl", state,
-                               eval_fn=eval_fn, rewards=rewards, scorer=scorer if builtin else None,
+                               eval_fn=eval_fn, rewards=rewards, scorer=task_reward if builtin else None,
                                on_step=on_step)
     metrics = out / "rl" / "metrics.jsonl"
     if cfg.run.plots and rt.is_main and metrics.is_file():
