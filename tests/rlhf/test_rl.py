@@ -192,6 +192,13 @@ def test_resume_after_stop_matches_uninterrupted(sft_run, tmp_path, device):
         assert len(a) == len(b)
         return
     assert a == b
+    # through the CLI: `rlhf-fast rl --resume DIR` continues a stopped run from its checkpoint, with its saved config
+    from rlhf_fast.cli import main
+    with pytest.raises(Stop):
+        run_rl(rl_cfg(killed, device, **{"rl.steps": 6}), on_step=stop_after(5))
+    assert main(["rl", "--resume", str(killed)]) == 0
+    c = read_metrics(killed / "rl" / "metrics.jsonl")
+    assert [r["step"] for r in c] == [0, 1, 2, 3, 4, 5, 6] and c[:5] == b[:5]
 
 
 def test_two_gloo_processes_match_one(sft_run, tmp_path, device):
