@@ -229,10 +229,10 @@ def _broadcast_prefill(model: GPT, logits: torch.Tensor, cache: KVCache, group_s
                        max_len: int) -> tuple[torch.Tensor, KVCache]:
     """The prefill of B prompts as that of B * G rows: each prompt's logits (B, V) and cache repeated
     for its G consecutive rows, in a new cache of `max_len` slots."""
-    B, P = cache.seqlens.shape[0], cache.max_len
+    L, B, H, P, D = cache.k.shape
     grouped = KVCache(model.config, B * group_size, max_len, cache.k.device, cache.k.dtype)
-    grouped.k[:, :, :, :P] = cache.k.repeat_interleave(group_size, 1)  # (n_layer, B * G, n_kv_head, P, hs)
-    grouped.v[:, :, :, :P] = cache.v.repeat_interleave(group_size, 1)
+    for new, old in ((grouped.k, cache.k), (grouped.v, cache.v)):  # broadcast in place: no (B * G)-row temporary
+        new.view(L, B, group_size, H, max_len, D)[..., :P, :] = old[:, :, None]  # (n_layer, B, G, n_kv_head, P, hs)
     grouped.seqlens.copy_(cache.seqlens.repeat_interleave(group_size, 0))
     return logits.repeat_interleave(group_size, 0), grouped
 
