@@ -6,6 +6,8 @@
     rlhf-fast ppo --resume runs/x                       # continue a killed run from its last checkpoint
     rlhf-fast ppo --out runs/x --overwrite              # train the stage again (later stages removed)
     rlhf-fast sample runs/x --prompt "sort:3915="       # what the trained policy answers
+    rlhf-fast demo --algo grpo --out runs/g             # built-in task: SFT -> GRPO on verifiable answers
+    rlhf-fast rl --rl.algo=rloo --rl.reward_fn=my:fn    # critic-free RL (--rl.algo=ppo: the ppo stage)
     torchrun --nproc_per_node=2 -m rlhf_fast ppo ...    # DDP (FSDP2 with --run.distributed=fsdp)
 
 Every field of the config is an option `--<section>.<field>=<value>`; `rlhf-fast <stage> --help` lists
@@ -23,7 +25,9 @@ STAGES = {
     "sft": ("supervised fine-tuning on prompt -> response demonstrations", ("run", "model", "task", "sft")),
     "rm": ("reward model on preference pairs (Bradley-Terry loss)", ("run", "model", "task", "rm")),
     "ppo": ("PPO against the reward model with a KL penalty to the SFT policy", ("run", "model", "task", "ppo")),
-    "demo": ("the whole pipeline on the built-in sorting task", ("run", "model", "task", "sft", "rm", "ppo")),
+    "demo": ("the whole pipeline on the built-in sorting task", ("run", "model", "task", "sft", "rm", "ppo", "rl")),
+    "rl": ("RL by --rl.algo: ppo (the ppo stage), or critic-free grpo, dr_grpo, rloo, reinforce_pp",
+           ("run", "model", "task", "ppo", "rl")),
 }
 
 
@@ -37,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .rlhf.config import SECTIONS, field_help
     parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    sub = parser.add_subparsers(dest="stage", required=True, metavar="{sft,rm,ppo,demo,sample}")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="{sft,rm,ppo,demo,rl,sample}")
     for stage, (what, sections) in STAGES.items():
         p = sub.add_parser(stage, help=what, description=what, allow_abbrev=False)
         p.add_argument("--config", metavar="FILE", help="YAML or JSON config file, nested by section")
@@ -47,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true",
                        help="train the stage again in a run that has it, removing its results and the later "
                             "stages' (without it, such a run is refused)")
+        if stage == "demo":
+            p.add_argument("--algo", dest="rl.algo", default=argparse.SUPPRESS,
+                           choices=["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp"],
+                           help="ppo: SFT -> reward model -> PPO (default); otherwise SFT -> this critic-free "
+                                "algorithm on the task's verifiable answers (same as --rl.algo)")
         for section in sections:
             cls = SECTIONS[section]
             group = p.add_argument_group(f"{section} options")
@@ -123,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .rlhf import pipeline
     from .rlhf.runtime import NonFiniteError
-    runner = {"sft": pipeline.run_sft, "rm": pipeline.run_rm, "ppo": pipeline.run_ppo, "demo": pipeline.run_demo}
+    from .rlhf import rl_pipeline
+    runner = {"sft": pipeline.run_sft, "rm": pipeline.run_rm, "ppo": pipeline.run_ppo, "demo": pipeline.run_demo,
+              "rl": rl_pipeline.run_rl}
     try:
         runner[stage](cfg, resume=resume, overwrite=overwrite)
     except (NonFiniteError, ValueError) as exc:

@@ -141,7 +141,7 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              eos_token_id: int | None = None, pad_token_id: int = 0, seed: int | None = None,
              use_cache: bool = True, cuda_graph: bool = False,
-             sample_backend: str | None = None) -> GenerationOutput:
+             sample_backend: str | None = None, group_size: int = 1) -> GenerationOutput:
     """Sample up to `max_new_tokens` tokens after each prompt.
 
     prompts: a list of B 1-D int tensors of any lengths >= 1, or a (B, P) int tensor; with a tensor,
@@ -165,6 +165,9 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
         without the graph. seed=None draws the graph's seed from torch's RNG once. NaN/inf logits
         are not checked under the graph (the check is a host sync): such a row yields token -1.
         Only the EOS test every few steps syncs with the host, outside the graph.
+    group_size: G >= 1 samples per prompt, returned as B * G rows (prompt b's samples are rows
+        b*G .. b*G + G-1). With the cache, each prompt is prefilled once and its cache broadcast to its
+        G rows, and the rows are then sampled exactly as if each prompt had been given G times.
 
     Prompt length + max_new_tokens must fit in model.config.block_size. The model is not switched to
     eval mode: call model.eval() first if it has dropout.
@@ -173,8 +176,14 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
         raise ValueError("model must be a GPT with head='lm'")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
     device = next(model.parameters()).device
     idx, lengths, prompts_left, prompt_mask = _right_pad(prompts, attention_mask, pad_token_id, device)
+    if group_size > 1:
+        prompts_left, prompt_mask = (t.repeat_interleave(group_size, 0) for t in (prompts_left, prompt_mask))
+        if not use_cache:  # the no-cache oracle simply runs every row
+            idx, lengths = idx.repeat_interleave(group_size, 0), lengths.repeat_interleave(group_size, 0)
     B, P = idx.shape
     if P + max_new_tokens > model.config.block_size:
         raise ValueError(f"longest prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds "
@@ -189,8 +198,11 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
     if use_cache:
         cache_dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                        else next(model.parameters()).dtype)
-        cache = KVCache(model.config, B, P + max_new_tokens, device, cache_dtype)
+        # grouped: the prompts' own cache holds only their P slots; the G-fold one gets room to decode
+        cache = KVCache(model.config, B, P if group_size > 1 else P + max_new_tokens, device, cache_dtype)
         logits = prefill(model, idx, lengths, cache)
+        if group_size > 1:
+            logits, cache = _broadcast_prefill(model, logits, cache, group_size, P + max_new_tokens)
         recompute = None
     else:
         cache = None
@@ -211,6 +223,18 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
         tokens, logprobs, mask = decode_n_tokens(model, logits, cache, max_new_tokens, sampling, eos_token_id,
                                                  pad_token_id, recompute)
     return GenerationOutput(tokens, logprobs, mask, prompts_left, prompt_mask)
+
+
+def _broadcast_prefill(model: GPT, logits: torch.Tensor, cache: KVCache, group_size: int,
+                       max_len: int) -> tuple[torch.Tensor, KVCache]:
+    """The prefill of B prompts as that of B * G rows: each prompt's logits (B, V) and cache repeated
+    for its G consecutive rows, in a new cache of `max_len` slots."""
+    L, B, H, P, D = cache.k.shape
+    grouped = KVCache(model.config, B * group_size, max_len, cache.k.device, cache.k.dtype)
+    for new, old in ((grouped.k, cache.k), (grouped.v, cache.v)):  # broadcast in place: no (B * G)-row temporary
+        new.view(L, B, group_size, H, max_len, D)[..., :P, :] = old[:, :, None]  # (n_layer, B, G, n_kv_head, P, hs)
+    grouped.seqlens.copy_(cache.seqlens.repeat_interleave(group_size, 0))
+    return logits.repeat_interleave(group_size, 0), grouped
 
 
 def _right_pad(prompts, attention_mask, pad_token_id: int, device):

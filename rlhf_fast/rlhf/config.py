@@ -193,6 +193,74 @@ class PPOConfig:
 
 
 @dataclass
+class RLConfig:
+    """The `rl` stage: PPO (the ppo section) or a critic-free algorithm with G samples per prompt."""
+    algo: Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "ppo"
+    """'ppo' runs the ppo stage (ppo section); the others are critic-free (no value model)"""
+    group_size: int = 8
+    """G: samples per prompt, whose rewards give each other's baseline"""
+    prompts: str = ""
+    """training prompts JSONL ({prompt, ...: every other field goes to the reward functions}); '' = built-in task"""
+    eval_prompts: str = ""
+    """held-out prompts JSONL, scored by the reward functions; '' = built-in task data"""
+    policy_init: str = "sft"
+    """'sft' = this run's SFT checkpoint, or a checkpoint path (also the frozen KL reference)"""
+    reward_fn: str = ""
+    """'module:fn[,module:fn...]' called as fn(prompts, responses, **fields) -> float or None per response;
+    '' = the built-in task's answer check, or the reward model of reward_init for other prompts"""
+    reward_weights: str = ""
+    """comma-separated weight of each reward_fn ('' = 1 each)"""
+    reward_init: str = ""
+    """reward-model checkpoint ('rm' = this run's) scoring responses when reward_fn is '' on own prompts"""
+    steps: int = 40
+    """iterations (rollout batch + update)"""
+    rollout_batch_size: int = 16
+    """prompts per iteration (global, over all ranks); each gives group_size samples"""
+    gen_batch_size: int = 8
+    """prompts generated together; keep it fixed to get the same samples on any number of ranks"""
+    minibatch_size: int = 128
+    """sequences (samples) per optimizer step (global)"""
+    epochs: int = 1
+    """passes over each rollout batch (1 = on-policy)"""
+    lr: float = 1e-4
+    """policy learning rate (AdamW)"""
+    grad_clip: float = 1.0
+    """gradient norm clip (0 = off)"""
+    max_new_tokens: int = 8
+    """response length limit"""
+    temperature: float = 1.0
+    """sampling temperature (re-scoring divides logits by it too)"""
+    top_k: int = 0
+    """top-k filter for rollouts (0 = off)"""
+    top_p: float = 1.0
+    """top-p filter for rollouts (1 = off)"""
+    clip_range: float = 0.2
+    """policy ratio clip (low side, and high side unless clip_range_high)"""
+    clip_range_high: float = 0.0
+    """high-side ratio clip (DAPO clip-higher); 0 = clip_range"""
+    dual_clip: float = 0.0
+    """dual-clip bound c > 1 on negative-advantage tokens (Ye et al. 2020); 0 = off"""
+    kl_coef: float = 0.04
+    """beta of the KL to the reference; 0 loads no reference model"""
+    kl_in: Literal["auto", "reward", "loss"] = "auto"
+    """'reward': -beta * KL shapes the reward (PPO style); 'loss': beta * k3 per token in the loss (GRPO);
+    'auto' = the algorithm's own"""
+    kl_kind: Literal["k1", "k2", "k3"] = "k1"
+    """KL estimator when kl_in='reward'"""
+    scale: Literal["auto", "group", "batch", "none"] = "auto"
+    """advantage scale: group std (GRPO), batch std, or none (Dr. GRPO, RLOO); 'auto' = the algorithm's
+    (reinforce_pp always whitens its per-token returns over the batch)"""
+    loss_agg: Literal["auto", "seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = "auto"
+    """how token losses are averaged (GRPO, DAPO, Dr. GRPO); 'auto' = the algorithm's"""
+    missing_eos_penalty: float = 0.0
+    """subtracted from the reward of a response that never emits EOS"""
+    eval_every: int = 5
+    """iterations between task-score evaluations (and at the end)"""
+    ckpt_every: int = 10
+    """iterations between checkpoints (and at the end)"""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -200,6 +268,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -210,7 +279,7 @@ SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 _POSITIVE = {"steps", "batch_size", "rollout_batch_size", "gen_batch_size", "minibatch_size", "ppo_epochs",
              "lr", "value_lr", "max_new_tokens", "n_layer", "n_head", "n_embd", "block_size", "n_sft",
              "n_pairs", "n_eval_pairs", "n_prompts", "n_eval_prompts", "ckpt_every", "eval_every",
-             "kl_horizon", "target_kl", "temperature"}
+             "kl_horizon", "target_kl", "temperature", "group_size", "epochs"}
 _NONNEGATIVE = {"warmup_steps", "weight_decay", "grad_clip", "norm_samples", "kl_coef",
                 "top_k", "missing_eos_penalty", "seed", "threads"}
 _UNIT = {"demo_error_rate", "label_noise", "gamma", "lam"}
@@ -306,6 +375,7 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"ppo.reward_mode={cfg.ppo.reward_mode!r} needs ppo.reward_fn ('module:function')")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.run.device):
         raise ValueError(f"run.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.run.device!r}")
+    validate_rl(cfg.rl)
     if cfg.task.min_digits > cfg.task.max_digits or cfg.task.min_digits < 2:
         raise ValueError(f"task.min_digits must be in [2, task.max_digits], got {cfg.task.min_digits}")
     return cfg
@@ -372,3 +442,28 @@ def save_config(cfg: Config, path: str | Path) -> None:
         atomic_write_json(cfg.to_dict(), path.with_suffix(".json"))
         return
     atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), path)
+
+
+def validate_rl(c: RLConfig) -> None:
+    """The rl section's constraints across fields (the per-field ranges are checked by name in validate)."""
+    if c.group_size < 1 or (c.algo in ("grpo", "dr_grpo", "rloo") and c.group_size < 2):
+        raise ValueError(f"rl.group_size must be >= 2 for rl.algo={c.algo!r} (>= 1 otherwise), got {c.group_size}")
+    if not 0 < c.top_p <= 1:
+        raise ValueError(f"rl.top_p must be in (0, 1], got {c.top_p}")
+    if c.clip_range <= 0 or c.clip_range_high < 0:
+        raise ValueError(f"rl.clip_range must be > 0 and rl.clip_range_high >= 0, got {c.clip_range}, "
+                         f"{c.clip_range_high}")
+    if c.dual_clip != 0 and not c.dual_clip > 1:
+        raise ValueError(f"rl.dual_clip must be 0 (off) or > 1, got {c.dual_clip}")
+    if c.rollout_batch_size % c.gen_batch_size:
+        raise ValueError(f"rl.gen_batch_size ({c.gen_batch_size}) must divide rl.rollout_batch_size "
+                         f"({c.rollout_batch_size})")
+    rows = c.rollout_batch_size * c.group_size
+    if rows % c.minibatch_size:
+        raise ValueError(f"rl.minibatch_size ({c.minibatch_size}) must divide rl.rollout_batch_size * "
+                         f"rl.group_size ({rows})")
+    if c.eval_prompts and c.prompts and not c.reward_fn:
+        raise ValueError("rl.eval_prompts needs rl.reward_fn ('module:function') to score the held-out responses")
+    if c.reward_weights and len(c.reward_weights.split(",")) != len(c.reward_fn.split(",")):
+        raise ValueError(f"rl.reward_weights ({c.reward_weights!r}) needs one weight per rl.reward_fn "
+                         f"({c.reward_fn!r})")

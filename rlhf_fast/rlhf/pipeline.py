@@ -23,7 +23,8 @@ from .config import Config
 from .data import PPO_KEYS, read_jsonl, tokenize_prompts
 from .run_io import atomic_write_json, plot_metrics, remove_stale_temps
 from .checkpoint import stage_checkpoint
-from .run_dir import ORDER, Plan, claim, finish, is_finished, load_callable, preflight, stage_init
+from .reward_fns import load_function
+from .run_dir import Plan, claim, finish, preflight, preflight_stages, stage_init
 from .runtime import Runtime, load_checkpoint, load_model, setup_runtime, wrap_model
 from .task import task_reward, write_task_data
 from .tokenizer import get_tokenizer
@@ -32,6 +33,7 @@ PLOT_KEYS = {
     "sft": ["loss"],
     "rm": ["loss", "train_accuracy", "eval_accuracy"],
     "ppo": ["score", "kl", "task_score", "pg_loss", "vf_loss", "entropy", "approx_kl", "clipfrac", "explained_var"],
+    "rl": ["reward_mean", "task_score", "kl", "pg_loss", "entropy", "clipfrac", "groups_all_equal", "response_len"],
 }
 
 
@@ -120,7 +122,7 @@ def _evaluation(cfg: Config, rt: Runtime, out: Path, builtin_task: bool):
     the stage trains on the built-in task: its held-out prompts and hidden scorer.
     """
     if cfg.ppo.eval_prompts:
-        return Path(cfg.ppo.eval_prompts), load_callable(cfg.ppo.reward_fn)
+        return Path(cfg.ppo.eval_prompts), load_function(cfg.ppo.reward_fn, "ppo.reward_fn")
     if builtin_task:
         return _builtin(cfg, rt, out, "eval_prompts"), task_reward
     return None, None
@@ -218,7 +220,7 @@ def run_ppo(cfg: Config, resume: bool = False, on_step=None, overwrite: bool = F
     for frozen in (ref, reward):
         frozen.requires_grad_(False)
     models = {"policy": wrap_model(policy, rt), "value": wrap_model(value, rt), "ref": ref, "reward": reward}
-    reward_fn = load_callable(cfg.ppo.reward_fn) if cfg.ppo.reward_fn else None
+    reward_fn = load_function(cfg.ppo.reward_fn, "ppo.reward_fn") if cfg.ppo.reward_fn else None
     eval_fn = _eval_fn(cfg, rt, tok, policy, eval_prompts, prompt_len, scorer) if eval_prompts else None
     record = train_ppo(cfg, rt, tok, models, prompts, prompt_len, out / "ppo", state, eval_fn=eval_fn,
                        reward_fn=reward_fn, scorer=scorer, on_step=on_step)
@@ -260,15 +262,17 @@ def summary_plot(out: Path) -> Path | None:
 
 def run_demo(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """SFT -> reward model -> PPO on the built-in task; summary.json gets the total `seconds` (left as it is
-    when --resume finds every stage finished). All three stages are checked before the first starts."""
+    when --resume finds every stage finished). All three stages are checked before the first starts.
+    With rl.algo other than 'ppo': SFT -> that critic-free algorithm (``rl_pipeline.run_rl_demo``)."""
+    if cfg.rl.algo != "ppo":
+        from .rl_pipeline import run_rl_demo
+        return run_rl_demo(cfg, resume, overwrite)
     t0 = time.time()
     out = Path(cfg.run.out)
-    for i, stage in enumerate(ORDER):
-        preflight(cfg, stage, resume, overwrite, earlier=ORDER[:i])
-    ran = not (resume and all(is_finished(out / stage) for stage in ORDER))
-    run_sft(cfg, resume, overwrite=overwrite)  # --overwrite removes rm/ and ppo/ too
-    run_rm(cfg, resume)
-    summary = run_ppo(cfg, resume)
+    ran = preflight_stages(cfg, ("sft", "rm", "ppo"), resume, overwrite)
+    run_sft(cfg, resume, overwrite=overwrite)  # --overwrite sets aside the stages built on SFT too
+    run_rm(cfg, resume, overwrite=overwrite)
+    summary = run_ppo(cfg, resume, overwrite=overwrite)
     rt = setup_runtime(cfg)
     if ran:
         summary = _update_summary(out, rt, seconds=time.time() - t0)

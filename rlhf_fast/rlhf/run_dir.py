@@ -19,15 +19,15 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint
 from .config import Config, ModelConfig, save_config
+from .reward_fns import load_function
 from .run_io import atomic_write_json, remove_stale_temps
 
-ORDER = ("sft", "rm", "ppo")
+ORDER = ("sft", "rm", "ppo", "rl")  # each stage after those it can start from
 RESULT = "result.json"
 REPLACED = ".replaced"
 
@@ -64,10 +64,38 @@ def _inits(cfg: Config, out: Path, stage: str) -> list[tuple[str, str, str]]:
     if stage == "rm":
         return [("rm.init", stage_init(cfg.rm.init, out, "sft"), "sft" if cfg.rm.init == "sft" else "")] \
             if cfg.rm.init else []
-    return [("ppo.policy_init", stage_init(cfg.ppo.policy_init, out, "sft"),
-             "sft" if cfg.ppo.policy_init == "sft" else ""),
-            ("ppo.reward_init", stage_init(cfg.ppo.reward_init, out, "rm"),
-             "rm" if cfg.ppo.reward_init == "rm" else "")]
+    if stage == "ppo":
+        return [("ppo.policy_init", stage_init(cfg.ppo.policy_init, out, "sft"),
+                 "sft" if cfg.ppo.policy_init == "sft" else ""),
+                ("ppo.reward_init", stage_init(cfg.ppo.reward_init, out, "rm"),
+                 "rm" if cfg.ppo.reward_init == "rm" else "")]
+    c = cfg.rl  # a reward model only scores own prompts that have no reward function
+    uses_rm = bool(c.prompts and not c.reward_fn and c.reward_init)
+    return [("rl.policy_init", stage_init(c.policy_init, out, "sft"), "sft" if c.policy_init == "sft" else "")] + \
+        ([("rl.reward_init", stage_init(c.reward_init, out, "rm"), "rm" if c.reward_init == "rm" else "")]
+         if uses_rm else [])
+
+
+def _built_on(out: Path, stage: str) -> set[str]:
+    """The stages of the run in `out` that its `stage` started from, as its recorded config says (every
+    earlier stage when it has no readable record)."""
+    from .config import build_config, load_file
+    record = next((p for p in (out / stage / "config.yaml", out / stage / "config.json") if p.is_file()), None)
+    try:
+        recorded = build_config(None, None, base=load_file(record))
+    except (TypeError, ValueError):
+        return set(ORDER[:ORDER.index(stage)])
+    return {made_by for _, _, made_by in _inits(recorded, out, stage) if made_by}
+
+
+def built_on(out: Path, stage: str) -> list[str]:
+    """`stage` and the stages of the run in `out` built on it, directly or through another: what
+    --overwrite of `stage` sets aside."""
+    found = [stage]
+    for later in ORDER[ORDER.index(stage) + 1:]:
+        if (out / later).exists() and _built_on(out, later) & set(found):
+            found.append(later)
+    return found
 
 
 def _model_of(meta: dict) -> dict:
@@ -125,32 +153,14 @@ def read_data(path, keys):
         raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from None
 
 
-def load_callable(spec: str, key: str = "ppo.reward_fn"):
-    """'module:function' -> the function. The working directory is on the import path, as with
-    `python -m`, so a module next to where the command runs is found."""
-    import importlib
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"{key} must be 'module:function', got {spec!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"{key}={spec!r} cannot be loaded: {exc}") from None
-    except Exception as exc:  # the module itself failed while importing
-        raise ValueError(f"{key}={spec!r}: importing {module!r} raised {type(exc).__name__}: {exc}") from None
-    if not callable(fn):
-        raise ValueError(f"{key}={spec!r} is not callable (it is a {type(fn).__name__})")
-    return fn
-
-
 def _check_data(cfg: Config, stage: str, tok) -> None:
     from .data import PPO_KEYS, RM_KEYS, SFT_KEYS, tokenize_pairs, tokenize_prompts, tokenize_sft
     block, new = cfg.model.block_size, cfg.ppo.max_new_tokens
     files = {"sft": [(cfg.sft.data, SFT_KEYS, lambda ls: tokenize_sft(ls, tok, block))],
              "rm": [(p, RM_KEYS, lambda ls: tokenize_pairs(ls, tok, block)) for p in (cfg.rm.data, cfg.rm.eval_data)],
-             "ppo": [(cfg.ppo.prompts, PPO_KEYS, lambda ls: tokenize_prompts(ls, tok, block, new))]}[stage]
+             "ppo": [(cfg.ppo.prompts, PPO_KEYS, lambda ls: tokenize_prompts(ls, tok, block, new))],
+             "rl": [(p, PPO_KEYS, lambda ls: tokenize_prompts(ls, tok, block, cfg.rl.max_new_tokens))
+                    for p in (cfg.rl.prompts, cfg.rl.eval_prompts)]}[stage]
     if cfg.ppo.eval_prompts and stage in ("sft", "ppo"):
         files.append((cfg.ppo.eval_prompts, PPO_KEYS, lambda ls: tokenize_prompts(ls, tok, block, new)))
     for path, keys, tokenize in files:
@@ -166,7 +176,9 @@ def preflight(cfg: Config, stage: str, resume: bool, overwrite: bool, earlier: t
     if resume and overwrite:
         raise ValueError("--resume continues a run and --overwrite starts it again: pass one of them")
     out = Path(cfg.run.out)
-    check_runtime(cfg)
+    mode = check_runtime(cfg)[1]
+    if stage == "rl" and mode == "fsdp":
+        raise ValueError(f"rl.algo={cfg.rl.algo!r} runs with run.distributed 'none' or 'ddp', not 'fsdp'")
     _check_writable(out)
     stage_dir = out / stage
     finished = resume and is_finished(stage_dir)
@@ -180,7 +192,10 @@ def preflight(cfg: Config, stage: str, resume: bool, overwrite: bool, earlier: t
     tok = check_tokenizer(cfg.run.tokenizer)
     _check_data(cfg, stage, tok)
     if cfg.ppo.reward_fn and stage == "ppo" or (cfg.ppo.eval_prompts and stage in ("sft", "ppo")):
-        load_callable(cfg.ppo.reward_fn)
+        load_function(cfg.ppo.reward_fn, "ppo.reward_fn")
+    if stage == "rl":
+        from .reward_fns import rl_rewards
+        rl_rewards(cfg.rl)
     for key, path, made_by in _inits(cfg, out, stage):
         if made_by in earlier:
             continue
@@ -188,14 +203,22 @@ def preflight(cfg: Config, stage: str, resume: bool, overwrite: bool, earlier: t
             raise ValueError(f"{key}={made_by!r} needs this run's {made_by} stage, but {path} does not exist: "
                              f"run `rlhf-fast {made_by} --out {out}` first, or give {key} a checkpoint path")
         meta = checkpoint.read_meta(path)
-        if key in ("sft.init", "rm.init", "ppo.policy_init"):
+        if key in ("sft.init", "rm.init", "ppo.policy_init", "rl.policy_init"):
             cfg = adopt_architecture(cfg, _model_of(meta))
     if resume:
         own = checkpoint.stage_checkpoint(stage_dir)
         if own.is_file():
             checkpoint.read_meta(own)
-    later = ORDER[ORDER.index(stage):] if overwrite else ()
+    later = built_on(out, stage) if overwrite else ()
     return Plan(cfg, out, stage, resume, False, [out / s for s in later if (out / s).exists()])
+
+
+def preflight_stages(cfg: Config, stages: tuple[str, ...], resume: bool, overwrite: bool) -> bool:
+    """`preflight` of each of `stages`, which one command runs in this order, before the first starts.
+    Returns whether anything is left to run (False: --resume of a run whose stages all finished)."""
+    for i, stage in enumerate(stages):
+        preflight(cfg, stage, resume, overwrite, earlier=stages[:i])
+    return not (resume and all(is_finished(Path(cfg.run.out) / stage) for stage in stages))
 
 
 def _set_aside(plan: Plan) -> None:

@@ -119,12 +119,19 @@ class SortTask:
         return records
 
     def prompt_records(self, n: int, rng: random.Random) -> list[dict]:
-        return [{"prompt": self.prompt(rng)} for _ in range(n)]
+        """{prompt, answer}: the reference answer is for verifiable rewards (``answer_reward``); PPO ignores it."""
+        return [{"prompt": p, "answer": self.solve(p)} for p in (self.prompt(rng) for _ in range(n))]
 
 
 def task_reward(prompts: list[str], responses: list[str]) -> list[float]:
     """The hidden scorer as a custom reward callable (``--ppo.reward_fn=rlhf_fast.rlhf.task:task_reward``)."""
     return [SortTask.score(p, r) for p, r in zip(prompts, responses)]
+
+
+def answer_reward(prompts: list[str], responses: list[str], *, answer: list[str]) -> list[float]:
+    """A verifiable reward: 1.0 where the response is the prompt's reference `answer` field, else 0.0
+    (``--rl.reward_fn=rlhf_fast.rlhf.task:answer_reward`` on prompts JSONL with an "answer" field)."""
+    return [float(r == a) for r, a in zip(responses, answer)]
 
 
 def write_task_data(out_dir: str | Path, *, seed: int, min_digits: int, max_digits: int, n_sft: int,

@@ -210,11 +210,11 @@ def test_nan_message_shows_the_non_finite_values():
 
 
 def test_reward_fn_module_in_the_working_directory(tmp_path, monkeypatch):
-    from rlhf_fast.rlhf.run_dir import load_callable
+    from rlhf_fast.rlhf.reward_fns import load_function
     (tmp_path / "my_local_reward.py").write_text("def score(prompts, responses):\n    return [1.0] * len(prompts)\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
-    assert load_callable("my_local_reward:score")(["a"], ["b"]) == [1.0]
+    assert load_function("my_local_reward:score")(["a"], ["b"]) == [1.0]
 
 
 def test_unwritable_out_and_ctrl_c_are_one_line(tmp_path, device, capsys, monkeypatch):

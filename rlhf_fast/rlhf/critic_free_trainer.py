@@ -1,0 +1,220 @@
+"""Critic-free RL (GRPO, Dr. GRPO, RLOO, REINFORCE++): G samples per prompt, no value model.
+
+One iteration: sample G responses for each of `rollout_batch_size` prompts (``generate(group_size=G)``:
+one prefill per prompt), score them (reward functions or a reward model, minus ``missing_eos_penalty``),
+take the frozen reference's logprobs when ``kl_coef > 0``, compute advantages from the group (or, for
+REINFORCE++, from the batch), then ``epochs`` passes of clipped policy updates over shuffled minibatches.
+
+Distributed as PPO (``ppo.py``): chunk j of ``gen_batch_size`` prompts (all G samples of each: a group is
+never split) is generated on rank j % world with a seed of (seed, step, j), the rollout is all-gathered,
+every rank computes the same advantages, and each minibatch is split across ranks with the loss scaled
+so that DDP's gradient average equals the single-process gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+import rlhf_fast
+
+from . import checkpoint
+from .critic_free import aggregate_loss, group_advantages, reinforce_pp_advantages
+from .data import BatchSampler
+from .ppo import chunk_seed
+from .ppo_math import masked_mean, per_token_rewards, policy_loss
+from .rollout import Rollout, decode_rows, gather_rollout, kl_per_token, left_pad, response_logprobs
+from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, make_optimizer, model_state,
+                      optimizer_state, resume_training, save_checkpoint, unwrap)
+
+# what each algorithm means by "auto": advantage scale, baseline, loss aggregation, where the KL goes
+PRESETS = {
+    "grpo": dict(scale="group", leave_one_out=False, loss_agg="seq_mean_token_mean", kl_in="loss"),
+    "dr_grpo": dict(scale="none", leave_one_out=False, loss_agg="seq_mean_token_sum_norm", kl_in="loss"),
+    "rloo": dict(scale="none", leave_one_out=True, loss_agg="token_mean", kl_in="reward"),
+    "reinforce_pp": dict(scale="batch", leave_one_out=False, loss_agg="token_mean", kl_in="reward"),
+}
+
+
+def resolve(c) -> dict:
+    """The rl section's algorithm preset with every non-'auto' field overriding it."""
+    if c.algo not in PRESETS:
+        raise ValueError(f"rl.algo={c.algo!r} has no critic-free preset; expected one of {sorted(PRESETS)}")
+    out = dict(PRESETS[c.algo])
+    for name in ("scale", "loss_agg", "kl_in"):
+        if getattr(c, name) != "auto":
+            out[name] = getattr(c, name)
+    return out
+
+
+@torch.no_grad()
+def make_group_rollout(models: dict, prompts: list[list[int]], fields: list[dict], prompt_len: int, tok, c,
+                       seed: int, device, rewards=None, scorer=None) -> Rollout:
+    """Sample and score G responses for each prompt of one chunk -> a Rollout of len(prompts) * G rows.
+
+    ``scores`` is NaN for a response a reward function could not score; ``values`` are zeros (no critic);
+    ``ref_logprobs`` are the behaviour logprobs when there is no reference model (KL 0).
+    """
+    G = c.group_size
+    idx, pmask = left_pad(prompts, prompt_len, tok.pad_id)
+    idx, pmask = idx.to(device), pmask.to(device)
+    gen = unwrap(models["policy"]).generate(idx, c.max_new_tokens, attention_mask=pmask, temperature=c.temperature,
+                                            top_k=c.top_k, top_p=c.top_p, eos_token_id=tok.eos_id,
+                                            pad_token_id=tok.pad_id, seed=seed, group_size=G)
+    seqs = torch.cat((idx.repeat_interleave(G, 0), gen.tokens), 1)
+    amask = torch.cat((pmask.repeat_interleave(G, 0), gen.mask), 1)
+    mask, logprobs = gen.mask.float(), gen.logprobs.float()
+    if models.get("ref") is not None:
+        ref_logprobs = response_logprobs(models["ref"], seqs, amask, mask, prompt_len, c.temperature)[0].float()
+    else:
+        ref_logprobs = logprobs.clone()
+    has_eos = ((gen.tokens == tok.eos_id) & (gen.mask > 0)).any(1).float()
+    prompt_texts, responses = decode_rows(tok, seqs, mask, prompt_len)
+    if rewards is not None:
+        rows = [f for f in fields for _ in range(G)]
+        scores = rewards([f["prompt"] for f in rows], responses, rows).to(device, torch.float32)
+    else:
+        scores = models["reward"](seqs, attention_mask=amask).float()
+    scores = scores - c.missing_eos_penalty * (1.0 - has_eos)
+    task = (torch.tensor(scorer(prompt_texts, responses), device=device, dtype=torch.float32) if scorer is not None
+            else torch.full((len(responses),), float("nan"), device=device))
+    return Rollout(seqs, amask, mask, logprobs, ref_logprobs, torch.zeros_like(mask), scores, task, has_eos)
+
+
+def collect_group_rollout(models: dict, prompts: list[list[int]], fields: list[dict], prompt_len: int, tok, cfg,
+                          rt: Runtime, step: int, rewards=None, scorer=None) -> Rollout:
+    """The global batch's rollout (prompts x G rows), generated in chunks over ranks and all-gathered."""
+    c, g = cfg.rl, cfg.rl.gen_batch_size
+    parts = []
+    for j, start in enumerate(range(0, len(prompts), g)):
+        if j % rt.world != rt.rank:
+            continue
+        with autocast(cfg, rt.device):
+            parts.append(make_group_rollout(models, prompts[start:start + g], fields[start:start + g], prompt_len,
+                                            tok, c, chunk_seed(cfg.run.seed, step, j), rt.device, rewards, scorer))
+    return gather_rollout(rt, Rollout.cat(parts), g * c.group_size)
+
+
+def advantages(b: Rollout, c, preset: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token KL (B, T), advantages (B, T)) of a global rollout; unscored rows get advantage 0."""
+    kl = kl_per_token(b, c.kl_kind)
+    valid = torch.isfinite(b.scores)
+    score = torch.where(valid, b.scores, 0.0)
+    beta = c.kl_coef if preset["kl_in"] == "reward" else 0.0
+    if c.algo == "reinforce_pp":
+        rewards = per_token_rewards(score, kl, beta, b.mask)
+        return kl, reinforce_pp_advantages(rewards, b.mask * valid[:, None]).float()
+    seq_reward = torch.where(valid, score - beta * kl.sum(1), float("nan"))
+    adv = group_advantages(seq_reward, c.group_size, scale=preset["scale"], leave_one_out=preset["leave_one_out"],
+                           valid=valid)
+    return kl, adv[:, None] * b.mask
+
+
+def policy_update(models: dict, opt, b: Rollout, adv: torch.Tensor, prompt_len: int, cfg, rt: Runtime, step: int,
+                  preset: dict) -> dict:
+    """`epochs` passes over the rollout in minibatches; returns the token-weighted mean stats."""
+    c = cfg.rl
+    B = b.mask.shape[0]
+    agg = preset["loss_agg"]
+    kl_loss_coef = c.kl_coef if preset["kl_in"] == "loss" and models.get("ref") is not None else 0.0
+    clip_kw = dict(clip_range_high=c.clip_range_high or None, dual_clip=c.dual_clip or None, loss_agg=agg,
+                   max_len=c.max_new_tokens)
+    sums: dict[str, torch.Tensor] = {}
+    n_updates = 0
+    g = torch.Generator().manual_seed(chunk_seed(cfg.run.seed, step, 10 ** 6))
+    for _ in range(c.epochs):
+        perm = torch.randperm(B, generator=g).to(b.mask.device)
+        for start in range(0, B, c.minibatch_size):
+            rows = perm[start:start + c.minibatch_size][rt.rank::rt.world]
+            mb, mb_adv = b.index(rows), adv[rows]
+            n_tokens = mb.mask.sum()
+            n_tokens_global = rt.all_reduce_sum(n_tokens)
+            # the loss's own denominator over ranks: tokens for token_mean, sequences otherwise
+            n_local = n_tokens if agg == "token_mean" else mb.mask.new_tensor(float(len(rows)))
+            scale = n_local * rt.world / rt.all_reduce_sum(n_local)
+            with autocast(cfg, rt.device):
+                logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
+                                                      prompt_len, c.temperature, return_entropy=True)
+                logprobs = logprobs.float()
+                pg_loss, stats = policy_loss(logprobs, mb.logprobs, mb_adv, mb.mask, c.clip_range, **clip_kw)
+                loss = pg_loss
+                if kl_loss_coef > 0:
+                    kl_loss = aggregate_loss(rlhf_fast.kl_penalty(logprobs, mb.ref_logprobs, "k3"), mb.mask, agg,
+                                             max_len=c.max_new_tokens)
+                    loss = loss + kl_loss_coef * kl_loss
+                    stats["kl_loss"] = kl_loss.detach()
+            check_finite("rl", step, loss=loss)
+            (loss * scale).backward()
+            clip_and_step(models["policy"], opt, c.grad_clip, "rl", step)
+            stats = {"pg_loss": pg_loss.detach(), "entropy": masked_mean(entropy.detach().float(), mb.mask), **stats}
+            for k, v in stats.items():  # token-weighted over ranks = the single-process minibatch mean
+                sums[k] = sums.get(k, 0.0) + rt.all_reduce_sum(v.float() * n_tokens) / n_tokens_global
+            n_updates += 1
+    return {k: float(v / n_updates) for k, v in sums.items()}
+
+
+def rollout_stats(b: Rollout, kl: torch.Tensor, group_size: int, has_ref: bool) -> dict:
+    valid = torch.isfinite(b.scores)
+    scores = b.scores[valid].double()
+    groups = b.scores.view(-1, group_size)
+    lo = torch.where(torch.isfinite(groups), groups, float("inf")).amin(1)
+    hi = torch.where(torch.isfinite(groups), groups, float("-inf")).amax(1)
+    out = {
+        "reward_mean": float(scores.mean()) if len(scores) else float("nan"),
+        "reward_std": float(scores.std()) if len(scores) > 1 else float("nan"),
+        "groups_all_equal": float((~(hi > lo)).double().mean()),  # no learning signal in such a group
+        "unscored": int((~valid).sum()),
+        "response_len": float(b.mask.sum(1).mean()), "eos_rate": float(b.has_eos.mean()),
+    }
+    if has_ref:
+        out["kl"] = float(kl.sum(1).mean())
+    if not torch.isnan(b.task_scores).any():
+        out["task_score_rollout"] = float(b.task_scores.mean())
+    return out
+
+
+def train_critic_free(cfg, rt: Runtime, tok, models: dict, prompts: list[list[int]], fields: list[dict],
+                      prompt_len: int, stage_dir, resume_state: dict | None, eval_fn=None, rewards=None, scorer=None,
+                      on_step=None) -> dict:
+    """Run iterations 1..cfg.rl.steps (from the checkpoint in `resume_state` if given).
+
+    models: {"policy" (possibly DDP-wrapped), "ref" (frozen, or None when kl_coef is 0), "reward" (frozen
+    reward model, or None with reward functions)}; fields[i]: prompt i's JSONL line; eval_fn(step) -> task
+    score or None. Returns the last logged metrics.
+    """
+    c = cfg.rl
+    preset = resolve(c)
+    if c.minibatch_size % rt.world or c.rollout_batch_size % (c.gen_batch_size * rt.world):
+        raise ValueError(f"with {rt.world} ranks, rl.minibatch_size must be a multiple of {rt.world} and "
+                         f"rl.rollout_batch_size a multiple of gen_batch_size * {rt.world}")
+    opt = make_optimizer(models["policy"], c.lr, 0.0)
+    sampler = BatchSampler(len(prompts), c.rollout_batch_size, cfg.run.seed)
+    ckpt_path = stage_dir / checkpoint.NAME
+    start = 0
+    if resume_state is not None:
+        start = resume_training(resume_state, str(checkpoint.stage_checkpoint(stage_dir)),
+                                [(models["policy"], opt, resume_state["optimizer"])], sampler)
+    log = StageLog(cfg, rt, stage_dir, "rl", c.steps, start)
+    if start == 0 and eval_fn is not None:
+        log.log(0, task_score=eval_fn(0))
+    record = resume_state.get("record", {}) if resume_state is not None else {}
+    for step in range(start + 1, c.steps + 1):
+        unwrap(models["policy"]).eval()  # dropout off while sampling and training alike
+        ids = sampler.next()
+        b = collect_group_rollout(models, [prompts[i] for i in ids], [fields[i] for i in ids], prompt_len, tok,
+                                  cfg, rt, step, rewards, scorer)
+        check_finite("rl", step, ref_logprobs=b.ref_logprobs)
+        if rewards is None:  # NaN marks an unscored response only when a reward function says so
+            check_finite("rl", step, reward=b.scores)
+        kl, adv = advantages(b, c, preset)
+        record = rollout_stats(b, kl, c.group_size, models.get("ref") is not None)
+        record.update(policy_update(models, opt, b, adv, prompt_len, cfg, rt, step, preset))
+        if eval_fn is not None and (step % c.eval_every == 0 or step == c.steps):
+            record["task_score"] = eval_fn(step)
+        log.step(step, record, reward=f"{record['reward_mean']:.3f}")
+        if step % c.ckpt_every == 0 or step == c.steps:
+            save_checkpoint(ckpt_path, rt, policy=model_state(models["policy"]),
+                            optimizer=optimizer_state(models["policy"], opt), sampler=sampler.state_dict(),
+                            step=step, record=record)
+        if on_step is not None:
+            on_step(step)
+    log.close()
+    return record
