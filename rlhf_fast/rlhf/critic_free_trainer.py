@@ -19,7 +19,7 @@ import rlhf_fast
 from . import checkpoint
 from .critic_free import aggregate_loss, group_advantages, reinforce_pp_advantages
 from .data import BatchSampler
-from .ppo import chunk_seed
+from .ppo import UpdateStats, chunk_seed, minibatch_rows
 from .ppo_math import masked_mean, per_token_rewards, policy_loss
 from .rollout import Rollout, decode_rows, gather_rollout, kl_per_token, left_pad, response_logprobs
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, make_optimizer, model_state,
@@ -117,38 +117,31 @@ def policy_update(models: dict, opt, b: Rollout, adv: torch.Tensor, prompt_len: 
     kl_loss_coef = c.kl_coef if preset["kl_in"] == "loss" and models.get("ref") is not None else 0.0
     clip_kw = dict(clip_range_high=c.clip_range_high or None, dual_clip=c.dual_clip or None, loss_agg=agg,
                    max_len=c.max_new_tokens)
-    sums: dict[str, torch.Tensor] = {}
-    n_updates = 0
-    g = torch.Generator().manual_seed(chunk_seed(cfg.run.seed, step, 10 ** 6))
-    for _ in range(c.epochs):
-        perm = torch.randperm(B, generator=g).to(b.mask.device)
-        for start in range(0, B, c.minibatch_size):
-            rows = perm[start:start + c.minibatch_size][rt.rank::rt.world]
-            mb, mb_adv = b.index(rows), adv[rows]
-            n_tokens = mb.mask.sum()
-            n_tokens_global = rt.all_reduce_sum(n_tokens)
-            # the loss's own denominator over ranks: tokens for token_mean, sequences otherwise
-            n_local = n_tokens if agg == "token_mean" else mb.mask.new_tensor(float(len(rows)))
-            scale = n_local * rt.world / rt.all_reduce_sum(n_local)
-            with autocast(cfg, rt.device):
-                logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
-                                                      prompt_len, c.temperature, return_entropy=True)
-                logprobs = logprobs.float()
-                pg_loss, stats = policy_loss(logprobs, mb.logprobs, mb_adv, mb.mask, c.clip_range, **clip_kw)
-                loss = pg_loss
-                if kl_loss_coef > 0:
-                    kl_loss = aggregate_loss(rlhf_fast.kl_penalty(logprobs, mb.ref_logprobs, "k3"), mb.mask, agg,
-                                             max_len=c.max_new_tokens)
-                    loss = loss + kl_loss_coef * kl_loss
-                    stats["kl_loss"] = kl_loss.detach()
-            check_finite("rl", step, loss=loss)
-            (loss * scale).backward()
-            clip_and_step(models["policy"], opt, c.grad_clip, "rl", step)
-            stats = {"pg_loss": pg_loss.detach(), "entropy": masked_mean(entropy.detach().float(), mb.mask), **stats}
-            for k, v in stats.items():  # token-weighted over ranks = the single-process minibatch mean
-                sums[k] = sums.get(k, 0.0) + rt.all_reduce_sum(v.float() * n_tokens) / n_tokens_global
-            n_updates += 1
-    return {k: float(v / n_updates) for k, v in sums.items()}
+    out = UpdateStats(rt)
+    for rows in minibatch_rows(B, c.minibatch_size, c.epochs, cfg.run.seed, step, rt, b.mask.device):
+        mb, mb_adv = b.index(rows), adv[rows]
+        n_tokens = mb.mask.sum()
+        n_tokens_global = rt.all_reduce_sum(n_tokens)
+        # the loss's own denominator over ranks: tokens for token_mean, sequences otherwise
+        n_local = n_tokens if agg == "token_mean" else mb.mask.new_tensor(float(len(rows)))
+        scale = n_local * rt.world / rt.all_reduce_sum(n_local)
+        with autocast(cfg, rt.device):
+            logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
+                                                  prompt_len, c.temperature, return_entropy=True)
+            logprobs = logprobs.float()
+            pg_loss, stats = policy_loss(logprobs, mb.logprobs, mb_adv, mb.mask, c.clip_range, **clip_kw)
+            loss = pg_loss
+            if kl_loss_coef > 0:
+                kl_loss = aggregate_loss(rlhf_fast.kl_penalty(logprobs, mb.ref_logprobs, "k3"), mb.mask, agg,
+                                         max_len=c.max_new_tokens)
+                loss = loss + kl_loss_coef * kl_loss
+                stats["kl_loss"] = kl_loss.detach()
+        check_finite("rl", step, loss=loss)
+        (loss * scale).backward()
+        clip_and_step(models["policy"], opt, c.grad_clip, "rl", step)
+        out.add({"pg_loss": pg_loss.detach(), "entropy": masked_mean(entropy.detach().float(), mb.mask), **stats},
+                n_tokens, n_tokens_global)
+    return out.means()
 
 
 def rollout_stats(b: Rollout, kl: torch.Tensor, group_size: int, has_ref: bool) -> dict:

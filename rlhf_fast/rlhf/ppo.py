@@ -34,6 +34,32 @@ def chunk_seed(seed: int, step: int, chunk: int) -> int:
     return ((seed * 1_000_003 + step) * 1009 + chunk) % (2 ** 62)
 
 
+def minibatch_rows(n_rows: int, minibatch_size: int, epochs: int, seed: int, step: int, rt: Runtime, device):
+    """The rows this rank trains on in each minibatch of `epochs` shuffled passes over a global rollout of
+    `n_rows` rows: every rank draws the same permutation and takes its share of each minibatch."""
+    g = torch.Generator().manual_seed(chunk_seed(seed, step, 10 ** 6))
+    for _ in range(epochs):
+        perm = torch.randperm(n_rows, generator=g).to(device)
+        for start in range(0, n_rows, minibatch_size):
+            yield perm[start:start + minibatch_size][rt.rank::rt.world]
+
+
+class UpdateStats:
+    """Means of per-minibatch stats over the updates of one iteration, each minibatch's stats weighted by
+    tokens over ranks (= the single-process minibatch mean)."""
+
+    def __init__(self, rt: Runtime):
+        self.rt, self.sums, self.n_updates = rt, {}, 0
+
+    def add(self, stats: dict, n_tokens: torch.Tensor, n_tokens_global: torch.Tensor) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + self.rt.all_reduce_sum(v.float() * n_tokens) / n_tokens_global
+        self.n_updates += 1
+
+    def means(self) -> dict:
+        return {k: float(v / self.n_updates) for k, v in self.sums.items()}
+
+
 def collect_rollout(models: dict, prompt_batch: list[list[int]], prompt_len: int, tok, cfg, rt: Runtime,
                     step: int, reward_fn=None, scorer=None) -> Rollout:
     """Generate and score `prompt_batch` (the global batch) split in chunks over ranks; all-gathered."""
@@ -64,37 +90,29 @@ def ppo_update(models: dict, opts: dict, b: Rollout, advantages, returns, prompt
     """`ppo_epochs` passes over the rollout in minibatches; returns the token-weighted mean stats."""
     c = cfg.ppo
     B, T = b.mask.shape
-    sums: dict[str, torch.Tensor] = {}
-    n_updates = 0
-    g = torch.Generator().manual_seed(chunk_seed(cfg.run.seed, step, 10 ** 6))
-    for _ in range(c.ppo_epochs):
-        perm = torch.randperm(B, generator=g).to(b.mask.device)
-        for start in range(0, B, c.minibatch_size):
-            rows = perm[start:start + c.minibatch_size][rt.rank::rt.world]
-            mb = b.index(rows)
-            mb_adv, mb_ret = advantages[rows], returns[rows]
-            n_local = mb.mask.sum()
-            n_global = rt.all_reduce_sum(n_local)
-            scale = n_local * rt.world / n_global
-            with autocast(cfg, rt.device):
-                logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
-                                                      prompt_len, c.temperature, return_entropy=True)
-                pg_loss, pg_stats = policy_loss(logprobs.float(), mb.logprobs, mb_adv, mb.mask, c.clip_range)
-            check_finite("ppo", step, pg_loss=pg_loss)
-            (pg_loss * scale).backward()
-            clip_and_step(models["policy"], opts["policy"], c.grad_clip, "ppo", step)
-            with autocast(cfg, rt.device):
-                vpred = response_values(models["value"], mb.sequences, mb.attention_mask, prompt_len, T)
-                vf_loss, vf_stats = value_loss(vpred.float(), mb.values, mb_ret, mb.mask, c.value_clip_range)
-            check_finite("ppo", step, vf_loss=vf_loss)
-            (vf_loss * scale).backward()
-            clip_and_step(models["value"], opts["value"], c.grad_clip, "ppo", step)
-            stats = {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
-                     "entropy": masked_mean(entropy.detach().float(), mb.mask), **pg_stats, **vf_stats}
-            for k, v in stats.items():  # token-weighted over ranks = the single-process minibatch mean
-                sums[k] = sums.get(k, 0.0) + rt.all_reduce_sum(v.float() * n_local) / n_global
-            n_updates += 1
-    return {k: float(v / n_updates) for k, v in sums.items()}
+    out = UpdateStats(rt)
+    for rows in minibatch_rows(B, c.minibatch_size, c.ppo_epochs, cfg.run.seed, step, rt, b.mask.device):
+        mb = b.index(rows)
+        mb_adv, mb_ret = advantages[rows], returns[rows]
+        n_local = mb.mask.sum()
+        n_global = rt.all_reduce_sum(n_local)
+        scale = n_local * rt.world / n_global
+        with autocast(cfg, rt.device):
+            logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
+                                                  prompt_len, c.temperature, return_entropy=True)
+            pg_loss, pg_stats = policy_loss(logprobs.float(), mb.logprobs, mb_adv, mb.mask, c.clip_range)
+        check_finite("ppo", step, pg_loss=pg_loss)
+        (pg_loss * scale).backward()
+        clip_and_step(models["policy"], opts["policy"], c.grad_clip, "ppo", step)
+        with autocast(cfg, rt.device):
+            vpred = response_values(models["value"], mb.sequences, mb.attention_mask, prompt_len, T)
+            vf_loss, vf_stats = value_loss(vpred.float(), mb.values, mb_ret, mb.mask, c.value_clip_range)
+        check_finite("ppo", step, vf_loss=vf_loss)
+        (vf_loss * scale).backward()
+        clip_and_step(models["value"], opts["value"], c.grad_clip, "ppo", step)
+        out.add({"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
+                 "entropy": masked_mean(entropy.detach().float(), mb.mask), **pg_stats, **vf_stats}, n_local, n_global)
+    return out.means()
 
 
 def rollout_stats(b: Rollout, kl, rewards, returns, kl_coef: float) -> dict:
