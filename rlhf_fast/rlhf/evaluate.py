@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .rollout import call_reward_fn, decode_rows, generate_chunk
+from .reward_fns import call_reward_fn
+from .rollout import decode_rows, generate_chunk
 from .runtime import Runtime
 
 EVAL_SEED = 99_991  # fixed, so every evaluation of a run sees the same sampling noise

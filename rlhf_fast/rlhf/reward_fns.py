@@ -3,16 +3,18 @@
 Contract (as trl and OpenRLHF pass dataset columns): ``fn(prompts, responses, **fields)`` where every
 field of a prompt's JSONL line other than "prompt" arrives as a keyword list aligned with the responses
 (``{"prompt": "...", "answer": "42"}`` -> ``fn(prompts, responses, answer=[...])``; a line without the
-field gives None there). It returns one float per response, or None for a response it cannot score:
-that response is left out of its group's baseline (advantage 0) and counted as ``unscored``. Several
-functions combine as a weighted sum (``rl.reward_fn=a:f,b:g``, ``rl.reward_weights=1,0.5``); a
-response any of them cannot score is unscored. NaN, inf, or a list of the wrong length raise ValueError.
+field gives None there). It returns one number per response (a list, or a 1-D tensor or array), or None
+for a response it cannot score: that response is left out of its group's baseline (advantage 0) and
+counted as ``unscored``. Several functions combine as a weighted sum (``rl.reward_fn=a:f,b:g``,
+``rl.reward_weights=1,0.5``); a response any of them cannot score is unscored. NaN, inf, or anything else
+raise ValueError naming the function and what it returned (``call_reward_fn``, which also checks the
+scores of ppo.reward_fn).
 """
 from __future__ import annotations
 
 import importlib
 import json
-import numbers
+import math
 import os
 import sys
 from pathlib import Path
@@ -42,6 +44,62 @@ def load_function(spec: str, key: str = "rl.reward_fn"):
     return fn
 
 
+def _fn_name(fn) -> str:
+    return f"{getattr(fn, '__module__', None) or '?'}:{getattr(fn, '__qualname__', None) or repr(fn)}"
+
+
+def _is_number(v) -> bool:
+    """A real number: int, float, or a 0-d numeric tensor / numpy scalar (bools and strings are not)."""
+    if isinstance(v, (bool, str, bytes)):
+        return False
+    if isinstance(v, (int, float)):
+        return True
+    dtype = str(getattr(v, "dtype", "bool"))
+    return getattr(v, "ndim", 1) == 0 and "bool" not in dtype and "complex" not in dtype and (
+        "int" in dtype or "float" in dtype)
+
+
+def call_reward_fn(fn, prompts: list[str], responses: list[str], *, allow_none: bool = False,
+                   **fields) -> torch.Tensor:
+    """(n,) float64 scores of `fn(prompts, responses, **fields)`, which must return one real number per
+    response (a list/tuple of numbers or a 1-D tensor/array of n values); anything else raises ValueError
+    naming `fn` and what it returned. Without `allow_none`, non-finite numbers pass: the NaN guard reports
+    them with their step. With it, None (a response `fn` cannot score) becomes NaN, so a NaN or inf that
+    `fn` returns is an error."""
+    n = len(responses)
+    out = fn(prompts, responses, **fields)
+    expected = (f"it must return {n} numbers, one per response (a list or a 1-D tensor)"
+                + (", or None for a response it cannot score" if allow_none else ""))
+    if isinstance(out, torch.Tensor) or (hasattr(out, "shape") and hasattr(out, "dtype")):  # numpy too
+        try:
+            t = torch.as_tensor(out)
+        except TypeError:
+            raise ValueError(f"reward function {_fn_name(fn)} returned an array of {out.dtype}; {expected}") from None
+        if t.dim() != 1 or t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"reward function {_fn_name(fn)} returned a {tuple(t.shape)} {t.dtype} tensor; "
+                             f"{expected}")
+        values = t.detach().double().cpu()
+    elif isinstance(out, (list, tuple)):
+        bad = next((v for v in out if not (_is_number(v) or (allow_none and v is None))), None)
+        if bad is not None:
+            raise ValueError(f"reward function {_fn_name(fn)} returned a {type(out).__name__} holding "
+                             f"{bad!r} ({type(bad).__name__}); {expected}")
+        values = torch.tensor([math.nan if v is None else float(v) for v in out], dtype=torch.float64)
+    else:
+        shown = repr(out) if len(repr(out)) < 60 else repr(out)[:57] + "..."
+        raise ValueError(f"reward function {_fn_name(fn)} returned {shown} ({type(out).__name__}); {expected}")
+    if values.numel() != n:
+        raise ValueError(f"reward function {_fn_name(fn)} returned {values.numel()} values for {n} responses; "
+                         f"{expected}")
+    if allow_none:  # NaN stands for None: a non-finite number from `fn` must not pass for "cannot score"
+        given = out if isinstance(out, (list, tuple)) else values.tolist()
+        bad = next((i for i, v in enumerate(given) if v is not None and not math.isfinite(float(v))), None)
+        if bad is not None:
+            raise ValueError(f"reward function {_fn_name(fn)} returned {float(given[bad])!r} for response {bad}; "
+                             "expected a finite number, or None when it cannot score the response")
+    return values
+
+
 class RewardFunctions:
     """The weighted sum of reward functions; call with texts and per-response field dicts."""
 
@@ -49,7 +107,7 @@ class RewardFunctions:
         names = [s for s in specs.split(",") if s.strip()]
         if not names:
             raise ValueError("rl.reward_fn is empty: expected 'module:function[,module:function...]'")
-        self.fns = [(name.strip(), load_function(name)) for name in names]
+        self.fns = [load_function(name) for name in names]
         try:
             self.weights = [float(w) for w in weights.split(",")] if weights else [1.0] * len(names)
         except ValueError:
@@ -62,20 +120,8 @@ class RewardFunctions:
         keys = sorted({k for f in fields for k in f if k != "prompt"})
         kwargs = {k: [f.get(k) for f in fields] for k in keys}
         total = torch.zeros(len(responses), dtype=torch.float64)
-        for (name, fn), w in zip(self.fns, self.weights):
-            out = fn(list(prompts), list(responses), **kwargs)
-            if not hasattr(out, "__len__") or len(out) != len(responses):
-                raise ValueError(f"reward function {name} returned {type(out).__name__} "
-                                 f"{'of length ' + str(len(out)) if hasattr(out, '__len__') else ''}; "
-                                 f"expected one float or None per response ({len(responses)})")
-            for i, v in enumerate(out):
-                if v is None:
-                    total[i] = float("nan")
-                    continue
-                if not isinstance(v, numbers.Real) or not torch.isfinite(torch.tensor(float(v))):
-                    raise ValueError(f"reward function {name} returned {v!r} for response {i}; expected a finite "
-                                     "float, or None when it cannot score the response")
-                total[i] += w * float(v)
+        for fn, w in zip(self.fns, self.weights):
+            total += w * call_reward_fn(fn, list(prompts), list(responses), allow_none=True, **kwargs)
         return total
 
 

@@ -17,6 +17,7 @@ import torch
 import rlhf_fast
 
 from .data import IGNORE_INDEX
+from .reward_fns import call_reward_fn
 from .runtime import Runtime, unwrap
 
 
@@ -125,52 +126,6 @@ def decode_rows(tok, sequences: torch.Tensor, mask: torch.Tensor, prompt_len: in
         prompts.append(tok.decode(prompt))
         responses.append(tok.decode(resp))
     return prompts, responses
-
-
-def _fn_name(fn) -> str:
-    return f"{getattr(fn, '__module__', None) or '?'}:{getattr(fn, '__qualname__', None) or repr(fn)}"
-
-
-def _is_number(v) -> bool:
-    """A real number: int, float, or a 0-d numeric tensor / numpy scalar (bools and strings are not)."""
-    if isinstance(v, (bool, str, bytes)):
-        return False
-    if isinstance(v, (int, float)):
-        return True
-    dtype = str(getattr(v, "dtype", "bool"))
-    return getattr(v, "ndim", 1) == 0 and "bool" not in dtype and "complex" not in dtype and (
-        "int" in dtype or "float" in dtype)
-
-
-def call_reward_fn(fn, prompts: list[str], responses: list[str]) -> torch.Tensor:
-    """(n,) float64 scores of `fn(prompts, responses)`, which must return one real number per response (a
-    list/tuple of numbers or a 1-D tensor/array of n values); anything else raises ValueError naming `fn`
-    and what it returned. Non-finite numbers pass: the NaN guard reports them with their step."""
-    n = len(prompts)
-    out = fn(prompts, responses)
-    expected = f"it must return {n} numbers, one per response (a list or a 1-D tensor)"
-    if isinstance(out, torch.Tensor) or (hasattr(out, "shape") and hasattr(out, "dtype")):  # numpy too
-        try:
-            t = torch.as_tensor(out)
-        except TypeError:
-            raise ValueError(f"reward function {_fn_name(fn)} returned an array of {out.dtype}; {expected}") from None
-        if t.dim() != 1 or t.dtype == torch.bool or t.is_complex():
-            raise ValueError(f"reward function {_fn_name(fn)} returned a {tuple(t.shape)} {t.dtype} tensor; "
-                             f"{expected}")
-        values = t.detach().double().cpu()
-    elif isinstance(out, (list, tuple)):
-        bad = next((v for v in out if not _is_number(v)), None)
-        if bad is not None:
-            raise ValueError(f"reward function {_fn_name(fn)} returned a {type(out).__name__} holding "
-                             f"{bad!r} ({type(bad).__name__}); {expected}")
-        values = torch.tensor([float(v) for v in out], dtype=torch.float64)
-    else:
-        shown = repr(out) if len(repr(out)) < 60 else repr(out)[:57] + "..."
-        raise ValueError(f"reward function {_fn_name(fn)} returned {shown} ({type(out).__name__}); {expected}")
-    if values.numel() != n:
-        raise ValueError(f"reward function {_fn_name(fn)} returned {values.numel()} values for {n} responses; "
-                         f"{expected}")
-    return values
 
 
 @torch.no_grad()

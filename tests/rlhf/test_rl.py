@@ -156,12 +156,15 @@ def test_reward_functions_get_fields_weights_and_none():
     with pytest.raises(ValueError, match="cannot be loaded"):
         RewardFunctions("rlhf_fast.nope:fn")
     bad = RewardFunctions(f"{__name__}:length")
-    bad.fns = [("nan", lambda p, r: [math.nan] * len(r))]
-    with pytest.raises(ValueError, match="finite"):
+    for returned in ([0.5, math.nan], torch.tensor([0.5, math.inf])):  # NaN means "cannot score": not a score
+        bad.fns = [lambda p, r, returned=returned: returned]
+        with pytest.raises(ValueError, match=r"returned (nan|inf) for response 1; expected a finite number"):
+            bad(["p", "q"], ["x", "y"], [{"prompt": "p"}, {"prompt": "q"}])
+    bad.fns = [lambda p, r: []]
+    with pytest.raises(ValueError, match="returned 0 values for 1 responses; .* or None for a response it cannot"):
         bad(["p"], ["x"], [{"prompt": "p"}])
-    bad.fns = [("short", lambda p, r: [])]
-    with pytest.raises(ValueError, match="one float or None"):
-        bad(["p"], ["x"], [{"prompt": "p"}])
+    bad.fns = [lambda p, r: torch.tensor([2.0, 3.0])]  # a 1-D tensor is as good as a list
+    assert bad(["p", "q"], ["x", "y"], [{"prompt": "p"}, {"prompt": "q"}]).tolist() == [2.0, 3.0]
 
 
 def unscorable_odd_answers(prompts, responses, *, answer):

@@ -191,7 +191,7 @@ def test_checkpoint_round_trip_keeps_structure_and_values(tmp_path):
     (torch.ones(3, 1), "returned a (3, 1) torch.float32 tensor"), ([1.0, 2.0], "returned 2 values for 3 responses"),
 ])
 def test_reward_function_output_is_checked(returned, what):
-    from rlhf_fast.rlhf.rollout import call_reward_fn
+    from rlhf_fast.rlhf.reward_fns import call_reward_fn
 
     def my_reward(prompts, responses):
         return returned
