@@ -69,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="print what a run's trained policy answers to a prompt", allow_abbrev=False)
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for several)")
-    p.add_argument("--stage", choices=("ppo", "sft"), default="ppo", help="policy after PPO or after SFT")
-    p.add_argument("--max_new_tokens", type=int, default=None, help="default: the run's ppo.max_new_tokens")
+    p.add_argument("--stage", choices=("ppo", "rl", "sft"), default="ppo",
+                   help="policy after PPO, after the critic-free rl stage, or after SFT")
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="default: the run's ppo.max_new_tokens (rl.max_new_tokens for --stage rl)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)

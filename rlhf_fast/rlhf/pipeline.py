@@ -6,9 +6,9 @@ Run directory layout (``cfg.run.out``)::
     summary.json           task_score_sft, rm_accuracy, task_score_ppo, kl_final, seconds, ...
     demo.png               (demo) task score, reward and KL over the PPO iterations
     data/*.jsonl           the built-in task's data (when a data path is left empty)
-    sft/ rm/ ppo/          per stage: config.yaml (what it trained, ``<stage> --resume`` reads it back),
-                           metrics.jsonl (one line per step), checkpoint.safetensors, plots/*.png,
-                           result.json (written last: the stage is finished)
+    sft/ rm/ ppo/ rl/      per stage (rl/: the critic-free stage of ``rl_pipeline``): config.yaml (what it
+                           trained, ``<stage> --resume`` reads it back), metrics.jsonl (one line per step),
+                           checkpoint.safetensors, plots/*.png, result.json (written last: finished)
 """
 from __future__ import annotations
 

@@ -294,6 +294,8 @@ def finished_rl(sft_run, tmp_path_factory, device):
 
 
 def test_failed_rl_launches_leave_a_finished_run_untouched(finished_rl, tmp_path, device, capsys, monkeypatch):
+    from rlhf_fast import cli
+
     from .test_run_safety import _args, _main, _snapshot
     run = copy_of(finished_rl, tmp_path)
     assert (run / "rl" / "result.json").is_file() and (run / "rl" / "config.yaml").is_file()
@@ -322,6 +324,9 @@ def test_failed_rl_launches_leave_a_finished_run_untouched(finished_rl, tmp_path
         assert _snapshot(run) == before, argv
     rc, err = _main(["rl", "--resume", str(run)], capsys)  # finished: nothing to do, nothing written
     assert rc == 0 and _snapshot(run) == before
+    # the rl policy answers through `sample --stage rl`, reading the run without writing to it
+    assert cli.main(["sample", str(run), "--stage", "rl", "--prompt", "sort:31=", "--temperature", "0"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1 and _snapshot(run) == before
 
     def interrupted(cfg, **kwargs):
         raise KeyboardInterrupt
