@@ -1,4 +1,4 @@
-"""`rlhf-fast` (also `python -m rlhf_fast`): the SFT, reward-model, PPO and demo stages from the shell.
+"""`rlhf-fast` (also `python -m rlhf_fast`): the SFT, reward-model, PPO, RL and demo stages from the shell.
 
     rlhf-fast demo --out runs/demo                      # built-in task: SFT -> RM -> PPO
     rlhf-fast sft --out runs/x --sft.data=my_sft.jsonl  # one stage, own data

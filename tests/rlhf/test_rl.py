@@ -279,7 +279,7 @@ def test_nan_reward_model_score_stops_the_run(sft_run, tmp_path, device, monkeyp
             model.forward = lambda seqs, attention_mask=None: torch.full(seqs.shape[:1], math.nan)
         return model
     monkeypatch.setattr(rl_pipeline, "load_model", load_model)
-    with pytest.raises(NonFiniteError, match="rl step 1: reward is not finite"):
+    with pytest.raises(NonFiniteError, match=r"rl step 1: reward is not finite \(16 of 16 values: \[0\]=nan, "):
         run_rl(rl_cfg(out, device, **{"rl.prompts": str(out / "data" / "prompts.jsonl"), "rl.reward_init": "rm"}))
     assert not (out / "rl" / checkpoint.NAME).exists()
 
