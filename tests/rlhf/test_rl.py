@@ -315,7 +315,8 @@ def test_failed_rl_launches_leave_a_finished_run_untouched(finished_rl, tmp_path
         (["rl", *rl_args, "--overwrite", f"--rl.prompts={own}", f"--rl.eval_prompts={own}", "--rl.reward_init=rm"],
          "rl.eval_prompts needs rl.reward_fn"),
         (["rl", *rl_args, "--overwrite", f"--rl.prompts={own}", "--rl.reward_init=rm"], "needs this run's rm stage"),
-        (["rl", *rl_args, "--overwrite", "--rl.policy_init=nowhere.safetensors"], "nowhere.safetensors' does not exist"),
+        (["rl", *rl_args, "--overwrite", "--rl.policy_init=nowhere.safetensors"],
+         "nowhere.safetensors' does not exist"),
         (["rl", *rl_args, "--resume", str(run), "--overwrite"], "pass one of them"),
     ]
     for argv, message in cases:
