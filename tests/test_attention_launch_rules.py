@@ -10,6 +10,9 @@ import contextlib
 import pytest
 import torch
 
+from conftest import need_backend
+from rlhf_fast import causal_attention_varlen
+from sync_helpers import HostReads
 from rlhf_fast.kernels import causal_attention as causal_kern
 from rlhf_fast.kernels import decode_attention as decode_kern
 from rlhf_fast.ops import _attention_launch as launch
@@ -113,3 +116,35 @@ def test_on_device_makes_the_tensors_gpu_current():
     guard = _launch.on_device(OnSecondGpu())
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     assert isinstance(_launch.on_device(torch.zeros(1)), contextlib.nullcontext)
+
+
+def _packed(device, lengths=(5, 9, 1), extra=3, hq=2, hkv=1, d=16):
+    total = sum(lengths) + extra
+    q, k, v = (torch.randn(total, h, d, device=device) for h in (hq, hkv, hkv))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return q, k, v, cu, max(lengths)
+
+
+def test_packed_forward_reads_no_host_data_during_capture(monkeypatch, device):
+    """Under CUDA-graph capture (simulated) the cu_seqlens value check, a host read, is skipped; the output
+    is the same, rows past cu_seqlens[-1] still 0."""
+    need_backend("triton", device)
+    q, k, v, cu, max_seqlen = _packed(device)
+    expected = causal_attention_varlen(q, k, v, cu, max_seqlen, backend="triton")
+    monkeypatch.setattr(launch, "host_sync_forbidden", lambda: True)
+    reads = HostReads(monkeypatch)
+    out = causal_attention_varlen(q, k, v, cu.clone(), max_seqlen, backend="triton")
+    assert reads.calls == []
+    assert torch.equal(out, expected) and torch.all(out[int(expected.shape[0]) - 3:] == 0)
+
+
+def test_packed_forward_traces_as_one_graph(device):
+    """torch.compile(fullgraph=True) of the packed op: its checks stay out of the traced graph."""
+    need_backend("triton", device)
+    q, k, v, cu, max_seqlen = _packed(device)
+
+    def forward(q, k, v, cu):
+        return causal_attention_varlen(q, k, v, cu, max_seqlen, backend="triton")
+
+    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(q, k, v, cu), forward(q, k, v, cu))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gpt_helpers import V, gpt2_config, modern_config, sharpen
+from sync_helpers import HostReads
 import rlhf_fast
 from rlhf_fast.model import GPT, GPTConfig, KVCache, decode_one_token, generate, prefill
 from rlhf_fast.model.generate import decode_n_tokens, sampling_state
@@ -203,22 +204,6 @@ def test_sampling_state_draws_what_eager_scalars_draw(device):
     assert not torch.equal(rounded[1], eager[1])  # float32 top_p does move the cut on these rows
 
 
-class _SyncCounter:
-    """Counts host reads of tensor data (bool(), .item(), .tolist(), int(), float())."""
-    NAMES = ("__bool__", "item", "tolist", "__int__", "__float__")
-
-    def __init__(self, monkeypatch):
-        self.calls = []
-        for name in self.NAMES:
-            monkeypatch.setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name), name))
-
-    def _wrap(self, real, name):
-        def counted(t, *args, **kwargs):
-            self.calls.append(name)
-            return real(t, *args, **kwargs)
-        return counted
-
-
 @pytest.mark.parametrize("backend", ["reference", "cuda"])
 def test_decode_loop_reads_the_host_once_not_per_token(device, backend, monkeypatch):
     """16 sampled tokens: no host read per token (seed and offset stay on the device, the sampler's
@@ -232,9 +217,9 @@ def test_decode_loop_reads_the_host_once_not_per_token(device, backend, monkeypa
         logits = prefill(model, idx, torch.tensor([5, 2, 4], dtype=torch.int32, device=device), cache)
         rlhf_fast.sample(logits, seed=1, backend=backend)  # builds/loads the extension outside the count
         sampling = dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=3, backend=backend)
-        counter = _SyncCounter(monkeypatch)
+        reads = HostReads(monkeypatch)
         tokens, _, mask = decode_n_tokens(model, logits, cache, 16, sampling, None, 0)
-    assert counter.calls == ["__bool__"], counter.calls
+    assert reads.calls == ["__bool__"], reads.calls
     assert mask.all() and (tokens >= 0).all()
 
 
