@@ -193,21 +193,35 @@ def _options(spec) -> dict:
     return options
 
 
-def _ttir_params(ttir: str, fn_name: str) -> list[str]:
-    """SSA names of the kernel's parameters in order (the non-constexpr arguments): `%stride_qt` under
-    Triton 3.9, `%arg5` under older versions."""
-    head = re.search(r"tt\.func public @" + re.escape(fn_name) + r"\((.*?)\)\s*attributes", ttir, re.S)
+def _ttir_params(ttir: str, spec) -> dict:
+    """Argument name -> SSA name of its parameter in the kernel's TTIR signature. Triton 3.9 names each
+    parameter after its argument and tags it loc("name"); a tensor descriptor argument expands into
+    several parameters (K, K.shape.0, ..., K.stride.3). Without loc names, parameters are matched to the
+    runtime (non-constexpr) arguments in order, which holds only where none expanded."""
+    head = re.search(r"tt\.func public @" + re.escape(spec.fn.__name__) + r"\((.*?)\)\s*attributes", ttir, re.S)
     if head is None:
-        raise RuntimeError(f"no tt.func @{fn_name} in the TTIR")
-    return re.findall(r"(%[\w.$-]+)\s*:", head.group(1))
+        raise RuntimeError(f"no tt.func @{spec.fn.__name__} in the TTIR")
+    params = list(re.finditer(r"(%[\w.$-]+)\s*:", head.group(1)))
+    ends = [m.start() for m in params[1:]] + [len(head.group(1))]
+    named = {}
+    for m, end in zip(params, ends):
+        loc = re.search(r'loc\("([^"]+)"', head.group(1)[m.end():end])
+        if loc is not None:
+            named[loc.group(1)] = m.group(1)
+    if named:
+        return named
+    runtime = [n for n in spec.fn.arg_names if spec.signature.get(n) != "constexpr" and n not in spec.constexprs]
+    if len(runtime) != len(params):
+        raise RuntimeError(f"{spec.name}: TTIR has {len(params)} parameters for {len(runtime)} runtime arguments "
+                           "and no loc names: cannot tell which is which")
+    return {name: m.group(1) for name, m in zip(runtime, params)}
 
 
 def narrow_uses(ttir: str, spec) -> tuple:
     """Names in spec.int64_args whose TTIR value has a use other than `arith.extsi %x : i32 to i64`."""
     if not spec.int64_args:
         return ()
-    runtime = [n for n in spec.fn.arg_names if spec.signature.get(n) != "constexpr" and n not in spec.constexprs]
-    params = dict(zip(runtime, _ttir_params(ttir, spec.fn.__name__)))
+    params = _ttir_params(ttir, spec)
     body = ttir.split("attributes", 1)[1]
     bad = []
     for name in spec.int64_args:

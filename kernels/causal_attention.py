@@ -17,7 +17,8 @@ import dataclasses
 import triton
 import triton.language as tl
 
-from ._attention_configs import ARCHS, DTYPES, HEAD_DIMS, AttnConfig, config, tma_block, uses_tma  # noqa: F401
+from ._attention_configs import (ARCHS, DTYPES, HEAD_DIMS, AttnConfig, config, has_config,  # noqa: F401
+                                 tma_block, uses_tma)
 from ._spec import KernelSpec
 
 
@@ -399,7 +400,7 @@ def _specs_for(arch: int, dtype: str, d: int, varlen: bool) -> list[KernelSpec]:
                    f"{lse} max_seqlen n_q_heads"),
         dict(HEAD_DIM=d, BLOCK_M=c.block_m, IS_VARLEN=varlen), c.num_warps, c.num_stages, (arch,),
         maxnreg=c.maxnreg))
-    for atomic in (False, True):
+    for atomic in (False, True) if has_config("bwd_dkdv_atomic", arch, d, dtype) else (False,):
         c = config("bwd_dkdv_atomic" if atomic else "bwd_dkdv", arch, d, dtype)
         sig = _signature(dtype, "Q K V DO LSE DELTA DK DV DQ CU_SEQLENS",
                          f"{_strides('q', 'k', 'v', 'do', 'dk', 'dv', 'dq')} {lse} max_seqlen n_kv_heads group "

@@ -261,7 +261,8 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: flo
     """Backward (FlashAttention-2): dK/dV per KV block summed over the query heads of each group, then dQ.
 
     deterministic=True computes dQ in a separate pass over the KV blocks (no atomics); False accumulates
-    dQ with fp32 atomics inside the dK/dV pass, saving the recomputation of the scores.
+    dQ with fp32 atomics inside the dK/dV pass, saving the recomputation of the scores, wherever the
+    config table has an atomic variant (kernels._attention_configs.has_config).
     """
     from rlhf_fast.kernels import causal_attention as kern
 
@@ -280,7 +281,7 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: flo
     common = dict(HEAD_DIM=d, IS_VARLEN=packed, DOT_PRECISION=dot_precision(q.dtype, q.device))
 
     delta = torch.empty_like(lse)
-    atomic = not deterministic
+    atomic = not deterministic and kern.has_config("bwd_dkdv_atomic", arch, d, dtype)
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
     with on_device(q):
         cfg = kern.config("bwd_pre", arch, d, dtype)

@@ -3,6 +3,7 @@ and knowing when a host sync is not allowed."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -21,6 +22,18 @@ def on_device(t: torch.Tensor):
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+def on_first_tensor_device(launcher):
+    """Decorator of a host launcher function: runs it under `on_device` of its first tensor argument."""
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is None:
+            raise TypeError(f"{launcher.__name__}: no tensor argument to take the device from")
+        with on_device(first):
+            return launcher(*args, **kwargs)
+    return guarded
 
 
 def cuda_grid(*axes: int, kernel: str) -> tuple[int, ...]:
