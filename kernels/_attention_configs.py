@@ -40,7 +40,7 @@ _CONFIGS = {
     ("bwd_dq", 90, False): {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 4, 3), 128: (128, 32, 8, 2),
                             256: (64, 16, 8, 2)},
     ("bwd_dq", 80, False): {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 8, 2), 128: (64, 32, 4, 2),
-                            256: (32, 32, 8, 1)},
+                            256: (32, 16, 8, 1)},
 }
 # fp32 inputs use IEEE dots (FMA, no tensor cores) that keep both operands in registers: 16- and 32-row
 # tiles. ptxas (Triton 3.6's and 3.9's differ) picks register budgets erratically for these: a config
@@ -64,7 +64,7 @@ _CONFIGS.update({
                              256: (16, 16, 16, 1)},
     # None: no tile of the atomic-dQ variant is spill-free (with int64 token offsets); the launcher takes
     # the deterministic path (dK/dV, then a dQ pass) there.
-    ("bwd_dkdv_atomic", 80, True): {16: (16, 32, 4, 2), 32: (16, 16, 8, 1, 128), 64: (32, 32, 8, 2), 128: (16, 16, 8, 2),
+    ("bwd_dkdv_atomic", 80, True): {16: (16, 32, 4, 2), 32: (16, 16, 8, 1, 128), 64: (16, 16, 4, 2), 128: (16, 16, 8, 2),
                                     256: None},
     ("bwd_dkdv_atomic", 90, True): {16: (16, 32, 4, 2), 32: (16, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 8, 2),
                                     256: (16, 16, 8, 2)},

@@ -145,10 +145,8 @@ def test_decode_step_has_no_host_sync(device):
     lengths = torch.tensor([5, 2, 4], dtype=torch.int32, device=device)
     caches = [KVCache(model.config, B, 12, device, torch.float32) for _ in range(2)]
     logits = [prefill(model, idx, lengths, c) for c in caches]
-    params = [dict(temperature=torch.full((B,), 0.8, device=device), top_k=torch.full((B,), 20, device=device),
-                   top_p=torch.full((B,), 0.9, device=device), min_p=torch.zeros(B, device=device),
-                   seed=torch.tensor([3], device=device), offset=torch.zeros(1, dtype=torch.int64, device=device))
-              for _ in range(2)]
+    sampling = dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.0, seed=3)
+    params = [sampling_state(sampling, B, device) for _ in range(2)]  # what both decode loops use
 
     def step(logits, cache, params):
         token, logprob = rlhf_fast.sample(logits, return_logprobs=True, check_nan=False, **params)
