@@ -7,8 +7,10 @@ launcher picks from. For each spec and each arch in spec.archs this script compi
 Triton's ahead-of-time API (triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))), reads
 registers and spill stores/loads from the log of the ptxas -v that Triton runs (TRITON_DUMP_PTXAS_LOG)
 and the dynamic shared memory from the compiled metadata. It fails on a compile error, any spill, shared
-memory over what one block may use on the arch, or PTX lacking an instruction the spec names in
-`ptx_contains` (e.g. TMA's cp.async.bulk.tensor: a config meant to use a hardware feature must get it).
+memory over what one block may use on the arch, PTX lacking an instruction the spec names in
+`ptx_contains` (e.g. TMA's cp.async.bulk.tensor: a config meant to use a hardware feature must get it),
+or an argument named in `int64_args` (the attention kernels' strides) used in the TTIR other than by
+`arith.extsi ... : i32 to i64`: offsets built from it in 32 bits wrap past 2^31 elements.
 
 Pointer arguments are compiled as 16-byte aligned (tt.divisibility=16), which is what Triton's
 launcher specializes them to for torch tensors at run time; it changes the code (cp.async/TMA
@@ -68,6 +70,7 @@ class Result:
     shared: int | None = None
     error: str | None = None
     missing_ptx: tuple = ()
+    narrow_args: tuple = ()
     seconds: float = 0.0
 
     def problems(self) -> list[str]:
@@ -81,6 +84,8 @@ class Result:
             out.append(f"shared memory {self.shared} B > sm_{self.arch} limit {SHARED_LIMIT[self.arch]} B")
         if self.missing_ptx:
             out.append(f"PTX lacks {', '.join(self.missing_ptx)}")
+        if self.narrow_args:
+            out.append(f"32-bit use of {', '.join(self.narrow_args)}")
         return out
 
 
@@ -188,6 +193,48 @@ def _options(spec) -> dict:
     return options
 
 
+def _ttir_params(ttir: str, spec) -> dict:
+    """Argument name -> SSA name of its parameter in the kernel's TTIR signature. Triton 3.9 names each
+    parameter after its argument and tags it loc("name"); a tensor descriptor argument expands into
+    several parameters (K, K.shape.0, ..., K.stride.3). Without loc names, parameters are matched to the
+    runtime (non-constexpr) arguments in order, which holds only where none expanded."""
+    head = re.search(r"tt\.func public @" + re.escape(spec.fn.__name__) + r"\((.*?)\)\s*attributes", ttir, re.S)
+    if head is None:
+        raise RuntimeError(f"no tt.func @{spec.fn.__name__} in the TTIR")
+    params = list(re.finditer(r"(%[\w.$-]+)\s*:", head.group(1)))
+    ends = [m.start() for m in params[1:]] + [len(head.group(1))]
+    named = {}
+    for m, end in zip(params, ends):
+        loc = re.search(r'loc\("([^"]+)"', head.group(1)[m.end():end])
+        if loc is not None:
+            named[loc.group(1)] = m.group(1)
+    if named:
+        return named
+    runtime = [n for n in spec.fn.arg_names if spec.signature.get(n) != "constexpr" and n not in spec.constexprs]
+    if len(runtime) != len(params):
+        raise RuntimeError(f"{spec.name}: TTIR has {len(params)} parameters for {len(runtime)} runtime arguments "
+                           "and no loc names: cannot tell which is which")
+    return {name: m.group(1) for name, m in zip(runtime, params)}
+
+
+def narrow_uses(ttir: str, spec) -> tuple:
+    """Names in spec.int64_args whose TTIR value has a use other than `arith.extsi %x : i32 to i64`."""
+    if not spec.int64_args:
+        return ()
+    params = _ttir_params(ttir, spec)
+    body = ttir.split("attributes", 1)[1]
+    bad = []
+    for name in spec.int64_args:
+        if name not in params:
+            raise RuntimeError(f"int64_args names {name!r}, not a runtime argument of {spec.fn.__name__}")
+        ssa = re.escape(params[name])
+        uses = re.findall(r"^.*" + ssa + r"(?![\w.$-]).*$", body, re.M)
+        widen = re.compile(r"= arith\.extsi " + ssa + r" : i32 to i64\b")
+        if any(not widen.search(line) for line in uses):
+            bad.append(name)
+    return tuple(bad)
+
+
 def check_one(source: str, index: int, arch: int) -> Result:
     t0 = time.perf_counter()
     spec = load_specs(source)[index]
@@ -203,6 +250,7 @@ def check_one(source: str, index: int, arch: int) -> Result:
         result.shared = int(kernel.metadata.shared)
         ptx = kernel.asm["ptx"]
         result.missing_ptx = tuple(text for text in spec.ptx_contains.get(arch, ()) if text not in ptx)
+        result.narrow_args = narrow_uses(kernel.asm["ttir"], spec)
         result.regs, result.spill_stores, result.spill_loads = _parse_ptxas(log.getvalue())
     except Exception as exc:  # any compile failure is a finding, reported in the table
         result.error = f"{type(exc).__name__}: {exc}"
@@ -270,7 +318,7 @@ def _is_known_spill(r: Result, known: dict) -> bool:
     limit = known.get((r.name, r.arch))
     if limit is None or not (r.spill_stores or r.spill_loads):
         return False
-    if (r.shared is not None and r.shared > SHARED_LIMIT[r.arch]) or r.missing_ptx:
+    if (r.shared is not None and r.shared > SHARED_LIMIT[r.arch]) or r.missing_ptx or r.narrow_args:
         return False
     return r.spill_stores <= limit[0] and r.spill_loads <= limit[1]
 

@@ -2,25 +2,40 @@
 # The GPU check: one prepared run on a GPU machine without internet access (Python 3.12, torch 2.11
 # cu130, Triton 3.6, nvcc 13), from a plain copy of the working tree (PYTHONPATH, no pip install).
 #
-#   bash benchmarks/gpu_check.sh [OUTDIR]        (default OUTDIR: ./gpu_check_out)
+#   bash benchmarks/gpu_check.sh [--dry-run] [OUTDIR]        (default OUTDIR: ./gpu_check_out)
 #
-# GPU_CHECK_TESTS narrows the test step to some paths (default: tests); GPU_CHECK_BUDGET_S sets the budget.
+# GPU_CHECK_BUDGET_S sets the whole run's budget (default 540 s: under a 10-minute device call).
+# Steps, most important first, each under `timeout` with a cap it can meet (a step left with under 5 s
+# is reported SKIP and the run goes on):
+#   env        GPU, driver, python/torch/triton/nvcc versions                       30 s -> env.txt
+#   preflight  every module the tests, benches and package import, present or not   15 s -> preflight.txt
+#   build      JIT build of the csrc extension with its CUDA kernels (~40 s, sm_90)  90 s -> build.log
+#   parity     tests/test_<op>.py of every op in rlhf_fast/ops, on CUDA tensors     170 s -> parity.log
+#   ceilings   copy GB/s and bf16 matmul TFLOP/s (benchmarks/ceilings.py --quick)    25 s -> ceilings.log
+#   bench_attention, bench_logprobs, bench_sample: the speed figures that matter most, 60/60/45 s
+#   tests      the rest of the suite on CUDA tensors                     what is left -> tests.log
+#   bench_*    the other benches (generate, ppo_step), if time is left               45 s each
+# pytest runs with --continue-on-collection-errors: a file that fails to import (a missing module: see
+# preflight.txt) is reported and skipped while the other files run. RLHF_FAST_REQUIRE_BACKENDS=1, so a
+# kernel test cannot pass by skipping. JSON results land in OUTDIR/results (RLHF_FAST_RESULTS_DIR); a
+# bench file runs as `python -m benchmarks.bench_<name> [--suite gpu] [--quick]`, each flag passed when
+# the file defines it. The last thing printed is a table of steps (status, seconds, figures), also in
+# OUTDIR/summary.md. Exit status: 0 when no step failed (skipped steps do not fail it), 1 otherwise.
 #
-# Steps, each under `timeout`, the whole under 6 minutes (GPU_CHECK_BUDGET_S, default 345 s):
-#   env       GPU, driver, python/torch/triton/nvcc versions                       -> env.txt
-#   build     JIT build of the csrc extension with its CUDA kernels; extension_info() -> build.log
-#   ceilings  copy GB/s and bf16 matmul TFLOP/s (benchmarks/ceilings.py --quick)      -> ceilings.log
-#   tests     the whole suite on CUDA tensors, RLHF_FAST_REQUIRE_BACKENDS=1          -> tests.log, junit.xml
-#   bench_*   every benchmarks/bench_*.py GPU suite in quick mode                     -> bench_<name>.log
-# JSON results land in OUTDIR/results (RLHF_FAST_RESULTS_DIR). A bench file is run as
-# `python -m benchmarks.bench_<name> [--suite gpu] [--quick]`, each flag passed when the file defines it.
-# The last thing printed is a table of steps (status, seconds, figures), also in OUTDIR/summary.md.
-# Exit status: 0 when every step passed, 1 otherwise.
+# --dry-run rehearses the whole script on a CPU machine: every step runs its command list without CUDA
+# (pytest collects on CPU tensors with --collect-only; each `python -m` module gets --help, which still
+# parses the step's flags; the build only lists its sources), so a typo, a missing file or flag, a
+# collection error or a budget that does not add up shows before the GPU run.
 set -uo pipefail  # not -e: every step runs, failures are collected
 
+dry_run=0
+if [ "${1:-}" = "--dry-run" ]; then
+    dry_run=1
+    shift
+fi
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$(mkdir -p "${1:-$repo/gpu_check_out}" && cd "${1:-$repo/gpu_check_out}" && pwd)"
-budget="${GPU_CHECK_BUDGET_S:-345}"
+budget="${GPU_CHECK_BUDGET_S:-540}"
 t_start=$SECONDS
 cd "$repo" || exit 1
 
@@ -30,7 +45,15 @@ export RLHF_FAST_RESULTS_DIR="$out/results"
 export RLHF_FAST_EXT_DIR="${RLHF_FAST_EXT_DIR:-${TMPDIR:-/tmp}/rlhf_fast_gpu_check_ext}"
 export RLHF_FAST_BENCH_QUICK=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-unset TRITON_INTERPRET RLHF_FAST_BACKEND
+unset RLHF_FAST_BACKEND
+device=cuda
+if [ "$dry_run" -eq 1 ]; then
+    device=cpu
+    export TRITON_INTERPRET=1  # collection imports the kernels, as the CPU suite does
+else
+    unset TRITON_INTERPRET
+fi
+export dry_run
 # nvcc for the JIT build and tests/ci: the toolkit's usual home when it is not on PATH already.
 if ! command -v nvcc >/dev/null 2>&1 && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
     export PATH="${CUDA_HOME:-/usr/local/cuda}/bin:$PATH"
@@ -40,21 +63,35 @@ mkdir -p "$RLHF_FAST_RESULTS_DIR"
 rows=()
 failed=0
 
-# step NAME CAP_S LOG CMD...: run CMD with timeout min(CAP_S, time left), output to OUTDIR/LOG.
+# run_cmd CMD...: CMD, or in a dry run the CPU rehearsal of it (see the header).
+run_cmd() {
+    if [ "$dry_run" -eq 0 ]; then
+        "$@"
+    elif [[ " $* " == *" pytest "* ]]; then
+        "$@" --collect-only
+    elif [ "${1:-}" = python ] && [ "${2:-}" = -m ]; then
+        "$@" --help
+    else
+        "$@"
+    fi
+}
+export -f run_cmd
+
+# step NAME CAP_S LOG CMD...: run_cmd CMD under timeout min(CAP_S, time left), output to OUTDIR/LOG.
 step() {
     local name=$1 cap=$2 log=$3 left rc=0 t0=$SECONDS status
     shift 3
     left=$((budget - (SECONDS - t_start)))
     [ "$left" -lt "$cap" ] && cap=$left
     if [ "$cap" -lt 5 ]; then
-        last_status="FAIL: skipped, out of time"
+        last_status="SKIP: out of time"
         last_seconds=0
-        failed=1
         echo "--- $name: skipped, out of time"
         return 0
     fi
     echo "--- $name (limit ${cap} s) -> $out/$log"
-    timeout -k 5 "$cap" "$@" > "$out/$log" 2>&1 || rc=$?
+    echo "+ $*" > "$out/$log"
+    timeout -k 5 "$cap" bash -c 'run_cmd "$@"' run_cmd "$@" >> "$out/$log" 2>&1 || rc=$?
     if [ "$rc" -eq 0 ]; then
         status=ok
     elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
@@ -95,8 +132,17 @@ export -f env_info
 step env 30 env.txt bash -c env_info
 add_row env "$(grep -m1 '^device:' "$out/env.txt" | cut -c9-)"
 
+# the preflight is cheap and reads no GPU: a dry run runs it for real, after its --help
+step preflight 15 preflight.txt python -m benchmarks.gpu_preflight
+[ "$dry_run" -eq 1 ] && python -m benchmarks.gpu_preflight >> "$out/preflight.txt" 2>&1
+add_row preflight "$(grep -m1 '^preflight:' "$out/preflight.txt" | cut -c12-)"
+
 # shellcheck disable=SC2329  # run through `bash -c`
 build_extension() {
+    if [ "$dry_run" -eq 1 ]; then
+        python -c 'from rlhf_fast import _extension as e; print("sources", *e._sources(True))'
+        return
+    fi
     RLHF_FAST_VERBOSE_BUILD=1 python - <<'EOF'
 import json
 import rlhf_fast
@@ -107,10 +153,27 @@ print(json.dumps(rlhf_fast.extension_info(), indent=2, default=str))
 EOF
 }
 export -f build_extension
-step build 150 build.log bash -c build_extension
-add_row build "$(grep -m1 '^loaded' "$out/build.log")"
+step build 90 build.log bash -c build_extension
+add_row build "$(grep -m1 -E '^(loaded|sources)' "$out/build.log" | cut -c1-100)"
 
-step ceilings 45 ceilings.log python -m benchmarks.ceilings --quick --device cuda
+xdist=()
+python -c "import xdist" 2>/dev/null && xdist=(-n 8)  # Triton compiles dominate: spread them over CPUs
+pytest_cmd=(python -m pytest -q "${xdist[@]}" -p no:cacheprovider --continue-on-collection-errors
+            "--device=$device" --durations=15 -rfEs)
+tests_figures() {  # tests_figures LOG: pytest's summary line
+    grep -E '^(=+ )?[0-9]+ (passed|failed|errors?|skipped|tests? collected)' "$out/$1" | tail -n 1 | tr -d '='
+}
+
+# parity first: the test file of every op (tests/test_<op>.py for rlhf_fast/ops/<op>.py)
+parity=()
+for f in rlhf_fast/ops/[a-z]*.py; do
+    t="tests/test_$(basename "$f")"
+    [ -e "$t" ] && parity+=("$t")
+done
+step parity 170 parity.log "${pytest_cmd[@]}" --junitxml="$out/parity.xml" "${parity[@]}"
+add_row parity "$(tests_figures parity.log)"
+
+step ceilings 25 ceilings.log python -m benchmarks.ceilings --quick --device "$device"
 add_row ceilings "$(python - <<'EOF' 2>/dev/null
 from benchmarks.ceilings import load_ceilings
 c = load_ceilings("cuda")
@@ -118,28 +181,41 @@ print(f"copy {c['copy_gbps']:.0f} GB/s, bf16 matmul {c['bf16_tflops']:.0f} TFLOP
 EOF
 )"
 
-bench_files=("$repo"/benchmarks/bench_*.py)
-[ -e "${bench_files[0]}" ] || bench_files=()
-tests_cap=$((budget - (SECONDS - t_start) - 25 * ${#bench_files[@]}))
-[ "$tests_cap" -lt 120 ] && tests_cap=120
-read -r -a test_paths <<< "${GPU_CHECK_TESTS:-tests}"
-xdist=()
-python -c "import xdist" 2>/dev/null && xdist=(-n 8)  # Triton compiles dominate: spread them over CPUs
-step tests "$tests_cap" tests.log python -m pytest -q "${xdist[@]}" -p no:cacheprovider --device=cuda \
-    --junitxml="$out/junit.xml" --durations=15 -rfEs "${test_paths[@]}"
-add_row tests "$(grep -E '^(=+ )?[0-9]+ (passed|failed|error)' "$out/tests.log" | tail -n 1 | tr -d '=')"
-
-for f in "${bench_files[@]}"; do
-    name="$(basename "$f" .py)"
-    args=()
+# bench NAME CAP_S: benchmarks/NAME.py in quick mode, with its GPU suite
+bench() {
+    local name=$1 cap=$2 f="$repo/benchmarks/$1.py" args=()
     grep -q '"--suite"' "$f" && grep -q '"gpu"' "$f" && args+=(--suite gpu)
     grep -q '"--quick"' "$f" && args+=(--quick)
-    step "$name" 60 "$name.log" python -m "benchmarks.$name" "${args[@]}"
+    step "$name" "$cap" "$name.log" python -m "benchmarks.$name" "${args[@]}"
     add_row "$name" "$(grep -m1 -o 'results/[^ ]*\.json' "$out/$name.log" || echo 'no JSON written')"
+}
+first_benches=(bench_attention bench_logprobs bench_sample)
+first_caps=(60 60 45)
+for i in "${!first_benches[@]}"; do
+    [ -e "benchmarks/${first_benches[$i]}.py" ] && bench "${first_benches[$i]}" "${first_caps[$i]}"
+done
+
+# the rest of the suite gets what is left after the other benches' caps
+other_benches=()
+for f in benchmarks/bench_*.py; do
+    name="$(basename "$f" .py)"
+    [[ " ${first_benches[*]} " == *" $name "* ]] || other_benches+=("$name")
+done
+rest=()
+for t in tests/test_*.py tests/*/; do
+    [[ " ${parity[*]} " == *" $t "* ]] || rest+=("$t")
+done
+tests_cap=$((budget - (SECONDS - t_start) - 45 * ${#other_benches[@]}))
+step tests "$tests_cap" tests.log "${pytest_cmd[@]}" --junitxml="$out/junit.xml" "${rest[@]}"
+add_row tests "$(tests_figures tests.log)"
+
+for name in "${other_benches[@]}"; do
+    bench "$name" 45
 done
 
 {
-    echo "GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(grep -m1 '^device:' "$out/env.txt" | cut -c9-), total $((SECONDS - t_start)) s"
+    echo "GPU check$([ "$dry_run" -eq 1 ] && echo ' (DRY RUN on CPU)'), $(date -u +%Y-%m-%dT%H:%M:%SZ)," \
+         "$(grep -m1 '^device:' "$out/env.txt" | cut -c9-), total $((SECONDS - t_start)) s"
     echo
     echo "| step | status | s | figures |"
     echo "|---|---|---|---|"

@@ -17,3 +17,6 @@ class KernelSpec:
     attrs: dict = field(default_factory=dict)  # optional ASTSource attrs (e.g. divisibility hints)
     ptx_contains: dict = field(default_factory=dict)  # arch -> texts its PTX must hold (e.g. "wgmma")
     maxnreg: int | None = None  # register budget per thread passed to ptxas (.maxnreg); None: ptxas picks
+    # i32 arguments (token-axis strides) that may only be widened to int64 before any use: the static check
+    # fails a config whose TTIR uses one any other way (an i32 multiply wraps past 2^31 elements).
+    int64_args: tuple = ()

@@ -1,7 +1,7 @@
 """Causal attention kernels: FlashAttention-2 forward, backward (dK/dV pass + dQ pass or dQ atomics).
 
 One set of kernels serves padded (B, H, T, D) and packed (total, H, D) inputs. Every tensor comes as
-(batch stride, head stride, token stride) with a unit head-dim stride; with IS_VARLEN, program (m, s*H+h)
+(batch stride, head stride, token stride) with a unit head-dim stride; with IS_VARLEN, program (s*H+h, m)
 reads its sequence's first token and length from CU_SEQLENS (batch strides are then 0), otherwise every
 sequence is `max_seqlen` long and starts at token 0 of its batch row.
 
@@ -17,7 +17,8 @@ import dataclasses
 import triton
 import triton.language as tl
 
-from ._attention_configs import ARCHS, DTYPES, HEAD_DIMS, AttnConfig, config, tma_block, uses_tma  # noqa: F401
+from ._attention_configs import (ARCHS, DTYPES, HEAD_DIMS, AttnConfig, config, has_config,  # noqa: F401
+                                 tma_block, uses_tma)
 from ._spec import KernelSpec
 
 
@@ -35,8 +36,9 @@ def _seq_bounds(CU_SEQLENS, seq, max_seqlen, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def _program(CU_SEQLENS, max_seqlen, n_heads, IS_VARLEN: tl.constexpr):
-    """(sequence, head, first token, length) of this program: axis 1 of the grid is n_seq * n_heads."""
-    pid = tl.program_id(1)
+    """(sequence, head, first token, length) of this program: axis 0 of the grid is n_seq * n_heads (CUDA
+    caps axes 1 and 2 at 65535; the block index goes on axis 1)."""
+    pid = tl.program_id(0)
     seq = pid // n_heads
     tok0, seqlen = _seq_bounds(CU_SEQLENS, seq, max_seqlen, IS_VARLEN)
     return seq, pid % n_heads, tok0, seqlen
@@ -44,21 +46,23 @@ def _program(CU_SEQLENS, max_seqlen, n_heads, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def _base(PTR, seq, head, tok0, stride_b, stride_h, stride_t):
-    """Pointer to token 0, dim 0 of (seq, head); int64 so large tensors do not overflow."""
+    """Pointer to token 0, dim 0 of (seq, head). Every offset is int64 (token offsets too: a (T, B, H, D)
+    layout passes 2^31 elements at T * B * H * D, e.g. T = 32k with B=16, H=32, D=128); the static check
+    asserts that no stride argument enters a 32-bit multiply."""
     return PTR + seq.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h + tok0 * stride_t
 
 
 @triton.jit
 def _load_rows(PTR, seq, head, tok0, stride_b, stride_h, stride_t, offs, offs_d, rows):
     """Rows `offs` (len(offs), D) of (seq, head); rows where `rows` is False read as 0."""
-    ptrs = _base(PTR, seq, head, tok0, stride_b, stride_h, stride_t) + offs[:, None] * stride_t + offs_d[None, :]
+    ptrs = _base(PTR, seq, head, tok0, stride_b, stride_h, stride_t) + offs[:, None].to(tl.int64) * stride_t + offs_d[None, :]
     return tl.load(ptrs, mask=rows[:, None], other=0.0)
 
 
 @triton.jit
 def _store_rows(PTR, seq, head, tok0, stride_b, stride_h, stride_t, offs, offs_d, rows, value):
     """Store `value` (len(offs), D) into rows `offs` of (seq, head), in PTR's dtype, where `rows`."""
-    ptrs = _base(PTR, seq, head, tok0, stride_b, stride_h, stride_t) + offs[:, None] * stride_t + offs_d[None, :]
+    ptrs = _base(PTR, seq, head, tok0, stride_b, stride_h, stride_t) + offs[:, None].to(tl.int64) * stride_t + offs_d[None, :]
     tl.store(ptrs, value.to(PTR.dtype.element_ty), mask=rows[:, None])
 
 
@@ -94,11 +98,11 @@ def _kv_tile(src, stride_t, start_n, cols, seqlen, desc_b, desc_h, desc_t0, BLOC
             t = tl.trans(t)
     elif MASKED:
         if TRANSPOSE:
-            t = tl.load(src + start_n * stride_t, mask=cols[None, :] < seqlen, other=0.0)
+            t = tl.load(src + tl.cast(start_n, tl.int64) * stride_t, mask=cols[None, :] < seqlen, other=0.0)
         else:
-            t = tl.load(src + start_n * stride_t, mask=cols[:, None] < seqlen, other=0.0)
+            t = tl.load(src + tl.cast(start_n, tl.int64) * stride_t, mask=cols[:, None] < seqlen, other=0.0)
     else:
-        t = tl.load(src + start_n * stride_t)
+        t = tl.load(src + tl.cast(start_n, tl.int64) * stride_t)
     return t
 
 
@@ -135,13 +139,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_SEQLENS,
                      max_seqlen, n_q_heads, group, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
-    """Grid (cdiv(max_seqlen, BLOCK_M), n_seq * Hq): one query block of one head of one sequence.
+    """Grid (n_seq * Hq, cdiv(max_seqlen, BLOCK_M)): one query block of one head of one sequence.
 
     With USE_TMA (Hopper), K and V are 4-D TMA descriptors with (1, 1, BLOCK_N, D) blocks over
     (B, Hkv, T, D), or over (1, Hkv, total, D) when packed; otherwise pointers like Q.
     """
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    start_m = tl.program_id(0)
+    start_m = tl.program_id(1)
     seq, head, tok0, seqlen = _program(CU_SEQLENS, max_seqlen, n_q_heads, IS_VARLEN)
     if start_m * BLOCK_M >= seqlen:
         return
@@ -160,8 +164,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_SEQLENS,
         else:
             desc_b = seq
     else:
-        k_src = _base(K, seq, kv_head, tok0, stride_kb, stride_kh, stride_kt) + offs_n[None, :] * stride_kt + offs_d[:, None]
-        v_src = _base(V, seq, kv_head, tok0, stride_vb, stride_vh, stride_vt) + offs_n[:, None] * stride_vt + offs_d[None, :]
+        k_src = _base(K, seq, kv_head, tok0, stride_kb, stride_kh, stride_kt) + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
+        v_src = _base(V, seq, kv_head, tok0, stride_vb, stride_vh, stride_vt) + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
         desc_b = 0
         desc_t0 = 0
 
@@ -189,7 +193,7 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, CU_SEQLENS,
                                 stride_lb, stride_lh, max_seqlen, n_q_heads,
                                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr):
     """delta = rowsum(O * dO) in fp32, laid out like the LSE."""
-    start_m = tl.program_id(0)
+    start_m = tl.program_id(1)
     seq, head, tok0, seqlen = _program(CU_SEQLENS, max_seqlen, n_q_heads, IS_VARLEN)
     if start_m * BLOCK_M >= seqlen:
         return
@@ -216,13 +220,13 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_mb
         rows = offs_m < seqlen
-        q_t = tl.load(q_ptrs + start_m * stride_qt, mask=rows[None, :], other=0.0)
+        q_t = tl.load(q_ptrs + tl.cast(start_m, tl.int64) * stride_qt, mask=rows[None, :], other=0.0)
         lse = tl.load(lse_ptr + offs_m, mask=rows, other=float("inf"))
         s_t = _dot(k, q_t, None, DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-        do = tl.load(do_ptrs + start_m * stride_dot, mask=rows[:, None], other=0.0)
+        do = tl.load(do_ptrs + tl.cast(start_m, tl.int64) * stride_dot, mask=rows[:, None], other=0.0)
         dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
         delta = tl.load(delta_ptr + offs_m, mask=rows, other=0.0)
         dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
@@ -230,7 +234,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_
         dk = _dot(ds_t, tl.trans(q_t), dk, DOT_PRECISION)
         if ATOMIC_DQ:
             dq = _dot(tl.trans(ds_t), k, None, DOT_PRECISION) * scale
-            tl.atomic_add(dq_ptrs + start_m * stride_dqt, dq, mask=rows[:, None])
+            tl.atomic_add(dq_ptrs + tl.cast(start_m, tl.int64) * stride_dqt, dq, mask=rows[:, None])
     return dk, dv
 
 
@@ -243,12 +247,12 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS,
                           max_seqlen, n_kv_heads, group, scale, qk_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           IS_VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (cdiv(max_seqlen, BLOCK_N), n_seq * Hkv): dK, dV of one KV block, summed over its query heads.
+    """Grid (n_seq * Hkv, cdiv(max_seqlen, BLOCK_N)): dK, dV of one KV block, summed over its query heads.
 
     With ATOMIC_DQ, also adds each query block's dQ into the fp32 buffer DQ with atomics.
     """
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
-    start_n = tl.program_id(0) * BLOCK_N
+    start_n = tl.program_id(1) * BLOCK_N
     seq, kv_head, tok0, seqlen = _program(CU_SEQLENS, max_seqlen, n_kv_heads, IS_VARLEN)
     if start_n >= seqlen:
         return
@@ -263,9 +267,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS,
     diag_hi = tl.minimum(start_n + BLOCK_N, seqlen)
     for g in range(group):
         head = kv_head * group + g
-        q_ptrs = _base(Q, seq, head, tok0, stride_qb, stride_qh, stride_qt) + offs_mb[None, :] * stride_qt + offs_d[:, None]
-        do_ptrs = _base(DO, seq, head, tok0, stride_dob, stride_doh, stride_dot) + offs_mb[:, None] * stride_dot + offs_d[None, :]
-        dq_ptrs = _base(DQ, seq, head, tok0, stride_dqb, stride_dqh, stride_dqt) + offs_mb[:, None] * stride_dqt + offs_d[None, :]
+        q_ptrs = _base(Q, seq, head, tok0, stride_qb, stride_qh, stride_qt) + offs_mb[None, :].to(tl.int64) * stride_qt + offs_d[:, None]
+        do_ptrs = _base(DO, seq, head, tok0, stride_dob, stride_doh, stride_dot) + offs_mb[:, None].to(tl.int64) * stride_dot + offs_d[None, :]
+        dq_ptrs = _base(DQ, seq, head, tok0, stride_dqb, stride_dqh, stride_dqt) + offs_mb[:, None].to(tl.int64) * stride_dqt + offs_d[None, :]
         row0 = seq.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + tok0
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE + row0, DELTA + row0,
                                       stride_qt, stride_dot, stride_dqt, start_n, diag_hi, offs_n, seqlen,
@@ -304,9 +308,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
                         max_seqlen, n_q_heads, group, scale, qk_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (cdiv(max_seqlen, BLOCK_M), n_seq * Hq): dQ of one query block (the deterministic path)."""
+    """Grid (n_seq * Hq, cdiv(max_seqlen, BLOCK_M)): dQ of one query block (the deterministic path)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    start_m = tl.program_id(0)
+    start_m = tl.program_id(1)
     seq, head, tok0, seqlen = _program(CU_SEQLENS, max_seqlen, n_q_heads, IS_VARLEN)
     if start_m * BLOCK_M >= seqlen:
         return
@@ -320,8 +324,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
     row0 = seq.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + tok0
     lse = tl.load(LSE + row0 + offs_m, mask=rows, other=float("inf"))
     delta = tl.load(DELTA + row0 + offs_m, mask=rows, other=0.0)
-    k_ptrs = _base(K, seq, kv_head, tok0, stride_kb, stride_kh, stride_kt) + offs_n[None, :] * stride_kt + offs_d[:, None]
-    v_ptrs = _base(V, seq, kv_head, tok0, stride_vb, stride_vh, stride_vt) + offs_n[None, :] * stride_vt + offs_d[:, None]
+    k_ptrs = _base(K, seq, kv_head, tok0, stride_kb, stride_kh, stride_kt) + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
+    v_ptrs = _base(V, seq, kv_head, tok0, stride_vb, stride_vh, stride_vt) + offs_n[None, :].to(tl.int64) * stride_vt + offs_d[:, None]
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     diag = start_m * BLOCK_M
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, 0, diag, offs_m, offs_n,
@@ -349,6 +353,11 @@ def aligned_attrs(signature: dict) -> dict:
     return {n: "D" for n in signature if n.startswith("stride")}
 
 
+def stride_args(signature: dict) -> tuple:
+    """Every stride argument: the static check asserts each is widened to int64 before use."""
+    return tuple(n for n in signature if n.startswith("stride"))
+
+
 def _strides(*prefixes: str) -> str:
     return " ".join(f"stride_{p}{axis}" for p in prefixes for axis in "bht")
 
@@ -361,7 +370,8 @@ def static_configs() -> list[KernelSpec]:
             for d in HEAD_DIMS:
                 for varlen in (False, True):
                     specs += _specs_for(arch, dtype, d, varlen)
-    return [dataclasses.replace(sp, attrs=aligned_attrs(sp.signature)) for sp in specs]
+    return [dataclasses.replace(sp, attrs=aligned_attrs(sp.signature), int64_args=stride_args(sp.signature))
+            for sp in specs]
 
 
 def _specs_for(arch: int, dtype: str, d: int, varlen: bool) -> list[KernelSpec]:
@@ -390,7 +400,7 @@ def _specs_for(arch: int, dtype: str, d: int, varlen: bool) -> list[KernelSpec]:
                    f"{lse} max_seqlen n_q_heads"),
         dict(HEAD_DIM=d, BLOCK_M=c.block_m, IS_VARLEN=varlen), c.num_warps, c.num_stages, (arch,),
         maxnreg=c.maxnreg))
-    for atomic in (False, True):
+    for atomic in (False, True) if has_config("bwd_dkdv_atomic", arch, d, dtype) else (False,):
         c = config("bwd_dkdv_atomic" if atomic else "bwd_dkdv", arch, d, dtype)
         sig = _signature(dtype, "Q K V DO LSE DELTA DK DV DQ CU_SEQLENS",
                          f"{_strides('q', 'k', 'v', 'do', 'dk', 'dv', 'dq')} {lse} max_seqlen n_kv_heads group "

@@ -1,9 +1,10 @@
 """Decode attention kernels: split-K flash-decoding over a KV cache, then a log-sum-exp merge.
 
-_decode_split_kernel: program (split, b * Hkv + kv_head, group chunk) attends the up-to-BLOCK_G query
+_decode_split_kernel: program (b * Hkv + kv_head, split, group chunk) attends the up-to-BLOCK_G query
 heads that share one KV head to cache positions [split * split_len, (split + 1) * split_len) of row b,
 so K/V are read once per group and a single long sequence still spreads over many programs. It writes
 the split's normalised partial output (fp32) and its LSE (fp32, log2 units; -inf for an empty split).
+Token offsets are int64: a (Tmax, B, Hkv, D) cache view passes 2^31 elements at B=256, Hkv=8, Tmax=8192.
 _decode_combine_kernel: program (b * Hq + head) merges the splits by their LSEs.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._spec import KernelSpec
-from .causal_attention import aligned_attrs
+from .causal_attention import aligned_attrs, stride_args
 
 
 @triton.jit
@@ -32,8 +33,8 @@ def _decode_split_kernel(Q, K, V, SEQLENS, O_PART, LSE_PART,
                          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
     """O_PART (B, Hq, n_splits, D) and LSE_PART (B, Hq, n_splits), both contiguous fp32."""
-    split = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)  # b * Hkv + kv_head on axis 0: CUDA caps axes 1 and 2 at 65535
+    split = tl.program_id(1)
     b = pid // n_kv_heads
     kv_head = pid % n_kv_heads
     offs_g = tl.program_id(2) * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -47,8 +48,8 @@ def _decode_split_kernel(Q, K, V, SEQLENS, O_PART, LSE_PART,
     b64 = b.to(tl.int64)
     q = tl.load(Q + b64 * stride_qb + heads[:, None].to(tl.int64) * stride_qh + offs_d[None, :],
                 mask=in_group[:, None], other=0.0)
-    k_ptrs = K + b64 * stride_kb + kv_head.to(tl.int64) * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None]
-    v_ptrs = V + b64 * stride_vb + kv_head.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k_ptrs = K + b64 * stride_kb + kv_head.to(tl.int64) * stride_kh + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
+    v_ptrs = V + b64 * stride_vb + kv_head.to(tl.int64) * stride_vh + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
 
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
@@ -56,14 +57,14 @@ def _decode_split_kernel(Q, K, V, SEQLENS, O_PART, LSE_PART,
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         valid = cols < hi
-        k = tl.load(k_ptrs + start_n * stride_kt, mask=valid[None, :], other=0.0)
+        k = tl.load(k_ptrs + tl.cast(start_n, tl.int64) * stride_kt, mask=valid[None, :], other=0.0)
         s = _dot(q, k, None, DOT_PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N), log2 units
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: each block holds at least one valid key
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs + start_n * stride_vt, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptrs + tl.cast(start_n, tl.int64) * stride_vt, mask=valid[:, None], other=0.0)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
     nonempty = l_i > 0
@@ -140,11 +141,11 @@ def static_configs() -> list[KernelSpec]:
                 specs.append(KernelSpec(
                     f"decode_split[D={d},{dtype},sm{arch},BN={c.block_n}]", _decode_split_kernel, sig,
                     dict(HEAD_DIM=d, BLOCK_N=c.block_n, BLOCK_G=BLOCK_G, DOT_PRECISION=prec),
-                    c.num_warps, c.num_stages, (arch,), aligned_attrs(sig)))
+                    c.num_warps, c.num_stages, (arch,), aligned_attrs(sig), int64_args=stride_args(sig)))
                 sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "O": f"*{dtype}", "stride_ob": "i32",
                        "stride_oh": "i32", "n_q_heads": "i32", "n_splits": "i32"}
                 specs.append(KernelSpec(
                     f"decode_combine[D={d},{dtype},sm{arch}]", _decode_combine_kernel, sig,
                     dict(HEAD_DIM=d, MAX_SPLITS=MAX_SPLITS), COMBINE_CONFIG.num_warps, COMBINE_CONFIG.num_stages,
-                    (arch,), aligned_attrs(sig)))
+                    (arch,), aligned_attrs(sig), int64_args=stride_args(sig)))
     return specs

@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from gpt_helpers import V, gpt2_config, modern_config, sharpen
+from sync_helpers import HostReads
 import rlhf_fast
 from rlhf_fast.model import GPT, GPTConfig, KVCache, decode_one_token, generate, prefill
+from rlhf_fast.model.generate import decode_n_tokens, sampling_state
+from rlhf_fast.reference.sample import PARAM_DTYPES
 
 # untied embeddings: a random tied GPT-2 mostly repeats its last input token, which would make
 # token-for-token comparisons nearly vacuous
@@ -142,10 +145,8 @@ def test_decode_step_has_no_host_sync(device):
     lengths = torch.tensor([5, 2, 4], dtype=torch.int32, device=device)
     caches = [KVCache(model.config, B, 12, device, torch.float32) for _ in range(2)]
     logits = [prefill(model, idx, lengths, c) for c in caches]
-    params = [dict(temperature=torch.full((B,), 0.8, device=device), top_k=torch.full((B,), 20, device=device),
-                   top_p=torch.full((B,), 0.9, device=device), min_p=torch.zeros(B, device=device),
-                   seed=torch.tensor([3], device=device), offset=torch.zeros(1, dtype=torch.int64, device=device))
-              for _ in range(2)]
+    sampling = dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.0, seed=3)
+    params = [sampling_state(sampling, B, device) for _ in range(2)]  # what both decode loops use
 
     def step(logits, cache, params):
         token, logprob = rlhf_fast.sample(logits, return_logprobs=True, check_nan=False, **params)
@@ -168,3 +169,65 @@ def test_generate_method_and_config_backend(device):
     out = model.generate(ragged_prompts(device), 4, temperature=0.0)
     assert out.tokens.shape == (4, 4) and out.tokens.dtype == torch.int64
     assert out.sequences.shape == (4, 12 + 4)
+
+
+def _top_p_boundary_rows(device):
+    """Rows [0] * m + [x] whose last token's float32 probability lies in (float32(1 - 0.9),
+    1 - float32(0.9)]: top_p=0.9 keeps that token when top_p is float64, as the op takes it, and cuts it
+    when top_p was rounded to float32 first."""
+    rows = []
+    for m in range(1, 40):
+        lows = (torch.log(torch.tensor(m / 9.0)) + torch.arange(-30, 30) * 1.2e-7).float()
+        cand = torch.cat([torch.zeros(len(lows), m), lows[:, None], torch.full((len(lows), 40 - m), float("-inf"))], 1)
+        p_low = torch.softmax(cand, -1)[:, m]
+        rows.append(cand[(p_low > 0.10000000149011612) & (p_low <= 0.10000002384185791)])
+    rows = torch.cat(rows)
+    assert len(rows) >= 20
+    return rows.to(device)
+
+
+def test_sampling_state_draws_what_eager_scalars_draw(device):
+    """The parameters the decode loops (eager and CUDA-graph) build match the op's own scalar conversion:
+    same dtypes, and the same tokens and logprobs on rows where float32 top_p would move the cut."""
+    rows = _top_p_boundary_rows(device)
+    sampling = dict(temperature=1.0, top_k=0, top_p=0.9, min_p=0.0, seed=4, backend="reference")
+    state = sampling_state(sampling, rows.shape[0], device)
+    assert {name: state[name].dtype for name in PARAM_DTYPES} == PARAM_DTYPES
+    assert state["seed"].tolist() == [4] and state["offset"].tolist() == [0]
+    eager = rlhf_fast.sample(rows, top_p=0.9, seed=4, return_logprobs=True, backend="reference")
+    built = rlhf_fast.sample(rows, return_logprobs=True, backend="reference", **state)
+    assert torch.equal(eager[0], built[0]) and torch.equal(eager[1], built[1])
+    rounded = rlhf_fast.sample(rows, return_logprobs=True, backend="reference",
+                               **{**state, "top_p": state["top_p"].float()})
+    assert not torch.equal(rounded[1], eager[1])  # float32 top_p does move the cut on these rows
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_decode_loop_reads_the_host_once_not_per_token(device, backend, monkeypatch):
+    """16 sampled tokens: no host read per token (seed and offset stay on the device, the sampler's
+    check is off); the one read is the end-of-loop check for unsampled rows."""
+    from conftest import need_backend
+    need_backend(backend, device)
+    model = make_model("modern", device)
+    idx = torch.randint(0, V, (3, 5), device=device)
+    cache = KVCache(model.config, 3, 21, device, torch.float32)
+    with torch.no_grad():
+        logits = prefill(model, idx, torch.tensor([5, 2, 4], dtype=torch.int32, device=device), cache)
+        rlhf_fast.sample(logits, seed=1, backend=backend)  # builds/loads the extension outside the count
+        sampling = dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=3, backend=backend)
+        reads = HostReads(monkeypatch)
+        tokens, _, mask = decode_n_tokens(model, logits, cache, 16, sampling, None, 0)
+    assert reads.calls == ["__bool__"], reads.calls
+    assert mask.all() and (tokens >= 0).all()
+
+
+def test_unsampled_row_is_reported_after_the_loop(device):
+    """With the per-step check off, a NaN row still raises, naming the step and row."""
+    model = make_model("modern", device)
+    logits = torch.randn(3, V, device=device)
+    logits[1, 4] = float("nan")
+    cache = KVCache(model.config, 3, 8, device, torch.float32)
+    cache.seqlens.fill_(1)
+    sampling = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=3, backend="reference")
+    with torch.no_grad(), pytest.raises(ValueError, match="step 0 could not sample row 1"):
+        decode_n_tokens(model, logits, cache, 3, sampling, None, 0)

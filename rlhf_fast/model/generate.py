@@ -13,6 +13,8 @@ import torch
 
 import rlhf_fast
 
+from ..ops.sample import check_scalar_params
+from ..reference import sample as sample_ref
 from .gpt import GPT
 from .layers import KVCache
 
@@ -49,50 +51,89 @@ def decode_one_token(model: GPT, token: torch.Tensor, cache: KVCache) -> torch.T
     return model.decode(token, cache)
 
 
-def decode_n_tokens(model: GPT, logits: torch.Tensor, cache: KVCache | None, n: int, sampling: dict,
-                    eos_token_id: int | None, pad_token_id: int, recompute=None):
-    """Sample n tokens per row starting from `logits` (B, V) -> tokens, logprobs, mask, each (B, n).
+def sampling_state(sampling: dict, B: int, device: torch.device) -> dict:
+    """The keyword arguments of `rlhf_fast.sample` for every decode step, all on the device.
 
-    Step i samples with seed offset i. A row that emitted EOS keeps stepping (shapes stay static) but
-    its outputs are replaced by padding. `recompute(token, step)` replaces the cached decode step
-    with a full forward over everything so far (the no-cache path used to check the cache).
+    Per-row parameters become (B,) tensors of the dtypes the op itself converts scalars to
+    (reference.sample.PARAM_DTYPES: top_p stays float64, since float32(0.9) would move the top-p cut and
+    draw other tokens than an eager call), seed and offset one-element int64 tensors; the caller bumps
+    offset in place after each step (step i samples at offset i). A step then reads nothing from the
+    host: no sync per token, and a CUDA graph can replay it. seed None draws one from torch's (CPU) RNG.
     """
-    B, device = logits.shape[0], logits.device
+    seed = sampling["seed"]
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # the CPU generator: no device sync
+    state = {name: torch.full((B,), sampling[name], dtype=dtype, device=device)
+             for name, dtype in sample_ref.PARAM_DTYPES.items()}
+    state.update(seed=torch.tensor([seed], dtype=torch.int64, device=device),
+                 offset=torch.zeros(1, dtype=torch.int64, device=device))
+    return state
+
+
+def _collect(n: int, B: int, device: torch.device, next_token, eos_token_id: int | None, pad_token_id: int):
+    """Call next_token(i) -> (token, logprob), each (B,), for i < n -> tokens, logprobs, mask, each (B, n).
+
+    A row that emitted EOS keeps stepping (shapes stay static) but its outputs become padding. The host
+    syncs only every _STOP_CHECK_EVERY steps (when every row may be done) and once at the end: the
+    sampler's per-step input check is off (it syncs), so a row it could not sample (token -1: NaN or
+    +inf logits, all -inf) is reported then, naming the step.
+    """
     tokens = torch.full((B, n), pad_token_id, dtype=torch.int64, device=device)
     logprobs = torch.zeros((B, n), dtype=torch.float32, device=device)
     mask = torch.zeros((B, n), dtype=torch.int64, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(n):
-        token, logprob = rlhf_fast.sample(logits, offset=step, return_logprobs=True, **sampling)
-        tokens[:, step] = token.masked_fill(done, pad_token_id)
-        logprobs[:, step] = logprob.float().masked_fill(done, 0.0)
-        mask[:, step] = (~done).long()
+    unsampled = torch.zeros((B, n), dtype=torch.bool, device=device)
+    for i in range(n):
+        token, logprob = next_token(i)
+        unsampled[:, i] = (token < 0) & ~done
+        tokens[:, i] = token.masked_fill(done, pad_token_id)
+        logprobs[:, i] = logprob.float().masked_fill(done, 0.0)
+        mask[:, i] = (~done).long()
         if eos_token_id is not None:
             done |= token == eos_token_id
-            if (step + 1) % _STOP_CHECK_EVERY == 0 and bool(done.all()):
+            if (i + 1) % _STOP_CHECK_EVERY == 0 and bool(done.all()):
                 break
-        if step + 1 < n:
-            logits = recompute(token, step + 1) if recompute is not None else decode_one_token(model, token, cache)
+    if bool(unsampled.any()):
+        row, step = (int(v) for v in unsampled.nonzero()[0])
+        raise ValueError(f"generate: step {step} could not sample row {row}: its logits hold NaN or +inf, or are "
+                         "all -inf (the model produced non-finite values)")
     return tokens, logprobs, mask
+
+
+def decode_n_tokens(model: GPT, logits: torch.Tensor, cache: KVCache | None, n: int, sampling: dict,
+                    eos_token_id: int | None, pad_token_id: int, recompute=None):
+    """Sample n tokens per row starting from `logits` (B, V) -> tokens, logprobs, mask, each (B, n).
+
+    Step i samples with seed offset i (see `sampling_state`); EOS handling as in `_collect`.
+    `recompute(token, step)` replaces the cached decode step with a full forward over everything so
+    far (the no-cache path used to check the cache).
+    """
+    B, device = logits.shape[0], logits.device
+    state = sampling_state(sampling, B, device)
+    token = None
+
+    def next_token(i):
+        nonlocal logits, token
+        if i > 0:
+            token = token.clamp_min(0)  # -1 (an unsampled row) is reported by _collect
+            logits = recompute(token, i) if recompute is not None else decode_one_token(model, token, cache)
+        token, logprob = rlhf_fast.sample(logits, return_logprobs=True, check_nan=False,
+                                          backend=sampling["backend"], **state)
+        state["offset"].add_(1)
+        return token, logprob
+
+    return _collect(n, B, device, next_token, eos_token_id, pad_token_id)
 
 
 def decode_n_tokens_graphed(model: GPT, logits: torch.Tensor, cache: KVCache, n: int, sampling: dict,
                             eos_token_id: int | None, pad_token_id: int):
     """`decode_n_tokens` with each step (sample, then decode the sampled token) replayed from one CUDA graph.
 
-    Everything the step reads lives on the device at a fixed address: logits, the sampling parameters
-    as (B,) tensors, seed and offset as one-element int64 tensors (offset advances inside the graph),
-    the cache and its per-row lengths. Sampling runs with check_nan=False, since its check syncs.
+    Everything the step reads lives on the device at a fixed address: logits, `sampling_state` (offset
+    advances inside the graph), the cache and its per-row lengths; so it draws what the eager loop draws.
     """
     B, device = logits.shape[0], logits.device
-    seed = sampling["seed"]
-    if seed is None:  # a fixed-address seed for the graph, drawn from torch's RNG like sample(seed=None)
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    params = {name: torch.full((B,), sampling[name], device=device, dtype=dtype) for name, dtype in
-              (("temperature", torch.float32), ("top_k", torch.int64), ("top_p", torch.float32),
-               ("min_p", torch.float32))}
-    params.update(seed=torch.tensor([seed], dtype=torch.int64, device=device),
-                  offset=torch.zeros(1, dtype=torch.int64, device=device))
+    params = sampling_state(sampling, B, device)
     static_logits = logits.clone()
     token = torch.zeros(B, dtype=torch.int64, device=device)
     logprob = torch.zeros(B, dtype=torch.float32, device=device)
@@ -102,7 +143,7 @@ def decode_n_tokens_graphed(model: GPT, logits: torch.Tensor, cache: KVCache, n:
                                    backend=sampling["backend"], **params)
         token.copy_(tok)
         logprob.copy_(lp)
-        static_logits.copy_(decode_one_token(model, tok.clamp_min(0), cache))  # -1: a NaN row, unchecked
+        static_logits.copy_(decode_one_token(model, tok.clamp_min(0), cache))  # -1: reported by _collect
         params["offset"].add_(1)
 
     # warm up on a side stream (compiles kernels, allocates), then undo the state the warm-up advanced
@@ -120,20 +161,11 @@ def decode_n_tokens_graphed(model: GPT, logits: torch.Tensor, cache: KVCache, n:
     params["offset"].zero_()
     static_logits.copy_(logits)
 
-    tokens = torch.full((B, n), pad_token_id, dtype=torch.int64, device=device)
-    logprobs = torch.zeros((B, n), dtype=torch.float32, device=device)
-    mask = torch.zeros((B, n), dtype=torch.int64, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    for i in range(n):
+    def next_token(i):
         graph.replay()  # the last replay also decodes its token, at slot len + n - 1 < P + n
-        tokens[:, i] = token.masked_fill(done, pad_token_id)
-        logprobs[:, i] = logprob.masked_fill(done, 0.0)
-        mask[:, i] = (~done).long()
-        if eos_token_id is not None:
-            done |= token == eos_token_id
-            if (i + 1) % _STOP_CHECK_EVERY == 0 and bool(done.all()):
-                break
-    return tokens, logprobs, mask
+        return token, logprob
+
+    return _collect(n, B, device, next_token, eos_token_id, pad_token_id)
 
 
 @torch.no_grad()
@@ -162,9 +194,9 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
         sampling option works under the graph, greedy and seeded ones included: the step has static
         shapes (preallocated cache, per-row lengths and positions on the device) and the sampler
         reads seed and offset from device tensors, so a seeded call returns the same tokens with or
-        without the graph. seed=None draws the graph's seed from torch's RNG once. NaN/inf logits
-        are not checked under the graph (the check is a host sync): such a row yields token -1.
-        Only the EOS test every few steps syncs with the host, outside the graph.
+        without the graph. seed=None draws the seed from torch's RNG once, for either path.
+        Neither path syncs with the host per token: only the EOS test every few steps and one check
+        at the end, which raises ValueError naming the step if a row's logits were NaN or +inf.
     group_size: G >= 1 samples per prompt, returned as B * G rows (prompt b's samples are rows
         b*G .. b*G + G-1). With the cache, each prompt is prefilled once and its cache broadcast to its
         G rows, and the rows are then sampled exactly as if each prompt had been given G times.
@@ -188,6 +220,7 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
     if P + max_new_tokens > model.config.block_size:
         raise ValueError(f"longest prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"block_size={model.config.block_size}")
+    check_scalar_params(temperature, top_k, top_p, min_p)
     if sample_backend is None:
         sample_backend = "reference" if model.config.backend == "reference" else "auto"
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,

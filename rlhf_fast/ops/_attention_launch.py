@@ -14,6 +14,7 @@ import os
 import torch
 
 from .. import _validate
+from ._launch import cuda_grid, host_sync_forbidden, on_device
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 LOG2E = 1.4426950408889634
@@ -60,18 +61,22 @@ def default_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> int:
+def check_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> int | None:
     """Value checks on cu_seqlens; returns cu_seqlens[-1]. Reads it on the host (one sync), so it runs
     inside the custom op, where torch.compile does not trace it.
 
     A tensor that passed is marked with its version counter: the same unmodified tensor checked again
     with the same max_seqlen and total (every layer of a model gets the batch's cu_seqlens) costs no
-    sync. An in-place change bumps the version and is checked anew.
+    sync. An in-place change bumps the version and is checked anew. While a host sync is forbidden
+    (CUDA-graph capture, where static-input copies bump the version; torch.compile tracing) nothing is
+    read and None is returned: the values are then trusted as documented.
     """
     key = (cu_seqlens._version, max_seqlen, total)
     passed = getattr(cu_seqlens, "_rlhf_fast_checked", None)
     if passed is not None and passed[0] == key:
         return passed[1]
+    if host_sync_forbidden():
+        return None
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
@@ -156,12 +161,15 @@ def tma_wanted(arch: int, dtype: str, device: torch.device) -> bool:
 
 def kv_descriptor(t: torch.Tensor, packed: bool, block: list[int]):
     """A 4-D TMA descriptor over (B, H, T, D), or (1, H, total, D) for a packed (total, H, D) tensor; None
-    where TMA cannot address it (base or a stride not 16-byte aligned)."""
+    where TMA cannot address it: base or a stride not 16-byte aligned, or a stride <= 0 (an expanded
+    view such as GQA's K/V broadcast over heads: a TMA descriptor needs positive strides, and 0 passes
+    the alignment test)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     view = t.unsqueeze(0).transpose(1, 2) if packed else t
     item = view.element_size()
-    if view.data_ptr() % 16 or any(st * item % 16 for st in view.stride()[:-1]) or view.stride(-1) != 1:
+    strides = view.stride()[:-1]
+    if view.data_ptr() % 16 or any(st <= 0 or st * item % 16 for st in strides) or view.stride(-1) != 1:
         return None
     return TensorDescriptor(view, list(view.shape), list(view.stride()), block)
 
@@ -189,15 +197,33 @@ def lse_strides(lse: torch.Tensor, packed: bool) -> tuple[int, int]:
     return (0, lse.stride(0)) if packed else (lse.stride(0), lse.stride(1))
 
 
+# ----------------------------------------------------------------------------------------------- grids
+# The (sequence, head) product goes on grid axis 0, the only one CUDA lets pass 65535 blocks (2048
+# prompts x 32 heads is 65536); the block index along the sequence goes on axis 1. A CPU test checks
+# every grid below at extreme sizes.
+def rows_grid(max_seqlen: int, block: int, n_seq: int, heads: int, kernel: str) -> tuple[int, int]:
+    """Forward, preprocess, dQ (heads = Hq, block = BLOCK_M) and dK/dV (heads = Hkv, block = BLOCK_N):
+    (n_seq * heads, cdiv(max_seqlen, block))."""
+    return cuda_grid(n_seq * heads, _cdiv(max_seqlen, block), kernel=kernel)
+
+
+def decode_split_grid(b: int, hkv: int, n_splits: int, chunks: int) -> tuple[int, int, int]:
+    """(B * Hkv, n_splits <= MAX_SPLITS, cdiv(group, BLOCK_G))."""
+    return cuda_grid(b * hkv, n_splits, chunks, kernel="decode_split")
+
+
+def decode_combine_grid(b: int, hq: int) -> tuple[int]:
+    return cuda_grid(b * hq, kernel="decode_combine")
+
+
 # ----------------------------------------------------------------------------------------------- launchers
-def attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, packed_end: int = 0):
+def attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, packed_end: int | None = 0):
     """Forward. Padded: q (B, Hq, T, D), cu_seqlens None. Packed: q (total, Hq, D), cu_seqlens (n+1,),
-    packed_end = cu_seqlens[-1] (rows from there on belong to no sequence and get 0).
+    packed_end = cu_seqlens[-1] (rows from there on belong to no sequence and get 0), or None when it
+    was not read (the whole output is zeroed first then).
 
     Returns (out like q, lse fp32 (B, Hq, T) or (Hq, total), log2 units).
     """
-    import triton
-
     from rlhf_fast.kernels import causal_attention as kern
 
     packed = cu_seqlens is not None
@@ -209,7 +235,7 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, packed_end
     if n_seq == 0 or max_seqlen == 0 or q.numel() == 0:
         return out.zero_(), lse.fill_(0.0)
     if packed:
-        out[packed_end:].zero_()
+        (out if packed_end is None else out[packed_end:]).zero_()
     arch, dtype = arch_of(q.device), table_dtype(q.dtype, q.device)
     cfg = kern.config("fwd", arch, d, dtype)
     k_src, v_src = k, v
@@ -218,15 +244,16 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, packed_end
         k_src, v_src = kv_descriptor(k, packed, block), kv_descriptor(v, packed, block)
         if k_src is None or v_src is None:
             k_src, v_src = k, v
-    grid = (triton.cdiv(max_seqlen, cfg.block_m), n_seq * hq)
-    kern._attn_fwd_kernel[grid](
-        q, k_src, v_src, out, lse, seq_arg(cu_seqlens, q.device),
-        *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(out, packed),
-        *lse_strides(lse, packed),
-        max_seqlen, hq, hq // hkv, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_VARLEN=packed,
-        DOT_PRECISION=dot_precision(q.dtype, q.device), USE_TMA=k_src is not k,
-        **launch_options(cfg))
+    grid = rows_grid(max_seqlen, cfg.block_m, n_seq, hq, "attn_fwd")
+    with on_device(q):
+        kern._attn_fwd_kernel[grid](
+            q, k_src, v_src, out, lse, seq_arg(cu_seqlens, q.device),
+            *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(out, packed),
+            *lse_strides(lse, packed),
+            max_seqlen, hq, hq // hkv, scale * LOG2E,
+            HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_VARLEN=packed,
+            DOT_PRECISION=dot_precision(q.dtype, q.device), USE_TMA=k_src is not k,
+            **launch_options(cfg))
     return out, lse
 
 
@@ -234,10 +261,9 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: flo
     """Backward (FlashAttention-2): dK/dV per KV block summed over the query heads of each group, then dQ.
 
     deterministic=True computes dQ in a separate pass over the KV blocks (no atomics); False accumulates
-    dQ with fp32 atomics inside the dK/dV pass, saving the recomputation of the scores.
+    dQ with fp32 atomics inside the dK/dV pass, saving the recomputation of the scores, wherever the
+    config table has an atomic variant (kernels._attention_configs.has_config).
     """
-    import triton
-
     from rlhf_fast.kernels import causal_attention as kern
 
     packed = cu_seqlens is not None
@@ -255,34 +281,35 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: flo
     common = dict(HEAD_DIM=d, IS_VARLEN=packed, DOT_PRECISION=dot_precision(q.dtype, q.device))
 
     delta = torch.empty_like(lse)
-    cfg = kern.config("bwd_pre", arch, d, dtype)
-    kern._attn_bwd_preprocess_kernel[(triton.cdiv(max_seqlen, cfg.block_m), n_seq * hq)](
-        out, do, delta, cu, *bht_strides(out, packed), *bht_strides(do, packed), *lse_strides(delta, packed),
-        max_seqlen, hq, HEAD_DIM=d, BLOCK_M=cfg.block_m, IS_VARLEN=packed,
-        **launch_options(cfg))
-
-    atomic = not deterministic
+    atomic = not deterministic and kern.has_config("bwd_dkdv_atomic", arch, d, dtype)
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
-    cfg = kern.config("bwd_dkdv_atomic" if atomic else "bwd_dkdv", arch, d, dtype)
-    kern._attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg.block_n), n_seq * hkv)](
-        q, k, v, do, lse, delta, dk, dv, dq_acc, cu,
-        *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(do, packed),
-        *bht_strides(dk, packed), *bht_strides(dv, packed), *bht_strides(dq_acc, packed),
-        *lse_strides(lse, packed),
-        max_seqlen, hkv, hq // hkv, scale, scale * LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic, **common,
-        **launch_options(cfg))
-    if atomic:
-        return dq.copy_(dq_acc), dk, dv
+    with on_device(q):
+        cfg = kern.config("bwd_pre", arch, d, dtype)
+        kern._attn_bwd_preprocess_kernel[rows_grid(max_seqlen, cfg.block_m, n_seq, hq, "attn_bwd_pre")](
+            out, do, delta, cu, *bht_strides(out, packed), *bht_strides(do, packed), *lse_strides(delta, packed),
+            max_seqlen, hq, HEAD_DIM=d, BLOCK_M=cfg.block_m, IS_VARLEN=packed,
+            **launch_options(cfg))
 
-    cfg = kern.config("bwd_dq", arch, d, dtype)
-    kern._attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg.block_m), n_seq * hq)](
-        q, k, v, do, lse, delta, dq, cu,
-        *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(do, packed),
-        *bht_strides(dq, packed), *lse_strides(lse, packed),
-        max_seqlen, hq, hq // hkv, scale, scale * LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
-        **launch_options(cfg))
+        cfg = kern.config("bwd_dkdv_atomic" if atomic else "bwd_dkdv", arch, d, dtype)
+        kern._attn_bwd_dkdv_kernel[rows_grid(max_seqlen, cfg.block_n, n_seq, hkv, "attn_bwd_dkdv")](
+            q, k, v, do, lse, delta, dk, dv, dq_acc, cu,
+            *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(do, packed),
+            *bht_strides(dk, packed), *bht_strides(dv, packed), *bht_strides(dq_acc, packed),
+            *lse_strides(lse, packed),
+            max_seqlen, hkv, hq // hkv, scale, scale * LOG2E,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic, **common,
+            **launch_options(cfg))
+        if atomic:
+            return dq.copy_(dq_acc), dk, dv
+
+        cfg = kern.config("bwd_dq", arch, d, dtype)
+        kern._attn_bwd_dq_kernel[rows_grid(max_seqlen, cfg.block_m, n_seq, hq, "attn_bwd_dq")](
+            q, k, v, do, lse, delta, dq, cu,
+            *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(do, packed),
+            *bht_strides(dq, packed), *lse_strides(lse, packed),
+            max_seqlen, hq, hq // hkv, scale, scale * LOG2E,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
+            **launch_options(cfg))
     return dq, dk, dv
 
 
@@ -324,14 +351,15 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, scale: float):
     n_splits, split_len = decode_splits(tmax, b * hkv * chunks, cfg.block_n, num_sms(q.device), kern.MAX_SPLITS)
     o_part = torch.empty((b, hq, n_splits, d), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((b, hq, n_splits), dtype=torch.float32, device=q.device)
-    kern._decode_split_kernel[(n_splits, b * hkv, chunks)](
-        q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        hkv, group, tmax, split_len, n_splits, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_N=cfg.block_n, BLOCK_G=kern.BLOCK_G, DOT_PRECISION=dot_precision(q.dtype, q.device),
-        **launch_options(cfg))
-    kern._decode_combine_kernel[(b * hq,)](
-        o_part, lse_part, out, out.stride(0), out.stride(1), hq, n_splits,
-        HEAD_DIM=d, MAX_SPLITS=kern.MAX_SPLITS,
-        num_warps=kern.COMBINE_CONFIG.num_warps, num_stages=kern.COMBINE_CONFIG.num_stages)
+    with on_device(q):
+        kern._decode_split_kernel[decode_split_grid(b, hkv, n_splits, chunks)](
+            q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
+            q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+            hkv, group, tmax, split_len, n_splits, scale * LOG2E,
+            HEAD_DIM=d, BLOCK_N=cfg.block_n, BLOCK_G=kern.BLOCK_G, DOT_PRECISION=dot_precision(q.dtype, q.device),
+            **launch_options(cfg))
+        kern._decode_combine_kernel[decode_combine_grid(b, hq)](
+            o_part, lse_part, out, out.stride(0), out.stride(1), hq, n_splits,
+            HEAD_DIM=d, MAX_SPLITS=kern.MAX_SPLITS,
+            num_warps=kern.COMBINE_CONFIG.num_warps, num_stages=kern.COMBINE_CONFIG.num_stages)
     return out

@@ -6,12 +6,14 @@ import torch
 
 from .. import _backend
 from ..reference import fused_linear_kl_divergence as ref
+from ._launch import on_first_tensor_device
 from .fused_linear_logprobs import (_contig, cdiv, fake_grads, grads_out, needed_grads, run_backward_slices,
                                     split_plan, tile_config, tile_kwargs)
 
 _OP = "fused_linear_kl_divergence"
 
 
+@on_first_tensor_device
 def _triton_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature):
     from ..kernels import kl_divergence as kk
     _, cfg, prec = tile_config(hidden.dtype, kk.FUSED_CONFIGS)
@@ -36,6 +38,7 @@ def _triton_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temp
     return kl, torch.stack([big_p, log_s_p, big_q, log_s_q])
 
 
+@on_first_tensor_device
 def _triton_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl,
                      temperature, need):
     from ..kernels import kl_divergence as kk

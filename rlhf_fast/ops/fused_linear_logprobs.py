@@ -6,6 +6,7 @@ import torch
 from .. import _backend
 from ..reference import fused_linear_logprobs as ref
 from ..reference import token_logprobs as ref_tl
+from ._launch import on_first_tensor_device
 
 _OP = "fused_linear_logprobs"
 _TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -119,6 +120,7 @@ def run_backward_slices(launch, hidden, weight, bias, need, cfg):
             None if d_b is None else d_b.to(bias.dtype))
 
 
+@on_first_tensor_device
 def _triton_forward(hidden, weight, bias, targets, temperature, want_entropy, ignore_index):
     k, cfg, prec = tile_config(hidden.dtype)
     n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
@@ -145,6 +147,7 @@ def _triton_forward(hidden, weight, bias, targets, temperature, want_entropy, ig
     return logp, entropy, torch.stack([big_m, log_total])
 
 
+@on_first_tensor_device
 def _triton_backward(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature,
                      ignore_index, need):
     k, cfg, prec = tile_config(hidden.dtype)

@@ -6,10 +6,12 @@ import torch
 from .. import _backend
 from ..reference import kl_divergence as ref
 from .token_logprobs import _pick_config
+from ._launch import on_first_tensor_device
 
 _OP = "kl_divergence"
 
 
+@on_first_tensor_device
 def _triton_forward(logits, ref_logits, temperature):
     from ..kernels import kl_divergence as k
     n, vocab = logits.shape
@@ -23,6 +25,7 @@ def _triton_forward(logits, ref_logits, temperature):
     return kl, stats
 
 
+@on_first_tensor_device
 def _triton_backward(grad_kl, logits, ref_logits, stats, kl, temperature, need_ref):
     from ..kernels import kl_divergence as k
     n, vocab = logits.shape

@@ -11,6 +11,7 @@ import torch
 
 from .. import _backend, _validate
 from ..reference import sample as ref
+from ._launch import host_sync_forbidden
 
 _OP = "sample"
 
@@ -25,7 +26,9 @@ def _sample_op(x: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, 
     else:
         from .. import _extension
         tokens, logprobs = _extension.load().sample(x, temperature, top_k, top_p, min_p, seed, offset, from_probs)
-    if check and bool((tokens < 0).any()):
+    # the check reads the tokens on the host: skipped while that is not allowed (CUDA-graph capture);
+    # invalid rows then return token -1 and logprob NaN, as with check_nan=False
+    if check and not host_sync_forbidden() and bool((tokens < 0).any()):
         _raise_for_bad_row(x, temperature, top_k, top_p, min_p, from_probs, tokens)
     return tokens, logprobs
 
@@ -100,6 +103,15 @@ def _check_scalar(name: str, value, integer: bool, ok, want: str) -> None:
         raise ValueError(f"{name} must be {want}, got {value}")
 
 
+def check_scalar_params(temperature, top_k, top_p, min_p) -> None:
+    """ValueError naming the first of the sampling parameters given as a Python number that is out of
+    range (tensors are checked per row by the op)."""
+    _check_scalar("temperature", temperature, False, lambda v: v >= 0, ">= 0 (0 means greedy)")
+    _check_scalar("top_k", top_k, True, lambda v: v >= 0, ">= 0 (0 means off)")
+    _check_scalar("top_p", top_p, False, lambda v: 0 < v <= 1, "in (0, 1]")
+    _check_scalar("min_p", min_p, False, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
 def _check_param_tensor(name: str, value, rows: int, device: torch.device, integer: bool) -> None:
     if not isinstance(value, torch.Tensor):
         return
@@ -136,10 +148,7 @@ def _sample(x: torch.Tensor, name: str, from_probs: bool, temperature, top_k, to
     B, V = x.shape
     if V == 0:
         raise ValueError(f"{name} must have a non-empty vocabulary dimension, got shape {tuple(x.shape)}")
-    _check_scalar("temperature", temperature, False, lambda v: v >= 0, ">= 0 (0 means greedy)")
-    _check_scalar("top_k", top_k, True, lambda v: v >= 0, ">= 0 (0 means off)")
-    _check_scalar("top_p", top_p, False, lambda v: 0 < v <= 1, "in (0, 1]")
-    _check_scalar("min_p", min_p, False, lambda v: 0 <= v < 1, "in [0, 1)")
+    check_scalar_params(temperature, top_k, top_p, min_p)
     for pname, value, integer in (("temperature", temperature, False), ("top_k", top_k, True),
                                   ("top_p", top_p, False), ("min_p", min_p, False)):
         _check_param_tensor(pname, value, B, x.device, integer)
@@ -171,8 +180,9 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
             It is differentiable w.r.t. logits with the kept set held fixed.
         backend: "auto", "cuda" (csrc extension: CUDA kernel or its C++ port on CPU) or "reference".
         check_nan: raise ValueError for NaN / +inf logits, all -inf rows and out-of-range per-row
-            parameters. It costs one device-to-host sync of a (B,) tensor; with False, such rows
-            return token -1 and logprob NaN instead (never a valid-looking token).
+            parameters. It costs one device-to-host sync of a (B,) tensor; with False (and during
+            CUDA-graph capture, where a sync is not allowed), such rows return token -1 and logprob
+            NaN instead (never a valid-looking token).
 
     Returns:
         tokens (B,) int64, or (tokens, logprobs) with return_logprobs.

@@ -9,6 +9,7 @@ import torch
 
 from .. import _backend
 from ..reference import token_logprobs as ref
+from ._launch import on_first_tensor_device
 
 _OP = "token_logprobs"
 
@@ -18,6 +19,7 @@ def _pick_config(configs, vocab):
     return next((c for c in configs if c.block_v >= vocab), configs[-1])
 
 
+@on_first_tensor_device
 def _triton_forward(logits, targets, temperature, want_entropy, ignore_index):
     from ..kernels import token_logprobs as k
     n, vocab = logits.shape
@@ -33,6 +35,7 @@ def _triton_forward(logits, targets, temperature, want_entropy, ignore_index):
     return logp, entropy, stats
 
 
+@on_first_tensor_device
 def _triton_backward(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index):
     from ..kernels import token_logprobs as k
     n, vocab = logits.shape

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import torch
 
+# dtype of each per-row parameter as the op takes it (a scalar becomes a (B,) tensor of it).
+PARAM_DTYPES = {"temperature": torch.float32, "top_k": torch.int64, "top_p": torch.float64, "min_p": torch.float32}
+
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 _MASK32 = 0xFFFFFFFF
@@ -88,12 +91,15 @@ def warp(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: 
     neg_inf = float("-inf")
     # TopKLogitsWarper: drop scores below the k-th largest; ties with it stay.
     k = top_k.clamp(1, V)
-    kth = torch.topk(scores, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+    kth = torch.sort(scores, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # no host read of k
     scores = scores.masked_fill((scores < kth) & (top_k > 0)[:, None], neg_inf)
     # TopPLogitsWarper: drop the ascending prefix whose cumulative probability is <= 1 - top_p; the
     # stable sort puts tied tokens in index order, so a tie straddling the cut loses its lowest indices.
     sorted_logits, sorted_indices = torch.sort(scores, descending=False, stable=True)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # transformers' float32 cumsum as torch's CPU kernel computes it: each prefix sum accumulated in
+    # double, then rounded to float32 (the csrc kernels' top_p_remove_bound assumes exactly this). CUDA's
+    # float32 cumsum accumulates in float32, so the sum is spelled out to give the same cut on any device.
+    cumulative = sorted_logits.softmax(dim=-1).double().cumsum(dim=-1).float()
     sorted_remove = cumulative <= (1 - top_p).to(torch.float32)[:, None]
     sorted_remove[:, -1] = False
     scores = scores.masked_fill(sorted_remove.scatter(1, sorted_indices, sorted_remove), neg_inf)
@@ -173,11 +179,8 @@ def normalize_args(x: torch.Tensor, temperature, top_k, top_p, min_p, seed, offs
         offset = offset.reshape(1).to(torch.int64)
     else:
         offset = torch.tensor([offset], dtype=torch.int64, device=device)
-    return (as_rows("temperature", temperature, B, torch.float32, device),
-            as_rows("top_k", top_k, B, torch.int64, device),
-            as_rows("top_p", top_p, B, torch.float64, device),
-            as_rows("min_p", min_p, B, torch.float32, device),
-            seed, offset)
+    params = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    return (*(as_rows(name, params[name], B, dtype, device) for name, dtype in PARAM_DTYPES.items()), seed, offset)
 
 
 def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, offset=0,

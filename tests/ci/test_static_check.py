@@ -75,3 +75,11 @@ def test_known_spill_is_accepted_only_up_to_its_listed_bytes(tmp_path):
     assert rc == 0 and "0/1 ok, 0 failed, 1 known spills" in out, out
     rc, out = run(1)
     assert rc == 1 and "0/1 ok, 1 failed, 0 known spills" in out, out
+
+
+def test_static_check_rejects_32bit_token_offsets():
+    """A stride listed in int64_args that enters an i32 multiply fails the config; widened first, it passes."""
+    rc, out = _static_check("--file", str(PLANTED / "static_int64.py"), "--arch", "90")
+    assert rc == 1, out
+    assert _status(out, "planted_int32_offsets", 90) == "FAIL: 32-bit use of stride_t", out
+    assert _status(out, "planted_int64_offsets", 90) == "ok", out

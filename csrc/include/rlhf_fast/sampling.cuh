@@ -199,7 +199,7 @@ __device__ Threshold radix_threshold(const View& view, float x_max, uint32_t flo
     view.for_each([&](int64_t, float x) {
       const uint32_t key = order_key(x);
       if (key >= floor_key && (key & high_mask) == prefix) {
-        const unsigned long long w = kCount ? 1ull : __float2ull_rn(expf(x - x_max) * kMassScale);
+        const unsigned long long w = kCount ? 1ull : __float2ull_rn(exp_nonpositive(x - x_max) * kMassScale);
         atomicAdd(&s.hist[(key >> shift) & mask], w);
       }
     });
@@ -314,7 +314,7 @@ __device__ void filter_and_draw(const View& view, uint32_t threshold, const RowP
   if (remove_bound > 0.0) {
     const Threshold cut = radix_threshold<false>(view, x_max, threshold, remove_bound, 0.0, s);
     threshold = tie_key = cut.key;
-    tie_mass = expf(key_to_float(cut.key) - x_max);  // bit for bit what kept_mass gives a tied token
+    tie_mass = exp_nonpositive(key_to_float(cut.key) - x_max);  // bit for bit what kept_mass gives a tied token
     const unsigned long long each = __float2ull_rn(tie_mass * kMassScale);  // > 0: the chosen bin has weight
     tie_removed = (tie_mass >= min_p && each > 0)
                       ? tie_tokens_removed(static_cast<double>(cut.below), static_cast<double>(each),
@@ -323,7 +323,7 @@ __device__ void filter_and_draw(const View& view, uint32_t threshold, const RowP
                       : 0;
   }
   const auto kept_mass = [&](float x) {
-    const float e = expf(x - x_max);
+    const float e = exp_nonpositive(x - x_max);
     return (order_key(x) >= threshold && e >= min_p) ? e : 0.0f;
   };
 

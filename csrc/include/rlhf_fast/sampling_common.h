@@ -6,9 +6,9 @@
 //   1. x = logits / T in float32 (log(probs) / T for sample_from_probs); max, argmax, NaN / +inf flags.
 //   2. top-k: the k-th largest key by a 3-digit (11/11/10-bit) radix select over counts: the smallest
 //      key t with #{key <= t} > V - k. Every token with key >= t stays (ties with the k-th value stay).
-//   3. top-p: the same select over masses e = exp(x - max) of the tokens top-k kept: the smallest key t
-//      with mass{key <= t} > bound * mass{kept}, bound = 1 - top_p as transformers' float32 compare
-//      sees it (top_p_remove_bound). This is its "remove the ascending prefix whose cumulative
+//   3. top-p: the same select over masses e = exp(x - max) of the tokens top-k kept (exp_nonpositive
+//      below, in both samplers): the smallest key t with mass{key <= t} > bound * mass{kept},
+//      bound = 1 - top_p as transformers' float32 compare sees it (top_p_remove_bound). This is its "remove the ascending prefix whose cumulative
 //      probability is <= 1 - top_p" up to the c tokens tied at t: its sort (taken as stable) puts them
 //      in index order, so with S = mass{key < t} / mass{kept} and p the probability of one, the first
 //      r = #{j in 1..c : S + j * p <= bound} of them in index order go too (tie_tokens_removed;
@@ -121,6 +121,56 @@ RLHF_FAST_HOST_DEVICE uint32_t order_key(float f) {
 // The float whose order_key is `key` (+0 for the key of zero).
 RLHF_FAST_HOST_DEVICE float key_to_float(uint32_t key) {
   return bit_cast<float>((key & 0x80000000u) ? (key ^ 0x80000000u) : ~key);
+}
+
+// Float multiply, add and subtract each rounded on its own, never fused into an FMA: nvcc fuses a * b + c
+// by default (-fmad=true), which would round exp_nonpositive differently on the device than on the host
+// (x86-64 builds without -mfma never fuse; a host compiler that may fuse needs -ffp-contract=off).
+RLHF_FAST_HOST_DEVICE float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+RLHF_FAST_HOST_DEVICE float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+RLHF_FAST_HOST_DEVICE float sub_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// exp(x) for x <= 0 with ~1 ulp error (Cephes expf), the one exp of both samplers (steps 3-5): the CPU
+// port and the CUDA kernel compute every mass with it, bit for bit the same, so they draw the same
+// tokens by construction (CUDA's expf differs from it by up to 2 ulp). x < -87 gives 0 (exp < 1.7e-38).
+// The range checks are integer compares on the float's bits: GCC will not if-convert float compares
+// (they may trap), and the CPU loop must vectorize.
+RLHF_FAST_HOST_DEVICE float exp_nonpositive(float x) {
+  constexpr uint32_t kMinus87 = 0xC2AE0000u;  // bits of -87.0f; larger bits = more negative
+  const uint32_t bits = bit_cast<uint32_t>(x);
+  const uint32_t in_range = 0u - static_cast<uint32_t>(bits <= kMinus87);  // all ones unless x < -87
+  const uint32_t clamped_bits = bits <= kMinus87 ? bits : kMinus87;
+  const float xc = bit_cast<float>(clamped_bits);
+  const float n = sub_rn(add_rn(mul_rn(xc, 1.44269504088896341f), 12582912.0f), 12582912.0f);  // round to nearest
+  float r = sub_rn(xc, mul_rn(n, 0.693359375f));
+  r = sub_rn(r, mul_rn(n, -2.12194440e-4f));
+  float y = 1.9875691500e-4f;
+  y = add_rn(mul_rn(y, r), 1.3981999507e-3f);
+  y = add_rn(mul_rn(y, r), 8.3334519073e-3f);
+  y = add_rn(mul_rn(y, r), 4.1665795894e-2f);
+  y = add_rn(mul_rn(y, r), 1.6666665459e-1f);
+  y = add_rn(mul_rn(y, r), 5.0000001201e-1f);
+  y = add_rn(add_rn(mul_rn(y, mul_rn(r, r)), r), 1.0f);
+  const float scale = bit_cast<float>(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  return bit_cast<float>(bit_cast<uint32_t>(mul_rn(y, scale)) & in_range);
 }
 
 // How many of the `ties` tokens tied at the top-p threshold go (step 3): #{j in 1..ties : S + j * p

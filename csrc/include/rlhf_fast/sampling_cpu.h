@@ -36,28 +36,6 @@ RLHF_FAST_HOST_DEVICE float to_float(Half16 v) {
   return bit_cast<float>(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 }
 
-// exp(x) for x <= 0 with ~1 ulp error (Cephes expf). The range checks are integer compares on the
-// float's bits: GCC will not if-convert float compares (they may trap), and the loop must vectorize.
-RLHF_FAST_HOST_DEVICE float exp_nonpositive(float x) {
-  constexpr uint32_t kMinus87 = 0xC2AE0000u;  // bits of -87.0f; larger bits = more negative
-  const uint32_t bits = bit_cast<uint32_t>(x);
-  const uint32_t in_range = 0u - static_cast<uint32_t>(bits <= kMinus87);  // all ones unless x < -87
-  const uint32_t clamped_bits = bits <= kMinus87 ? bits : kMinus87;
-  const float xc = bit_cast<float>(clamped_bits);
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const float scale = bit_cast<float>(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-  return bit_cast<float>(bit_cast<uint32_t>(y * scale) & in_range);  // exp(x < -87) < 1.7e-38: flushed to 0
-}
-
 // Sum of n <= 64 floats in float (vectorized); callers accumulate these partial sums in double.
 RLHF_FAST_HOST_DEVICE double block_sum(const float* v, int64_t n) {
   float sum = 0.0f;
