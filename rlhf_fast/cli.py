@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .rlhf.config import SECTIONS, field_help
     parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    sub = parser.add_subparsers(dest="stage", required=True, metavar="{sft,rm,ppo,demo}")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="{sft,rm,ppo,demo,export}")
+    sub.add_parser("export", add_help=False, help="a run's model as a Hugging Face folder (rlhf-fast export -h)")
     for stage, (what, sections) in STAGES.items():
         p = sub.add_parser(stage, help=what, description=what, allow_abbrev=False)
         p.add_argument("--config", metavar="FILE", help="YAML or JSON config file, nested by section")
@@ -82,6 +83,10 @@ def parse(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        from .rlhf.export import main as export_main
+        return export_main(argv[1:])
     try:
         stage, cfg, resume = parse(argv)
     except ValueError as exc:

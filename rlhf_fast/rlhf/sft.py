@@ -39,7 +39,7 @@ def train_sft(cfg: Config, rt: Runtime, tok, data_path: str | Path, stage_dir: P
     sampler = BatchSampler(len(examples), c.batch_size, cfg.run.seed)
     ckpt_path = stage_dir / "checkpoint.pt"
     state = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
-    model = stage_model(cfg, rt, tok.vocab_size, "lm", state, c.init)
+    model = stage_model(cfg, rt, tok.vocab_size, "lm", state, c.init or cfg.model.init)
     wrapped = wrap_model(model, rt)
     opt = make_optimizer(wrapped, c.lr, c.weight_decay)
     start, loss = 0, float("nan")
