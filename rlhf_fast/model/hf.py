@@ -7,10 +7,12 @@ unexpected or wrongly shaped tensor is refused by name.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import safetensors_io as st
 from .config import GPTConfig
@@ -127,13 +129,28 @@ def from_pretrained(path, *, head: str = "lm", dtype: torch.dtype | None = None,
     if embed not in entries:
         raise ValueError(f"tensor {embed} is missing from the folder")
     dtype = dtype or entries[embed].dtype
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = GPT(config, head=head)
     model.to(dtype).to_empty(device=device or "cpu")
     if head == "lm" and config.tie_word_embeddings:
         model.lm_head.weight = model.transformer.wte.weight  # to_empty gives each reference its own storage
     load_weights(model, family, entries)
     return model.eval()
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Parameters built on the meta device hold no values, so their init is skipped: running it would
+    only make torch import its meta reference kernels (torch._dynamo: seconds) to do nothing."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
 
 
 # ---------------------------------------------------------------- export
