@@ -44,6 +44,10 @@ def test_llama_folder_through_sft_rm_ppo_then_export(tmp_path, device):
         assert float((policy(idx).double() - want).abs().max() / want.abs().max()) < 1e-4
     # the reward model folded its normalization into a score bias that *ForSequenceClassification cannot hold
     assert main(["export", str(out), "--stage", "rm", "--out", str(tmp_path / "rm")]) == 2
+    # without normalization the bias stays 0 (Bradley-Terry's loss is blind to it): the reward model exports
+    pipeline.run_rm(tiny(out, device, **{"model.init": str(src), "run.backend": "reference", "rm.norm_samples": 0}))
+    assert main(["export", str(out), "--stage", "rm", "--out", str(tmp_path / "rm")]) == 0
+    assert type(T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")) is T.LlamaForSequenceClassification
 
 
 def test_ppo_reward_init_must_hold_a_reward_model(tmp_path, device):
