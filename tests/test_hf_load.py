@@ -122,3 +122,20 @@ def test_missing_unexpected_or_misshapen_tensors_are_refused(edit, message, tmp_
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=message):
         GPT.from_pretrained(folder)
+
+
+def test_generate_stops_at_any_of_several_eos_ids_like_transformers(tmp_path):
+    hf = hf_model("llama", seed=3)
+    model = GPT.from_pretrained(saved(hf, tmp_path), backend="reference")
+    idx, mask = left_padded(4, T=9, lead=(0, 3, 6))
+    free = generate(model, idx, 12, attention_mask=mask, temperature=0.0, pad_token_id=0).tokens
+    eos = [int(free[0, 3]), int(free[2, 7])]  # tokens the rows would emit: each row must stop at its first
+    with torch.no_grad():
+        want = hf.generate(idx, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                           eos_token_id=eos)[:, idx.shape[1]:]
+    out = generate(model, idx, 12, attention_mask=mask, temperature=0.0, pad_token_id=0, eos_token_id=eos)
+    n = want.shape[1]  # transformers stops once every row is done; our later slots are padding
+    assert torch.equal(out.tokens[:, :n], want) and bool((out.tokens[:, n:] == 0).all())
+    assert int(out.mask[0].sum()) <= 4 and int(out.mask[2].sum()) <= 8
+    with pytest.raises(ValueError, match="eos_token_id"):
+        generate(model, idx, 4, attention_mask=mask, eos_token_id=[])
