@@ -38,13 +38,3 @@ def hf_model(family: str, seed: int = 0, *, seq_cls: bool = False, **changes):
 def saved(model, folder, **kwargs):
     model.save_pretrained(folder, **kwargs)
     return folder
-
-
-def left_padded(seed: int, B: int = 3, T: int = 13, lead=(0, 4, 9)):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(1, 300, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    for b, n in enumerate(lead):
-        mask[b, :n] = 0
-        idx[b, :n] = 0
-    return idx, mask

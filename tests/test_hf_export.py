@@ -6,7 +6,8 @@ import torch
 import transformers as T
 from safetensors.torch import load_file
 
-from hf_family_helpers import hf_model, left_padded, saved
+from hf_family_helpers import hf_model, saved
+from oracle_helpers import left_padded
 from rlhf_fast.model import GPT, GPTConfig
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_family_helpers import FAMILIES, hf_model, left_padded, saved
+from hf_family_helpers import FAMILIES, hf_model, saved
+from oracle_helpers import left_padded
 from rlhf_fast.model import GPT, generate
 
 
