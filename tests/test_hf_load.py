@@ -140,3 +140,22 @@ def test_generate_stops_at_any_of_several_eos_ids_like_transformers(tmp_path):
     assert int(out.mask[0].sum()) <= 4 and int(out.mask[2].sum()) <= 8
     with pytest.raises(ValueError, match="eos_token_id"):
         generate(model, idx, 4, attention_mask=mask, eos_token_id=[])
+
+
+def test_packed_layout_and_gradients_match_transformers(tmp_path):
+    """head_dim 24 is zero-padded for the kernels: packed sequences and backward must see through it."""
+    hf = hf_model("llama", seed=8).double()
+    model = GPT.from_pretrained(saved(hf, tmp_path), dtype=torch.float32, backend="reference")  # vs float64
+    lens = [7, 12, 5]
+    idx = torch.randint(1, 300, (sum(lens),))
+    cu = torch.tensor([0, 7, 19, 24], dtype=torch.int32)
+    w = torch.randn(sum(lens), 301, dtype=torch.float64)
+    ours = model(idx, cu_seqlens=cu, max_seqlen=12)
+    (ours.double() * w).sum().backward()
+    want = torch.cat([hf(s[None]).logits[0] for s in idx.split(lens)])
+    (want * w).sum().backward()
+    assert _rel_err(ours.detach(), want.detach()) < 1e-4
+    attn, hf_attn = model.transformer.h[1].attn, hf.model.layers[1].self_attn
+    hf_grad = torch.cat([hf_attn.q_proj.weight.grad, hf_attn.k_proj.weight.grad, hf_attn.v_proj.weight.grad])
+    assert _rel_err(attn.c_attn.weight.grad, hf_grad) < 1e-4
+    assert _rel_err(model.transformer.wte.weight.grad, hf.model.embed_tokens.weight.grad) < 1e-4
