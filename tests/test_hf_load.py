@@ -159,3 +159,11 @@ def test_packed_layout_and_gradients_match_transformers(tmp_path):
     hf_grad = torch.cat([hf_attn.q_proj.weight.grad, hf_attn.k_proj.weight.grad, hf_attn.v_proj.weight.grad])
     assert _rel_err(attn.c_attn.weight.grad, hf_grad) < 1e-4
     assert _rel_err(model.transformer.wte.weight.grad, hf.model.embed_tokens.weight.grad) < 1e-4
+
+
+def test_rotary_buffers_of_old_checkpoints_are_skipped(tmp_path):
+    folder = saved(hf_model("llama"), tmp_path)
+    sd = load_file(folder / "model.safetensors")
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(12)  # transformers < 4.31 saved it
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    assert torch.equal(GPT.from_pretrained(folder).transformer.ln_f.weight, sd["model.norm.weight"])

@@ -178,6 +178,7 @@ def _decoder_hf(c: GPTConfig) -> dict:
 
 # ---------------------------------------------------------------- the table
 _DECODER_SWITCHES = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+_ROPE_BUFFER = (".rotary_emb.inv_freq",)  # saved by transformers < 4.31; recomputed from rope_theta here
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ class Family:
     write_config: Callable[[GPTConfig], dict]
     switches: dict = field(default_factory=dict)  # GPTConfig values this family requires to export
     extra: dict = field(default_factory=dict)  # constant config.json fields written on export
-    ignored: tuple[str, ...] = ()  # suffixes of HF tensors that are not weights (old causal-mask buffers)
+    ignored: tuple[str, ...] = ()  # suffixes of HF tensors that are not weights (buffers old versions saved)
 
     def check_switches(self, c: GPTConfig) -> str | None:
         """The first GPTConfig switch this family cannot express, as 'name=value (needs X)', or None."""
@@ -209,12 +210,15 @@ FAMILIES = {f.model_type: f for f in (
            switches=dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True),
            ignored=(".attn.bias", ".attn.masked_bias")),
     Family("llama", "Llama", "model.", _decoder_keys(), _llama_config, _decoder_hf,
-           switches=dict(_DECODER_SWITCHES, has_qkv_bias=False), extra=dict(attention_bias=False, mlp_bias=False)),
+           switches=dict(_DECODER_SWITCHES, has_qkv_bias=False), extra=dict(attention_bias=False, mlp_bias=False),
+           ignored=_ROPE_BUFFER),
     Family("qwen2", "Qwen2", "model.", _decoder_keys(), _qwen2_config, _decoder_hf,
            switches=dict(_DECODER_SWITCHES, has_qkv_bias=True), extra=dict(use_sliding_window=False,
-                                                                          sliding_window=None)),
+                                                                          sliding_window=None),
+           ignored=_ROPE_BUFFER),
     Family("mistral", "Mistral", "model.", _decoder_keys(), _mistral_config, _decoder_hf,
-           switches=dict(_DECODER_SWITCHES, has_qkv_bias=False), extra=dict(sliding_window=None)),
+           switches=dict(_DECODER_SWITCHES, has_qkv_bias=False), extra=dict(sliding_window=None),
+           ignored=_ROPE_BUFFER),
 )}
 
 
