@@ -6,6 +6,7 @@
     rlhf-fast ppo --resume runs/x                       # continue a killed run from its last checkpoint
     rlhf-fast ppo --out runs/x --overwrite              # train the stage again (later stages removed)
     rlhf-fast sample runs/x --prompt "sort:3915="       # what the trained policy answers
+    rlhf-fast export runs/x --out hf/x                  # the PPO policy as a Hugging Face folder
     torchrun --nproc_per_node=2 -m rlhf_fast ppo ...    # DDP (FSDP2 with --run.distributed=fsdp)
 
 Every field of the config is an option `--<section>.<field>=<value>`; `rlhf-fast <stage> --help` lists
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .rlhf.config import SECTIONS, field_help
     parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    sub = parser.add_subparsers(dest="stage", required=True, metavar="{sft,rm,ppo,demo,sample}")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="{sft,rm,ppo,demo,sample,export}")
     for stage, (what, sections) in STAGES.items():
         p = sub.add_parser(stage, help=what, description=what, allow_abbrev=False)
         p.add_argument("--config", metavar="FILE", help="YAML or JSON config file, nested by section")
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    sub.add_parser("export", add_help=False, help="a run's model as a Hugging Face folder (rlhf-fast export -h)")
     return parser
 
 
@@ -116,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as exc:
             print(f"rlhf-fast sample: error: {exc}", file=sys.stderr)
             return 1
+    if argv[:1] == ["export"]:
+        from .rlhf.export import main as export_main
+        return export_main(argv[1:])
     try:
         stage, cfg, resume, overwrite = parse(argv)
     except ValueError as exc:

@@ -1,20 +1,7 @@
 """What a trained policy answers to a prompt: `rlhf-fast sample RUN_DIR --prompt "..."`."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-
-from . import checkpoint
-from .config import build_config, load_file
-
-
-def _stage_config(run_dir: Path, stage: str):
-    for path in (run_dir / stage / "config.yaml", run_dir / stage / "config.json", run_dir / "config.yaml",
-                 run_dir / "config.json"):
-        if path.is_file():
-            return build_config(None, None, base=load_file(path))
-    raise ValueError(f"{run_dir} has no config.yaml (not a run directory?)")
 
 
 @torch.no_grad()
@@ -25,17 +12,12 @@ def answer(run_dir, prompt: str, stage: str = "ppo", *, max_new_tokens: int | No
     checkpoint. max_new_tokens: default the run's ppo.max_new_tokens."""
     from .data import Line, tokenize_prompts
     from .rollout import decode_rows, generate_chunk
-    from .run_dir import check_tokenizer
+    from .run_dir import check_tokenizer, trained_model
     from .runtime import load_model
     if stage not in ("ppo", "sft"):
         raise ValueError(f"--stage must be 'ppo' or 'sft', got {stage!r}")
-    run_dir = Path(run_dir)
-    cfg = _stage_config(run_dir, stage)
-    path = checkpoint.stage_checkpoint(run_dir / stage)
-    if not path.is_file():
-        raise ValueError(f"{run_dir} has no {stage} checkpoint ({path}); train the stage first")
-    state = checkpoint.load(path)
-    policy = load_model(state["policy" if stage == "ppo" else "model"], torch.device(device)).eval()
+    cfg, state = trained_model(run_dir, stage, unfinished_ok=True)
+    policy = load_model(state, torch.device(device)).eval()
     tok = check_tokenizer(cfg.run.tokenizer)
     new = cfg.ppo.max_new_tokens if max_new_tokens is None else max_new_tokens
     if new <= 0 or temperature < 0:

@@ -6,8 +6,13 @@ Formats (one JSON object per line; extra keys are ignored):
 - reward model: ``{"prompt": str, "chosen": str, "rejected": str}``
 - PPO: ``{"prompt": str}``
 
+Instead of "prompt", a line may hold ``"messages": [{"role": ..., "content": ...}, ...]``, rendered by
+the tokenizer's chat template (an ``hf:`` tokenizer that has one) with the generation prompt added;
+for SFT, a last message of role "assistant" is the response when "response" is absent.
+
 A bad line raises ``ValueError("<file>:<line>: <what is wrong>")``.
-Token layout of one example: ``[BOS] prompt response [EOS]``; the SFT loss covers response and EOS only.
+Token layout of one example: ``[BOS] prompt response [EOS]`` (a chat prompt is the template's tokens, which
+place their own BOS); the SFT loss covers response and EOS only.
 """
 from __future__ import annotations
 
@@ -48,6 +53,10 @@ def read_jsonl(path: str | Path, keys: tuple[str, ...]) -> list[Line]:
                 raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{where}: expected a JSON object with keys {list(keys)}, got {type(obj).__name__}")
+            if "messages" in obj and "prompt" not in obj:
+                obj = _from_messages(where, obj, keys)
+                lines.append(Line(where, {k: obj[k] for k in keys}))
+                continue
             for key in keys:
                 if key not in obj:
                     raise ValueError(f"{where}: missing key {key!r} (expected keys {list(keys)})")
@@ -59,6 +68,37 @@ def read_jsonl(path: str | Path, keys: tuple[str, ...]) -> list[Line]:
     if not lines:
         raise ValueError(f"data file {str(path)!r} has no records")
     return lines
+
+
+def _from_messages(where: str, obj: dict, keys: tuple[str, ...]) -> dict:
+    """A {"messages": [...]} line -> its fields, "prompt" being the list of messages."""
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
+    obj = {**obj, "prompt": messages}
+    if "response" in keys and "response" not in obj and messages[-1]["role"] == "assistant":
+        obj.update(prompt=messages[:-1], response=messages[-1]["content"])
+    if not obj["prompt"]:
+        raise ValueError(f"{where}: 'messages' holds no prompt before the assistant's response")
+    for key in keys:
+        if key == "prompt":
+            continue
+        if not isinstance(obj.get(key), str):
+            raise ValueError(f"{where}: missing string {key!r} (expected keys {list(keys)} with 'messages' "
+                             "in place of 'prompt')")
+    return obj
+
+
+def prompt_ids(tok, prompt, where: str = "") -> list[int]:
+    """[BOS] + the prompt's tokens, or a message list rendered by the tokenizer's chat template."""
+    if isinstance(prompt, str):
+        return [tok.bos_id] + tok.encode(prompt)
+    if not hasattr(tok, "chat_prompt"):
+        raise ValueError(f"{where}: 'messages' need run.tokenizer='hf:<dir>' with a chat template, "
+                         f"got tokenizer {tok.name!r}")
+    return tok.chat_prompt(prompt)
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> None:
@@ -76,7 +116,7 @@ def tokenize_sft(lines: list[Line], tok, block_size: int) -> list[tuple[list[int
     """Each line -> (tokens [BOS] prompt response [EOS], number of prompt tokens including BOS)."""
     out = []
     for line in lines:
-        prompt = [tok.bos_id] + tok.encode(line.fields["prompt"])
+        prompt = prompt_ids(tok, line.fields["prompt"], line.where)
         ids = prompt + tok.encode(line.fields["response"]) + [tok.eos_id]
         _check_len(line.where, len(ids), block_size + 1, "prompt + response")
         out.append((ids, len(prompt)))
@@ -87,7 +127,7 @@ def tokenize_pairs(lines: list[Line], tok, block_size: int) -> list[tuple[list[i
     """Each line -> (chosen tokens, rejected tokens), both [BOS] prompt answer [EOS]."""
     out = []
     for line in lines:
-        prompt = [tok.bos_id] + tok.encode(line.fields["prompt"])
+        prompt = prompt_ids(tok, line.fields["prompt"], line.where)
         pair = tuple(prompt + tok.encode(line.fields[k]) + [tok.eos_id] for k in ("chosen", "rejected"))
         _check_len(line.where, max(map(len, pair)), block_size, "prompt + answer")
         out.append(pair)
@@ -98,7 +138,7 @@ def tokenize_prompts(lines: list[Line], tok, block_size: int, max_new_tokens: in
     """Each line -> [BOS] prompt, checked to leave room for `max_new_tokens`."""
     out = []
     for line in lines:
-        ids = [tok.bos_id] + tok.encode(line.fields["prompt"])
+        ids = prompt_ids(tok, line.fields["prompt"], line.where)
         _check_len(line.where, len(ids) + max_new_tokens, block_size, f"prompt + max_new_tokens ({max_new_tokens})")
         out.append(ids)
     return out

@@ -41,7 +41,7 @@ def train_sft(cfg: Config, rt: Runtime, tok, data_path: str | Path, stage_dir: P
     ckpt_path = stage_dir / checkpoint.NAME
     saved = checkpoint.stage_checkpoint(stage_dir)
     state = load_checkpoint(saved) if resume and saved.is_file() else None
-    model = stage_model(cfg, rt, tok.vocab_size, "lm", state, c.init)
+    model = stage_model(cfg, rt, tok.vocab_size, "lm", state, c.init or cfg.model.init)
     wrapped = wrap_model(model, rt)
     opt = make_optimizer(wrapped, c.lr, c.weight_decay)
     start, loss = 0, float("nan")

@@ -66,6 +66,13 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` rendered by the chat template, ending with the assistant's turn opener."""
+        if not self._tok.chat_template:
+            raise ValueError(f"tokenizer: {self.name} has no chat template, needed for 'messages' data")
+        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._tok.encode(text, add_special_tokens=False)
+
 
 def get_tokenizer(spec: str = "byte"):
     """Build the tokenizer named by `spec` ("byte", "tiktoken:<encoding>" or "hf:<local dir>")."""

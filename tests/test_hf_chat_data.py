@@ -1,0 +1,63 @@
+"""Chat data: {"messages": [...]} JSONL lines rendered by an hf: tokenizer's chat template."""
+import json
+import string
+
+import pytest
+import transformers as T
+
+from rlhf_fast.rlhf.data import PPO_KEYS, RM_KEYS, SFT_KEYS, read_jsonl, tokenize_pairs, tokenize_prompts, tokenize_sft
+from rlhf_fast.rlhf.tokenizer import get_tokenizer
+
+TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tmp_path_factory):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(string.printable)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("<s>|</s>|."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = TEMPLATE
+    folder = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(folder)
+    return get_tokenizer(f"hf:{folder}"), T.AutoTokenizer.from_pretrained(folder)
+
+
+def _write(path, *records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_messages_are_rendered_by_the_chat_template(chat_tok, tmp_path):
+    tok, hf = chat_tok
+    convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sort 31"}]
+    expected = hf.encode("<s>system:be brief\n<s>user:sort 31\n<s>assistant:", add_special_tokens=False)
+    assert expected[0] == 1 and expected.count(1) == 3  # the template's <s> are the BOS id, not characters
+    path = _write(tmp_path / "p.jsonl", {"messages": convo}, {"prompt": "plain"})
+    prompts = tokenize_prompts(read_jsonl(path, PPO_KEYS), tok, 64, 4)
+    assert prompts == [expected, [tok.bos_id] + tok.encode("plain")]
+    sft = _write(tmp_path / "s.jsonl", {"messages": convo + [{"role": "assistant", "content": "13"}]})
+    [(ids, n_prompt)] = tokenize_sft(read_jsonl(sft, SFT_KEYS), tok, 64)
+    assert ids == expected + tok.encode("13") + [tok.eos_id] and n_prompt == len(expected)
+    pairs = _write(tmp_path / "r.jsonl", {"messages": convo, "chosen": "13", "rejected": "31"})
+    [(chosen, rejected)] = tokenize_pairs(read_jsonl(pairs, RM_KEYS), tok, 64)
+    assert chosen[:len(expected)] == rejected[:len(expected)] == expected
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"messages": [{"role": "user"}]}, "'messages' must be a non-empty list"),
+    ({"messages": []}, "'messages' must be a non-empty list"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "'messages' holds no prompt before"),
+])
+def test_bad_messages_name_the_line(record, message, tmp_path):
+    with pytest.raises(ValueError, match=f"s.jsonl:1: {message}"):
+        read_jsonl(_write(tmp_path / "s.jsonl", record), SFT_KEYS)
+
+
+def test_messages_need_a_tokenizer_with_a_chat_template(tmp_path):
+    path = _write(tmp_path / "p.jsonl", {"messages": [{"role": "user", "content": "hi"}]})
+    with pytest.raises(ValueError, match="p.jsonl:1: 'messages' need run.tokenizer='hf:<dir>'"):
+        tokenize_prompts(read_jsonl(path, PPO_KEYS), get_tokenizer("byte"), 64, 4)
