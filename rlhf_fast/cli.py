@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true",
                        help="train the stage again in a run that has it, removing its results and the later "
                             "stages' (without it, such a run is refused)")
-        for section in sections:
+        for section in (*sections, "data"):  # every stage reads data files
             cls = SECTIONS[section]
             group = p.add_argument_group(f"{section} options")
             docs = field_help(cls)

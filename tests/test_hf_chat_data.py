@@ -61,3 +61,28 @@ def test_messages_need_a_tokenizer_with_a_chat_template(tmp_path):
     path = _write(tmp_path / "p.jsonl", {"messages": [{"role": "user", "content": "hi"}]})
     with pytest.raises(ValueError, match="p.jsonl:1: 'messages' need run.tokenizer='hf:<dir>'"):
         tokenize_prompts(read_jsonl(path, PPO_KEYS), get_tokenizer("byte"), 64, 4)
+
+
+def test_data_keys_and_chat_template_for_plain_prompts(chat_tok, tmp_path):
+    from rlhf_fast.rlhf.config import build_config
+    from rlhf_fast.rlhf.data import data_format
+    tok, hf = chat_tok
+    cfg = build_config(None, {"run.out": str(tmp_path / "run"), "data.prompt_key": "question",
+                              "data.response_key": "answer", "data.chat_template": "true"})
+    path = _write(tmp_path / "s.jsonl", {"question": "sort 31", "answer": "13", "prompt": "not read"})
+    fmt = data_format(cfg, path)
+    [(ids, n_prompt)] = tokenize_sft(read_jsonl(path, SFT_KEYS, **fmt), tok, 64)
+    expected = hf.encode("<s>user:sort 31\n<s>assistant:", add_special_tokens=False)
+    assert ids == expected + tok.encode("13") + [tok.eos_id] and n_prompt == len(expected)
+    with pytest.raises(ValueError, match=r"s.jsonl:1: missing key 'question' \(expected keys \['question', 'answer'\]"):
+        read_jsonl(_write(path, {"prompt": "sort 31", "answer": "13"}), SFT_KEYS, **fmt)
+    with pytest.raises(ValueError, match="s.jsonl:1: missing string 'answer'"):
+        read_jsonl(_write(path, {"messages": [{"role": "user", "content": "x"}], "response": "y"}), SFT_KEYS, **fmt)
+    builtin = data_format(cfg, tmp_path / "run" / "data" / "sft.jsonl")  # the built-in task's files: default keys
+    assert builtin["names"] == {} and builtin["chat"]
+    with pytest.raises(ValueError, match="must be non-empty and distinct"):
+        build_config(None, {"data.chosen_key": "rejected"})
+    from rlhf_fast.cli import parse
+    for stage in ("sft", "rm", "ppo", "demo"):
+        assert parse([stage, "--out", str(tmp_path), "--data.prompt_key=q", "--data.chat_template=true"])[1].data \
+            .prompt_key == "q"

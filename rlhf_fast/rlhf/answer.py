@@ -22,7 +22,8 @@ def answer(run_dir, prompt: str, stage: str = "ppo", *, max_new_tokens: int | No
     new = cfg.ppo.max_new_tokens if max_new_tokens is None else max_new_tokens
     if new <= 0 or temperature < 0:
         raise ValueError(f"need max_new_tokens > 0 and temperature >= 0, got {new} and {temperature}")
-    ids = tokenize_prompts([Line("--prompt", {"prompt": prompt})], tok, policy.config.block_size, new)
+    text = [{"role": "user", "content": prompt}] if cfg.data.chat_template else prompt
+    ids = tokenize_prompts([Line("--prompt", {"prompt": text})], tok, policy.config.block_size, new)
     seqs, _, mask, _ = generate_chunk(policy, ids, len(ids[0]), tok, max_new_tokens=new, temperature=temperature,
                                       top_k=top_k, top_p=top_p, seed=seed, device=torch.device(device))
     return decode_rows(tok, seqs.cpu(), mask.cpu(), len(ids[0]))[1][0]

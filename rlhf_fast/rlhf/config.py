@@ -257,6 +257,21 @@ class PPOConfig:
 
 
 @dataclass
+class DataConfig:
+    """How the stages read your JSONL data files (the built-in task's files keep the default keys)."""
+    prompt_key: str = "prompt"
+    """key of the prompt in every data file"""
+    response_key: str = "response"
+    """key of the SFT response"""
+    chosen_key: str = "chosen"
+    """key of the preferred answer of a reward-model pair"""
+    rejected_key: str = "rejected"
+    """key of the other answer of a reward-model pair"""
+    chat_template: bool = False
+    """render each plain-text prompt as one user message through the hf: tokenizer's chat template"""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -264,6 +279,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -352,6 +368,10 @@ def validate(cfg: Config) -> Config:
                 raise ValueError(f"{key} must be >= 0, got {v}")
             if f.name in _UNIT and not 0 <= v <= 1:
                 raise ValueError(f"{key} must be in [0, 1], got {v}")
+    keys = [getattr(cfg.data, f"{k}_key") for k in ("prompt", "response", "chosen", "rejected")]
+    if not all(keys) or len(set(keys)) < len(keys):
+        raise ValueError(f"data.prompt_key, response_key, chosen_key and rejected_key must be non-empty and "
+                         f"distinct, got {keys}")
     if not 0 < cfg.ppo.top_p <= 1:
         raise ValueError(f"ppo.top_p must be in (0, 1], got {cfg.ppo.top_p}")
     if cfg.ppo.minibatch_size > cfg.ppo.rollout_batch_size:

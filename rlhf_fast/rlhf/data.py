@@ -36,8 +36,23 @@ class Line:
     fields: dict
 
 
-def read_jsonl(path: str | Path, keys: tuple[str, ...]) -> list[Line]:
-    """Read `path`, checking every line is an object with string values for `keys` (prompt non-empty)."""
+def data_format(cfg, path) -> dict:
+    """`read_jsonl`'s names and chat arguments for the data file `path` of a run with config `cfg`: the
+    data section's keys (the built-in task's files, in <run.out>/data, keep the defaults) and template."""
+    d = cfg.data
+    builtin = Path(path).parent == Path(cfg.run.out) / "data"
+    names = {} if builtin else {"prompt": d.prompt_key, "response": d.response_key, "chosen": d.chosen_key,
+                                "rejected": d.rejected_key}
+    return {"names": names, "chat": d.chat_template}
+
+
+def read_jsonl(path: str | Path, keys: tuple[str, ...], names: dict[str, str] | None = None,
+               chat: bool = False) -> list[Line]:
+    """Read `path`, checking every line is an object with string values for `keys` (prompt non-empty).
+
+    names: the file's key for each of `keys` (default: the same); chat: a plain-text prompt becomes one
+    user message, rendered by the tokenizer's chat template like a "messages" line."""
+    names = {k: v for k, v in (names or {}).items() if k in keys and v != k}
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist")
@@ -53,24 +68,30 @@ def read_jsonl(path: str | Path, keys: tuple[str, ...]) -> list[Line]:
                 raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{where}: expected a JSON object with keys {list(keys)}, got {type(obj).__name__}")
+            file_keys = [names.get(k, k) for k in keys]
+            if names:  # the file's keys under ours; a default-named key it also holds is not read
+                obj = {**{k: v for k, v in obj.items() if k not in names},
+                       **{k: obj[t] for k, t in names.items() if t in obj}}
             if "messages" in obj and "prompt" not in obj:
-                obj = _from_messages(where, obj, keys)
+                obj = _from_messages(where, obj, keys, file_keys)
                 lines.append(Line(where, {k: obj[k] for k in keys}))
                 continue
-            for key in keys:
+            for key, name in zip(keys, file_keys):
                 if key not in obj:
-                    raise ValueError(f"{where}: missing key {key!r} (expected keys {list(keys)})")
+                    raise ValueError(f"{where}: missing key {name!r} (expected keys {file_keys})")
                 if not isinstance(obj[key], str):
-                    raise ValueError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
+                    raise ValueError(f"{where}: {name!r} must be a string, got {type(obj[key]).__name__}")
             if not obj["prompt"]:
-                raise ValueError(f"{where}: 'prompt' is empty")
+                raise ValueError(f"{where}: {file_keys[0]!r} is empty")
+            if chat:
+                obj["prompt"] = [{"role": "user", "content": obj["prompt"]}]
             lines.append(Line(where, {k: obj[k] for k in keys}))
     if not lines:
         raise ValueError(f"data file {str(path)!r} has no records")
     return lines
 
 
-def _from_messages(where: str, obj: dict, keys: tuple[str, ...]) -> dict:
+def _from_messages(where: str, obj: dict, keys: tuple[str, ...], file_keys: list[str]) -> dict:
     """A {"messages": [...]} line -> its fields, "prompt" being the list of messages."""
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages or not all(
@@ -82,12 +103,12 @@ def _from_messages(where: str, obj: dict, keys: tuple[str, ...]) -> dict:
         obj.update(prompt=messages[:-1], response=messages[-1]["content"])
     if not obj["prompt"]:
         raise ValueError(f"{where}: 'messages' holds no prompt before the assistant's response")
-    for key in keys:
+    for key, name in zip(keys, file_keys):
         if key == "prompt":
             continue
         if not isinstance(obj.get(key), str):
-            raise ValueError(f"{where}: missing string {key!r} (expected keys {list(keys)} with 'messages' "
-                             "in place of 'prompt')")
+            raise ValueError(f"{where}: missing string {name!r} (expected keys {file_keys} with 'messages' "
+                             f"in place of {file_keys[0]!r})")
     return obj
 
 

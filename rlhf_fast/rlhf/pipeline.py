@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .data import PPO_KEYS, read_jsonl, tokenize_prompts
+from .data import PPO_KEYS, data_format, read_jsonl, tokenize_prompts
 from .run_io import atomic_write_json, plot_metrics, remove_stale_temps
 from .checkpoint import stage_checkpoint
 from .model_init import init_model_state
@@ -97,7 +97,8 @@ def _plots(cfg: Config, stage_dir: Path, stage: str, rt: Runtime) -> None:
 
 
 def _prompts(path, tok, cfg) -> list[list[int]]:
-    return tokenize_prompts(read_jsonl(path, PPO_KEYS), tok, cfg.model.block_size, cfg.ppo.max_new_tokens)
+    lines = read_jsonl(path, PPO_KEYS, **data_format(cfg, path))
+    return tokenize_prompts(lines, tok, cfg.model.block_size, cfg.ppo.max_new_tokens)
 
 
 def _eval_fn(cfg: Config, rt: Runtime, tok, policy, eval_prompts, prompt_len: int, scorer):
@@ -179,7 +180,7 @@ def _sft_samples(cfg: Config, rt: Runtime, tok, policy_ckpt: str, pairs_path) ->
     prompts of the preference pairs."""
     from .rollout import generate_chunk
     policy = load_model(init_model_state(policy_ckpt, backend=cfg.run.backend), rt.device, head="lm").eval()
-    lines = read_jsonl(pairs_path, PPO_KEYS)[:cfg.rm.norm_samples]
+    lines = read_jsonl(pairs_path, PPO_KEYS, **data_format(cfg, pairs_path))[:cfg.rm.norm_samples]
     prompts = tokenize_prompts(lines, tok, cfg.model.block_size, cfg.ppo.max_new_tokens)
     width = max(map(len, prompts))
     seqs = []

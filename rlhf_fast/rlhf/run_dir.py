@@ -148,11 +148,11 @@ def check_tokenizer(spec: str):
         raise ValueError(f"run.tokenizer={spec!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
 
 
-def read_data(path, keys):
-    """`read_jsonl`, with a non-UTF-8 file reported as ValueError naming file and line."""
+def read_data(path, keys, fmt: dict):
+    """`read_jsonl(path, keys, **fmt)`, with a non-UTF-8 file reported as ValueError naming file and line."""
     from .data import read_jsonl
     try:
-        return read_jsonl(path, keys)
+        return read_jsonl(path, keys, **fmt)
     except UnicodeDecodeError as exc:
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
@@ -185,7 +185,7 @@ def load_callable(spec: str, key: str = "ppo.reward_fn"):
 
 
 def _check_data(cfg: Config, stage: str, tok) -> None:
-    from .data import PPO_KEYS, RM_KEYS, SFT_KEYS, tokenize_pairs, tokenize_prompts, tokenize_sft
+    from .data import PPO_KEYS, RM_KEYS, SFT_KEYS, data_format, tokenize_pairs, tokenize_prompts, tokenize_sft
     block, new = cfg.model.block_size, cfg.ppo.max_new_tokens
     files = {"sft": [(cfg.sft.data, SFT_KEYS, lambda ls: tokenize_sft(ls, tok, block))],
              "rm": [(p, RM_KEYS, lambda ls: tokenize_pairs(ls, tok, block)) for p in (cfg.rm.data, cfg.rm.eval_data)],
@@ -194,7 +194,7 @@ def _check_data(cfg: Config, stage: str, tok) -> None:
         files.append((cfg.ppo.eval_prompts, PPO_KEYS, lambda ls: tokenize_prompts(ls, tok, block, new)))
     for path, keys, tokenize in files:
         if path:
-            tokenize(read_data(path, keys))
+            tokenize(read_data(path, keys, data_format(cfg, path)))
 
 
 def preflight(cfg: Config, stage: str, resume: bool, overwrite: bool, earlier: tuple[str, ...] = ()) -> Plan:
