@@ -53,7 +53,8 @@ BAD_FOLDERS = [  # (edit of a valid Llama folder, what the one-line error says)
 ]
 
 
-@pytest.mark.parametrize("edit,message", BAD_FOLDERS, ids=[m.split()[0] for _, m in BAD_FOLDERS])
+@pytest.mark.parametrize("edit,message", BAD_FOLDERS, ids=["missing", "no_config", "bad_json", "model_type",
+                                                           "hidden_act", "rope_type", "mlp_bias", "no_weights"])
 def test_unusable_hf_init_is_refused_before_the_run_directory_exists(folders, tmp_path, device, capsys, edit,
                                                                      message):
     folder = _edited(folders, tmp_path, edit)
