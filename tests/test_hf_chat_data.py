@@ -86,3 +86,41 @@ def test_data_keys_and_chat_template_for_plain_prompts(chat_tok, tmp_path):
     for stage in ("sft", "rm", "ppo", "demo"):
         assert parse([stage, "--out", str(tmp_path), "--data.prompt_key=q", "--data.chat_template=true"])[1].data \
             .prompt_key == "q"
+
+
+def test_chat_template_end_of_turn_token_ends_responses(tmp_path):
+    """A template that closes each turn with a special token: the pipeline stops responses at it too."""
+    import torch
+    import types
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from rlhf_fast.rlhf import rollout
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<|end|>": 3, **{c: i + 4 for i, c in enumerate(string.printable)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("<s>|</s>|<\\|end\\|>|."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                     additional_special_tokens=["<|end|>"])
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}<|end|>\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant:{% endif %}")
+    fast.save_pretrained(tmp_path)
+    tok = get_tokenizer(f"hf:{tmp_path}")
+    assert tok.stop_ids == (2, 3)
+    a, b = tok.encode("a"), tok.encode("b")
+    tokens = torch.tensor([[a[0], 3, b[0]], [a[0], b[0], 2], [b[0], b[0], a[0]]])
+    cut, logprobs, mask = rollout._stop_at_eos(tokens, torch.ones(3, 3), tok.stop_ids, tok.pad_id)
+    assert mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 1]] and cut[0, 2] == tok.pad_id and logprobs[0, 2] == 0
+    assert rollout.decode_rows(tok, torch.cat((torch.ones(3, 1, dtype=torch.long), cut), 1), mask, 1)[1] == \
+        ["a", "ab", "bba"]
+
+    class Policy:  # records what generate_chunk asks the model to stop at
+        def generate(self, idx, n, **kwargs):
+            self.eos = kwargs["eos_token_id"]
+            z = torch.zeros(idx.shape[0], n, dtype=torch.long)
+            return types.SimpleNamespace(tokens=z, logprobs=z.float(), mask=z)
+    policy = Policy()
+    rollout.generate_chunk(policy, [[1, 5]], 2, tok, max_new_tokens=2, temperature=1.0, top_k=0, top_p=1.0, seed=0,
+                           device="cpu")
+    assert policy.eos == [2, 3]
+    assert get_tokenizer("byte").stop_ids == (258,)

@@ -31,7 +31,8 @@ def export_run(run_dir, out, stage: str = "ppo") -> Path:
     out = Path(out)
     if spec.startswith("hf:"):
         tok = check_tokenizer(spec)
-        extra = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+        eos = tok.eos_id if len(tok.stop_ids) == 1 else list(tok.stop_ids)  # a chat template's end of turn too
+        extra = {"bos_token_id": tok.bos_id, "eos_token_id": eos, "pad_token_id": tok.pad_id}
     model.save_pretrained(out, extra_config=extra)
     if extra:
         source = Path(spec[3:])
