@@ -124,3 +124,35 @@ def test_chat_template_end_of_turn_token_ends_responses(tmp_path):
                            device="cpu")
     assert policy.eos == [2, 3]
     assert get_tokenizer("byte").stop_ids == (258,)
+
+
+def test_parquet_and_save_to_disk_rows_read_like_jsonl_lines(tmp_path, monkeypatch):
+    """Integration with pyarrow and datasets through stand-ins that hand back rows as those libraries do
+    (Table.to_pylist, iterating a Dataset); without the packages the error names the extra to install."""
+    import sys
+    import types
+    rows = [{"prompt": "sort 31", "response": "13"}, {"prompt": "sort 2", "response": 7}]
+    parquet = tmp_path / "s.parquet"
+    parquet.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    with pytest.raises(ValueError, match=r"is Parquet, which needs pyarrow: pip install 'rlhf_fast\[data\]'"):
+        read_jsonl(parquet, SFT_KEYS)
+    pq = types.SimpleNamespace(read_table=lambda p: types.SimpleNamespace(to_pylist=lambda: rows[:1]))
+    monkeypatch.setitem(sys.modules, "pyarrow", types.SimpleNamespace(parquet=pq))
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", pq)
+    [line] = read_jsonl(parquet, SFT_KEYS)
+    assert line.fields == rows[0] and line.where == f"{parquet}:row 1"
+
+    class DatasetDict(dict):
+        pass
+    saved = {tmp_path / "ds": rows, tmp_path / "splits": DatasetDict(train=rows)}
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "splits").mkdir()
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        DatasetDict=DatasetDict, load_from_disk=lambda p: saved[type(tmp_path)(p)]))
+    with pytest.raises(ValueError, match=f"hf:{tmp_path / 'ds'}:row 2: 'response' must be a string, got int"):
+        read_jsonl(f"hf:{tmp_path / 'ds'}", SFT_KEYS)
+    with pytest.raises(ValueError, match=r"holds the splits \['train'\]: name one, e.g. hf:.*splits/train"):
+        read_jsonl(f"hf:{tmp_path / 'splits'}", SFT_KEYS)
+    with pytest.raises(ValueError, match="is not a folder"):
+        read_jsonl(f"hf:{tmp_path / 'nope'}", SFT_KEYS)

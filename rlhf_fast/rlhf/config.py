@@ -162,7 +162,7 @@ class OptimConfig:
 @dataclass
 class SFTConfig(OptimConfig):
     data: str = ""
-    """SFT JSONL ({prompt, response}); '' = the built-in task's data written into the run directory"""
+    """SFT data ({prompt, response}): JSONL, .parquet or hf:DIR (save_to_disk); '' = the built-in task's data"""
     init: str = ""
     """checkpoint to start from ('' = random initialization)"""
     batch_size: int = 64
@@ -179,7 +179,7 @@ class RMConfig(OptimConfig):
     warmup_steps: int = 20
     ckpt_every: int = 100
     data: str = ""
-    """training pairs JSONL ({prompt, chosen, rejected}); '' = built-in task data"""
+    """training pairs (JSONL, .parquet or hf:DIR) ({prompt, chosen, rejected}); '' = built-in task data"""
     eval_data: str = ""
     """held-out pairs JSONL; '' = built-in task data"""
     init: str = "sft"
@@ -193,7 +193,7 @@ class RMConfig(OptimConfig):
 @dataclass
 class PPOConfig:
     prompts: str = ""
-    """training prompts JSONL ({prompt}); '' = built-in task data"""
+    """training prompts (JSONL, .parquet or hf:DIR) ({prompt}); '' = built-in task data"""
     eval_prompts: str = ""
     """held-out prompts JSONL for the task score; '' = built-in task data"""
     policy_init: str = "sft"

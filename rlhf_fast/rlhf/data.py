@@ -6,6 +6,9 @@ Formats (one JSON object per line; extra keys are ignored):
 - reward model: ``{"prompt": str, "chosen": str, "rejected": str}``
 - PPO: ``{"prompt": str}``
 
+Data files are JSONL, or Parquet (``*.parquet``, pyarrow) or a ``datasets`` save_to_disk folder
+(``hf:DIR``), whose rows are read like JSONL lines (the ``data`` extra installs both).
+
 Instead of "prompt", a line may hold ``"messages": [{"role": ..., "content": ...}, ...]``, rendered by
 the tokenizer's chat template (an ``hf:`` tokenizer that has one) with the generation prompt added;
 for SFT, a last message of role "assistant" is the response when "response" is absent.
@@ -53,42 +56,75 @@ def read_jsonl(path: str | Path, keys: tuple[str, ...], names: dict[str, str] | 
     names: the file's key for each of `keys` (default: the same); chat: a plain-text prompt becomes one
     user message, rendered by the tokenizer's chat template like a "messages" line."""
     names = {k: v for k, v in (names or {}).items() if k in keys and v != k}
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} does not exist")
     lines = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object with keys {list(keys)}, got {type(obj).__name__}")
-            file_keys = [names.get(k, k) for k in keys]
-            if names:  # the file's keys under ours; a default-named key it also holds is not read
-                obj = {**{k: v for k, v in obj.items() if k not in names},
-                       **{k: obj[t] for k, t in names.items() if t in obj}}
-            if "messages" in obj and "prompt" not in obj:
-                obj = _from_messages(where, obj, keys, file_keys)
-                lines.append(Line(where, {k: obj[k] for k in keys}))
-                continue
-            for key, name in zip(keys, file_keys):
-                if key not in obj:
-                    raise ValueError(f"{where}: missing key {name!r} (expected keys {file_keys})")
-                if not isinstance(obj[key], str):
-                    raise ValueError(f"{where}: {name!r} must be a string, got {type(obj[key]).__name__}")
-            if not obj["prompt"]:
-                raise ValueError(f"{where}: {file_keys[0]!r} is empty")
-            if chat:
-                obj["prompt"] = [{"role": "user", "content": obj["prompt"]}]
+    for where, obj in _records(path):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object with keys {list(keys)}, got {type(obj).__name__}")
+        file_keys = [names.get(k, k) for k in keys]
+        if names:  # the file's keys under ours; a default-named key it also holds is not read
+            obj = {**{k: v for k, v in obj.items() if k not in names},
+                   **{k: obj[t] for k, t in names.items() if t in obj}}
+        if "messages" in obj and "prompt" not in obj:
+            obj = _from_messages(where, obj, keys, file_keys)
             lines.append(Line(where, {k: obj[k] for k in keys}))
+            continue
+        for key, name in zip(keys, file_keys):
+            if key not in obj:
+                raise ValueError(f"{where}: missing key {name!r} (expected keys {file_keys})")
+            if not isinstance(obj[key], str):
+                raise ValueError(f"{where}: {name!r} must be a string, got {type(obj[key]).__name__}")
+        if not obj["prompt"]:
+            raise ValueError(f"{where}: {file_keys[0]!r} is empty")
+        if chat:
+            obj["prompt"] = [{"role": "user", "content": obj["prompt"]}]
+        lines.append(Line(where, {k: obj[k] for k in keys}))
     if not lines:
         raise ValueError(f"data file {str(path)!r} has no records")
     return lines
+
+
+def _records(path):
+    """(where, record) of each record of a data file: JSONL lines ("file:line"), the rows of a .parquet
+    file or of a `datasets` save_to_disk folder given as "hf:DIR" ("file:row N")."""
+    spec = str(path)
+    if spec.startswith("hf:") or spec.endswith(".parquet"):
+        for i, row in enumerate(_table_rows(spec), 1):
+            yield f"{spec}:row {i}", row
+        return
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {spec!r} does not exist")
+    with path.open(encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                try:
+                    yield f"{path}:{lineno}", json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+
+
+def _table_rows(spec: str) -> list[dict]:
+    """The rows of a Parquet file (pyarrow) or a save_to_disk folder "hf:DIR" (datasets), as dicts."""
+    extra = "pip install 'rlhf_fast[data]'"
+    if spec.startswith("hf:"):
+        folder = Path(spec[3:])
+        if not folder.is_dir():
+            raise ValueError(f"data {spec!r}: {str(folder)!r} is not a folder (a datasets save_to_disk output)")
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"data {spec!r} needs the datasets package: {extra}") from None
+        ds = datasets.load_from_disk(str(folder))
+        if isinstance(ds, datasets.DatasetDict):
+            raise ValueError(f"data {spec!r} holds the splits {list(ds)}: name one, e.g. hf:{folder / list(ds)[0]}")
+        return list(ds)
+    if not Path(spec).is_file():
+        raise ValueError(f"data file {spec!r} does not exist")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"data file {spec!r} is Parquet, which needs pyarrow: {extra}") from None
+    return pq.read_table(spec).to_pylist()
 
 
 def _from_messages(where: str, obj: dict, keys: tuple[str, ...], file_keys: list[str]) -> dict:
