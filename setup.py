@@ -81,6 +81,8 @@ setup(
         "train": ["tqdm", "matplotlib", "pyyaml", "safetensors"],
         # run.tokenizer='tiktoken:<encoding>' or 'hf:<local dir>'
         "tokenizers": ["tiktoken", "transformers"],
+        # data files in Parquet (*.parquet) or a datasets save_to_disk folder (hf:DIR)
+        "data": ["pyarrow", "datasets"],
     },
     entry_points={"console_scripts": ["rlhf-fast = rlhf_fast.cli:main"]},
     ext_modules=ext_modules,

@@ -8,6 +8,7 @@
     rlhf-fast sample runs/x --prompt "sort:3915="       # what the trained policy answers
     rlhf-fast demo --algo grpo --out runs/g             # built-in task: SFT -> GRPO on verifiable answers
     rlhf-fast rl --rl.algo=rloo --rl.reward_fn=my:fn    # critic-free RL (--rl.algo=ppo: the ppo stage)
+    rlhf-fast export runs/x --out hf/x                  # the PPO policy as a Hugging Face folder
     torchrun --nproc_per_node=2 -m rlhf_fast ppo ...    # DDP (FSDP2 with --run.distributed=fsdp)
 
 Every field of the config is an option `--<section>.<field>=<value>`; `rlhf-fast <stage> --help` lists
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .rlhf.config import SECTIONS, field_help
     parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    sub = parser.add_subparsers(dest="stage", required=True, metavar="{sft,rm,ppo,demo,rl,sample}")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="{sft,rm,ppo,demo,rl,sample,export}")
     for stage, (what, sections) in STAGES.items():
         p = sub.add_parser(stage, help=what, description=what, allow_abbrev=False)
         p.add_argument("--config", metavar="FILE", help="YAML or JSON config file, nested by section")
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                            choices=["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp"],
                            help="ppo: SFT -> reward model -> PPO (default); otherwise SFT -> this critic-free "
                                 "algorithm on the task's verifiable answers (same as --rl.algo)")
-        for section in sections:
+        for section in (*sections, "data"):  # every stage reads data files
             cls = SECTIONS[section]
             group = p.add_argument_group(f"{section} options")
             docs = field_help(cls)
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    sub.add_parser("export", add_help=False, help="a run's model as a Hugging Face folder (rlhf-fast export -h)")
     return parser
 
 
@@ -127,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as exc:
             print(f"rlhf-fast sample: error: {exc}", file=sys.stderr)
             return 1
+    if argv[:1] == ["export"]:
+        from .rlhf.export import main as export_main
+        return export_main(argv[1:])
     try:
         stage, cfg, resume, overwrite = parse(argv)
     except ValueError as exc:

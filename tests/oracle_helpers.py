@@ -47,3 +47,14 @@ def xfail_interpreter_bf16(request, backend, dtype, device, where):
             f"_convert_float, rounding_mode None; the GPU rounds to nearest even): {where} with "
             ".to(bf16) / an implicit store cast, up to 1 ulp off under the interpreter; "
             "fp_downcast_rounding='rtne' would make both round alike")))
+
+
+def left_padded(seed: int, B: int = 3, T: int = 13, lead=(0, 4, 9)):
+    """Random ids in [1, 300) (B, T) with row b left-padded by lead[b] zeros, and its attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(1, 300, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b, n in enumerate(lead):
+        mask[b, :n] = 0
+        idx[b, :n] = 0
+    return idx, mask

@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import need_backend
-from oracle_helpers import KERNEL_BACKENDS, trl_entropy_from_logits, trl_selective_log_softmax
+from oracle_helpers import KERNEL_BACKENDS, left_padded, trl_entropy_from_logits, trl_selective_log_softmax
 from parity import assert_close_to_reference
 
 
@@ -27,23 +27,13 @@ def _ours(hf, backend, device):
     return GPT.from_hf_gpt2(hf, config=config).to(device).eval()
 
 
-def _left_padded(seed, B=3, T=13, lead=(0, 4, 9)):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(1, 300, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    for b, n in enumerate(lead):
-        mask[b, :n] = 0
-        idx[b, :n] = 0
-    return idx, mask
-
-
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gpt_from_hf_gpt2_logits_vs_hf(backend, device):
     need_backend(backend, device)
     hf = _hf_gpt2(80)
     model = _ours(hf, backend, device)
     hf64 = _hf_gpt2(80).double()
-    idx, mask = _left_padded(81)
+    idx, mask = left_padded(81)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
         full = model(idx.to(device)).cpu()
@@ -67,7 +57,7 @@ def test_generate_greedy_vs_hf_generate(backend, device):
     from rlhf_fast.model import generate
     hf = _hf_gpt2(90)
     model = _ours(hf, backend, device)
-    idx, mask = _left_padded(91, T=7, lead=(0, 2, 6))
+    idx, mask = left_padded(91, T=7, lead=(0, 2, 6))
     n = 6
     with torch.no_grad():
         want = hf.generate(idx, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,

@@ -90,7 +90,7 @@ def _collect(n: int, B: int, device: torch.device, next_token, eos_token_id: int
         logprobs[:, i] = logprob.float().masked_fill(done, 0.0)
         mask[:, i] = (~done).long()
         if eos_token_id is not None:
-            done |= token == eos_token_id
+            done |= _is_eos(token, eos_token_id)
             if (i + 1) % _STOP_CHECK_EVERY == 0 and bool(done.all()):
                 break
     if bool(unsampled.any()):
@@ -171,7 +171,7 @@ def decode_n_tokens_graphed(model: GPT, logits: torch.Tensor, cache: KVCache, n:
 @torch.no_grad()
 def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-             eos_token_id: int | None = None, pad_token_id: int = 0, seed: int | None = None,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, seed: int | None = None,
              use_cache: bool = True, cuda_graph: bool = False,
              sample_backend: str | None = None, group_size: int = 1) -> GenerationOutput:
     """Sample up to `max_new_tokens` tokens after each prompt.
@@ -181,8 +181,8 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
     temperature, top_k, top_p, min_p: as `rlhf_fast.sample` (its docstring defines greedy decoding
         and the order of the filters). The returned logprobs are those `sample` reports: the chosen
         tokens' logprobs under the processed (tempered, filtered) distribution.
-    eos_token_id: a row stops after emitting it (EOS is kept, mask 1); later slots get pad_token_id,
-        logprob 0, mask 0. None: every row runs max_new_tokens.
+    eos_token_id: a row stops after emitting it, or any id of a list (EOS is kept, mask 1); later slots
+        get pad_token_id, logprob 0, mask 0. None: every row runs max_new_tokens.
     seed: with a seed, step i calls `rlhf_fast.sample(seed=seed, offset=i)`, so the same call gives the
         same tokens; None draws fresh randomness.
     use_cache: False reruns the full forward over all tokens for every new token (slow; the oracle
@@ -211,6 +211,10 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
     device = next(model.parameters()).device
+    if isinstance(eos_token_id, (list, tuple)):  # several stop ids (chat models): a (K,) tensor, made before capture
+        if not eos_token_id or not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_token_id):
+            raise ValueError(f"eos_token_id must be an int or a non-empty list of ints, got {eos_token_id!r}")
+        eos_token_id = torch.tensor(eos_token_id, dtype=torch.int64, device=device)
     idx, lengths, prompts_left, prompt_mask = _right_pad(prompts, attention_mask, pad_token_id, device)
     if group_size > 1:
         prompts_left, prompt_mask = (t.repeat_interleave(group_size, 0) for t in (prompts_left, prompt_mask))
@@ -268,6 +272,11 @@ def _broadcast_prefill(model: GPT, logits: torch.Tensor, cache: KVCache, group_s
         new.view(L, B, group_size, H, max_len, D)[..., :P, :] = old[:, :, None]  # (n_layer, B, G, n_kv_head, P, hs)
     grouped.seqlens.copy_(cache.seqlens.repeat_interleave(group_size, 0))
     return logits.repeat_interleave(group_size, 0), grouped
+
+
+def _is_eos(token: torch.Tensor, eos) -> torch.Tensor:
+    """token (B,) -> (B,) bool: equal to the EOS id, or to any of a (K,) tensor of them."""
+    return token == eos if not isinstance(eos, torch.Tensor) else (token[:, None] == eos).any(-1)
 
 
 def _right_pad(prompts, attention_mask, pad_token_id: int, device):

@@ -37,7 +37,8 @@ from torch.utils.checkpoint import checkpoint
 import rlhf_fast
 
 from .config import GPTConfig
-from .layers import Block, Decode, KVCache, Packed, Padded, init_weights, make_norm, rope_cos_sin
+from .layers import (Block, Decode, KVCache, Packed, Padded, init_weights, make_norm, rope_cos_sin,
+                     rope_inv_freq)
 
 HEADS = ("lm", "value", "reward")
 
@@ -64,7 +65,7 @@ class GPT(nn.Module):
         if head == "lm":
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         else:  # a scalar per token (value) or per sequence (reward)
-            self.score = nn.Linear(config.n_embd, 1, bias=True)
+            self.score = nn.Linear(config.n_embd, 1, bias=config.score_bias)
         init_weights(self, config)
         if head == "lm" and config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -132,7 +133,7 @@ class GPT(nn.Module):
         if cfg.pos_emb == "learned":
             x = x + tf.wpe(pos)
         else:
-            rope = rope_cos_sin(pos, cfg.head_size, cfg.rope_theta)
+            rope = rope_cos_sin(pos, rope_inv_freq(cfg, pos.device))
         x = tf.drop(x)
         remat = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(tf.h):
@@ -214,10 +215,17 @@ class GPT(nn.Module):
         return from_hf_gpt2(model_or_state_dict, config, head=head)
 
     @classmethod
-    def from_pretrained(cls, path, *, head: str = "lm") -> "GPT":
-        """Load a local Hugging Face GPT-2 folder (config.json + *.safetensors). See hf.py."""
+    def from_pretrained(cls, path, *, head: str = "lm", dtype: torch.dtype | None = None, device=None,
+                        **overrides) -> "GPT":
+        """Load a local Hugging Face folder (GPT-2, Llama, Qwen2, Mistral; *ForCausalLM for head="lm",
+        *ForSequenceClassification for "reward"/"value"). See hf.py."""
         from .hf import from_pretrained
-        return from_pretrained(path, head=head)
+        return from_pretrained(path, head=head, dtype=dtype, device=device, **overrides)
+
+    def save_pretrained(self, path, **kwargs):
+        """Write a Hugging Face folder (config.json + safetensors) in this model's family format. See hf.py."""
+        from .hf import save_pretrained
+        return save_pretrained(self, path, **kwargs)
 
 
 def _check_idx(idx, ndim: int, config: GPTConfig) -> None:

@@ -20,7 +20,20 @@ from torch import nn
 
 import rlhf_fast
 
+from ..ops._attention_launch import HEAD_DIMS
 from .config import GPTConfig
+
+
+def kernel_head_size(head_size: int) -> int:
+    """The attention kernels' head size for `head_size`: the smallest they support that holds it.
+
+    Heads of other sizes (e.g. 24, 80) are zero-padded to it: the zeros add nothing to q @ k^T, and the
+    softmax scale stays 1/sqrt(head_size); the padded output columns are dropped.
+    """
+    for d in HEAD_DIMS:
+        if d >= head_size:
+            return d
+    raise ValueError(f"head size {head_size} is larger than the attention kernels support (max {HEAD_DIMS[-1]})")
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -29,12 +42,31 @@ def make_norm(config: GPTConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
-def rope_cos_sin(pos: torch.Tensor, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(config: GPTConfig, device=None) -> torch.Tensor:
+    """(head_size // 2,) fp32 rotation frequencies of RoPE, after config.rope_scaling.
+
+    "linear" divides every frequency by rope_factor (positions stretched). "llama3" (Llama 3.1) divides
+    only the low frequencies: wavelengths longer than original_max / low_freq_factor are divided by
+    rope_factor, those shorter than original_max / high_freq_factor are kept, and the band between
+    blends the two linearly in original_max / wavelength.
+    """
+    D = config.head_size
+    inv_freq = config.rope_theta ** (-torch.arange(0, D, 2, device=device, dtype=torch.float32) / D)
+    if config.rope_scaling == "linear":
+        return inv_freq / config.rope_factor
+    if config.rope_scaling == "llama3":
+        old, low, high = config.rope_original_max_positions, config.rope_low_freq_factor, config.rope_high_freq_factor
+        ratio = old * inv_freq / (2 * math.pi)  # original context length / wavelength
+        blend = ((ratio - low) / (high - low)).clamp(0.0, 1.0)  # 0: fully scaled, 1: kept
+        return inv_freq / config.rope_factor * (1 - blend) + inv_freq * blend
+    return inv_freq
+
+
+def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape pos.shape + (1, head_size), fp32, broadcasting over the head dim of q and k.
 
     Computed from `pos` every call (not a buffer) so that model.to(bfloat16) cannot round the frequencies.
     """
-    inv_freq = theta ** (-torch.arange(0, head_size, 2, device=pos.device, dtype=torch.float32) / head_size)
     angles = pos.to(torch.float32)[..., None] * inv_freq  # (..., D/2)
     angles = torch.cat((angles, angles), dim=-1)[..., None, :]  # (..., 1, D)
     return angles.cos(), angles.sin()
@@ -51,12 +83,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Static key/value buffers for generation; each row's cache starts at slot 0.
 
-    k, v: (n_layer, B, n_kv_head, max_len, head_size); seqlens: (B,) int32, the valid length per row.
+    k, v: (n_layer, B, n_kv_head, max_len, kernel_head_size(head_size)); seqlens: (B,) int32, the valid length per row.
     Shapes never change after allocation, so decode steps can be captured in a CUDA graph.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype: torch.dtype):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_size)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, kernel_head_size(config.head_size))
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.seqlens = torch.zeros(batch_size, device=device, dtype=torch.int32)
@@ -73,13 +105,13 @@ class Padded:
     def __init__(self, backend: str, cache: KVCache | None = None):
         self.backend, self.cache = backend, cache
 
-    def __call__(self, layer: int, q, k, v):  # q (B, T, Hq, D), k/v (B, T, Hkv, D)
+    def __call__(self, layer: int, q, k, v, scale: float):  # q (B, T, Hq, D), k/v (B, T, Hkv, D)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if self.cache is not None:
             T = k.shape[2]
             self.cache.k[layer, :, :, :T] = k
             self.cache.v[layer, :, :, :T] = v
-        y = rlhf_fast.causal_attention(q, k, v, backend=self.backend)  # (B, Hq, T, D)
+        y = rlhf_fast.causal_attention(q, k, v, scale=scale, backend=self.backend)  # (B, Hq, T, D)
         return y.transpose(1, 2)  # (B, T, Hq, D)
 
 
@@ -89,8 +121,8 @@ class Packed:
     def __init__(self, backend: str, cu_seqlens: torch.Tensor, max_seqlen: int):
         self.backend, self.cu_seqlens, self.max_seqlen = backend, cu_seqlens, max_seqlen
 
-    def __call__(self, layer: int, q, k, v):  # q (N, Hq, D), k/v (N, Hkv, D)
-        return rlhf_fast.causal_attention_varlen(q, k, v, self.cu_seqlens, self.max_seqlen,
+    def __call__(self, layer: int, q, k, v, scale: float):  # q (N, Hq, D), k/v (N, Hkv, D)
+        return rlhf_fast.causal_attention_varlen(q, k, v, self.cu_seqlens, self.max_seqlen, scale=scale,
                                                  backend=self.backend)  # (N, Hq, D)
 
 
@@ -101,13 +133,13 @@ class Decode:
         self.backend, self.cache = backend, cache
         self.lengths = cache.seqlens + 1  # (B,) int32, lengths including the new token
 
-    def __call__(self, layer: int, q, k, v):  # q (B, Hq, D), k/v (B, Hkv, D)
+    def __call__(self, layer: int, q, k, v, scale: float):  # q (B, Hq, D), k/v (B, Hkv, D)
         cache = self.cache
         slot = cache.seqlens.long()
         cache.k[layer][cache.rows, :, slot] = k.to(cache.k.dtype)  # (B, Hkv, D) into (B, Hkv, Tmax, D)
         cache.v[layer][cache.rows, :, slot] = v.to(cache.v.dtype)
         return rlhf_fast.decode_attention(q.to(cache.k.dtype), cache.k[layer], cache.v[layer], self.lengths,
-                                          backend=self.backend)  # (B, Hq, D)
+                                          scale=scale, backend=self.backend)  # (B, Hq, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -116,8 +148,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_size = config.n_head, config.n_kv_head, config.head_size
         # q, k, v in one matmul: GPT-2's c_attn when n_kv_head == n_head
         self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_size,
-                                bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+                                bias=config.has_qkv_bias)
+        self.c_proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, layer: int, attend, rope=None):  # x (..., C): (B, T, C), (N, C) or (B, C)
@@ -129,8 +161,13 @@ class CausalSelfAttention(nn.Module):
         v = v.view(*lead, self.n_kv_head, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = attend(layer, q, k, v)  # (..., Hq, D)
-        y = y.reshape(*lead, self.n_head * D).to(x.dtype)  # (..., C)
+        pad = kernel_head_size(D) - D
+        if pad:
+            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))  # (..., H, kernel_head_size)
+        y = attend(layer, q, k, v, D ** -0.5)  # (..., Hq, D + pad)
+        if pad:
+            y = y[..., :D]
+        y = y.reshape(*lead, self.n_head * D).to(x.dtype)  # (..., Hq * D)
         return self.resid_dropout(self.c_proj(y))
 
 

@@ -45,14 +45,78 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
+    """The GPT's architecture when a stage starts from scratch (every GPTConfig field but vocab_size,
+    which the tokenizer sets, and backend, which run.backend sets); ignored when `init` is set."""
+    init: str = ""
+    """Hugging Face folder (Llama, Qwen2, Mistral, GPT-2) SFT starts from when sft.init is ''; '' = from scratch"""
     n_layer: int = 2
     """transformer blocks"""
     n_head: int = 4
-    """attention heads"""
+    """attention (query) heads"""
+    n_kv_head: int = 0
+    """key/value heads (grouped-query attention); 0 = n_head"""
     n_embd: int = 128
     """hidden size"""
+    head_dim: int = 0
+    """size of each attention head; 0 = n_embd // n_head"""
+    n_inner: int = 0
+    """MLP hidden width; 0 = 4 * n_embd"""
     block_size: int = 32
     """longest sequence (prompt + response) in tokens"""
+    dropout: float = 0.0
+    """embedding and residual dropout"""
+    bias: bool = True
+    """biases in the Linear layers and norms (GPT-2)"""
+    qkv_bias: Literal["as_bias", "true", "false"] = "as_bias"
+    """bias on the q, k, v projections ('as_bias' = follow bias; Qwen2: true with bias=false)"""
+    score_bias: bool = True
+    """bias on the reward/value head (the reward model folds its normalization into it)"""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """normalization layers"""
+    norm_eps: float = 1e-5
+    """epsilon of every norm"""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """MLP: tanh-GELU (GPT-2) or SwiGLU (Llama)"""
+    pos_emb: Literal["learned", "rope"] = "learned"
+    """positions: learned absolute (GPT-2) or rotary"""
+    rope_theta: float = 10000.0
+    """RoPE base frequency"""
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    """RoPE frequency scaling"""
+    rope_factor: float = 1.0
+    """RoPE scaling factor ('linear', 'llama3')"""
+    rope_low_freq_factor: float = 1.0
+    """'llama3' rope scaling: low-frequency factor"""
+    rope_high_freq_factor: float = 4.0
+    """'llama3' rope scaling: high-frequency factor"""
+    rope_original_max_positions: int = 8192
+    """'llama3' rope scaling: the pretraining context length"""
+    tie_word_embeddings: bool = True
+    """the LM head shares the token embedding's weight"""
+    gradient_checkpointing: bool = False
+    """recompute each block in backward to save activation memory"""
+    family: str = ""
+    """Hugging Face family export writes ('' = the one the switches match: gpt2, llama or qwen2)"""
+
+    def gpt_config_kwargs(self) -> dict:
+        """GPTConfig keyword arguments (all but vocab_size and backend) for a model built from scratch."""
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "init"}
+        for name in ("n_kv_head", "head_dim", "n_inner"):
+            kw[name] = kw[name] or None
+        kw["qkv_bias"] = {"as_bias": None, "true": True, "false": False}[self.qkv_bias]
+        kw["family"] = self.family or None
+        return kw
+
+    def take_architecture(self, gpt_config: dict) -> None:
+        """Set every field but `init` from a GPTConfig dict (a checkpoint's or an HF folder's), the inverse
+        of gpt_config_kwargs, so the section records the model a stage trains."""
+        from ..model import GPTConfig
+        c = GPTConfig(**gpt_config)  # fields an older checkpoint lacks: GPTConfig's defaults, as load_model
+        for f in dataclasses.fields(self):
+            if f.name != "init":
+                setattr(self, f.name, getattr(c, f.name))
+        self.head_dim, self.n_inner, self.family = c.head_dim or 0, c.n_inner or 0, c.family or ""
+        self.qkv_bias = {None: "as_bias", True: "true", False: "false"}[c.qkv_bias]
 
 
 @dataclass
@@ -98,7 +162,7 @@ class OptimConfig:
 @dataclass
 class SFTConfig(OptimConfig):
     data: str = ""
-    """SFT JSONL ({prompt, response}); '' = the built-in task's data written into the run directory"""
+    """SFT data ({prompt, response}): JSONL, .parquet or hf:DIR (save_to_disk); '' = the built-in task's data"""
     init: str = ""
     """checkpoint to start from ('' = random initialization)"""
     batch_size: int = 64
@@ -115,7 +179,7 @@ class RMConfig(OptimConfig):
     warmup_steps: int = 20
     ckpt_every: int = 100
     data: str = ""
-    """training pairs JSONL ({prompt, chosen, rejected}); '' = built-in task data"""
+    """training pairs (JSONL, .parquet or hf:DIR) ({prompt, chosen, rejected}); '' = built-in task data"""
     eval_data: str = ""
     """held-out pairs JSONL; '' = built-in task data"""
     init: str = "sft"
@@ -129,7 +193,7 @@ class RMConfig(OptimConfig):
 @dataclass
 class PPOConfig:
     prompts: str = ""
-    """training prompts JSONL ({prompt}); '' = built-in task data"""
+    """training prompts (JSONL, .parquet or hf:DIR) ({prompt}); '' = built-in task data"""
     eval_prompts: str = ""
     """held-out prompts JSONL for the task score; '' = built-in task data"""
     policy_init: str = "sft"
@@ -261,6 +325,21 @@ class RLConfig:
 
 
 @dataclass
+class DataConfig:
+    """How the stages read your JSONL data files (the built-in task's files keep the default keys)."""
+    prompt_key: str = "prompt"
+    """key of the prompt in every data file"""
+    response_key: str = "response"
+    """key of the SFT response"""
+    chosen_key: str = "chosen"
+    """key of the preferred answer of a reward-model pair"""
+    rejected_key: str = "rejected"
+    """key of the other answer of a reward-model pair"""
+    chat_template: bool = False
+    """render each plain-text prompt as one user message through the hf: tokenizer's chat template"""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -269,6 +348,7 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -357,6 +437,10 @@ def validate(cfg: Config) -> Config:
                 raise ValueError(f"{key} must be >= 0, got {v}")
             if f.name in _UNIT and not 0 <= v <= 1:
                 raise ValueError(f"{key} must be in [0, 1], got {v}")
+    keys = [getattr(cfg.data, f"{k}_key") for k in ("prompt", "response", "chosen", "rejected")]
+    if not all(keys) or len(set(keys)) < len(keys):
+        raise ValueError(f"data.prompt_key, response_key, chosen_key and rejected_key must be non-empty and "
+                         f"distinct, got {keys}")
     if not 0 < cfg.ppo.top_p <= 1:
         raise ValueError(f"ppo.top_p must be in (0, 1], got {cfg.ppo.top_p}")
     if cfg.ppo.minibatch_size > cfg.ppo.rollout_batch_size:
@@ -366,8 +450,9 @@ def validate(cfg: Config) -> Config:
         if cfg.ppo.rollout_batch_size % getattr(cfg.ppo, name):
             raise ValueError(f"ppo.{name} ({getattr(cfg.ppo, name)}) must divide ppo.rollout_batch_size "
                              f"({cfg.ppo.rollout_batch_size})")
-    if cfg.model.n_embd % cfg.model.n_head:
-        raise ValueError(f"model.n_embd ({cfg.model.n_embd}) must be a multiple of model.n_head ({cfg.model.n_head})")
+    if cfg.model.n_embd % cfg.model.n_head and not cfg.model.head_dim:
+        raise ValueError(f"model.n_embd ({cfg.model.n_embd}) must be a multiple of model.n_head ({cfg.model.n_head}) "
+                         "unless model.head_dim is set")
     if cfg.ppo.eval_prompts and not cfg.ppo.reward_fn:
         raise ValueError("ppo.eval_prompts needs ppo.reward_fn ('module:function') to score the held-out "
                          "responses")

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .data import PPO_KEYS, read_jsonl, tokenize_prompts
+from .data import PPO_KEYS, data_format, read_jsonl, tokenize_prompts
 from .run_io import atomic_write_json, plot_metrics, remove_stale_temps
 from .checkpoint import stage_checkpoint
+from .model_init import init_model_state
 from .reward_fns import load_function
 from .run_dir import Plan, claim, finish, preflight, preflight_stages, stage_init
 from .runtime import Runtime, load_checkpoint, load_model, setup_runtime, wrap_model
@@ -98,7 +99,8 @@ def _plots(cfg: Config, stage_dir: Path, stage: str, rt: Runtime) -> None:
 
 
 def _prompts(path, tok, cfg) -> list[list[int]]:
-    return tokenize_prompts(read_jsonl(path, PPO_KEYS), tok, cfg.model.block_size, cfg.ppo.max_new_tokens)
+    lines = read_jsonl(path, PPO_KEYS, **data_format(cfg, path))
+    return tokenize_prompts(lines, tok, cfg.model.block_size, cfg.ppo.max_new_tokens)
 
 
 def _eval_fn(cfg: Config, rt: Runtime, tok, policy, eval_prompts, prompt_len: int, scorer):
@@ -179,8 +181,8 @@ def _sft_samples(cfg: Config, rt: Runtime, tok, policy_ckpt: str, pairs_path) ->
     """cfg.rm.norm_samples full sequences [BOS] prompt response sampled from the SFT policy on the
     prompts of the preference pairs."""
     from .rollout import generate_chunk
-    policy = load_model(load_checkpoint(policy_ckpt)["model"], rt.device, head="lm").eval()
-    lines = read_jsonl(pairs_path, PPO_KEYS)[:cfg.rm.norm_samples]
+    policy = load_model(init_model_state(policy_ckpt, backend=cfg.run.backend), rt.device, head="lm").eval()
+    lines = read_jsonl(pairs_path, PPO_KEYS, **data_format(cfg, pairs_path))[:cfg.rm.norm_samples]
     prompts = tokenize_prompts(lines, tok, cfg.model.block_size, cfg.ppo.max_new_tokens)
     width = max(map(len, prompts))
     seqs = []
@@ -205,8 +207,10 @@ def run_ppo(cfg: Config, resume: bool = False, on_step=None, overwrite: bool = F
     eval_path, scorer = _evaluation(cfg, rt, out, builtin_task=not cfg.ppo.prompts)
     eval_prompts = _prompts(eval_path, tok, cfg) if eval_path is not None else []
     prompt_len = max(map(len, prompts + eval_prompts))
-    sft_state = load_checkpoint(stage_init(cfg.ppo.policy_init, out, "sft"))["model"]
-    rm_state = load_checkpoint(stage_init(cfg.ppo.reward_init, out, "rm"))["model"]
+    sft_state = init_model_state(stage_init(cfg.ppo.policy_init, out, "sft"), need_head=True,
+                                 backend=cfg.run.backend)
+    rm_state = init_model_state(stage_init(cfg.ppo.reward_init, out, "rm"), head="reward", need_head=True,
+                                backend=cfg.run.backend)
     ckpt = stage_checkpoint(out / "ppo")
     state = load_checkpoint(ckpt) if resume and ckpt.is_file() else None
     reward = load_model(rm_state, rt.device).eval()

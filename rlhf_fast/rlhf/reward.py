@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .config import Config
-from .data import RM_KEYS, BatchSampler, read_jsonl, sequence_batch, tokenize_pairs
+from .data import RM_KEYS, BatchSampler, data_format, read_jsonl, sequence_batch, tokenize_pairs
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, load_checkpoint, lr_at,
                       make_optimizer, model_state, optimizer_state, resume_training, save_checkpoint, stage_model,
                       wrap_model)
@@ -76,8 +76,8 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
     norm_sequences: callable returning SFT-policy samples (token lists) to normalize on, or None.
     """
     c = cfg.rm
-    pairs = tokenize_pairs(read_jsonl(train_path, RM_KEYS), tok, cfg.model.block_size)
-    eval_pairs = tokenize_pairs(read_jsonl(eval_path, RM_KEYS), tok, cfg.model.block_size)
+    pairs, eval_pairs = (tokenize_pairs(read_jsonl(p, RM_KEYS, **data_format(cfg, p)), tok, cfg.model.block_size)
+                         for p in (train_path, eval_path))
     sampler = BatchSampler(len(pairs), c.batch_size, cfg.run.seed + 1)
     ckpt_path = stage_dir / checkpoint.NAME
     saved = checkpoint.stage_checkpoint(stage_dir)

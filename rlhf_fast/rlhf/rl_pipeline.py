@@ -19,6 +19,7 @@ from . import pipeline
 from .config import Config
 from .data import Line, tokenize_prompts
 from .evaluate import task_score
+from .model_init import init_model_state
 from .checkpoint import stage_checkpoint
 from .reward_fns import RewardFunctions, read_prompt_records, rl_rewards
 from .run_dir import preflight_stages, stage_init
@@ -75,13 +76,15 @@ def run_rl(cfg: Config, resume: bool = False, on_step=None, overwrite: bool = Fa
     ckpt = stage_checkpoint(out / "rl")
     state = load_checkpoint(ckpt) if resume and ckpt.is_file() else None
     init = stage_init(c.policy_init, out, "sft")
-    sft_state = load_checkpoint(init)["model"] if (state is None or c.kl_coef > 0) else None
+    sft_state = (init_model_state(init, need_head=True, backend=cfg.run.backend)
+                 if (state is None or c.kl_coef > 0) else None)
     policy = load_model(state["policy"] if state is not None else sft_state, rt.device)
     models = {"policy": wrap_model(policy, rt), "ref": None, "reward": None}
     if c.kl_coef > 0:
         models["ref"] = load_model(sft_state, rt.device).eval().requires_grad_(False)
     if rewards is None:
-        rm = load_checkpoint(stage_init(c.reward_init, out, "rm"))["model"]
+        rm = init_model_state(stage_init(c.reward_init, out, "rm"), head="reward", need_head=True,
+                              backend=cfg.run.backend)
         models["reward"] = load_model(rm, rt.device).eval().requires_grad_(False)
     eval_fn = None
     if eval_prompts:

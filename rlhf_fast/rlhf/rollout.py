@@ -82,10 +82,10 @@ def _is_fsdp(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _stop_at_eos(tokens: torch.Tensor, logprobs: torch.Tensor, eos_id: int, pad_id: int):
-    """Rows of a fixed-length sample cut after their first EOS -> (tokens, logprobs, mask), as generate's
-    own EOS handling would return them."""
-    is_eos = (tokens == eos_id).long()
+def _stop_at_eos(tokens: torch.Tensor, logprobs: torch.Tensor, stop_ids, pad_id: int):
+    """Rows of a fixed-length sample cut after their first stop id -> (tokens, logprobs, mask), as
+    generate's own EOS handling would return them."""
+    is_eos = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device)).long()
     mask = (is_eos.cumsum(1) - is_eos) == 0  # up to and including the first EOS
     return tokens.masked_fill(~mask, pad_id), logprobs.masked_fill(~mask, 0.0), mask.long()
 
@@ -101,17 +101,18 @@ def generate_chunk(policy, prompts: list[list[int]], prompt_len: int, tok, *, ma
     rank must join the same collectives. The rows are cut after EOS as generate would cut them.
     """
     idx, pmask = left_pad(prompts, prompt_len, tok.pad_id)
+    stop = tok.stop_ids[0] if len(tok.stop_ids) == 1 else list(tok.stop_ids)  # EOS, and a chat's end of turn
     model = unwrap(policy)
     fsdp = _is_fsdp(model)
     if fsdp:
         model.unshard()
     gen = model.generate(idx.to(device), max_new_tokens, attention_mask=pmask.to(device), temperature=temperature,
-                         top_k=top_k, top_p=top_p, eos_token_id=None if fsdp else tok.eos_id,
+                         top_k=top_k, top_p=top_p, eos_token_id=None if fsdp else stop,
                          pad_token_id=tok.pad_id, seed=seed)
     tokens, logprobs, mask = gen.tokens, gen.logprobs, gen.mask
     if fsdp:
         model.reshard()
-        tokens, logprobs, mask = _stop_at_eos(tokens, logprobs, tok.eos_id, tok.pad_id)
+        tokens, logprobs, mask = _stop_at_eos(tokens, logprobs, tok.stop_ids, tok.pad_id)
     sequences = torch.cat((idx.to(device), tokens), 1)
     attention_mask = torch.cat((pmask.to(device), mask), 1)
     return sequences, attention_mask, mask.float(), logprobs
@@ -122,7 +123,7 @@ def decode_rows(tok, sequences: torch.Tensor, mask: torch.Tensor, prompt_len: in
     prompts, responses = [], []
     for seq, m in zip(sequences.tolist(), mask.tolist()):
         prompt = [t for t in seq[:prompt_len] if t not in (tok.pad_id, tok.bos_id)]
-        resp = [t for t, keep in zip(seq[prompt_len:], m) if keep and t != tok.eos_id]
+        resp = [t for t, keep in zip(seq[prompt_len:], m) if keep and t not in tok.stop_ids]
         prompts.append(tok.decode(prompt))
         responses.append(tok.decode(resp))
     return prompts, responses
@@ -138,7 +139,8 @@ def make_rollout(policy, ref_policy, value_model, reward_model, prompts: list[li
                                                  seed=seed, device=device)
     ref_logprobs, _ = response_logprobs(ref_policy, seqs, amask, mask, prompt_len, c.temperature)
     values = response_values(value_model, seqs, amask, prompt_len, mask.shape[1])
-    has_eos = ((seqs[:, prompt_len:] == tok.eos_id) & (mask > 0)).any(1).float()
+    stop = torch.tensor(tok.stop_ids, device=seqs.device)
+    has_eos = (torch.isin(seqs[:, prompt_len:], stop) & (mask > 0)).any(1).float()
     texts = decode_rows(tok, seqs, mask, prompt_len) if (reward_fn is not None or scorer is not None) else None
     scores = torch.zeros(len(prompts), device=device)
     if c.reward_mode in ("model", "sum"):

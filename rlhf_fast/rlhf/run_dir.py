@@ -15,7 +15,6 @@ built on it, go too: they wait in ``<out>/.replaced`` until the new stage finish
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import shutil
@@ -23,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint
-from .config import Config, ModelConfig, save_config
+from .config import Config, build_config, load_file, save_config
 from .reward_fns import load_function
 from .run_io import atomic_write_json, remove_stale_temps
 
 ORDER = ("sft", "rm", "ppo", "rl")  # each stage after those it can start from
 RESULT = "result.json"
 REPLACED = ".replaced"
+STAGE_MODEL = {"sft": "model", "rm": "model", "ppo": "policy", "rl": "policy"}  # the model each stage trains, in its checkpoint
 
 
 @dataclass
@@ -52,40 +52,69 @@ def is_finished(stage_dir: Path) -> bool:
     return (stage_dir / RESULT).is_file()
 
 
+def recorded_config(run_dir: Path, stage: str) -> Config:
+    """The config `stage` recorded (<stage>/config.yaml), else the run's last one; ValueError if neither."""
+    for path in (run_dir / stage / "config.yaml", run_dir / stage / "config.json", run_dir / "config.yaml",
+                 run_dir / "config.json"):
+        if path.is_file():
+            return build_config(None, None, base=load_file(path))
+    raise ValueError(f"{run_dir} has no config.yaml (not a run directory?)")
+
+
+def trained_model(run_dir, stage: str, *, unfinished_ok: bool = False) -> tuple[Config, dict]:
+    """(the config `stage` recorded, the {config, head, weights} of the model it trained) of the run in
+    `run_dir`. ValueError (one line) when the run has no such stage or, unless unfinished_ok, the stage has
+    not finished (an older run's checkpoint.pt, from before stages recorded their end, counts as finished)."""
+    run_dir = Path(run_dir)
+    if stage not in STAGE_MODEL:
+        raise ValueError(f"--stage must be one of {tuple(STAGE_MODEL)}, got {stage!r}")
+    cfg = recorded_config(run_dir, stage)
+    path = checkpoint.stage_checkpoint(run_dir / stage)
+    if not path.is_file():
+        raise ValueError(f"{run_dir} has no {stage} checkpoint ({path}): train the stage first "
+                         f"(rlhf-fast {stage} --out {run_dir})")
+    if not unfinished_ok and path.name == checkpoint.NAME and not is_finished(run_dir / stage):
+        raise ValueError(f"the {stage} stage of {run_dir} is unfinished (no {RESULT}): finish it with "
+                         f"`rlhf-fast {stage} --resume {run_dir}`")
+    return cfg, checkpoint.load(path)[STAGE_MODEL[stage]]
+
+
 def stage_init(value: str, out: Path, stage: str) -> str:
     """'sft' / 'rm' -> this run's checkpoint of that stage; anything else is a path."""
     return str(checkpoint.stage_checkpoint(out / stage)) if value == stage else value
 
 
-def _inits(cfg: Config, out: Path, stage: str) -> list[tuple[str, str, str]]:
-    """(config key, checkpoint path, earlier stage or '') of the checkpoints `stage` starts from."""
+def _inits(cfg: Config, out: Path, stage: str) -> list[tuple[str, str, str, str, bool]]:
+    """(config key, checkpoint path or HF folder, earlier stage or '', head the stage wants, whether it
+    needs exactly that head) of the models `stage` starts from; the first one's architecture is trained."""
     if stage == "sft":
-        return [("sft.init", cfg.sft.init, "")] if cfg.sft.init else []
+        key = "sft.init" if cfg.sft.init else "model.init"
+        return [(key, cfg.sft.init or cfg.model.init, "", "lm", False)] if cfg.sft.init or cfg.model.init else []
     if stage == "rm":
-        return [("rm.init", stage_init(cfg.rm.init, out, "sft"), "sft" if cfg.rm.init == "sft" else "")] \
-            if cfg.rm.init else []
+        made_by = "sft" if cfg.rm.init == "sft" else ""
+        return [("rm.init", stage_init(cfg.rm.init, out, "sft"), made_by, "reward", False)] if cfg.rm.init else []
     if stage == "ppo":
         return [("ppo.policy_init", stage_init(cfg.ppo.policy_init, out, "sft"),
-                 "sft" if cfg.ppo.policy_init == "sft" else ""),
+                 "sft" if cfg.ppo.policy_init == "sft" else "", "lm", True),
                 ("ppo.reward_init", stage_init(cfg.ppo.reward_init, out, "rm"),
-                 "rm" if cfg.ppo.reward_init == "rm" else "")]
+                 "rm" if cfg.ppo.reward_init == "rm" else "", "reward", True)]
     c = cfg.rl  # a reward model only scores own prompts that have no reward function
     uses_rm = bool(c.prompts and not c.reward_fn and c.reward_init)
-    return [("rl.policy_init", stage_init(c.policy_init, out, "sft"), "sft" if c.policy_init == "sft" else "")] + \
-        ([("rl.reward_init", stage_init(c.reward_init, out, "rm"), "rm" if c.reward_init == "rm" else "")]
-         if uses_rm else [])
+    return [("rl.policy_init", stage_init(c.policy_init, out, "sft"), "sft" if c.policy_init == "sft" else "",
+             "lm", True)] + \
+        ([("rl.reward_init", stage_init(c.reward_init, out, "rm"), "rm" if c.reward_init == "rm" else "",
+           "reward", True)] if uses_rm else [])
 
 
 def _built_on(out: Path, stage: str) -> set[str]:
     """The stages of the run in `out` that its `stage` started from, as its recorded config says (every
     earlier stage when it has no readable record)."""
-    from .config import build_config, load_file
     record = next((p for p in (out / stage / "config.yaml", out / stage / "config.json") if p.is_file()), None)
     try:
         recorded = build_config(None, None, base=load_file(record))
     except (TypeError, ValueError):
         return set(ORDER[:ORDER.index(stage)])
-    return {made_by for _, _, made_by in _inits(recorded, out, stage) if made_by}
+    return {made_by for _, _, made_by, _, _ in _inits(recorded, out, stage) if made_by}
 
 
 def built_on(out: Path, stage: str) -> list[str]:
@@ -98,19 +127,30 @@ def built_on(out: Path, stage: str) -> list[str]:
     return found
 
 
-def _model_of(meta: dict) -> dict:
-    state = meta.get("model") or meta.get("policy") or {}
-    return state.get("config") or {}
-
 
 def adopt_architecture(cfg: Config, gpt_config: dict) -> Config:
-    """`cfg` with the model section of the checkpoint it starts from (its fields that the checkpoint's
-    GPTConfig records), so the recorded config says what was trained."""
+    """`cfg` with the model section of the checkpoint or HF folder it starts from, so the recorded config
+    says what was trained."""
     cfg = copy.deepcopy(cfg)
-    for f in dataclasses.fields(ModelConfig):
-        if f.name in gpt_config and gpt_config[f.name] is not None:
-            setattr(cfg.model, f.name, gpt_config[f.name])
+    cfg.model.take_architecture(gpt_config)
     return cfg
+
+
+def _check_init(cfg: Config, key: str, path: str, head: str, need_head: bool, tok) -> dict:
+    """The GPTConfig dict of the init `key` names, or ValueError naming `key`."""
+    from .model_init import init_config
+    try:
+        config, has = init_config(path, head, need_head=need_head)
+    except ValueError as exc:
+        raise ValueError(f"{key}={path!r}: {exc}") from None
+    if tok.vocab_size > config["vocab_size"]:
+        raise ValueError(f"{key}={path!r}: its model has vocab_size {config['vocab_size']}, but run.tokenizer="
+                         f"{cfg.run.tokenizer!r} has {tok.vocab_size} ids: use the tokenizer the model was "
+                         "trained with")
+    if key == "rm.init" and cfg.rm.norm_samples > 0 and has != "lm":
+        raise ValueError(f"rm.init={path!r} holds a reward model, not a policy, but rm.norm_samples="
+                         f"{cfg.rm.norm_samples} samples responses from rm.init's policy: set --rm.norm_samples=0")
+    return config
 
 
 def _check_writable(out: Path) -> None:
@@ -137,11 +177,11 @@ def check_tokenizer(spec: str):
         raise ValueError(f"run.tokenizer={spec!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
 
 
-def read_data(path, keys):
-    """`read_jsonl`, with a non-UTF-8 file reported as ValueError naming file and line."""
+def read_data(path, keys, fmt: dict):
+    """`read_jsonl(path, keys, **fmt)`, with a non-UTF-8 file reported as ValueError naming file and line."""
     from .data import read_jsonl
     try:
-        return read_jsonl(path, keys)
+        return read_jsonl(path, keys, **fmt)
     except UnicodeDecodeError as exc:
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
@@ -154,7 +194,7 @@ def read_data(path, keys):
 
 
 def _check_data(cfg: Config, stage: str, tok) -> None:
-    from .data import PPO_KEYS, RM_KEYS, SFT_KEYS, tokenize_pairs, tokenize_prompts, tokenize_sft
+    from .data import PPO_KEYS, RM_KEYS, SFT_KEYS, data_format, tokenize_pairs, tokenize_prompts, tokenize_sft
     block, new = cfg.model.block_size, cfg.ppo.max_new_tokens
     files = {"sft": [(cfg.sft.data, SFT_KEYS, lambda ls: tokenize_sft(ls, tok, block))],
              "rm": [(p, RM_KEYS, lambda ls: tokenize_pairs(ls, tok, block)) for p in (cfg.rm.data, cfg.rm.eval_data)],
@@ -165,7 +205,16 @@ def _check_data(cfg: Config, stage: str, tok) -> None:
         files.append((cfg.ppo.eval_prompts, PPO_KEYS, lambda ls: tokenize_prompts(ls, tok, block, new)))
     for path, keys, tokenize in files:
         if path:
-            tokenize(read_data(path, keys))
+            tokenize(read_data(path, keys, data_format(cfg, path)))
+
+
+def _check_rewards(cfg: Config, stage: str) -> None:
+    """The reward functions `stage` calls import and are callable (ValueError naming the config key)."""
+    if cfg.ppo.reward_fn and stage == "ppo" or (cfg.ppo.eval_prompts and stage in ("sft", "ppo")):
+        load_function(cfg.ppo.reward_fn, "ppo.reward_fn")
+    if stage == "rl":
+        from .reward_fns import rl_rewards
+        rl_rewards(cfg.rl)
 
 
 def preflight(cfg: Config, stage: str, resume: bool, overwrite: bool, earlier: tuple[str, ...] = ()) -> Plan:
@@ -190,21 +239,19 @@ def preflight(cfg: Config, stage: str, resume: bool, overwrite: bool, earlier: t
     if finished:
         return Plan(cfg, out, stage, resume, True, [])
     tok = check_tokenizer(cfg.run.tokenizer)
-    _check_data(cfg, stage, tok)
-    if cfg.ppo.reward_fn and stage == "ppo" or (cfg.ppo.eval_prompts and stage in ("sft", "ppo")):
-        load_function(cfg.ppo.reward_fn, "ppo.reward_fn")
-    if stage == "rl":
-        from .reward_fns import rl_rewards
-        rl_rewards(cfg.rl)
-    for key, path, made_by in _inits(cfg, out, stage):
+    _check_rewards(cfg, stage)
+    for i, (key, path, made_by, head, need_head) in enumerate(_inits(cfg, out, stage)):
         if made_by in earlier:
             continue
         if made_by and not Path(path).is_file():
             raise ValueError(f"{key}={made_by!r} needs this run's {made_by} stage, but {path} does not exist: "
                              f"run `rlhf-fast {made_by} --out {out}` first, or give {key} a checkpoint path")
-        meta = checkpoint.read_meta(path)
-        if key in ("sft.init", "rm.init", "ppo.policy_init", "rl.policy_init"):
-            cfg = adopt_architecture(cfg, _model_of(meta))
+        if made_by == "" and not Path(path).exists():
+            raise ValueError(f"{key}={path!r} does not exist (a checkpoint file or a Hugging Face model folder)")
+        config = _check_init(cfg, key, path, head, need_head, tok)
+        if i == 0:  # the model the stage trains (PPO: the policy)
+            cfg = adopt_architecture(cfg, config)
+    _check_data(cfg, stage, tok)
     if resume:
         own = checkpoint.stage_checkpoint(stage_dir)
         if own.is_file():

@@ -101,8 +101,7 @@ def setup_runtime(cfg: Config) -> Runtime:
 def build_model(cfg: Config, vocab_size: int, head: str = "lm"):
     from ..model import GPT, GPTConfig
     m = cfg.model
-    gcfg = GPTConfig(block_size=m.block_size, vocab_size=vocab_size, n_layer=m.n_layer, n_head=m.n_head,
-                     n_embd=m.n_embd, dropout=0.0, backend=cfg.run.backend)
+    gcfg = GPTConfig(**m.gpt_config_kwargs(), vocab_size=vocab_size, backend=cfg.run.backend)
     return GPT(gcfg, head=head)
 
 
@@ -159,7 +158,8 @@ def stage_model(cfg: Config, rt: Runtime, vocab_size: int, head: str, state: dic
     if state is not None:
         model = load_model(state["model"], rt.device)
     elif init:
-        model = load_model(load_checkpoint(init)["model"], rt.device, head=head)
+        from .model_init import init_model_state
+        model = load_model(init_model_state(init, head, backend=cfg.run.backend), rt.device, head=head)
     else:
         model = build_model(cfg, vocab_size, head=head).to(rt.device)
     return model.train()

@@ -13,7 +13,8 @@ import torch
 
 from . import checkpoint
 from .config import Config
-from .data import IGNORE_INDEX, SFT_KEYS, BatchSampler, read_jsonl, sft_batch, sft_padded_batch, tokenize_sft
+from .data import (IGNORE_INDEX, SFT_KEYS, BatchSampler, data_format, read_jsonl, sft_batch, sft_padded_batch,
+                   tokenize_sft)
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, load_checkpoint, lr_at,
                       make_optimizer, model_state, optimizer_state, resume_training, save_checkpoint, stage_model,
                       unwrap, wrap_model)
@@ -36,12 +37,13 @@ def train_sft(cfg: Config, rt: Runtime, tok, data_path: str | Path, stage_dir: P
               on_step=None) -> dict:
     """Run SFT; returns {"steps", "loss"}. `on_step(step)` is called after each step (tests use it to stop)."""
     c = cfg.sft
-    examples = tokenize_sft(read_jsonl(data_path, SFT_KEYS), tok, cfg.model.block_size)
+    lines = read_jsonl(data_path, SFT_KEYS, **data_format(cfg, data_path))
+    examples = tokenize_sft(lines, tok, cfg.model.block_size)
     sampler = BatchSampler(len(examples), c.batch_size, cfg.run.seed)
     ckpt_path = stage_dir / checkpoint.NAME
     saved = checkpoint.stage_checkpoint(stage_dir)
     state = load_checkpoint(saved) if resume and saved.is_file() else None
-    model = stage_model(cfg, rt, tok.vocab_size, "lm", state, c.init)
+    model = stage_model(cfg, rt, tok.vocab_size, "lm", state, c.init or cfg.model.init)
     wrapped = wrap_model(model, rt)
     opt = make_optimizer(wrapped, c.lr, c.weight_decay)
     start, loss = 0, float("nan")

@@ -265,3 +265,25 @@ def test_sample_prints_the_policy_answer(finished, capsys):
     assert printed == tok.decode(out) + "\n"
     assert answer(finished, "sort:31=", "sft", temperature=0) == answer(finished, "sort:31=", "sft", temperature=0)
     assert cli.main(["sample", str(finished), "--prompt", "x", "--stage", "sft", "--max_new_tokens", "0"]) == 1
+
+
+def test_export_says_in_one_line_when_the_stage_is_missing_or_unfinished(run, tmp_path, capsys):
+    from rlhf_fast.model import GPT
+    hf = tmp_path / "hf"
+    (run / "ppo" / "result.json").unlink()
+    rc, err = _main(["export", str(run), "--out", str(hf)], capsys)
+    assert rc == 1 and err == (f"rlhf-fast export: error: the ppo stage of {run} is unfinished (no result.json): "
+                               f"finish it with `rlhf-fast ppo --resume {run}`")
+    shutil.rmtree(run / "rm")
+    rc, err = _main(["export", str(run), "--stage", "rm", "--out", str(hf)], capsys)
+    assert rc == 1 and err == (f"rlhf-fast export: error: {run} has no rm checkpoint ({run / 'rm' / checkpoint.NAME}): "
+                               f"train the stage first (rlhf-fast rm --out {run})")
+    assert not hf.exists()
+    # an older run's checkpoint.pt, from before stages recorded their end, exports (read with weights_only)
+    state = checkpoint.load(run / "sft" / checkpoint.NAME)
+    torch.save(state, run / "sft" / checkpoint.LEGACY_NAME)
+    (run / "sft" / checkpoint.NAME).unlink()
+    (run / "sft" / "result.json").unlink()
+    assert cli.main(["export", str(run), "--stage", "sft", "--out", str(hf)]) == 0
+    back = GPT.from_pretrained(hf).state_dict()
+    assert all(torch.equal(back[k], v) for k, v in state["model"]["weights"].items())
