@@ -174,7 +174,8 @@ def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent
         g_ent = tl.where(valid, tl.load(g_ent_ptr + rows, mask=row_mask, other=0.0), 0.0)
         ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
         coef += g_ent[:, None] * (logp + ent[:, None])
-    d = tl.where(p > 0, -p * coef, 0.0)  # p = 0 (-inf logit): zero gradient, not 0 * inf
+    # -inf logit (p = 0): zero gradient, not 0 * inf; NaN rows (NaN stats) stay NaN as in the reference
+    d = tl.where(logp == float("-inf"), 0.0, -p * coef)
     d = tl.where(cols[None, :] == t[:, None], d + g_logp[:, None], d) * inv_t
     d = tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
     _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,

@@ -12,7 +12,7 @@ from collections import namedtuple
 import triton
 import triton.language as tl
 
-from ._online_softmax import _online_lse_step, _rebased_sum
+from ._online_softmax import _nan_max, _online_lse_step, _rebased_sum
 from ._spec import KernelSpec
 from .fused_linear_logprobs import DOT_PRECISION, NEED_PAIRS, TileConfig, _grad_products, _logits_tile
 
@@ -63,7 +63,7 @@ def _kl_online_update(zp, zq, mask, m_p, m_q, s_p, s_q, s_d, AXIS: tl.constexpr)
     KL = s_d / s_p - log s_p + log s_q never subtracts two lse-sized numbers. When a maximum grows,
     the old terms are rescaled and shifted by the change of (m_p - m_q).
     """
-    mq_new = tl.maximum(m_q, tl.max(zq, AXIS))
+    mq_new = _nan_max(m_q, zq, AXIS)
     mp_new, sp_new, alpha, yp, e = _online_lse_step(zp, m_p, s_p, AXIS)
     # q does not go through _online_lse_step: yq must keep its -inf where q = 0 (KL = inf if p > 0 there)
     mq_safe = tl.where(mq_new == float("-inf"), 0.0, mq_new)
@@ -97,7 +97,8 @@ def _kl_bwd_kernel(p_ptr, q_ptr, stats_ptr, kl_ptr, g_ptr, dp_ptr, dq_ptr, strid
         logp = (zp - m_p) - log_s_p
         logq = (zq - m_q) - log_s_q
         p = tl.exp(logp)
-        dp = tl.where(p > 0, g * p * (logp - logq - kl), 0.0)  # p = 0 (-inf logit): zero gradient
+        # -inf logit (p = 0): zero gradient, as the reference's mask; a NaN row stays NaN
+        dp = tl.where(logp == float("-inf"), 0.0, g * p * (logp - logq - kl))
         tl.store(dp_ptr + row * stride_p + off + cols, dp.to(dp_ptr.dtype.element_ty), mask=mask)
         if NEED_REF:
             tl.store(dq_ptr + row * stride_q + off + cols, (g * (tl.exp(logq) - p)).to(dq_ptr.dtype.element_ty),
@@ -167,7 +168,7 @@ def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
     kl = tl.load(kl_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0) * inv_t
     p = tl.exp(logp)
-    d = tl.where(p > 0, g[:, None] * p * (logp - logq - kl[:, None]), 0.0)
+    d = tl.where(logp == float("-inf"), 0.0, g[:, None] * p * (logp - logq - kl[:, None]))
     d = tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
     _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
                    stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V, BLOCK_K,

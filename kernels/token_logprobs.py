@@ -71,7 +71,8 @@ def _token_logprobs_bwd_kernel(logits_ptr, targets_ptr, stats_ptr, entropy_ptr, 
             d = -p * (g_logp + g_ent * (logp + ent))
         else:
             d = -p * g_logp
-        d = tl.where(p > 0, d, 0.0)  # p = 0 (-inf logit): zero gradient, not 0 * inf
+        # -inf logit (p = 0): zero gradient, not 0 * inf; NaN rows (NaN stats) stay NaN as in the reference
+        d = tl.where(logp == float("-inf"), 0.0, d)
         d = tl.where(off + cols == t, d + g_logp, d) * inv_t
         tl.store(gbase + off + cols, d.to(grad_ptr.dtype.element_ty), mask=mask)
 
