@@ -100,6 +100,8 @@ def test_bad_input_raises(device):
         fk(h, w, hr, wr[:9])
     with pytest.raises(ValueError, match="ref_weight must have hidden size"):
         fk(h, w, hr, wr[:, :5])
+    with pytest.raises(ValueError, match="^weight must have a vocabulary of at least 1 row"):
+        fk(h, w[:0], hr, wr[:0])
     with pytest.raises(ValueError, match="ref_hidden must have the dtype of hidden"):
         fk(h, w, hr.to(BF16), wr.to(BF16))
     with pytest.raises(ValueError, match="ref_bias must have vocab size"):

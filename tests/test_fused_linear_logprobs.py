@@ -146,6 +146,8 @@ def test_bad_input_raises(device):
         fl(hidden, weight[:, :7], targets)
     with pytest.raises(ValueError, match="weight must have dtype"):
         fl(hidden, weight.to(BF16), targets)
+    with pytest.raises(ValueError, match="weight must have a vocabulary of at least 1 row"):
+        fl(hidden, weight[:0], targets)
     with pytest.raises(ValueError, match="bias must have vocab size"):
         fl(hidden, weight, targets, bias=bias[:9])
     with pytest.raises(ValueError, match="targets must have token count"):

@@ -18,6 +18,8 @@ def validate(logits, ref_logits, temperature) -> None:
     _validate.check_tensor("ref_logits", ref_logits, dtypes=_validate.FLOAT_DTYPES)
     if logits.dim() < 1:
         raise ValueError(f"logits must have at least 1 dimension (..., V), got shape {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a vocabulary of at least 1 entry, got shape {tuple(logits.shape)}")
     if tuple(ref_logits.shape) != tuple(logits.shape):
         raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}, "
                          f"got {tuple(ref_logits.shape)}")
