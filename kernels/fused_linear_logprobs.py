@@ -5,7 +5,16 @@ A program owns BLOCK_N tokens and a run of BLOCK_V-wide vocab tiles. For each ti
 (max, sum-exp, sum-exp*(z - max), target logit), and drops them: the logits never reach global memory.
 Vocab splits (grid axis 1) write partial statistics that the launcher combines, so small N still fills
 the GPU. The backward recomputes each logit tile, forms d(logits) on chip and adds its products into
-fp32 d(hidden) and d(weight) buffers with atomics.
+fp32 d(hidden) and d(weight) buffers, in one of two ways:
+
+- atomic (`_bwd_kernel`): one program per (token block, vocab tile), fp32 atomics into dx (V/BLOCK_V
+  adds per element) and dw (N/BLOCK_N adds per element). Most parallel; the sum order is not fixed.
+- reduce (`_bwd_reduce_kernel`, no atomics, bitwise deterministic): pass OWN_COLS=False gives each
+  program BLOCK_N tokens and walks the vocab, adding d @ w into rows of dx that only it writes; pass
+  OWN_COLS=True gives each program BLOCK_V vocab rows and walks the tokens, adding d.T @ x into rows
+  of dw (and d.sum(0) into db) that only it writes. Each pass recomputes the logit tiles, so it costs
+  one more (N, V, H) matmul than the atomic kernel, and it makes as many fp32 read-modify-writes of
+  dx/dw (plain loads and stores, in a fixed order) as the atomic kernel makes atomics.
 """
 from collections import namedtuple
 
@@ -25,6 +34,14 @@ CONFIGS = {
     "fp16": TileConfig(64, 128, 64, 8, 3),
 }
 DOT_PRECISION = {"fp32": "ieee", "bf16": "tf32", "fp16": "tf32"}
+# The reduce backward's (dx pass, dw pass) tiles per input dtype: its outer loop keeps more values
+# live than the atomic kernel, and CONFIGS' tiles spill there (up to ~1 KB on sm_80/sm_90 under
+# Triton 3.9); these are the largest of those tried with no spills on either arch.
+REDUCE_CONFIGS = {
+    "fp32": (TileConfig(32, 32, 32, 4, 2), TileConfig(16, 32, 32, 4, 2)),
+    "bf16": (TileConfig(64, 128, 32, 8, 3), TileConfig(64, 64, 32, 8, 3)),
+    "fp16": (TileConfig(64, 128, 32, 8, 3), TileConfig(64, 64, 32, 8, 3)),
+}
 # Under TRITON_INTERPRET=1 (the CPU test lane) the launcher uses this tile instead: the interpreter's
 # cost is per tile operation, so wide, short tiles walk a 50k vocab in ~50 steps rather than ~400.
 # Same kernels, other constexprs; GPU launches never use it (and it is not in static_configs()).
@@ -70,12 +87,23 @@ def _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, row_lim, col_lim, K, stride_x,
 
 
 @triton.jit
+def _accumulate(ptrs, val, mask, OWNED: tl.constexpr):
+    """*ptrs += val: a plain read-modify-write when this program alone writes those addresses (OWNED),
+    else an fp32 atomic."""
+    if OWNED:
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + val, mask=mask)
+    else:
+        tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, row_lim, col_lim, v_begin, K,
                    stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X: tl.constexpr,
                    NEED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, OWNED: tl.constexpr):
     """Given d = d(loss)/d(logits) for one (BLOCK_N, BLOCK_V) tile (fp32, zero outside the masks), add
-    d @ w[cols] into dx[rows], d.T @ x[rows] into dw[cols - v_begin] and d.sum(0) into db[cols].
+    d @ w[cols] into dx[rows], d.T @ x[rows] into dw[cols - v_begin] and d.sum(0) into db[cols]
+    (with _accumulate: OWNED says no other program adds into the same dx/dw/db entries).
 
     Rows/cols past the end read clamped addresses (as in _logits_tile) and are masked in the adds."""
     rn = tl.arange(0, BLOCK_N)
@@ -93,8 +121,8 @@ def _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, row_lim,
             kmask = k + ks < K
             w = tl.load(w_base + rv_c[:, None] * stride_w + (k + ks)[None, :], mask=kmask[None, :], other=0.0)
             part = _dot(dd, w, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), DOT_PRECISION)
-            tl.atomic_add(dx_base + rn[:, None] * stride_dx + (k + ks)[None, :], part,
-                          mask=row_mask[:, None] & kmask[None, :], sem="relaxed")
+            _accumulate(dx_base + rn[:, None] * stride_dx + (k + ks)[None, :], part,
+                        row_mask[:, None] & kmask[None, :], OWNED)
     if NEED_W:
         x_base = x_ptr + row0.to(tl.int64) * stride_x
         dw_base = dw_ptr + (col0 - v_begin).to(tl.int64) * stride_dw
@@ -102,10 +130,10 @@ def _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, row_lim,
             kmask = k + ks < K
             x = tl.load(x_base + rn_c[:, None] * stride_x + (k + ks)[None, :], mask=kmask[None, :], other=0.0)
             part = _dot(tl.trans(dd), x, tl.zeros((BLOCK_V, BLOCK_K), tl.float32), DOT_PRECISION)
-            tl.atomic_add(dw_base + rv[:, None] * stride_dw + (k + ks)[None, :], part,
-                          mask=col_mask[:, None] & kmask[None, :], sem="relaxed")
+            _accumulate(dw_base + rv[:, None] * stride_dw + (k + ks)[None, :], part,
+                        col_mask[:, None] & kmask[None, :], OWNED)
     if need_b:
-        tl.atomic_add(db_ptr + col0 + rv, tl.sum(d, 0), mask=col_mask, sem="relaxed")
+        _accumulate(db_ptr + col0 + rv, tl.sum(d, 0), col_mask, OWNED)
 
 
 @triton.jit
@@ -147,15 +175,12 @@ def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V
 
 
 @triton.jit
-def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
-                                      dx_ptr, dw_ptr, db_ptr, N, V, H, v_begin, v_end, stride_x, stride_w,
-                                      stride_dx, stride_dw, inv_t, ignore_index, has_bias, have_entropy, need_b,
-                                      NEED_X: tl.constexpr, NEED_W: tl.constexpr, BLOCK_N: tl.constexpr,
-                                      BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                                      DOT_PRECISION: tl.constexpr):
-    """Vocab slice [v_begin, v_end): d(logits) = (g_logp (onehot - p) - g_H p (log p + H)) / T per tile."""
-    row0 = tl.program_id(0) * BLOCK_N
-    col0 = v_begin + tl.program_id(1) * BLOCK_V
+def _logprobs_dlogits(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, row0, col0, N,
+                      v_end, H, stride_x, stride_w, inv_t, ignore_index, has_bias, have_entropy,
+                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """d(loss)/d(logits) = (g_logp (onehot - p) - g_H p (log p + H)) / T for the (BLOCK_N, BLOCK_V) tile at
+    (row0, col0), fp32, zero outside rows < N and cols < v_end."""
     rows = row0 + tl.arange(0, BLOCK_N)
     cols = col0 + tl.arange(0, BLOCK_V)
     row_mask = rows < N
@@ -177,14 +202,70 @@ def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent
     # -inf logit (p = 0): zero gradient, not 0 * inf; NaN rows (NaN stats) stay NaN as in the reference
     d = tl.where(logp == float("-inf"), 0.0, -p * coef)
     d = tl.where(cols[None, :] == t[:, None], d + g_logp[:, None], d) * inv_t
-    d = tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
+    return tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
+
+
+@triton.jit
+def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
+                                      dx_ptr, dw_ptr, db_ptr, N, V, H, v_begin, v_end, stride_x, stride_w,
+                                      stride_dx, stride_dw, inv_t, ignore_index, has_bias, have_entropy, need_b,
+                                      NEED_X: tl.constexpr, NEED_W: tl.constexpr, BLOCK_N: tl.constexpr,
+                                      BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                                      DOT_PRECISION: tl.constexpr):
+    """Atomic backward, vocab slice [v_begin, v_end): one (token block, vocab tile) per program."""
+    row0 = tl.program_id(0) * BLOCK_N
+    col0 = v_begin + tl.program_id(1) * BLOCK_V
+    d = _logprobs_dlogits(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, row0, col0, N,
+                          v_end, H, stride_x, stride_w, inv_t, ignore_index, has_bias, have_entropy, BLOCK_N,
+                          BLOCK_V, BLOCK_K, DOT_PRECISION)
     _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
                    stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V, BLOCK_K,
-                   DOT_PRECISION)
+                   DOT_PRECISION, False)
+
+
+@triton.jit
+def _reduce_steps(N, v_begin, v_end, OWN_COLS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Trip count of a reduce pass: token blocks (OWN_COLS) or vocab tiles of the slice."""
+    if OWN_COLS:
+        return tl.cdiv(N, BLOCK_N)
+    return tl.cdiv(v_end - v_begin, BLOCK_V)
+
+
+@triton.jit
+def _reduce_tile(i, v_begin, OWN_COLS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(row0, col0) of step i of a reduce pass: this program's vocab tile and token block i (OWN_COLS),
+    or its token block and vocab tile i."""
+    step = tl.cast(i, tl.int32)  # a tensor also where the interpreter hands the loop index over as an int
+    if OWN_COLS:
+        return step * BLOCK_N, v_begin + tl.program_id(0) * BLOCK_V
+    return tl.program_id(0) * BLOCK_N, v_begin + step * BLOCK_V
+
+
+@triton.jit
+def _fused_linear_logprobs_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr,
+                                             g_ent_ptr, dx_ptr, dw_ptr, db_ptr, N, V, H, v_begin, v_end,
+                                             stride_x, stride_w, stride_dx, stride_dw, inv_t, ignore_index,
+                                             has_bias, have_entropy, need_b, OWN_COLS: tl.constexpr,
+                                             NEED_X: tl.constexpr, NEED_W: tl.constexpr, BLOCK_N: tl.constexpr,
+                                             BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                                             DOT_PRECISION: tl.constexpr):
+    """Backward without atomics, vocab slice [v_begin, v_end) (see the module docstring): OWN_COLS=False,
+    grid (cdiv(N, BLOCK_N),), writes dx; OWN_COLS=True, grid (cdiv(v_end - v_begin, BLOCK_V),), writes
+    dw and db."""
+    for i in range(0, _reduce_steps(N, v_begin, v_end, OWN_COLS, BLOCK_N, BLOCK_V)):
+        row0, col0 = _reduce_tile(i, v_begin, OWN_COLS, BLOCK_N, BLOCK_V)
+        d = _logprobs_dlogits(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, row0, col0,
+                              N, v_end, H, stride_x, stride_w, inv_t, ignore_index, has_bias, have_entropy,
+                              BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
+                       stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V,
+                       BLOCK_K, DOT_PRECISION, True)
 
 
 # (NEED_X, NEED_W) pairs the launcher can request; (False, False) is a call that trains only the bias.
 NEED_PAIRS = ((True, True), (True, False), (False, True), (False, False))
+# (OWN_COLS, NEED_X, NEED_W) of the reduce kernel's passes: dx alone; dw (+ db); db alone (bias only).
+REDUCE_PASSES = ((False, True, False), (True, False, True), (True, False, False))
 
 
 def static_configs():
@@ -199,14 +280,31 @@ def static_configs():
              "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32", "inv_t": "fp32",
              "ignore_index": "i32", "tiles_per_split": "i32", "has_bias": "i32", "want_entropy": "i32",
              **{k: "constexpr" for k in cx}}, cx, cfg.num_warps, cfg.num_stages))
+        bwd_sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64", "stats_ptr": "*fp32",
+                   "ent_ptr": "*fp32", "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "dx_ptr": "*fp32",
+                   "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "v_begin": "i32",
+                   "v_end": "i32", "stride_x": "i32", "stride_w": "i32", "stride_dx": "i32", "stride_dw": "i32",
+                   "inv_t": "fp32", "ignore_index": "i32", "has_bias": "i32", "have_entropy": "i32",
+                   "need_b": "i32", "NEED_X": "constexpr", "NEED_W": "constexpr",
+                   **{k: "constexpr" for k in cx}}
         for need_x, need_w in NEED_PAIRS:
             specs.append(KernelSpec(
                 f"fused_linear_logprobs_bwd[{tag},X={need_x},W={need_w}]", _fused_linear_logprobs_bwd_kernel,
-                {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64", "stats_ptr": "*fp32",
-                 "ent_ptr": "*fp32", "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "dx_ptr": "*fp32",
-                 "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "v_begin": "i32",
-                 "v_end": "i32", "stride_x": "i32", "stride_w": "i32", "stride_dx": "i32", "stride_dw": "i32",
-                 "inv_t": "fp32", "ignore_index": "i32", "has_bias": "i32", "have_entropy": "i32",
-                 "need_b": "i32", "NEED_X": "constexpr", "NEED_W": "constexpr", **{k: "constexpr" for k in cx}},
-                {**cx, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
+                bwd_sig, {**cx, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
+        specs += reduce_specs("fused_linear_logprobs_bwd_reduce", _fused_linear_logprobs_bwd_reduce_kernel,
+                              bwd_sig, dt, REDUCE_CONFIGS[dt])
+    return specs
+
+
+def reduce_specs(prefix, kernel, bwd_sig, dt, pass_configs):
+    """KernelSpecs of a reduce backward kernel's passes (REDUCE_PASSES), each with its pass's tile."""
+    specs = []
+    for own_cols, need_x, need_w in REDUCE_PASSES:
+        cfg = pass_configs[int(own_cols)]
+        cx = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k,
+              "DOT_PRECISION": DOT_PRECISION[dt]}
+        specs.append(KernelSpec(
+            f"{prefix}[{dt},BN={cfg.block_n},BV={cfg.block_v},BK={cfg.block_k},COLS={own_cols},X={need_x},"
+            f"W={need_w}]", kernel, {**bwd_sig, "OWN_COLS": "constexpr"},
+            {**cx, "OWN_COLS": own_cols, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
     return specs

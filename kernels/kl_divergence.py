@@ -5,7 +5,8 @@ for p and q plus s_d = sum e^(zp - m_p) ((zp - m_p) - (zq - m_q)), so
 KL = s_d / s_p - log s_p + log s_q. Backward recomputes log p = (zp - m_p) - log s_p and log q.
 
 Fused-linear kernels: the same statistics over (BLOCK_N, BLOCK_V) tiles of both models' logits,
-computed with tl.dot on chip (see kernels/fused_linear_logprobs.py for the tiling and the backward).
+computed with tl.dot on chip (see kernels/fused_linear_logprobs.py for the tiling and the two backward
+variants: atomic, and reduce without atomics).
 """
 from collections import namedtuple
 
@@ -14,7 +15,8 @@ import triton.language as tl
 
 from ._online_softmax import _nan_max, _online_lse_step, _rebased_sum
 from ._spec import KernelSpec
-from .fused_linear_logprobs import DOT_PRECISION, NEED_PAIRS, TileConfig, _grad_products, _logits_tile
+from .fused_linear_logprobs import (DOT_PRECISION, NEED_PAIRS, TileConfig, _grad_products, _logits_tile,
+                                    _reduce_steps, _reduce_tile, reduce_specs)
 
 RowConfig = namedtuple("RowConfig", "block_v num_warps num_stages")
 # The launcher picks the first config whose block_v covers V, else the last one (looping over tiles).
@@ -26,6 +28,13 @@ FUSED_CONFIGS = {
     "fp32": TileConfig(16, 32, 32, 4, 2),
     "bf16": TileConfig(64, 64, 64, 8, 3),
     "fp16": TileConfig(64, 64, 64, 8, 3),
+}
+# The reduce backward's (dx pass, dw pass) tiles (see fused_linear_logprobs.REDUCE_CONFIGS); the fp32
+# dw pass takes 8 warps: with 4 it spilled 8 B on sm_80 (Triton 3.9).
+FUSED_REDUCE_CONFIGS = {
+    "fp32": (TileConfig(16, 32, 32, 4, 2), TileConfig(16, 32, 32, 8, 2)),
+    "bf16": (TileConfig(64, 64, 32, 8, 3), TileConfig(64, 64, 32, 8, 3)),
+    "fp16": (TileConfig(64, 64, 32, 8, 3), TileConfig(64, 64, 32, 8, 3)),
 }
 
 
@@ -143,15 +152,11 @@ def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
 
 
 @triton.jit
-def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, kl_ptr, g_ptr,
-                                           dx_ptr, dw_ptr, db_ptr, N, V, H, HR, v_begin, v_end,
-                                           stride_x, stride_w, stride_xr, stride_wr, stride_dx, stride_dw,
-                                           inv_t, has_bias, has_ref_bias, need_b, NEED_X: tl.constexpr,
-                                           NEED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                                           BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Vocab slice [v_begin, v_end): d(logits) = g p (log p - log q - KL) / T per tile (policy side only)."""
-    row0 = tl.program_id(0) * BLOCK_N
-    col0 = v_begin + tl.program_id(1) * BLOCK_V
+def _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, kl_ptr, g_ptr, row0, col0, N, v_end, H,
+                HR, stride_x, stride_w, stride_xr, stride_wr, inv_t, has_bias, has_ref_bias,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """d(KL)/d(logits) = g p (log p - log q - KL) / T for the (BLOCK_N, BLOCK_V) tile at (row0, col0),
+    fp32, zero outside rows < N and cols < v_end (policy side only)."""
     rows = row0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     col_mask = col0 + tl.arange(0, BLOCK_V) < v_end
@@ -169,10 +174,46 @@ def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0) * inv_t
     p = tl.exp(logp)
     d = tl.where(logp == float("-inf"), 0.0, g[:, None] * p * (logp - logq - kl[:, None]))
-    d = tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
+    return tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
+
+
+@triton.jit
+def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, kl_ptr, g_ptr,
+                                           dx_ptr, dw_ptr, db_ptr, N, V, H, HR, v_begin, v_end,
+                                           stride_x, stride_w, stride_xr, stride_wr, stride_dx, stride_dw,
+                                           inv_t, has_bias, has_ref_bias, need_b, NEED_X: tl.constexpr,
+                                           NEED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                                           BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Atomic backward, vocab slice [v_begin, v_end): one (token block, vocab tile) per program."""
+    row0 = tl.program_id(0) * BLOCK_N
+    col0 = v_begin + tl.program_id(1) * BLOCK_V
+    d = _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, kl_ptr, g_ptr, row0, col0, N, v_end,
+                    H, HR, stride_x, stride_w, stride_xr, stride_wr, inv_t, has_bias, has_ref_bias, BLOCK_N,
+                    BLOCK_V, BLOCK_K, DOT_PRECISION)
     _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
                    stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V, BLOCK_K,
-                   DOT_PRECISION)
+                   DOT_PRECISION, False)
+
+
+@triton.jit
+def _fused_linear_kl_divergence_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, kl_ptr,
+                                                  g_ptr, dx_ptr, dw_ptr, db_ptr, N, V, H, HR, v_begin, v_end,
+                                                  stride_x, stride_w, stride_xr, stride_wr, stride_dx, stride_dw,
+                                                  inv_t, has_bias, has_ref_bias, need_b, OWN_COLS: tl.constexpr,
+                                                  NEED_X: tl.constexpr, NEED_W: tl.constexpr,
+                                                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                                                  BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Backward without atomics (as _fused_linear_logprobs_bwd_reduce_kernel): OWN_COLS=False walks the
+    vocab for BLOCK_N tokens and writes dx; OWN_COLS=True walks the tokens for BLOCK_V vocab rows and
+    writes dw, db."""
+    for i in range(0, _reduce_steps(N, v_begin, v_end, OWN_COLS, BLOCK_N, BLOCK_V)):
+        row0, col0 = _reduce_tile(i, v_begin, OWN_COLS, BLOCK_N, BLOCK_V)
+        d = _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, kl_ptr, g_ptr, row0, col0, N,
+                        v_end, H, HR, stride_x, stride_w, stride_xr, stride_wr, inv_t, has_bias, has_ref_bias,
+                        BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
+                       stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V,
+                       BLOCK_K, DOT_PRECISION, True)
 
 
 _DTYPES = ("fp32", "bf16", "fp16")
@@ -192,16 +233,18 @@ def _fused_specs():
              "stride_w": "i32", "stride_xr": "i32", "stride_wr": "i32", "inv_t": "fp32", "tiles_per_split": "i32",
              "has_bias": "i32", "has_ref_bias": "i32", **{k: "constexpr" for k in cx}},
             cx, cfg.num_warps, cfg.num_stages))
+        bwd_sig = {**ptrs, "stats_ptr": "*fp32", "kl_ptr": "*fp32", "g_ptr": "*fp32",
+                   "dx_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32",
+                   "HR": "i32", "v_begin": "i32", "v_end": "i32", "stride_x": "i32", "stride_w": "i32",
+                   "stride_xr": "i32", "stride_wr": "i32", "stride_dx": "i32", "stride_dw": "i32",
+                   "inv_t": "fp32", "has_bias": "i32", "has_ref_bias": "i32", "need_b": "i32",
+                   "NEED_X": "constexpr", "NEED_W": "constexpr", **{k: "constexpr" for k in cx}}
         for need_x, need_w in NEED_PAIRS:
             specs.append(KernelSpec(
                 f"fused_linear_kl_bwd[{tag},X={need_x},W={need_w}]", _fused_linear_kl_divergence_bwd_kernel,
-                {**ptrs, "stats_ptr": "*fp32", "kl_ptr": "*fp32", "g_ptr": "*fp32",
-                 "dx_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32",
-                 "HR": "i32", "v_begin": "i32", "v_end": "i32", "stride_x": "i32", "stride_w": "i32",
-                 "stride_xr": "i32", "stride_wr": "i32", "stride_dx": "i32", "stride_dw": "i32", "inv_t": "fp32",
-                 "has_bias": "i32", "has_ref_bias": "i32", "need_b": "i32", "NEED_X": "constexpr",
-                 "NEED_W": "constexpr", **{k: "constexpr" for k in cx}},
-                {**cx, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
+                bwd_sig, {**cx, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
+        specs += reduce_specs("fused_linear_kl_bwd_reduce", _fused_linear_kl_divergence_bwd_reduce_kernel, bwd_sig,
+                              dt, FUSED_REDUCE_CONFIGS[dt])
     return specs
 
 

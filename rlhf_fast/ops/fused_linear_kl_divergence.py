@@ -6,8 +6,9 @@ import torch
 
 from .. import _backend
 from ..reference import fused_linear_kl_divergence as ref
-from .fused_linear_logprobs import (_contig, cdiv, fake_grads, grads_out, needed_grads, run_backward_slices,
-                                    split_plan, tile_config, tile_kwargs)
+from .fused_linear_logprobs import (_contig, cdiv, fake_grads, grads_out, needed_grads, pass_kernel,
+                                    reduce_tile_configs, run_backward_slices, split_plan, tile_config,
+                                    tile_kwargs)
 
 _OP = "fused_linear_kl_divergence"
 
@@ -41,16 +42,19 @@ def _triton_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_
     from ..kernels import kl_divergence as kk
     _, cfg, prec = tile_config(hidden.dtype, kk.FUSED_CONFIGS)
 
-    def launch(d_x, d_w, d_b, v_begin, v_end, grid):
-        kk._fused_linear_kl_divergence_bwd_kernel[grid](
+    def launch(d_x, d_w, d_b, v_begin, v_end, bp):
+        kernel, extra = pass_kernel(bp, kk._fused_linear_kl_divergence_bwd_kernel,
+                                    kk._fused_linear_kl_divergence_bwd_reduce_kernel)
+        kernel[bp.grid](
             hidden, weight, bias if bias is not None else hidden, ref_hidden, ref_weight,
             ref_bias if ref_bias is not None else ref_hidden, stats, kl, grad_kl, d_x, d_w, d_b,
             hidden.shape[0], weight.shape[0], hidden.shape[1], ref_hidden.shape[1], v_begin, v_end,
             hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), hidden.shape[1],
             weight.shape[1], 1.0 / temperature, int(bias is not None), int(ref_bias is not None),
-            int(bool(need[2])), NEED_X=bool(need[0]), NEED_W=bool(need[1]), **tile_kwargs(cfg, prec))
+            int(bp.need_b), NEED_X=bp.need_x, NEED_W=bp.need_w, **extra, **tile_kwargs(bp.cfg, prec))
 
-    return run_backward_slices(launch, hidden, weight, bias, need, cfg)
+    return run_backward_slices(launch, hidden, weight, bias, need, cfg,
+                               reduce_tile_configs(hidden.dtype, kk.FUSED_REDUCE_CONFIGS))
 
 
 @torch.library.custom_op("rlhf_fast::fused_linear_kl_divergence_fwd", mutates_args=())
@@ -135,7 +139,8 @@ def fused_linear_kl_divergence(hidden: torch.Tensor, weight: torch.Tensor, ref_h
     blocks (two more matmuls) and accumulates d(weight) in fp32.
 
     Backends: "triton" (both matmuls tiled with tl.dot, logit tiles kept on chip with online
-    log-sum-exp for both models, fp32 atomics for d(hidden)/d(weight)), "reference" (chunked PyTorch).
+    log-sum-exp for both models, fp32 atomics for d(hidden)/d(weight), or no atomics as in
+    fused_linear_logprobs), "reference" (chunked PyTorch).
     """
     ref.validate(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, temperature, chunk_size)
     _backend.check_backend_arg(backend)
