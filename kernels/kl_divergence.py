@@ -214,6 +214,9 @@ def _fused_linear_kl_divergence_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, w
         _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
                        stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V,
                        BLOCK_K, DOT_PRECISION, True)
+        # the next step re-reads the dx/dw rows this step wrote, maybe from other threads of the block
+        # (another layout, or an async copy): a block barrier orders those global accesses
+        tl.debug_barrier()
 
 
 _DTYPES = ("fp32", "bf16", "fp16")
