@@ -129,7 +129,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
 
     Differentiable in ``logits``; the backward writes d(logits) in the logits' dtype directly (no (N, V)
     fp32 intermediate). Targets outside [0, V) raise ValueError (the check reads the targets, so on
-    CUDA it costs one host sync).
+    CUDA it costs one host sync; while a CUDA graph is captured it is a device-side assert instead).
+    A NaN logit gives NaN logp, entropy and d(logits) for its row on every backend.
 
     Backends: "triton" (one program per row, online max/sum over vocab tiles; CUDA tensors, or CPU
     tensors under TRITON_INTERPRET=1), "reference" (chunked PyTorch, any device). "auto" picks Triton
