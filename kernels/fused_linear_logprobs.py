@@ -49,12 +49,21 @@ INTERPRET_CONFIG = TileConfig(16, 1024, 32, 4, 1)
 # Triton's CPU interpreter (3.9) multiplies bf16 tl.dot operands wrongly; under TRITON_INTERPRET=1 the
 # launcher passes DOT_PRECISION="upcast" for bf16 so the interpreter sees fp32 operands. GPUs never do.
 INTERPRET_BF16_PRECISION = "upcast"
+# The interpreter runs tl.dot as a numpy matmul, whose BLAS on some CPUs (OpenBLAS on AMD EPYC) sums a
+# 1024-long fp32 inner dimension with ~3.5x PyTorch's error. The backward's d @ w sums over the vocab
+# tile, 1024 wide under INTERPRET_CONFIG (32-128 on GPUs), so that host error alone reached 1.4x the
+# parity bound on d(hidden). Under TRITON_INTERPRET=1 the launcher passes this for fp32: _grad_products
+# takes d @ w in fp64, rounded once to fp32; all other dots (inner dimension BLOCK_K or BLOCK_N, as on
+# GPUs) stay "ieee". GPUs never see it.
+INTERPRET_FP32_PRECISION = "ieee_dx64"
 
 
 @triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
     if DOT_PRECISION == "upcast":
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif DOT_PRECISION == "ieee_dx64":
+        acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
@@ -120,7 +129,10 @@ def _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, row_lim,
         for k in range(0, K, BLOCK_K):
             kmask = k + ks < K
             w = tl.load(w_base + rv_c[:, None] * stride_w + (k + ks)[None, :], mask=kmask[None, :], other=0.0)
-            part = _dot(dd, w, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), DOT_PRECISION)
+            if DOT_PRECISION == "ieee_dx64":  # interpreter only (INTERPRET_FP32_PRECISION)
+                part = tl.dot(dd.to(tl.float64), w.to(tl.float64)).to(tl.float32)
+            else:
+                part = _dot(dd, w, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), DOT_PRECISION)
             _accumulate(dx_base + rn[:, None] * stride_dx + (k + ks)[None, :], part,
                         row_mask[:, None] & kmask[None, :], OWNED)
     if NEED_W:

@@ -54,7 +54,8 @@ def tile_config(dtype: torch.dtype, table: dict | None = None):
     from ..kernels import fused_linear_logprobs as k
     name = _TRITON_DTYPES[dtype]
     if _backend.interpret_mode():
-        prec = k.INTERPRET_BF16_PRECISION if name == "bf16" else k.DOT_PRECISION[name]
+        interpret = {"bf16": k.INTERPRET_BF16_PRECISION, "fp32": k.INTERPRET_FP32_PRECISION}
+        prec = interpret.get(name, k.DOT_PRECISION[name])
         return k, k.INTERPRET_CONFIG, prec
     return k, (table or k.CONFIGS)[name], k.DOT_PRECISION[name]
 
