@@ -70,10 +70,14 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, row_lim, col_lim, K, stride_x, stride_w, inv_t, has_bias,
+def _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, row_lim, col_lim, K, stride_x, stride_w, temp, has_bias,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     """(BLOCK_N, BLOCK_V) fp32 tile of (x @ w.T + b) / T for x rows row0.. and w rows col0...
+
+    Divided by T (temp), not multiplied by a rounded 1/T: fl(1/T) scales every logit by the same
+    relative error, a systematic error that reached ~1.9x PyTorch's d(weight) error (entropy
+    gradient, T = 0.7); z / T as PyTorch computes it shares PyTorch's rounding of T.
 
     Register economy: the tile origin goes into a 64-bit scalar base pointer and in-tile offsets stay
     32-bit; rows/cols past the end (row_lim, col_lim = valid count) re-read the last valid one instead
@@ -92,7 +96,7 @@ def _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, row_lim, col_lim, K, stride_x,
         acc = _dot(a, tl.trans(b), acc, DOT_PRECISION)
     if has_bias:
         acc += tl.load(b_ptr + col0 + rv).to(tl.float32)[None, :]
-    return acc * inv_t
+    return tl.math.div_rn(acc, temp)  # z / T rounded once, as PyTorch's logits / T
 
 
 @triton.jit
@@ -149,7 +153,7 @@ def _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, row_lim,
 
 
 @triton.jit
-def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, H, stride_x, stride_w, inv_t,
+def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, H, stride_x, stride_w, temp,
                                       ignore_index, tiles_per_split, has_bias, want_entropy,
                                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                                       DOT_PRECISION: tl.constexpr):
@@ -169,7 +173,7 @@ def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V
     for i in range(0, tiles_per_split):
         col0 = v_begin + i * BLOCK_V
         cols = col0 + tl.arange(0, BLOCK_V)
-        z = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, V - col0, H, stride_x, stride_w, inv_t,
+        z = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, V - col0, H, stride_x, stride_w, temp,
                          has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         z = tl.where((cols < V)[None, :], z, float("-inf"))  # no softmax mass past the vocab
         m_new, s_new, alpha, y, e = _online_lse_step(z, m, s, 1)
@@ -188,7 +192,7 @@ def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V
 
 @triton.jit
 def _logprobs_dlogits(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, row0, col0, N,
-                      v_end, H, stride_x, stride_w, inv_t, ignore_index, has_bias, have_entropy,
+                      v_end, H, stride_x, stride_w, temp, ignore_index, has_bias, have_entropy,
                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                       DOT_PRECISION: tl.constexpr):
     """d(loss)/d(logits) = (g_logp (onehot - p) - g_H p (log p + H)) / T for the (BLOCK_N, BLOCK_V) tile at
@@ -197,7 +201,7 @@ def _logprobs_dlogits(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr
     cols = col0 + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < v_end
-    z = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, v_end - col0, H, stride_x, stride_w, inv_t,
+    z = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, v_end - col0, H, stride_x, stride_w, temp,
                      has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
     t = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (t != ignore_index)
@@ -213,14 +217,14 @@ def _logprobs_dlogits(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr
         coef += g_ent[:, None] * (logp + ent[:, None])
     # -inf logit (p = 0): zero gradient, not 0 * inf; NaN rows (NaN stats) stay NaN as in the reference
     d = tl.where(logp == float("-inf"), 0.0, -p * coef)
-    d = tl.where(cols[None, :] == t[:, None], d + g_logp[:, None], d) * inv_t
+    d = tl.math.div_rn(tl.where(cols[None, :] == t[:, None], d + g_logp[:, None], d), temp)
     return tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
 
 
 @triton.jit
 def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
                                       dx_ptr, dw_ptr, db_ptr, N, V, H, v_begin, v_end, stride_x, stride_w,
-                                      stride_dx, stride_dw, inv_t, ignore_index, has_bias, have_entropy, need_b,
+                                      stride_dx, stride_dw, temp, ignore_index, has_bias, have_entropy, need_b,
                                       NEED_X: tl.constexpr, NEED_W: tl.constexpr, BLOCK_N: tl.constexpr,
                                       BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                                       DOT_PRECISION: tl.constexpr):
@@ -228,7 +232,7 @@ def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent
     row0 = tl.program_id(0) * BLOCK_N
     col0 = v_begin + tl.program_id(1) * BLOCK_V
     d = _logprobs_dlogits(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, row0, col0, N,
-                          v_end, H, stride_x, stride_w, inv_t, ignore_index, has_bias, have_entropy, BLOCK_N,
+                          v_end, H, stride_x, stride_w, temp, ignore_index, has_bias, have_entropy, BLOCK_N,
                           BLOCK_V, BLOCK_K, DOT_PRECISION)
     _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
                    stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V, BLOCK_K,
@@ -256,7 +260,7 @@ def _reduce_tile(i, v_begin, OWN_COLS: tl.constexpr, BLOCK_N: tl.constexpr, BLOC
 @triton.jit
 def _fused_linear_logprobs_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr,
                                              g_ent_ptr, dx_ptr, dw_ptr, db_ptr, N, V, H, v_begin, v_end,
-                                             stride_x, stride_w, stride_dx, stride_dw, inv_t, ignore_index,
+                                             stride_x, stride_w, stride_dx, stride_dw, temp, ignore_index,
                                              has_bias, have_entropy, need_b, OWN_COLS: tl.constexpr,
                                              NEED_X: tl.constexpr, NEED_W: tl.constexpr, BLOCK_N: tl.constexpr,
                                              BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -267,7 +271,7 @@ def _fused_linear_logprobs_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_p
     for i in range(0, _reduce_steps(N, v_begin, v_end, OWN_COLS, BLOCK_N, BLOCK_V)):
         row0, col0 = _reduce_tile(i, v_begin, OWN_COLS, BLOCK_N, BLOCK_V)
         d = _logprobs_dlogits(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, row0, col0,
-                              N, v_end, H, stride_x, stride_w, inv_t, ignore_index, has_bias, have_entropy,
+                              N, v_end, H, stride_x, stride_w, temp, ignore_index, has_bias, have_entropy,
                               BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
                        stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V,
@@ -292,14 +296,14 @@ def static_configs():
         specs.append(KernelSpec(
             f"fused_linear_logprobs_fwd[{tag}]", _fused_linear_logprobs_fwd_kernel,
             {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64", "part_ptr": "*fp32",
-             "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32", "inv_t": "fp32",
+             "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32", "temp": "fp32",
              "ignore_index": "i32", "tiles_per_split": "i32", "has_bias": "i32", "want_entropy": "i32",
              **{k: "constexpr" for k in cx}}, cx, cfg.num_warps, cfg.num_stages))
         bwd_sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64", "stats_ptr": "*fp32",
                    "ent_ptr": "*fp32", "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "dx_ptr": "*fp32",
                    "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "v_begin": "i32",
                    "v_end": "i32", "stride_x": "i32", "stride_w": "i32", "stride_dx": "i32", "stride_dw": "i32",
-                   "inv_t": "fp32", "ignore_index": "i32", "has_bias": "i32", "have_entropy": "i32",
+                   "temp": "fp32", "ignore_index": "i32", "has_bias": "i32", "have_entropy": "i32",
                    "need_b": "i32", "NEED_X": "constexpr", "NEED_W": "constexpr",
                    **{k: "constexpr" for k in cx}}
         for need_x, need_w in NEED_PAIRS:

@@ -49,7 +49,7 @@ FUSED_REDUCE_CONFIGS = {
 
 
 @triton.jit
-def _kl_fwd_kernel(p_ptr, q_ptr, kl_ptr, stats_ptr, stride_p, stride_q, V, inv_t, BLOCK_V: tl.constexpr):
+def _kl_fwd_kernel(p_ptr, q_ptr, kl_ptr, stats_ptr, stride_p, stride_q, V, temp, BLOCK_V: tl.constexpr):
     """kl (N,), stats (5, N) = (m_p, log s_p, m_q, log s_q, mean = s_d / s_p)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
@@ -60,8 +60,10 @@ def _kl_fwd_kernel(p_ptr, q_ptr, kl_ptr, stats_ptr, stride_p, stride_q, V, inv_t
     s_d = tl.zeros((), tl.float64)
     for off in range(0, V, BLOCK_V):
         mask = off + cols < V
-        zp = tl.load(p_ptr + row * stride_p + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        zq = tl.load(q_ptr + row * stride_q + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        zp = tl.math.div_rn(tl.load(p_ptr + row * stride_p + off + cols, mask=mask, other=float("-inf")).to(
+            tl.float32), temp)
+        zq = tl.math.div_rn(tl.load(q_ptr + row * stride_q + off + cols, mask=mask, other=float("-inf")).to(
+            tl.float32), temp)
         m_p, m_q, s_p, s_q, s_d = _kl_online_update(zp, zq, mask, m_p, m_q, s_p, s_q, s_d, 0)
     log_s_p = tl.log(s_p.to(tl.float32))
     log_s_q = tl.log(s_q)
@@ -101,7 +103,7 @@ def _kl_online_update(zp, zq, mask, m_p, m_q, s_p, s_q, s_d, AXIS: tl.constexpr)
 
 
 @triton.jit
-def _kl_bwd_kernel(p_ptr, q_ptr, stats_ptr, g_ptr, dp_ptr, dq_ptr, stride_p, stride_q, V, inv_t,
+def _kl_bwd_kernel(p_ptr, q_ptr, stats_ptr, g_ptr, dp_ptr, dq_ptr, stride_p, stride_q, V, temp,
                    NEED_REF: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     n_rows = tl.num_programs(0)
@@ -111,11 +113,11 @@ def _kl_bwd_kernel(p_ptr, q_ptr, stats_ptr, g_ptr, dp_ptr, dq_ptr, stride_p, str
     m_q = tl.load(stats_ptr + 2 * n_rows + row)
     log_s_q = tl.load(stats_ptr + 3 * n_rows + row)
     mean = tl.load(stats_ptr + 4 * n_rows + row)
-    g = tl.load(g_ptr + row) * inv_t
+    g = tl.math.div_rn(tl.load(g_ptr + row), temp)
     for off in range(0, V, BLOCK_V):
         mask = off + cols < V
-        zp = tl.load(p_ptr + row * stride_p + off + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
-        zq = tl.load(q_ptr + row * stride_q + off + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
+        zp = tl.math.div_rn(tl.load(p_ptr + row * stride_p + off + cols, mask=mask, other=0.0).to(tl.float32), temp)
+        zq = tl.math.div_rn(tl.load(q_ptr + row * stride_q + off + cols, mask=mask, other=0.0).to(tl.float32), temp)
         logp = (zp - m_p) - log_s_p
         logq = (zq - m_q) - log_s_q
         p = tl.exp(logp)
@@ -129,7 +131,7 @@ def _kl_bwd_kernel(p_ptr, q_ptr, stats_ptr, g_ptr, dp_ptr, dq_ptr, stride_p, str
 
 @triton.jit
 def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, part_ptr, N, V, H, HR,
-                                           stride_x, stride_w, stride_xr, stride_wr, inv_t, tiles_per_split,
+                                           stride_x, stride_w, stride_xr, stride_wr, temp, tiles_per_split,
                                            has_bias, has_ref_bias, BLOCK_N: tl.constexpr,
                                            BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                                            DOT_PRECISION: tl.constexpr):
@@ -147,10 +149,10 @@ def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
     for i in range(0, tiles_per_split):
         col0 = v_begin + i * BLOCK_V
         col_mask = col0 + tl.arange(0, BLOCK_V) < V
-        zp = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, V - col0, H, stride_x, stride_w, inv_t,
+        zp = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, V - col0, H, stride_x, stride_w, temp,
                           has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         zq = _logits_tile(xr_ptr, wr_ptr, br_ptr, row0, col0, N - row0, V - col0, HR, stride_xr, stride_wr,
-                          inv_t, has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+                          temp, has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         valid = col_mask[None, :]
         zp = tl.where(valid, zp, float("-inf"))
         zq = tl.where(valid, zq, float("-inf"))
@@ -166,24 +168,24 @@ def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
 
 @triton.jit
 def _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, g_ptr, row0, col0, N, v_end, H,
-                HR, stride_x, stride_w, stride_xr, stride_wr, inv_t, has_bias, has_ref_bias,
+                HR, stride_x, stride_w, stride_xr, stride_wr, temp, has_bias, has_ref_bias,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """d(KL)/d(logits) = g p ((zp - m_p) - (zq - m_q) - mean) / T for the (BLOCK_N, BLOCK_V) tile at
     (row0, col0), fp32, zero outside rows < N and cols < v_end (policy side only; module docstring)."""
     rows = row0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     col_mask = col0 + tl.arange(0, BLOCK_V) < v_end
-    zp = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, v_end - col0, H, stride_x, stride_w, inv_t,
+    zp = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, v_end - col0, H, stride_x, stride_w, temp,
                       has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
     zq = _logits_tile(xr_ptr, wr_ptr, br_ptr, row0, col0, N - row0, v_end - col0, HR, stride_xr, stride_wr,
-                      inv_t, has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+                      temp, has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
     m_p = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
     log_s_p = tl.load(stats_ptr + N + rows, mask=row_mask, other=0.0)
     m_q = tl.load(stats_ptr + 2 * N + rows, mask=row_mask, other=0.0)
     mean = tl.load(stats_ptr + 4 * N + rows, mask=row_mask, other=0.0)
     yp = zp - m_p[:, None]
     logp = yp - log_s_p[:, None]
-    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0) * inv_t
+    g = tl.math.div_rn(tl.load(g_ptr + rows, mask=row_mask, other=0.0), temp)
     p = tl.exp(logp)
     d = tl.where(logp == float("-inf"), 0.0, g[:, None] * p * ((yp - (zq - m_q[:, None])) - mean[:, None]))
     return tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
@@ -193,14 +195,14 @@ def _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, g_ptr, r
 def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, g_ptr,
                                            dx_ptr, dw_ptr, db_ptr, N, V, H, HR, v_begin, v_end,
                                            stride_x, stride_w, stride_xr, stride_wr, stride_dx, stride_dw,
-                                           inv_t, has_bias, has_ref_bias, need_b, NEED_X: tl.constexpr,
+                                           temp, has_bias, has_ref_bias, need_b, NEED_X: tl.constexpr,
                                            NEED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Atomic backward, vocab slice [v_begin, v_end): one (token block, vocab tile) per program."""
     row0 = tl.program_id(0) * BLOCK_N
     col0 = v_begin + tl.program_id(1) * BLOCK_V
     d = _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, g_ptr, row0, col0, N, v_end,
-                    H, HR, stride_x, stride_w, stride_xr, stride_wr, inv_t, has_bias, has_ref_bias, BLOCK_N,
+                    H, HR, stride_x, stride_w, stride_xr, stride_wr, temp, has_bias, has_ref_bias, BLOCK_N,
                     BLOCK_V, BLOCK_K, DOT_PRECISION)
     _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
                    stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V, BLOCK_K,
@@ -211,7 +213,7 @@ def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
 def _fused_linear_kl_divergence_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr,
                                                   g_ptr, dx_ptr, dw_ptr, db_ptr, N, V, H, HR, v_begin, v_end,
                                                   stride_x, stride_w, stride_xr, stride_wr, stride_dx, stride_dw,
-                                                  inv_t, has_bias, has_ref_bias, need_b, OWN_COLS: tl.constexpr,
+                                                  temp, has_bias, has_ref_bias, need_b, OWN_COLS: tl.constexpr,
                                                   NEED_X: tl.constexpr, NEED_W: tl.constexpr,
                                                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                                                   BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -221,7 +223,7 @@ def _fused_linear_kl_divergence_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, w
     for i in range(0, _reduce_steps(N, v_begin, v_end, OWN_COLS, BLOCK_N, BLOCK_V)):
         row0, col0 = _reduce_tile(i, v_begin, OWN_COLS, BLOCK_N, BLOCK_V)
         d = _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, g_ptr, row0, col0, N,
-                        v_end, H, HR, stride_x, stride_w, stride_xr, stride_wr, inv_t, has_bias, has_ref_bias,
+                        v_end, H, HR, stride_x, stride_w, stride_xr, stride_wr, temp, has_bias, has_ref_bias,
                         BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
                        stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V,
@@ -246,14 +248,14 @@ def _fused_specs():
         specs.append(KernelSpec(
             f"fused_linear_kl_fwd[{tag}]", _fused_linear_kl_divergence_fwd_kernel,
             {**ptrs, "part_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "HR": "i32", "stride_x": "i32",
-             "stride_w": "i32", "stride_xr": "i32", "stride_wr": "i32", "inv_t": "fp32", "tiles_per_split": "i32",
+             "stride_w": "i32", "stride_xr": "i32", "stride_wr": "i32", "temp": "fp32", "tiles_per_split": "i32",
              "has_bias": "i32", "has_ref_bias": "i32", **{k: "constexpr" for k in cx}},
             cx, fwd_cfg.num_warps, fwd_cfg.num_stages))
         bwd_sig = {**ptrs, "stats_ptr": "*fp32", "g_ptr": "*fp32",
                    "dx_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32",
                    "HR": "i32", "v_begin": "i32", "v_end": "i32", "stride_x": "i32", "stride_w": "i32",
                    "stride_xr": "i32", "stride_wr": "i32", "stride_dx": "i32", "stride_dw": "i32",
-                   "inv_t": "fp32", "has_bias": "i32", "has_ref_bias": "i32", "need_b": "i32",
+                   "temp": "fp32", "has_bias": "i32", "has_ref_bias": "i32", "need_b": "i32",
                    "NEED_X": "constexpr", "NEED_W": "constexpr", **{k: "constexpr" for k in cx}}
         for need_x, need_w in NEED_PAIRS:
             specs.append(KernelSpec(
@@ -271,14 +273,14 @@ def static_configs():
             specs.append(KernelSpec(
                 f"kl_fwd[{dt},{rdt},BV={cfg.block_v}]", _kl_fwd_kernel,
                 {"p_ptr": f"*{dt}", "q_ptr": f"*{rdt}", "kl_ptr": "*fp32", "stats_ptr": "*fp32",
-                 "stride_p": "i32", "stride_q": "i32", "V": "i32", "inv_t": "fp32", "BLOCK_V": "constexpr"},
+                 "stride_p": "i32", "stride_q": "i32", "V": "i32", "temp": "fp32", "BLOCK_V": "constexpr"},
                 {"BLOCK_V": cfg.block_v}, cfg.num_warps, cfg.num_stages))
             for need_ref in (False, True):
                 specs.append(KernelSpec(
                     f"kl_bwd[{dt},{rdt},BV={cfg.block_v},REF={need_ref}]", _kl_bwd_kernel,
                     {"p_ptr": f"*{dt}", "q_ptr": f"*{rdt}", "stats_ptr": "*fp32",
                      "g_ptr": "*fp32", "dp_ptr": f"*{dt}", "dq_ptr": f"*{rdt}", "stride_p": "i32",
-                     "stride_q": "i32", "V": "i32", "inv_t": "fp32", "NEED_REF": "constexpr",
+                     "stride_q": "i32", "V": "i32", "temp": "fp32", "NEED_REF": "constexpr",
                      "BLOCK_V": "constexpr"},
                     {"BLOCK_V": cfg.block_v, "NEED_REF": need_ref}, cfg.num_warps, cfg.num_stages))
     return specs + _fused_specs()

@@ -24,7 +24,7 @@ def _triton_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temp
     kk._fused_linear_kl_divergence_fwd_kernel[(cdiv(n, cfg.block_n), splits)](
         hidden, weight, bias if bias is not None else hidden, ref_hidden, ref_weight,
         ref_bias if ref_bias is not None else ref_hidden, part, n, vocab, hidden.shape[1], ref_hidden.shape[1],
-        hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), 1.0 / temperature,
+        hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), temperature,
         tiles_per_split, int(bias is not None), int(ref_bias is not None), **tile_kwargs(cfg, prec))
     # the splits' row sums are combined in fp64, as the kernel sums them (see kernels/kl_divergence.py)
     m_p, s_p, s_d, m_q, s_q = part.double().unbind(0)
@@ -52,7 +52,7 @@ def _triton_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_
             ref_bias if ref_bias is not None else ref_hidden, stats, grad_kl, d_x, d_w, d_b,
             hidden.shape[0], weight.shape[0], hidden.shape[1], ref_hidden.shape[1], v_begin, v_end,
             hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), hidden.shape[1],
-            weight.shape[1], 1.0 / temperature, int(bias is not None), int(ref_bias is not None),
+            weight.shape[1], temperature, int(bias is not None), int(ref_bias is not None),
             int(bp.need_b), NEED_X=bp.need_x, NEED_W=bp.need_w, **extra, **tile_kwargs(bp.cfg, prec))
 
     return run_backward_slices(launch, hidden, weight, bias, need, cfg,

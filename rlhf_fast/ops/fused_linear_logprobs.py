@@ -188,7 +188,7 @@ def _triton_forward(hidden, weight, bias, targets, temperature, want_entropy, ig
     part = torch.empty(4, splits, n, dtype=torch.float32, device=dev)
     k._fused_linear_logprobs_fwd_kernel[(cdiv(n, cfg.block_n), splits)](
         hidden, weight, bias if bias is not None else hidden, targets, part, n, vocab, hidden.shape[1],
-        hidden.stride(0), weight.stride(0), 1.0 / temperature, ignore_index, tiles_per_split,
+        hidden.stride(0), weight.stride(0), temperature, ignore_index, tiles_per_split,
         int(bias is not None), int(want_entropy), **tile_kwargs(cfg, prec))
     m, s, sy, zt = part.unbind(0)
     big_m = m.max(0).values
@@ -216,7 +216,7 @@ def _triton_backward(grad_logp, grad_entropy, hidden, weight, bias, targets, sta
             hidden, weight, bias if bias is not None else hidden, targets, stats, entropy if have_ent else stats,
             grad_logp, grad_entropy if have_ent else grad_logp, d_x, d_w, d_b, hidden.shape[0], weight.shape[0],
             hidden.shape[1], v_begin, v_end, hidden.stride(0), weight.stride(0), hidden.shape[1],
-            weight.shape[1], 1.0 / temperature, ignore_index, int(bias is not None), int(have_ent),
+            weight.shape[1], temperature, ignore_index, int(bias is not None), int(have_ent),
             int(bp.need_b), NEED_X=bp.need_x, NEED_W=bp.need_w, **extra, **tile_kwargs(bp.cfg, prec))
 
     return run_backward_slices(launch, hidden, weight, bias, need, cfg,

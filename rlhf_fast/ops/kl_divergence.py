@@ -18,7 +18,7 @@ def _triton_forward(logits, ref_logits, temperature):
     if n:
         cfg = _pick_config(k.CONFIGS, vocab)
         k._kl_fwd_kernel[(n,)](logits, ref_logits, kl, stats, logits.stride(0), ref_logits.stride(0), vocab,
-                               1.0 / temperature, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+                               temperature, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
                                num_stages=cfg.num_stages)
     return kl, stats
 
@@ -32,7 +32,7 @@ def _triton_backward(grad_kl, logits, ref_logits, stats, kl, temperature, need_r
         cfg = _pick_config(k.CONFIGS, vocab)
         k._kl_bwd_kernel[(n,)](logits, ref_logits, stats, grad_kl, d_logits,
                                d_ref if need_ref else d_logits, logits.stride(0), ref_logits.stride(0),
-                               vocab, 1.0 / temperature, NEED_REF=need_ref, BLOCK_V=cfg.block_v,
+                               vocab, temperature, NEED_REF=need_ref, BLOCK_V=cfg.block_v,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return d_logits, d_ref
 
