@@ -59,6 +59,7 @@ def _token_logprobs_bwd_kernel(logits_ptr, targets_ptr, stats_ptr, entropy_ptr, 
     valid = t != ignore_index
     m = tl.load(stats_ptr + row)
     log_s = tl.load(stats_ptr + tl.num_programs(0) + row)
+    inv_temp = 1.0 / temp
     g_logp = tl.where(valid, tl.load(g_logp_ptr + row), 0.0)
     if HAVE_ENTROPY:
         g_ent = tl.where(valid, tl.load(g_ent_ptr + row), 0.0)
@@ -73,7 +74,7 @@ def _token_logprobs_bwd_kernel(logits_ptr, targets_ptr, stats_ptr, entropy_ptr, 
             d = -p * g_logp
         # -inf logit (p = 0): zero gradient, not 0 * inf; NaN rows (NaN stats) stay NaN as in the reference
         d = tl.where(logp == float("-inf"), 0.0, d)
-        d = tl.math.div_rn(tl.where(off + cols == t, d + g_logp, d), temp)
+        d = tl.where(off + cols == t, d + g_logp, d) * inv_temp  # scales the result only: a multiply
         tl.store(gbase + off + cols, d.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
