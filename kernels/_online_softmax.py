@@ -11,13 +11,18 @@ import triton.language as tl
 
 @triton.jit
 def _online_lse_step(z, m, s, AXIS: tl.constexpr):
-    """Fold tile z (fp32, -inf on masked lanes) into the running max m and s = sum e^(z - m) along AXIS.
+    """Fold tile z (fp32, -inf on masked lanes) into the running max m and s = sum e^(z - m) along AXIS
+    (the tile is summed in s's dtype: fp32, or fp64 where a kernel keeps its row sums in fp64).
 
     Returns (m_new, s_new, alpha, y, e): alpha = e^(m - m_new) rescales sums taken relative to the old
     max; y = z - m_new and e = e^y, both 0 where z = -inf (masked lanes and masked vocabulary: p = 0 and
     0 log 0 = 0). A leading tile of only -inf leaves m at -inf without turning s into NaN.
+
+    NaN propagates as in PyTorch's max: a NaN logit makes m (hence s, alpha, y, e and every statistic
+    built on them) NaN for its row from that tile on. tl.max/tl.maximum alone would drop it (fmax
+    semantics on GPU), and `live` below would zero its term, turning a NaN row into finite numbers.
     """
-    m_new = tl.maximum(m, tl.max(z, AXIS))
+    m_new = _nan_max(m, z, AXIS)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_safe)
     live = z > float("-inf")
@@ -26,14 +31,22 @@ def _online_lse_step(z, m, s, AXIS: tl.constexpr):
     else:
         y = tl.where(live, z - m_safe[:, None], 0.0)
     e = tl.where(live, tl.exp(y), 0.0)
-    return m_new, s * alpha + tl.sum(e, AXIS), alpha, y, e
+    return m_new, s * alpha + tl.sum(e.to(s.dtype), AXIS), alpha, y, e
+
+
+@triton.jit
+def _nan_max(m, z, AXIS: tl.constexpr):
+    """max(m, max of z along AXIS), NaN where m or any z of the row is NaN (torch.max semantics)."""
+    nan_term = tl.sum(tl.where(z != z, z, 0.0), AXIS)  # NaN where the row holds a NaN, else 0
+    return tl.maximum(m, tl.max(z, AXIS), propagate_nan=tl.PropagateNan.ALL) + nan_term
 
 
 @triton.jit
 def _rebased_sum(acc, s, alpha, shift, terms, AXIS: tl.constexpr):
-    """Running acc = sum e^(z - m) w with the new tile's terms e * w added along AXIS.
+    """Running acc = sum e^(z - m) w with the new tile's terms e * w added along AXIS (summed in acc's
+    dtype).
 
     acc and s = sum e^(z - m) are the old running sums; when the maxima grow each old w moves by
     `shift` (entropy: m - m_new) and each old e^(z - m) by alpha (from _online_lse_step).
     """
-    return alpha * (acc + tl.where(s > 0, s * shift, 0.0)) + tl.sum(terms, AXIS)
+    return alpha * (acc + tl.where(s > 0, s * shift, 0.0)) + tl.sum(terms.to(acc.dtype), AXIS)

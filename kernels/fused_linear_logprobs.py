@@ -5,7 +5,16 @@ A program owns BLOCK_N tokens and a run of BLOCK_V-wide vocab tiles. For each ti
 (max, sum-exp, sum-exp*(z - max), target logit), and drops them: the logits never reach global memory.
 Vocab splits (grid axis 1) write partial statistics that the launcher combines, so small N still fills
 the GPU. The backward recomputes each logit tile, forms d(logits) on chip and adds its products into
-fp32 d(hidden) and d(weight) buffers with atomics.
+fp32 d(hidden) and d(weight) buffers, in one of two ways:
+
+- atomic (`_bwd_kernel`): one program per (token block, vocab tile), fp32 atomics into dx (V/BLOCK_V
+  adds per element) and dw (N/BLOCK_N adds per element). Most parallel; the sum order is not fixed.
+- reduce (`_bwd_reduce_kernel`, no atomics, bitwise deterministic): pass OWN_COLS=False gives each
+  program BLOCK_N tokens and walks the vocab, adding d @ w into rows of dx that only it writes; pass
+  OWN_COLS=True gives each program BLOCK_V vocab rows and walks the tokens, adding d.T @ x into rows
+  of dw (and d.sum(0) into db) that only it writes. Each pass recomputes the logit tiles, so it costs
+  one more (N, V, H) matmul than the atomic kernel, and it makes as many fp32 read-modify-writes of
+  dx/dw (plain loads and stores, in a fixed order) as the atomic kernel makes atomics.
 """
 from collections import namedtuple
 
@@ -25,6 +34,16 @@ CONFIGS = {
     "fp16": TileConfig(64, 128, 64, 8, 3),
 }
 DOT_PRECISION = {"fp32": "ieee", "bf16": "tf32", "fp16": "tf32"}
+# The reduce backward's (dx pass, dw pass) tiles per input dtype: its outer loop keeps more values
+# live than the atomic kernel, and CONFIGS' tiles spill there (up to ~1 KB on sm_80/sm_90 under
+# Triton 3.9); these are the largest of those tried with no spills on either arch. fp32: the dx pass at
+# 32 rows spilled 8 B on sm_80 under Triton 3.6, and the dw pass with 4 warps 4 B on sm_90 (3.6, with
+# the logits divided by T in _logits_tile); 16 rows, and 8 warps and one stage for dw, do not.
+REDUCE_CONFIGS = {
+    "fp32": (TileConfig(16, 32, 32, 4, 2), TileConfig(16, 32, 32, 8, 1)),
+    "bf16": (TileConfig(64, 128, 32, 8, 3), TileConfig(64, 64, 32, 8, 3)),
+    "fp16": (TileConfig(64, 128, 32, 8, 3), TileConfig(64, 64, 32, 8, 3)),
+}
 # Under TRITON_INTERPRET=1 (the CPU test lane) the launcher uses this tile instead: the interpreter's
 # cost is per tile operation, so wide, short tiles walk a 50k vocab in ~50 steps rather than ~400.
 # Same kernels, other constexprs; GPU launches never use it (and it is not in static_configs()).
@@ -32,22 +51,35 @@ INTERPRET_CONFIG = TileConfig(16, 1024, 32, 4, 1)
 # Triton's CPU interpreter (3.9) multiplies bf16 tl.dot operands wrongly; under TRITON_INTERPRET=1 the
 # launcher passes DOT_PRECISION="upcast" for bf16 so the interpreter sees fp32 operands. GPUs never do.
 INTERPRET_BF16_PRECISION = "upcast"
+# The interpreter runs tl.dot as a numpy matmul, whose BLAS on some CPUs (OpenBLAS on AMD EPYC) sums a
+# 1024-long fp32 inner dimension with ~3.5x PyTorch's error. The backward's d @ w sums over the vocab
+# tile, 1024 wide under INTERPRET_CONFIG (32-128 on GPUs), so that host error alone reached 1.4x the
+# parity bound on d(hidden). Under TRITON_INTERPRET=1 the launcher passes this for fp32: _grad_products
+# takes d @ w in fp64, rounded once to fp32; all other dots (inner dimension BLOCK_K or BLOCK_N, as on
+# GPUs) stay "ieee". GPUs never see it.
+INTERPRET_FP32_PRECISION = "ieee_dx64"
 
 
 @triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
     if DOT_PRECISION == "upcast":
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif DOT_PRECISION == "ieee_dx64":
+        acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
 
 
 @triton.jit
-def _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, row_lim, col_lim, K, stride_x, stride_w, inv_t, has_bias,
+def _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, row_lim, col_lim, K, stride_x, stride_w, temp, has_bias,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     """(BLOCK_N, BLOCK_V) fp32 tile of (x @ w.T + b) / T for x rows row0.. and w rows col0...
+
+    Divided by T (temp), not multiplied by a rounded 1/T: fl(1/T) scales every logit by the same
+    relative error, a systematic error that reached ~1.9x PyTorch's d(weight) error (entropy
+    gradient, T = 0.7); z / T as PyTorch computes it shares PyTorch's rounding of T.
 
     Register economy: the tile origin goes into a 64-bit scalar base pointer and in-tile offsets stay
     32-bit; rows/cols past the end (row_lim, col_lim = valid count) re-read the last valid one instead
@@ -66,16 +98,27 @@ def _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, row_lim, col_lim, K, stride_x,
         acc = _dot(a, tl.trans(b), acc, DOT_PRECISION)
     if has_bias:
         acc += tl.load(b_ptr + col0 + rv).to(tl.float32)[None, :]
-    return acc * inv_t
+    return tl.math.div_rn(acc, temp)  # z / T rounded once, as PyTorch's logits / T
+
+
+@triton.jit
+def _accumulate(ptrs, val, mask, OWNED: tl.constexpr):
+    """*ptrs += val: a plain read-modify-write when this program alone writes those addresses (OWNED),
+    else an fp32 atomic."""
+    if OWNED:
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + val, mask=mask)
+    else:
+        tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
 
 
 @triton.jit
 def _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, row_lim, col_lim, v_begin, K,
                    stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X: tl.constexpr,
                    NEED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, OWNED: tl.constexpr):
     """Given d = d(loss)/d(logits) for one (BLOCK_N, BLOCK_V) tile (fp32, zero outside the masks), add
-    d @ w[cols] into dx[rows], d.T @ x[rows] into dw[cols - v_begin] and d.sum(0) into db[cols].
+    d @ w[cols] into dx[rows], d.T @ x[rows] into dw[cols - v_begin] and d.sum(0) into db[cols]
+    (with _accumulate: OWNED says no other program adds into the same dx/dw/db entries).
 
     Rows/cols past the end read clamped addresses (as in _logits_tile) and are masked in the adds."""
     rn = tl.arange(0, BLOCK_N)
@@ -92,9 +135,12 @@ def _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, row_lim,
         for k in range(0, K, BLOCK_K):
             kmask = k + ks < K
             w = tl.load(w_base + rv_c[:, None] * stride_w + (k + ks)[None, :], mask=kmask[None, :], other=0.0)
-            part = _dot(dd, w, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), DOT_PRECISION)
-            tl.atomic_add(dx_base + rn[:, None] * stride_dx + (k + ks)[None, :], part,
-                          mask=row_mask[:, None] & kmask[None, :], sem="relaxed")
+            if DOT_PRECISION == "ieee_dx64":  # interpreter only (INTERPRET_FP32_PRECISION)
+                part = tl.dot(dd.to(tl.float64), w.to(tl.float64)).to(tl.float32)
+            else:
+                part = _dot(dd, w, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), DOT_PRECISION)
+            _accumulate(dx_base + rn[:, None] * stride_dx + (k + ks)[None, :], part,
+                        row_mask[:, None] & kmask[None, :], OWNED)
     if NEED_W:
         x_base = x_ptr + row0.to(tl.int64) * stride_x
         dw_base = dw_ptr + (col0 - v_begin).to(tl.int64) * stride_dw
@@ -102,14 +148,14 @@ def _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, row_lim,
             kmask = k + ks < K
             x = tl.load(x_base + rn_c[:, None] * stride_x + (k + ks)[None, :], mask=kmask[None, :], other=0.0)
             part = _dot(tl.trans(dd), x, tl.zeros((BLOCK_V, BLOCK_K), tl.float32), DOT_PRECISION)
-            tl.atomic_add(dw_base + rv[:, None] * stride_dw + (k + ks)[None, :], part,
-                          mask=col_mask[:, None] & kmask[None, :], sem="relaxed")
+            _accumulate(dw_base + rv[:, None] * stride_dw + (k + ks)[None, :], part,
+                        col_mask[:, None] & kmask[None, :], OWNED)
     if need_b:
-        tl.atomic_add(db_ptr + col0 + rv, tl.sum(d, 0), mask=col_mask, sem="relaxed")
+        _accumulate(db_ptr + col0 + rv, tl.sum(d, 0), col_mask, OWNED)
 
 
 @triton.jit
-def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, H, stride_x, stride_w, inv_t,
+def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, H, stride_x, stride_w, temp,
                                       ignore_index, tiles_per_split, has_bias, want_entropy,
                                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                                       DOT_PRECISION: tl.constexpr):
@@ -129,7 +175,7 @@ def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V
     for i in range(0, tiles_per_split):
         col0 = v_begin + i * BLOCK_V
         cols = col0 + tl.arange(0, BLOCK_V)
-        z = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, V - col0, H, stride_x, stride_w, inv_t,
+        z = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, V - col0, H, stride_x, stride_w, temp,
                          has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         z = tl.where((cols < V)[None, :], z, float("-inf"))  # no softmax mass past the vocab
         m_new, s_new, alpha, y, e = _online_lse_step(z, m, s, 1)
@@ -147,20 +193,17 @@ def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V
 
 
 @triton.jit
-def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
-                                      dx_ptr, dw_ptr, db_ptr, N, V, H, v_begin, v_end, stride_x, stride_w,
-                                      stride_dx, stride_dw, inv_t, ignore_index, has_bias, have_entropy, need_b,
-                                      NEED_X: tl.constexpr, NEED_W: tl.constexpr, BLOCK_N: tl.constexpr,
-                                      BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                                      DOT_PRECISION: tl.constexpr):
-    """Vocab slice [v_begin, v_end): d(logits) = (g_logp (onehot - p) - g_H p (log p + H)) / T per tile."""
-    row0 = tl.program_id(0) * BLOCK_N
-    col0 = v_begin + tl.program_id(1) * BLOCK_V
+def _logprobs_dlogits(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, row0, col0, N,
+                      v_end, H, stride_x, stride_w, temp, ignore_index, has_bias, have_entropy,
+                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """d(loss)/d(logits) = (g_logp (onehot - p) - g_H p (log p + H)) / T for the (BLOCK_N, BLOCK_V) tile at
+    (row0, col0), fp32, zero outside rows < N and cols < v_end."""
     rows = row0 + tl.arange(0, BLOCK_N)
     cols = col0 + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < v_end
-    z = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, v_end - col0, H, stride_x, stride_w, inv_t,
+    z = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, v_end - col0, H, stride_x, stride_w, temp,
                      has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
     t = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (t != ignore_index)
@@ -174,16 +217,78 @@ def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent
         g_ent = tl.where(valid, tl.load(g_ent_ptr + rows, mask=row_mask, other=0.0), 0.0)
         ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
         coef += g_ent[:, None] * (logp + ent[:, None])
-    d = tl.where(p > 0, -p * coef, 0.0)  # p = 0 (-inf logit): zero gradient, not 0 * inf
-    d = tl.where(cols[None, :] == t[:, None], d + g_logp[:, None], d) * inv_t
-    d = tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
+    # -inf logit (p = 0): zero gradient, not 0 * inf; NaN rows (NaN stats) stay NaN as in the reference
+    d = tl.where(logp == float("-inf"), 0.0, -p * coef)
+    # the gradient's 1/T only scales the result (a relative error of one rounding), so a multiply: a
+    # per-element division of the tile spilled on sm_90 (bf16/fp16 atomic backward)
+    d = tl.where(cols[None, :] == t[:, None], d + g_logp[:, None], d) * (1.0 / temp)
+    return tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
+
+
+@triton.jit
+def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
+                                      dx_ptr, dw_ptr, db_ptr, N, V, H, v_begin, v_end, stride_x, stride_w,
+                                      stride_dx, stride_dw, temp, ignore_index, has_bias, have_entropy, need_b,
+                                      NEED_X: tl.constexpr, NEED_W: tl.constexpr, BLOCK_N: tl.constexpr,
+                                      BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                                      DOT_PRECISION: tl.constexpr):
+    """Atomic backward, vocab slice [v_begin, v_end): one (token block, vocab tile) per program."""
+    row0 = tl.program_id(0) * BLOCK_N
+    col0 = v_begin + tl.program_id(1) * BLOCK_V
+    d = _logprobs_dlogits(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, row0, col0, N,
+                          v_end, H, stride_x, stride_w, temp, ignore_index, has_bias, have_entropy, BLOCK_N,
+                          BLOCK_V, BLOCK_K, DOT_PRECISION)
     _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
                    stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V, BLOCK_K,
-                   DOT_PRECISION)
+                   DOT_PRECISION, False)
+
+
+@triton.jit
+def _reduce_steps(N, v_begin, v_end, OWN_COLS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Trip count of a reduce pass: token blocks (OWN_COLS) or vocab tiles of the slice."""
+    if OWN_COLS:
+        return tl.cdiv(N, BLOCK_N)
+    return tl.cdiv(v_end - v_begin, BLOCK_V)
+
+
+@triton.jit
+def _reduce_tile(i, v_begin, OWN_COLS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(row0, col0) of step i of a reduce pass: this program's vocab tile and token block i (OWN_COLS),
+    or its token block and vocab tile i."""
+    step = tl.cast(i, tl.int32)  # a tensor also where the interpreter hands the loop index over as an int
+    if OWN_COLS:
+        return step * BLOCK_N, v_begin + tl.program_id(0) * BLOCK_V
+    return tl.program_id(0) * BLOCK_N, v_begin + step * BLOCK_V
+
+
+@triton.jit
+def _fused_linear_logprobs_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr,
+                                             g_ent_ptr, dx_ptr, dw_ptr, db_ptr, N, V, H, v_begin, v_end,
+                                             stride_x, stride_w, stride_dx, stride_dw, temp, ignore_index,
+                                             has_bias, have_entropy, need_b, OWN_COLS: tl.constexpr,
+                                             NEED_X: tl.constexpr, NEED_W: tl.constexpr, BLOCK_N: tl.constexpr,
+                                             BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                                             DOT_PRECISION: tl.constexpr):
+    """Backward without atomics, vocab slice [v_begin, v_end) (see the module docstring): OWN_COLS=False,
+    grid (cdiv(N, BLOCK_N),), writes dx; OWN_COLS=True, grid (cdiv(v_end - v_begin, BLOCK_V),), writes
+    dw and db."""
+    for i in range(0, _reduce_steps(N, v_begin, v_end, OWN_COLS, BLOCK_N, BLOCK_V)):
+        row0, col0 = _reduce_tile(i, v_begin, OWN_COLS, BLOCK_N, BLOCK_V)
+        d = _logprobs_dlogits(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, row0, col0,
+                              N, v_end, H, stride_x, stride_w, temp, ignore_index, has_bias, have_entropy,
+                              BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
+                       stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V,
+                       BLOCK_K, DOT_PRECISION, True)
+        # the next step re-reads the dx/dw rows this step wrote, maybe from other threads of the block
+        # (another layout, or an async copy): a block barrier orders those global accesses
+        tl.debug_barrier()
 
 
 # (NEED_X, NEED_W) pairs the launcher can request; (False, False) is a call that trains only the bias.
 NEED_PAIRS = ((True, True), (True, False), (False, True), (False, False))
+# (OWN_COLS, NEED_X, NEED_W) of the reduce kernel's passes: dx alone; dw (+ db); db alone (bias only).
+REDUCE_PASSES = ((False, True, False), (True, False, True), (True, False, False))
 
 
 def static_configs():
@@ -195,17 +300,34 @@ def static_configs():
         specs.append(KernelSpec(
             f"fused_linear_logprobs_fwd[{tag}]", _fused_linear_logprobs_fwd_kernel,
             {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64", "part_ptr": "*fp32",
-             "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32", "inv_t": "fp32",
+             "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32", "temp": "fp32",
              "ignore_index": "i32", "tiles_per_split": "i32", "has_bias": "i32", "want_entropy": "i32",
              **{k: "constexpr" for k in cx}}, cx, cfg.num_warps, cfg.num_stages))
+        bwd_sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64", "stats_ptr": "*fp32",
+                   "ent_ptr": "*fp32", "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "dx_ptr": "*fp32",
+                   "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "v_begin": "i32",
+                   "v_end": "i32", "stride_x": "i32", "stride_w": "i32", "stride_dx": "i32", "stride_dw": "i32",
+                   "temp": "fp32", "ignore_index": "i32", "has_bias": "i32", "have_entropy": "i32",
+                   "need_b": "i32", "NEED_X": "constexpr", "NEED_W": "constexpr",
+                   **{k: "constexpr" for k in cx}}
         for need_x, need_w in NEED_PAIRS:
             specs.append(KernelSpec(
                 f"fused_linear_logprobs_bwd[{tag},X={need_x},W={need_w}]", _fused_linear_logprobs_bwd_kernel,
-                {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64", "stats_ptr": "*fp32",
-                 "ent_ptr": "*fp32", "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "dx_ptr": "*fp32",
-                 "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "v_begin": "i32",
-                 "v_end": "i32", "stride_x": "i32", "stride_w": "i32", "stride_dx": "i32", "stride_dw": "i32",
-                 "inv_t": "fp32", "ignore_index": "i32", "has_bias": "i32", "have_entropy": "i32",
-                 "need_b": "i32", "NEED_X": "constexpr", "NEED_W": "constexpr", **{k: "constexpr" for k in cx}},
-                {**cx, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
+                bwd_sig, {**cx, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
+        specs += reduce_specs("fused_linear_logprobs_bwd_reduce", _fused_linear_logprobs_bwd_reduce_kernel,
+                              bwd_sig, dt, REDUCE_CONFIGS[dt])
+    return specs
+
+
+def reduce_specs(prefix, kernel, bwd_sig, dt, pass_configs):
+    """KernelSpecs of a reduce backward kernel's passes (REDUCE_PASSES), each with its pass's tile."""
+    specs = []
+    for own_cols, need_x, need_w in REDUCE_PASSES:
+        cfg = pass_configs[int(own_cols)]
+        cx = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k,
+              "DOT_PRECISION": DOT_PRECISION[dt]}
+        specs.append(KernelSpec(
+            f"{prefix}[{dt},BN={cfg.block_n},BV={cfg.block_v},BK={cfg.block_k},COLS={own_cols},X={need_x},"
+            f"W={need_w}]", kernel, {**bwd_sig, "OWN_COLS": "constexpr"},
+            {**cx, "OWN_COLS": own_cols, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
     return specs

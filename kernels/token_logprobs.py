@@ -20,7 +20,7 @@ CONFIGS = (RowConfig(1024, 4, 2), RowConfig(4096, 8, 2))
 
 @triton.jit
 def _token_logprobs_fwd_kernel(logits_ptr, targets_ptr, logp_ptr, entropy_ptr, stats_ptr, stride_row, V,
-                               inv_t, ignore_index, WANT_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+                               temp, ignore_index, WANT_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
     """stats (2, N) <- (m, log s): log p = (z - m) - log s stays exact to an ulp of log p."""
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
@@ -30,7 +30,7 @@ def _token_logprobs_fwd_kernel(logits_ptr, targets_ptr, logp_ptr, entropy_ptr, s
     sy = tl.zeros((), tl.float32)
     for off in range(0, V, BLOCK_V):
         mask = off + cols < V
-        z = tl.load(base + off + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        z = tl.math.div_rn(tl.load(base + off + cols, mask=mask, other=float("-inf")).to(tl.float32), temp)
         m_new, s_new, alpha, y, e = _online_lse_step(z, m, s, 0)
         if WANT_ENTROPY:
             sy = _rebased_sum(sy, s, alpha, m - m_new, e * y, 0)  # sy = sum exp(z - m) (z - m)
@@ -38,7 +38,7 @@ def _token_logprobs_fwd_kernel(logits_ptr, targets_ptr, logp_ptr, entropy_ptr, s
     log_s = tl.log(s)
     t = tl.load(targets_ptr + row)
     valid = t != ignore_index
-    zt = tl.load(base + t, mask=valid, other=0.0).to(tl.float32) * inv_t
+    zt = tl.math.div_rn(tl.load(base + t, mask=valid, other=0.0).to(tl.float32), temp)
     tl.store(stats_ptr + row, m)
     tl.store(stats_ptr + tl.num_programs(0) + row, log_s)
     tl.store(logp_ptr + row, tl.where(valid, (zt - m) - log_s, 0.0))
@@ -49,7 +49,7 @@ def _token_logprobs_fwd_kernel(logits_ptr, targets_ptr, logp_ptr, entropy_ptr, s
 
 @triton.jit
 def _token_logprobs_bwd_kernel(logits_ptr, targets_ptr, stats_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, grad_ptr,
-                               stride_row, stride_grad, V, inv_t, ignore_index, HAVE_ENTROPY: tl.constexpr,
+                               stride_row, stride_grad, V, temp, ignore_index, HAVE_ENTROPY: tl.constexpr,
                                BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
@@ -59,20 +59,22 @@ def _token_logprobs_bwd_kernel(logits_ptr, targets_ptr, stats_ptr, entropy_ptr, 
     valid = t != ignore_index
     m = tl.load(stats_ptr + row)
     log_s = tl.load(stats_ptr + tl.num_programs(0) + row)
+    inv_temp = 1.0 / temp
     g_logp = tl.where(valid, tl.load(g_logp_ptr + row), 0.0)
     if HAVE_ENTROPY:
         g_ent = tl.where(valid, tl.load(g_ent_ptr + row), 0.0)
         ent = tl.load(entropy_ptr + row)
     for off in range(0, V, BLOCK_V):
         mask = off + cols < V
-        logp = (tl.load(base + off + cols, mask=mask, other=0.0).to(tl.float32) * inv_t - m) - log_s
+        logp = (tl.math.div_rn(tl.load(base + off + cols, mask=mask, other=0.0).to(tl.float32), temp) - m) - log_s
         p = tl.exp(logp)
         if HAVE_ENTROPY:
             d = -p * (g_logp + g_ent * (logp + ent))
         else:
             d = -p * g_logp
-        d = tl.where(p > 0, d, 0.0)  # p = 0 (-inf logit): zero gradient, not 0 * inf
-        d = tl.where(off + cols == t, d + g_logp, d) * inv_t
+        # -inf logit (p = 0): zero gradient, not 0 * inf; NaN rows (NaN stats) stay NaN as in the reference
+        d = tl.where(logp == float("-inf"), 0.0, d)
+        d = tl.where(off + cols == t, d + g_logp, d) * inv_temp  # scales the result only: a multiply
         tl.store(gbase + off + cols, d.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -88,14 +90,14 @@ def static_configs():
                 specs.append(KernelSpec(
                     f"token_logprobs_fwd[{dt},BV={cfg.block_v},ENT={flag}]", _token_logprobs_fwd_kernel,
                     {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
-                     "stats_ptr": "*fp32", "stride_row": "i32", "V": "i32", "inv_t": "fp32", "ignore_index": "i32",
+                     "stats_ptr": "*fp32", "stride_row": "i32", "V": "i32", "temp": "fp32", "ignore_index": "i32",
                      "WANT_ENTROPY": "constexpr", "BLOCK_V": "constexpr"},
                     {**cx, "WANT_ENTROPY": flag}, cfg.num_warps, cfg.num_stages))
                 specs.append(KernelSpec(
                     f"token_logprobs_bwd[{dt},BV={cfg.block_v},ENT={flag}]", _token_logprobs_bwd_kernel,
                     {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", "stats_ptr": "*fp32", "entropy_ptr": "*fp32",
                      "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "grad_ptr": f"*{dt}", "stride_row": "i32",
-                     "stride_grad": "i32", "V": "i32", "inv_t": "fp32", "ignore_index": "i32",
+                     "stride_grad": "i32", "V": "i32", "temp": "fp32", "ignore_index": "i32",
                      "HAVE_ENTROPY": "constexpr", "BLOCK_V": "constexpr"},
                     {**cx, "HAVE_ENTROPY": flag}, cfg.num_warps, cfg.num_stages))
     return specs

@@ -39,6 +39,15 @@ def test_token_logprobs_has_no_graph_break(device):
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
 
 
+def test_fused_linear_ops_have_no_graph_break(device):
+    """The fused logprob and KL ops (whose target check reads data inside the custom op) trace whole."""
+    h, w = torch.randn(9, 16, device=device), torch.randn(40, 16, device=device)
+    t = torch.randint(0, 40, (9,), device=device)
+    explanation = torch._dynamo.explain(fused_terms)(h, w, t, torch.randn(9, 8, device=device),
+                                                     torch.randn(40, 8, device=device))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+
 @pytest.mark.parametrize("fn, make", [
     (ppo_terms, _inputs),
     (fused_terms, lambda d: (torch.randn(9, 16, device=d), torch.randn(40, 16, device=d) * 0.3,

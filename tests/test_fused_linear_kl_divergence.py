@@ -87,6 +87,35 @@ def test_equals_logits_path_and_twin(backend, device):
     torch.testing.assert_close(twin, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, with_bias", [(FP32, True), (BF16, False)], ids=["fp32-b", "bf16-nob"])
+def test_reduce_backward_matches_float64_and_repeats_bitwise(dtype, with_bias, device, monkeypatch):
+    """The backward without atomics (deterministic mode): parity with float64 with several token blocks
+    and vocab tiles per program (odd sizes), and two runs give bitwise-equal gradients."""
+    need_backend("triton", device)
+    from rlhf_fast.kernels import kl_divergence as kmod
+    monkeypatch.setattr(kmod, "_fused_linear_kl_divergence_bwd_kernel", None)  # the atomic kernel must not run
+    policy, reference = make_inputs(37, 24, 16, 1500, dtype, device, with_bias)
+    g = torch.randn(37, device=device)
+    # T = 0.7: fp32 d_hidden here was 3.2x torch's error, from the backward's row constant (KL from fp32
+    # sums, off from the backward's own sum p (log p - log q) by a few ulps; kernels/kl_divergence.py)
+    # and from the interpreter's numpy d @ w over its 1024-wide vocab tile (INTERPRET_FP32_PRECISION)
+    temperature = 0.7
+    torch.use_deterministic_algorithms(True)
+    try:
+        kl, grads = run(fused("triton"), policy, reference, temperature, g)
+        _, again = run(fused("triton"), policy, reference, temperature, g)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    up = lambda ts: [None if t is None else t.double() for t in ts]  # noqa: E731
+    kl64, grads64 = run(unfused, up(policy), up(reference), temperature, g.double())
+    kl_t, grads_t = run(unfused, policy, reference, temperature, g)
+    assert_close_to_reference(kl, kl64, kl_t, FP32, name="kl")
+    for name, ours, second, want, same in zip(("d_hidden", "d_weight", "d_bias"), grads, again, grads64, grads_t):
+        if want is not None:
+            assert_close_to_reference(ours, want, same, dtype, name=name)
+            assert torch.equal(ours, second), f"{name}: two deterministic runs differ"
+
+
 def test_bad_input_raises(device):
     (h, w, b), (hr, wr, br) = make_inputs(4, 8, 6, 10, FP32, device, True)
     fk = rlhf_fast.fused_linear_kl_divergence
@@ -100,6 +129,8 @@ def test_bad_input_raises(device):
         fk(h, w, hr, wr[:9])
     with pytest.raises(ValueError, match="ref_weight must have hidden size"):
         fk(h, w, hr, wr[:, :5])
+    with pytest.raises(ValueError, match="^weight must have a vocabulary of at least 1 row"):
+        fk(h, w[:0], hr, wr[:0])
     with pytest.raises(ValueError, match="ref_hidden must have the dtype of hidden"):
         fk(h, w, hr.to(BF16), wr.to(BF16))
     with pytest.raises(ValueError, match="ref_bias must have vocab size"):

@@ -119,9 +119,11 @@ def test_bias_only_gradient(backend, device):
     torch.testing.assert_close(b.grad, z.grad.sum(0), rtol=0, atol=1e-5)
 
 
-def test_triton_dweight_in_several_slices(device, monkeypatch):
+@pytest.mark.parametrize("mode", ["atomic", "reduce"])
+def test_triton_dweight_in_several_slices(mode, device, monkeypatch):
     """bf16 d(weight) accumulates in bounded fp32 vocab slices; force one vocab tile per slice."""
     need_backend("triton", device)
+    monkeypatch.setenv(op_module.BWD_ENV, mode)
     hidden, weight, bias, targets = make_inputs(33, 16, 1000, BF16, device, True)
     block_v = op_module.tile_config(BF16)[1].block_v
     monkeypatch.setattr(op_module, "DW_SLICE_ELEMENTS", 16 * block_v)
@@ -131,6 +133,63 @@ def test_triton_dweight_in_several_slices(device, monkeypatch):
     _, _, whole = run(fused("triton"), hidden, weight, bias, targets, 1.0, g)
     for a, b in zip(sliced, whole):
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype, with_bias", [(FP32, True), (BF16, False)], ids=["fp32-b", "bf16-nob"])
+def test_reduce_backward_matches_float64_and_repeats_bitwise(dtype, with_bias, device, monkeypatch):
+    """The backward without atomics (deterministic mode): parity with float64 with several token blocks
+    and vocab tiles per program (odd sizes), and two runs give bitwise-equal gradients."""
+    need_backend("triton", device)
+    from rlhf_fast.kernels import fused_linear_logprobs as kmod
+    monkeypatch.setattr(kmod, "_fused_linear_logprobs_bwd_kernel", None)  # the atomic kernel must not run
+    n, h, vocab = 37, 24, 1500
+    hidden, weight, bias, targets = make_inputs(n, h, vocab, dtype, device, with_bias)
+    g = torch.randn(2, n, device=device)
+    with deterministic():
+        logp, ent, grads = run(fused("triton"), hidden, weight, bias, targets, 0.7, g)
+        _, _, again = run(fused("triton"), hidden, weight, bias, targets, 0.7, g)
+    up = lambda t: None if t is None else t.double()  # noqa: E731
+    logp64, ent64, grads64 = run(unfused, up(hidden), up(weight), up(bias), targets, 0.7, g.double())
+    logp_t, ent_t, grads_t = run(unfused, hidden, weight, bias, targets, 0.7, g)
+    assert_close_to_reference(logp, logp64, logp_t, FP32, name="logp")
+    assert_close_to_reference(ent, ent64, ent_t, FP32, name="entropy")
+    for name, ours, second, want, same in zip(("d_hidden", "d_weight", "d_bias"), grads, again, grads64, grads_t):
+        if want is not None:
+            assert_close_to_reference(ours, want, same, dtype, name=name)
+            assert torch.equal(ours, second), f"{name}: two deterministic runs differ"
+
+
+class deterministic:
+    """torch.use_deterministic_algorithms(True) for a block, restored after."""
+
+    def __enter__(self):
+        self.was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.was)
+
+
+def test_backward_mode_and_passes(monkeypatch):
+    """Deterministic mode always takes the reduce passes; the variable picks otherwise; bad values raise."""
+    monkeypatch.delenv(op_module.BWD_ENV, raising=False)
+    assert op_module.backward_mode() == "atomic"
+    with deterministic():
+        monkeypatch.setenv(op_module.BWD_ENV, "atomic")
+        assert op_module.backward_mode() == "reduce"
+    monkeypatch.setenv(op_module.BWD_ENV, "reduce")
+    assert op_module.backward_mode() == "reduce"
+    monkeypatch.setenv(op_module.BWD_ENV, "fast")
+    with pytest.raises(ValueError, match="RLHF_FAST_FUSED_LINEAR_BWD must be one of auto, atomic, reduce"):
+        op_module.backward_mode()
+    from rlhf_fast.kernels.fused_linear_logprobs import TileConfig
+    cfg, dx_cfg, dw_cfg = TileConfig(32, 64, 32, 4, 2), TileConfig(16, 32, 32, 4, 2), TileConfig(8, 16, 32, 4, 2)
+    passes = lambda n, v0, v1, need, mode: op_module.backward_passes(n, v0, v1, cfg, (dx_cfg, dw_cfg), need, mode)  # noqa: E731
+    assert [(p.grid, p.own_cols, p.cfg) for p in passes(97, 64, 384, (True, True, True), "atomic")] == \
+        [((4, 5), None, cfg)]
+    assert [tuple(p) for p in passes(97, 64, 384, (True, False, True), "reduce")] == \
+        [((7,), False, True, False, False, dx_cfg), ((20,), True, False, False, True, dw_cfg)]
+    assert [p.own_cols for p in passes(5, 0, 64, (True, False, False), "reduce")] == [False]
 
 
 def test_bad_input_raises(device):
@@ -146,6 +205,8 @@ def test_bad_input_raises(device):
         fl(hidden, weight[:, :7], targets)
     with pytest.raises(ValueError, match="weight must have dtype"):
         fl(hidden, weight.to(BF16), targets)
+    with pytest.raises(ValueError, match="weight must have a vocabulary of at least 1 row"):
+        fl(hidden, weight[:0], targets)
     with pytest.raises(ValueError, match="bias must have vocab size"):
         fl(hidden, weight, targets, bias=bias[:9])
     with pytest.raises(ValueError, match="targets must have token count"):

@@ -90,6 +90,9 @@ def test_bad_input_raises(device):
         rlhf_fast.kl_divergence(a, a, temperature=0.0)
     with pytest.raises(ValueError, match="backend must be one of"):
         rlhf_fast.kl_divergence(a, a, backend="fast")
+    for shape in ((4, 0), (0,)):  # an empty vocabulary, with and without rows
+        with pytest.raises(ValueError, match="logits must have a vocabulary of at least 1 entry"):
+            rlhf_fast.kl_divergence(a.new_zeros(shape), a.new_zeros(shape))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

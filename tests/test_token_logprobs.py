@@ -115,6 +115,33 @@ def test_backends_and_reference_twin_agree(backend, device):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("op", ["token_logprobs", "fused_linear_logprobs"])
+def test_target_check_has_no_host_sync_under_graph_capture(op, device, monkeypatch):
+    """While a CUDA graph is being captured (simulated here), the ops' target check reads nothing on the
+    host (bool()/.item() would abort the capture) and queues a device-side assert instead."""
+    monkeypatch.setattr(ref, "capturing", lambda t: True)
+
+    def host_sync(*args, **kwargs):
+        raise AssertionError("host sync during graph capture")
+
+    logits = torch.randn(5, 11, device=device)
+    hidden, weight = torch.randn(5, 8, device=device), torch.randn(11, 8, device=device)
+    targets = torch.tensor([0, 10, -100, 3, 4], device=device)
+    call = {"token_logprobs": lambda t: rlhf_fast.token_logprobs(logits, t, backend="reference"),
+            "fused_linear_logprobs": lambda t: rlhf_fast.fused_linear_logprobs(hidden, weight, t,
+                                                                               backend="reference")}[op]
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "__bool__", host_sync)
+        m.setattr(torch.Tensor, "item", host_sync)
+        m.setattr(torch.Tensor, "tolist", host_sync)
+        logp = call(targets)
+        bad = targets.clone()
+        bad[1] = 11
+        with pytest.raises(RuntimeError, match=r"targets must lie in \[0, 11\)"):  # CPU: the assert fires at once
+            call(bad)
+    assert torch.isfinite(logp).all()
+
+
 def test_bad_input_raises(device):
     logits = torch.randn(4, 10, device=device)
     targets = torch.randint(0, 10, (4,), device=device)

@@ -7,8 +7,9 @@ import torch
 from .. import _backend
 from ..reference import fused_linear_kl_divergence as ref
 from ._launch import on_first_tensor_device
-from .fused_linear_logprobs import (_contig, cdiv, fake_grads, grads_out, needed_grads, run_backward_slices,
-                                    split_plan, tile_config, tile_kwargs)
+from .fused_linear_logprobs import (_contig, cdiv, fake_grads, grads_out, needed_grads, pass_kernel,
+                                    reduce_tile_configs, run_backward_slices, split_plan, tile_config,
+                                    tile_kwargs)
 
 _OP = "fused_linear_kl_divergence"
 
@@ -16,26 +17,28 @@ _OP = "fused_linear_kl_divergence"
 @on_first_tensor_device
 def _triton_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature):
     from ..kernels import kl_divergence as kk
-    _, cfg, prec = tile_config(hidden.dtype, kk.FUSED_CONFIGS)
+    _, cfg, prec = tile_config(hidden.dtype, kk.FUSED_FWD_CONFIGS)
     n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
     if n == 0:
-        return torch.empty(0, dtype=torch.float32, device=dev), torch.empty(4, 0, dtype=torch.float32, device=dev)
+        return torch.empty(0, dtype=torch.float32, device=dev), torch.empty(5, 0, dtype=torch.float32, device=dev)
     tiles_per_split, splits = split_plan(n, vocab, cfg, dev)
     part = torch.empty(5, splits, n, dtype=torch.float32, device=dev)
     kk._fused_linear_kl_divergence_fwd_kernel[(cdiv(n, cfg.block_n), splits)](
         hidden, weight, bias if bias is not None else hidden, ref_hidden, ref_weight,
         ref_bias if ref_bias is not None else ref_hidden, part, n, vocab, hidden.shape[1], ref_hidden.shape[1],
-        hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), 1.0 / temperature,
+        hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), temperature,
         tiles_per_split, int(bias is not None), int(ref_bias is not None), **tile_kwargs(cfg, prec))
-    m_p, s_p, s_d, m_q, s_q = part.unbind(0)
+    # the splits' row sums are combined in fp64, as the kernel sums them (see kernels/kl_divergence.py)
+    m_p, s_p, s_d, m_q, s_q = part.double().unbind(0)
     big_p, big_q = m_p.max(0).values, m_q.max(0).values
     scale_p = torch.exp(m_p - big_p)
-    log_s_p = torch.log((s_p * scale_p).sum(0))
-    log_s_q = torch.log((s_q * torch.exp(m_q - big_q)).sum(0))
+    sum_p = (s_p * scale_p).sum(0)
+    log_s_p = torch.log(sum_p.float())
+    log_s_q = torch.log((s_q * torch.exp(m_q - big_q)).sum(0).float())
     # re-base each split's s_d from its own maxima to the global ones (see _kl_online_update)
-    s_d = (scale_p * (s_d + s_p * ((m_p - big_p) - (m_q - big_q)))).sum(0)
-    kl = s_d / log_s_p.exp() - log_s_p + log_s_q
-    return kl, torch.stack([big_p, log_s_p, big_q, log_s_q])
+    mean = (scale_p * (s_d + s_p * ((m_p - big_p) - (m_q - big_q)))).sum(0) / sum_p
+    kl = (mean - log_s_p + log_s_q).float()
+    return kl, torch.stack([big_p.float(), log_s_p, big_q.float(), log_s_q, mean.float()])
 
 
 @on_first_tensor_device
@@ -44,16 +47,19 @@ def _triton_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_
     from ..kernels import kl_divergence as kk
     _, cfg, prec = tile_config(hidden.dtype, kk.FUSED_CONFIGS)
 
-    def launch(d_x, d_w, d_b, v_begin, v_end, grid):
-        kk._fused_linear_kl_divergence_bwd_kernel[grid](
+    def launch(d_x, d_w, d_b, v_begin, v_end, bp):
+        kernel, extra = pass_kernel(bp, kk._fused_linear_kl_divergence_bwd_kernel,
+                                    kk._fused_linear_kl_divergence_bwd_reduce_kernel)
+        kernel[bp.grid](
             hidden, weight, bias if bias is not None else hidden, ref_hidden, ref_weight,
-            ref_bias if ref_bias is not None else ref_hidden, stats, kl, grad_kl, d_x, d_w, d_b,
+            ref_bias if ref_bias is not None else ref_hidden, stats, grad_kl, d_x, d_w, d_b,
             hidden.shape[0], weight.shape[0], hidden.shape[1], ref_hidden.shape[1], v_begin, v_end,
             hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), hidden.shape[1],
-            weight.shape[1], 1.0 / temperature, int(bias is not None), int(ref_bias is not None),
-            int(bool(need[2])), NEED_X=bool(need[0]), NEED_W=bool(need[1]), **tile_kwargs(cfg, prec))
+            weight.shape[1], temperature, int(bias is not None), int(ref_bias is not None),
+            int(bp.need_b), NEED_X=bp.need_x, NEED_W=bp.need_w, **extra, **tile_kwargs(bp.cfg, prec))
 
-    return run_backward_slices(launch, hidden, weight, bias, need, cfg)
+    return run_backward_slices(launch, hidden, weight, bias, need, cfg,
+                               reduce_tile_configs(hidden.dtype, kk.FUSED_REDUCE_CONFIGS))
 
 
 @torch.library.custom_op("rlhf_fast::fused_linear_kl_divergence_fwd", mutates_args=())
@@ -69,7 +75,7 @@ def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 @_fwd_op.register_fake
 def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, chunk_size, backend):
     n = hidden.shape[0]
-    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty((4, n), dtype=torch.float32)
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty((5, n), dtype=torch.float32)
 
 
 @torch.library.custom_op("rlhf_fast::fused_linear_kl_divergence_bwd", mutates_args=())
@@ -138,7 +144,8 @@ def fused_linear_kl_divergence(hidden: torch.Tensor, weight: torch.Tensor, ref_h
     blocks (two more matmuls) and accumulates d(weight) in fp32.
 
     Backends: "triton" (both matmuls tiled with tl.dot, logit tiles kept on chip with online
-    log-sum-exp for both models, fp32 atomics for d(hidden)/d(weight)), "reference" (chunked PyTorch).
+    log-sum-exp for both models, fp32 atomics for d(hidden)/d(weight), or no atomics as in
+    fused_linear_logprobs), "reference" (chunked PyTorch).
     """
     ref.validate(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, temperature, chunk_size)
     _backend.check_backend_arg(backend)

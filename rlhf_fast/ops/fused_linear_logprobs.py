@@ -1,6 +1,9 @@
 """fused_linear_logprobs: lm_head matmul + per-token logprob/entropy without materializing (N, V) logits."""
 from __future__ import annotations
 
+import os
+from collections import namedtuple
+
 import torch
 
 from .. import _backend
@@ -52,9 +55,19 @@ def tile_config(dtype: torch.dtype, table: dict | None = None):
     from ..kernels import fused_linear_logprobs as k
     name = _TRITON_DTYPES[dtype]
     if _backend.interpret_mode():
-        prec = k.INTERPRET_BF16_PRECISION if name == "bf16" else k.DOT_PRECISION[name]
+        interpret = {"bf16": k.INTERPRET_BF16_PRECISION, "fp32": k.INTERPRET_FP32_PRECISION}
+        prec = interpret.get(name, k.DOT_PRECISION[name])
         return k, k.INTERPRET_CONFIG, prec
     return k, (table or k.CONFIGS)[name], k.DOT_PRECISION[name]
+
+
+def reduce_tile_configs(dtype: torch.dtype, table: dict) -> tuple:
+    """(dx pass, dw pass) TileConfigs of a reduce backward kernel, from its per-dtype table
+    (fused_linear_logprobs.REDUCE_CONFIGS, kl_divergence.FUSED_REDUCE_CONFIGS)."""
+    from ..kernels import fused_linear_logprobs as k
+    if _backend.interpret_mode():
+        return k.INTERPRET_CONFIG, k.INTERPRET_CONFIG
+    return table[_TRITON_DTYPES[dtype]]
 
 
 def tile_kwargs(cfg, prec: str) -> dict:
@@ -76,6 +89,50 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# How the Triton backward sums d(hidden) and d(weight) (kernels/fused_linear_logprobs.py): "atomic" (fp32
+# atomics, most parallel, sum order not fixed) or "reduce" (no atomics, bitwise reproducible; one more
+# logits matmul and as many fp32 read-modify-writes as the atomic kernel's atomics, so not expected
+# to be faster: not the default). "auto": reduce when torch.are_deterministic_algorithms_enabled().
+BWD_ENV = "RLHF_FAST_FUSED_LINEAR_BWD"
+BWD_MODES = ("auto", "atomic", "reduce")
+BackwardPass = namedtuple("BackwardPass", "grid own_cols need_x need_w need_b cfg")
+
+
+def backward_mode() -> str:
+    """"atomic" or "reduce" for this call, from $RLHF_FAST_FUSED_LINEAR_BWD (default "auto") and torch's
+    deterministic mode, which always gets "reduce" (atomics have no fixed order)."""
+    mode = os.environ.get(BWD_ENV, "auto")
+    if mode not in BWD_MODES:
+        raise ValueError(f"{BWD_ENV} must be one of {', '.join(BWD_MODES)}, got {mode!r}")
+    if torch.are_deterministic_algorithms_enabled():
+        return "reduce"
+    return "atomic" if mode == "auto" else mode
+
+
+def backward_passes(n: int, v_begin: int, v_end: int, cfg, reduce_cfgs, need, mode: str) -> list[BackwardPass]:
+    """The launches of one vocab slice's backward: one atomic launch over (token blocks, vocab tiles)
+    with tile cfg, or the reduce kernel's dx pass over token blocks and dw/db pass over vocab tiles
+    (own_cols), with the tiles reduce_cfgs = (dx pass, dw pass)."""
+    need_x, need_w, need_b = (bool(x) for x in need)
+    if mode == "atomic":
+        grid = (cdiv(n, cfg.block_n), cdiv(v_end - v_begin, cfg.block_v))
+        return [BackwardPass(grid, None, need_x, need_w, need_b, cfg)]
+    dx_cfg, dw_cfg = reduce_cfgs
+    passes = []
+    if need_x:
+        passes.append(BackwardPass((cdiv(n, dx_cfg.block_n),), False, True, False, False, dx_cfg))
+    if need_w or need_b:
+        passes.append(BackwardPass((cdiv(v_end - v_begin, dw_cfg.block_v),), True, False, need_w, need_b, dw_cfg))
+    return passes
+
+
+def pass_kernel(bp: BackwardPass, atomic_kernel, reduce_kernel):
+    """(kernel, extra constexprs) that run backward pass bp."""
+    if bp.own_cols is None:
+        return atomic_kernel, {}
+    return reduce_kernel, {"OWN_COLS": bp.own_cols}
+
+
 def grad_buffers(hidden, weight, bias, need):
     """fp32 accumulators the backward kernels add into; fp32 inputs accumulate straight into the result."""
     f32 = torch.float32
@@ -88,8 +145,9 @@ def grad_buffers(hidden, weight, bias, need):
     return d_x, d_w, d_b
 
 
-def run_backward_slices(launch, hidden, weight, bias, need, cfg):
-    """Call launch(d_x32, d_w_slice32, d_b32, v_begin, v_end, grid) over vocab slices; return the grads.
+def run_backward_slices(launch, hidden, weight, bias, need, cfg, reduce_cfgs):
+    """Call launch(d_x32, d_w_slice32, d_b32, v_begin, v_end, backward_pass) for each pass of each
+    vocab slice (backward_passes, in backward_mode()); return the grads.
 
     fp32 weights take one slice that is the result itself; other dtypes accumulate each slice of
     d(weight) in a bounded fp32 buffer and cast it into the result.
@@ -104,6 +162,7 @@ def run_backward_slices(launch, hidden, weight, bias, need, cfg):
     else:
         slice_rows = max(cfg.block_v, DW_SLICE_ELEMENTS // max(weight.shape[1], 1) // cfg.block_v * cfg.block_v)
     dummy = hidden.new_empty(1, dtype=torch.float32)
+    mode = backward_mode()
     w_buf = None
     for v_begin in range(0, vocab, slice_rows):
         v_end = min(vocab, v_begin + slice_rows)
@@ -111,9 +170,9 @@ def run_backward_slices(launch, hidden, weight, bias, need, cfg):
             w_buf = torch.zeros(v_end - v_begin, weight.shape[1], dtype=torch.float32, device=weight.device) \
                 if w_buf is None or w_buf.shape[0] != v_end - v_begin else w_buf.zero_()
         w_slice = d_w if weight.dtype == torch.float32 else w_buf
-        grid = (cdiv(n, cfg.block_n), cdiv(v_end - v_begin, cfg.block_v))
-        launch(d_x if d_x is not None else dummy, w_slice if w_slice is not None else dummy,
-               d_b if d_b is not None else dummy, v_begin, v_end, grid)
+        for bp in backward_passes(n, v_begin, v_end, cfg, reduce_cfgs, need, mode):
+            launch(d_x if d_x is not None else dummy, w_slice if w_slice is not None else dummy,
+                   d_b if d_b is not None else dummy, v_begin, v_end, bp)
         if need[1] and weight.dtype != torch.float32:
             d_w[v_begin:v_end] = w_buf
     return (None if d_x is None else d_x.to(hidden.dtype), d_w,
@@ -131,7 +190,7 @@ def _triton_forward(hidden, weight, bias, targets, temperature, want_entropy, ig
     part = torch.empty(4, splits, n, dtype=torch.float32, device=dev)
     k._fused_linear_logprobs_fwd_kernel[(cdiv(n, cfg.block_n), splits)](
         hidden, weight, bias if bias is not None else hidden, targets, part, n, vocab, hidden.shape[1],
-        hidden.stride(0), weight.stride(0), 1.0 / temperature, ignore_index, tiles_per_split,
+        hidden.stride(0), weight.stride(0), temperature, ignore_index, tiles_per_split,
         int(bias is not None), int(want_entropy), **tile_kwargs(cfg, prec))
     m, s, sy, zt = part.unbind(0)
     big_m = m.max(0).values
@@ -153,15 +212,18 @@ def _triton_backward(grad_logp, grad_entropy, hidden, weight, bias, targets, sta
     k, cfg, prec = tile_config(hidden.dtype)
     have_ent = grad_entropy is not None
 
-    def launch(d_x, d_w, d_b, v_begin, v_end, grid):
-        k._fused_linear_logprobs_bwd_kernel[grid](
+    def launch(d_x, d_w, d_b, v_begin, v_end, bp):
+        kernel, extra = pass_kernel(bp, k._fused_linear_logprobs_bwd_kernel,
+                                    k._fused_linear_logprobs_bwd_reduce_kernel)
+        kernel[bp.grid](
             hidden, weight, bias if bias is not None else hidden, targets, stats, entropy if have_ent else stats,
             grad_logp, grad_entropy if have_ent else grad_logp, d_x, d_w, d_b, hidden.shape[0], weight.shape[0],
             hidden.shape[1], v_begin, v_end, hidden.stride(0), weight.stride(0), hidden.shape[1],
-            weight.shape[1], 1.0 / temperature, ignore_index, int(bias is not None), int(have_ent),
-            int(bool(need[2])), NEED_X=bool(need[0]), NEED_W=bool(need[1]), **tile_kwargs(cfg, prec))
+            weight.shape[1], temperature, ignore_index, int(bias is not None), int(have_ent),
+            int(bp.need_b), NEED_X=bp.need_x, NEED_W=bp.need_w, **extra, **tile_kwargs(bp.cfg, prec))
 
-    return run_backward_slices(launch, hidden, weight, bias, need, cfg)
+    return run_backward_slices(launch, hidden, weight, bias, need, cfg,
+                               reduce_tile_configs(hidden.dtype, k.REDUCE_CONFIGS))
 
 
 @torch.library.custom_op("rlhf_fast::fused_linear_logprobs_fwd", mutates_args=())
@@ -257,8 +319,10 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
     Backends: "triton" tiles the matmul with tl.dot, keeps each (BLOCK_N, BLOCK_V) logit tile on chip
     with an online log-sum-exp, and in the backward adds d(hidden) and d(weight) tile products with
-    fp32 atomics; "reference" is chunked PyTorch (peak extra memory ~ chunk_size x V x 4 bytes, plus a
-    (V, H) fp32 d(weight) accumulator when weight is not fp32). "auto": Triton on CUDA, reference on CPU.
+    fp32 atomics, or without atomics (bitwise reproducible, one more matmul) under
+    ``torch.use_deterministic_algorithms(True)`` or ``RLHF_FAST_FUSED_LINEAR_BWD=reduce``;
+    "reference" is chunked PyTorch (peak extra memory ~ chunk_size x V x 4 bytes, plus a (V, H) fp32
+    d(weight) accumulator when weight is not fp32). "auto": Triton on CUDA, reference on CPU.
     """
     ref.validate(hidden, weight, targets, bias, temperature, ignore_index, chunk_size)
     _backend.check_backend_arg(backend)

@@ -16,11 +16,11 @@ def _triton_forward(logits, ref_logits, temperature):
     from ..kernels import kl_divergence as k
     n, vocab = logits.shape
     kl = torch.empty(n, dtype=torch.float32, device=logits.device)
-    stats = torch.empty(4, n, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(5, n, dtype=torch.float32, device=logits.device)
     if n:
         cfg = _pick_config(k.CONFIGS, vocab)
         k._kl_fwd_kernel[(n,)](logits, ref_logits, kl, stats, logits.stride(0), ref_logits.stride(0), vocab,
-                               1.0 / temperature, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+                               temperature, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
                                num_stages=cfg.num_stages)
     return kl, stats
 
@@ -33,9 +33,9 @@ def _triton_backward(grad_kl, logits, ref_logits, stats, kl, temperature, need_r
     d_ref = torch.empty_like(ref_logits) if need_ref else None
     if n:
         cfg = _pick_config(k.CONFIGS, vocab)
-        k._kl_bwd_kernel[(n,)](logits, ref_logits, stats, kl, grad_kl, d_logits,
+        k._kl_bwd_kernel[(n,)](logits, ref_logits, stats, grad_kl, d_logits,
                                d_ref if need_ref else d_logits, logits.stride(0), ref_logits.stride(0),
-                               vocab, 1.0 / temperature, NEED_REF=need_ref, BLOCK_V=cfg.block_v,
+                               vocab, temperature, NEED_REF=need_ref, BLOCK_V=cfg.block_v,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return d_logits, d_ref
 
@@ -51,7 +51,7 @@ def _fwd_op(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float,
 @_fwd_op.register_fake
 def _(logits, ref_logits, temperature, backend):
     n = logits.shape[0]
-    return logits.new_empty(n, dtype=torch.float32), logits.new_empty((4, n), dtype=torch.float32)
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty((5, n), dtype=torch.float32)
 
 
 @torch.library.custom_op("rlhf_fast::kl_divergence_bwd", mutates_args=())

@@ -30,7 +30,7 @@ def _triton_forward(logits, targets, temperature, want_entropy, ignore_index):
         return logp, entropy, stats
     cfg = _pick_config(k.CONFIGS, vocab)
     k._token_logprobs_fwd_kernel[(n,)](
-        logits, targets, logp, entropy, stats, logits.stride(0), vocab, 1.0 / temperature, ignore_index,
+        logits, targets, logp, entropy, stats, logits.stride(0), vocab, temperature, ignore_index,
         WANT_ENTROPY=want_entropy, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return logp, entropy, stats
 
@@ -47,7 +47,7 @@ def _triton_backward(grad_logp, grad_entropy, logits, targets, stats, entropy, t
     k._token_logprobs_bwd_kernel[(n,)](
         logits, targets, stats, entropy if have_ent else stats, grad_logp,
         grad_entropy if have_ent else grad_logp, grad, logits.stride(0), grad.stride(0), vocab,
-        1.0 / temperature, ignore_index, HAVE_ENTROPY=have_ent, BLOCK_V=cfg.block_v,
+        temperature, ignore_index, HAVE_ENTROPY=have_ent, BLOCK_V=cfg.block_v,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return grad
 
@@ -132,7 +132,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
 
     Differentiable in ``logits``; the backward writes d(logits) in the logits' dtype directly (no (N, V)
     fp32 intermediate). Targets outside [0, V) raise ValueError (the check reads the targets, so on
-    CUDA it costs one host sync).
+    CUDA it costs one host sync; while a CUDA graph is captured it is a device-side assert instead).
+    A NaN logit gives NaN logp, entropy and d(logits) for its row on every backend.
 
     Backends: "triton" (one program per row, online max/sum over vocab tiles; CUDA tensors, or CPU
     tensors under TRITON_INTERPRET=1), "reference" (chunked PyTorch, any device). "auto" picks Triton

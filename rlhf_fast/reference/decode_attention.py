@@ -26,5 +26,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scores = (qg @ k.transpose(-1, -2)) * scale  # (B, Hkv, G, Tmax)
     valid = torch.arange(tmax, device=q.device)[None, :] < cache_seqlens.to(q.device).long()[:, None]  # (B, Tmax)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.nan_to_num(scores.softmax(dim=-1), nan=0.0)  # all-masked rows give 0, not NaN
+    # all-masked rows (cache_seqlens 0) give 0, not the NaN of softmax over only -inf; a NaN inside a
+    # row's length still reaches its output, as in any attention
+    probs = scores.softmax(dim=-1).masked_fill(~valid.any(-1)[:, None, None, None], 0.0)
+    # slots past a row's length may hold anything (NaN from a reused buffer): 0 * NaN would reach the sum
+    v = v.masked_fill(~valid[:, None, :, None], 0.0)
     return (probs @ v).reshape(b, hq, d).to(out_dtype)

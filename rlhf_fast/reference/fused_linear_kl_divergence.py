@@ -34,7 +34,7 @@ def validate(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, temperature
 
 def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature: float,
             chunk_rows: int | None = None):
-    """-> (kl (N,), stats (4, N) = (m_p, log s_p, m_q, log s_q)), fp32."""
+    """-> (kl (N,), stats (5, N) = (m_p, log s_p, m_q, log s_q, mean)), fp32 (see kl_divergence.row_stats)."""
     chunks = lm_head_chunks(((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias)), temperature, chunk_rows)
     return kld.kl_over(chunks, hidden.shape[0], hidden.device)
 

@@ -19,6 +19,8 @@ def validate(hidden, weight, targets, bias, temperature, ignore_index, chunk_siz
     _validate.check_tensor(h_name, hidden, ndim=2, dtypes=_validate.FLOAT_DTYPES)
     _validate.check_tensor(w_name, weight, ndim=2, dtypes=(hidden.dtype,))
     _validate.check_dim(w_name, weight, 1, hidden.shape[1], f"hidden size ({h_name}.shape[1])")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{w_name} must have a vocabulary of at least 1 row (V, H), got shape {tuple(weight.shape)}")
     if bias is not None:
         _validate.check_tensor(b_name, bias, ndim=1, dtypes=(hidden.dtype,))
         _validate.check_dim(b_name, bias, 0, weight.shape[0], f"vocab size ({w_name}.shape[0])")

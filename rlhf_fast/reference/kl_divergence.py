@@ -18,6 +18,8 @@ def validate(logits, ref_logits, temperature) -> None:
     _validate.check_tensor("ref_logits", ref_logits, dtypes=_validate.FLOAT_DTYPES)
     if logits.dim() < 1:
         raise ValueError(f"logits must have at least 1 dimension (..., V), got shape {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a vocabulary of at least 1 entry, got shape {tuple(logits.shape)}")
     if tuple(ref_logits.shape) != tuple(logits.shape):
         raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}, "
                          f"got {tuple(ref_logits.shape)}")
@@ -28,10 +30,13 @@ def validate(logits, ref_logits, temperature) -> None:
 
 
 def row_stats(z: torch.Tensor, zr: torch.Tensor):
-    """z, zr (n, V) fp32 (already / T) -> (kl (n,), stats (4, n) = (m_p, log s_p, m_q, log s_q)).
+    """z, zr (n, V) fp32 (already / T) -> (kl (n,), stats (5, n) = (m_p, log s_p, m_q, log s_q, mean)).
 
     As in token_logprobs, log p = (z - m) - log s (never z - lse) keeps every log-probability exact to
-    its own ulp; KL is then sum p (log p - log q), the formula PyTorch uses.
+    its own ulp; KL is then sum p (log p - log q), the formula PyTorch uses. mean = sum p ((z - m_p) -
+    (zr - m_q)) = KL + log s_p - log s_q is the row constant of the Triton backward
+    (kernels/kl_divergence.py); it is stored here only so that both backends' stats have one layout
+    (this backward uses KL with its own log p, log q, which row_stats summed).
     """
     m_p, m_q = z.max(-1).values, zr.max(-1).values
     log_p = z - m_p[:, None]
@@ -42,7 +47,8 @@ def row_stats(z: torch.Tensor, zr: torch.Tensor):
     log_q.sub_(log_s_q[:, None])
     # p = 0 terms (-inf logits) contribute 0, as in torch.distributions (not 0 * (-inf - -inf) = NaN)
     kl = (log_p.exp() * (log_p - log_q)).masked_fill_(log_p.isneginf(), 0.0).sum(-1)
-    return kl, torch.stack([m_p, log_s_p, m_q, log_s_q])
+    mean = kl + (log_s_p - log_s_q)
+    return kl, torch.stack([m_p, log_s_p, m_q, log_s_q, mean])
 
 
 def grads_(z, zr, stats, kl, grad_kl, temperature: float, need_ref: bool):
@@ -64,9 +70,9 @@ def grads_(z, zr, stats, kl, grad_kl, temperature: float, need_ref: bool):
 
 
 def kl_over(chunks, n: int, device):
-    """row_stats over (rows, [z, zr]) chunks covering N rows -> (kl (N,), stats (4, N)), fp32."""
+    """row_stats over (rows, [z, zr]) chunks covering N rows -> (kl (N,), stats (5, N)), fp32."""
     kl = torch.empty(n, dtype=torch.float32, device=device)
-    stats = torch.empty(4, n, dtype=torch.float32, device=device)
+    stats = torch.empty(5, n, dtype=torch.float32, device=device)
     for rows, (z, zr) in chunks:
         kl[rows], stats[:, rows] = row_stats(z, zr)
     return kl, stats
@@ -79,7 +85,7 @@ def grads_over(chunks, stats, kl, grad_kl, temperature: float, need_ref: bool):
 
 
 def forward(logits, ref_logits, temperature: float, chunk_rows: int | None = None):
-    """logits, ref_logits (N, V) -> (kl (N,), stats (4, N)), fp32."""
+    """logits, ref_logits (N, V) -> (kl (N,), stats (5, N)), fp32."""
     return kl_over(logits_chunks((logits, ref_logits), temperature, chunk_rows), logits.shape[0], logits.device)
 
 

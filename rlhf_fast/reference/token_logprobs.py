@@ -31,11 +31,24 @@ def validate(logits, targets, temperature: float, ignore_index: int, name: str =
         raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """True while t's device is recording a CUDA graph (torch.compile mode="reduce-overhead", CUDAGraph
+    capture): no host sync is allowed then."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Raise ValueError if a target is outside [0, vocab) and is not ignore_index (reads the data)."""
+    """Raise ValueError if a target is outside [0, vocab) and is not ignore_index (reads the data).
+
+    Eagerly this costs one host sync on CUDA. During CUDA-graph capture it must not sync, so it queues
+    a device-side assert instead (torch._assert_async: a bad target then fails the replay with the
+    message below, as a CUDA error)."""
     if targets.numel() == 0:
         return
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    if capturing(targets):
+        torch._assert_async(~bad.any(), f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+        return
     if bool(bad.any()):
         first = targets[bad].flatten()[0].item()
         raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
