@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh [--dry-run] [OUTDIR]        (default OUTDIR: ./gpu_check_out)
 #
-# GPU_CHECK_BUDGET_S sets the whole run's budget (default 540 s: under a 10-minute device call).
+# GPU_CHECK_BUDGET_S sets the whole run's budget (default 360 s: a lent GPU has 15 minutes in all, start-up
+# included, and a second try must fit).
 # Steps, most important first, each under `timeout` with a cap it can meet (a step left with under 5 s
 # is reported SKIP and the run goes on):
 #   env        GPU, driver, python/torch/triton/nvcc versions                       30 s -> env.txt
@@ -35,7 +36,7 @@ if [ "${1:-}" = "--dry-run" ]; then
 fi
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$(mkdir -p "${1:-$repo/gpu_check_out}" && cd "${1:-$repo/gpu_check_out}" && pwd)"
-budget="${GPU_CHECK_BUDGET_S:-540}"
+budget="${GPU_CHECK_BUDGET_S:-360}"
 t_start=$SECONDS
 cd "$repo" || exit 1
 

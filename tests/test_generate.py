@@ -121,6 +121,36 @@ def test_bad_arguments_raise(device):
         generate(model, prompts, 3, temperature=-1.0)
 
 
+def test_holes_and_ids_outside_the_vocabulary_are_refused_by_name(device):
+    """Issue 14.7: a mask with a hole, and token / EOS / pad ids outside the vocabulary, each a ValueError
+    naming the argument (an embedding lookup would raise a bare IndexError, or read out of bounds on GPU)."""
+    model = make_model("gpt2", device)
+    vocab = model.config.vocab_size
+    prompts = torch.randint(0, vocab, (2, 5), device=device)
+    holed = torch.tensor([[1, 1, 0, 1, 1], [0, 0, 1, 1, 1]], device=device)
+    with pytest.raises(ValueError, match=r"attention_mask row 0 has a hole"):
+        generate(model, prompts, 3, attention_mask=holed)
+    with pytest.raises(ValueError, match=r"attention_mask row 1 has no token"):
+        generate(model, prompts, 3, attention_mask=torch.tensor([[1, 1, 1, 0, 0], [0] * 5], device=device))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        generate(model, prompts, 3, attention_mask=torch.full_like(prompts, 2))
+    bad = prompts.clone()
+    bad[1, 3] = vocab
+    with pytest.raises(ValueError, match=rf"prompts\[1\] holds token id {vocab} at position 3"):
+        generate(model, bad, 3)
+    with pytest.raises(ValueError, match=r"prompts\[0\] holds token id -1"):
+        generate(model, [torch.tensor([3, -1], device=device)], 3)
+    for kwargs, name in ((dict(eos_token_id=vocab), "eos_token_id"), (dict(eos_token_id=[1, -2]), "eos_token_id"),
+                         (dict(pad_token_id=vocab + 5), "pad_token_id")):
+        with pytest.raises(ValueError, match=name):
+            generate(model, prompts, 3, **kwargs)
+    # padding left and right, an id outside the vocabulary in a padded slot: accepted (never read)
+    padded = prompts.clone()
+    padded[0, 0] = vocab + 100
+    out = generate(model, padded, 2, attention_mask=torch.tensor([[0, 1, 1, 1, 0], [1] * 5], device=device))
+    assert out.tokens.shape == (2, 2)
+
+
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.8, top_k=40, top_p=0.9, seed=11)])
 def test_cuda_graph_decode_equals_eager(device, sampling):
     model = make_model("modern", device)

@@ -7,6 +7,8 @@ token are invisible to it), and each decode step appends at the row's own length
 """
 from __future__ import annotations
 
+import operator
+
 from dataclasses import dataclass
 
 import torch
@@ -216,6 +218,7 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
             raise ValueError(f"eos_token_id must be an int or a non-empty list of ints, got {eos_token_id!r}")
         eos_token_id = torch.tensor(eos_token_id, dtype=torch.int64, device=device)
     idx, lengths, prompts_left, prompt_mask = _right_pad(prompts, attention_mask, pad_token_id, device)
+    _check_token_ids(idx, lengths, eos_token_id, pad_token_id, model.config.vocab_size)
     if group_size > 1:
         prompts_left, prompt_mask = (t.repeat_interleave(group_size, 0) for t in (prompts_left, prompt_mask))
         if not use_cache:  # the no-cache oracle simply runs every row
@@ -279,6 +282,41 @@ def _is_eos(token: torch.Tensor, eos) -> torch.Tensor:
     return token == eos if not isinstance(eos, torch.Tensor) else (token[:, None] == eos).any(-1)
 
 
+def _check_mask_rows(attention_mask: torch.Tensor) -> None:
+    """Each row of a (B, P) prompt mask is 0/1 with one run of 1s (left and/or right padding, no holes)."""
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    m = attention_mask.to(torch.int64)
+    starts = (m[:, 1:] > m[:, :-1]).sum(1) + m[:, 0]  # number of runs of 1s in each row
+    bad = (starts != 1).nonzero()
+    if bad.numel():
+        row = int(bad[0, 0])
+        what = "no token" if int(m[row].sum()) == 0 else "a hole (0s between 1s)"
+        raise ValueError(f"attention_mask row {row} has {what}: each row must be one run of 1s, padded "
+                         f"left and/or right, got {m[row].tolist()}")
+
+
+def _check_token_ids(idx: torch.Tensor, lengths: torch.Tensor, eos_token_id, pad_token_id, vocab: int) -> None:
+    """Prompt tokens, EOS and pad ids are ids of the model's vocabulary (ValueError naming the one that is
+    not: an embedding lookup would raise a bare IndexError, or read out of bounds on a GPU)."""
+    real = torch.arange(idx.shape[1], device=idx.device) < lengths[:, None].long()
+    bad = (real & ((idx < 0) | (idx >= vocab))).nonzero()
+    if bad.numel():
+        row, col = (int(v) for v in bad[0])
+        raise ValueError(f"prompts[{row}] holds token id {int(idx[row, col])} at position {col}, outside the "
+                         f"model's vocabulary [0, {vocab})")
+    eos = [] if eos_token_id is None else (eos_token_id.tolist() if isinstance(eos_token_id, torch.Tensor)
+                                           else [eos_token_id])
+    for name, ids in (("eos_token_id", eos), ("pad_token_id", [pad_token_id])):
+        for i in ids:
+            try:
+                ok = not isinstance(i, bool) and 0 <= operator.index(i) < vocab
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{name} must be an id of the model's vocabulary [0, {vocab}), got {i!r}")
+
+
 def _right_pad(prompts, attention_mask, pad_token_id: int, device):
     """-> idx (B, P) right-padded with token 0 (any valid id: pads are never attended), lengths (B,) int32,
     and the same prompts left-padded with pad_token_id, with their mask."""
@@ -290,6 +328,7 @@ def _right_pad(prompts, attention_mask, pad_token_id: int, device):
         elif attention_mask.shape != prompts.shape:
             raise ValueError(f"attention_mask must have the shape of prompts {tuple(prompts.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
+        _check_mask_rows(attention_mask)
         mask = attention_mask.to(torch.bool)
         prompts = [row[m] for row, m in zip(prompts, mask)]
     elif attention_mask is not None:
