@@ -112,3 +112,18 @@ def test_bad_env_value_raises(monkeypatch, device):
     q = torch.randn(1, 1, 4, 16, device=device)
     with pytest.raises(ValueError, match="RLHF_FAST_ATTN_TMA"):
         causal_attention(q, q, q, backend="triton")
+
+
+def test_zero_stride_views_fall_back_to_pointers(tma, device):
+    """Issue 17.7: an expanded K/V view (stride 0 over batch or heads, as a broadcast GQA cache is) passes
+    the 16-byte alignment test, since 0 % 16 == 0, yet TMA needs positive strides: no descriptor, the
+    pointer path, and the float64 answer."""
+    need_backend("triton", device)
+    pytest.importorskip("triton.tools.tensor_descriptor")
+    base = torch.randn(1, 1, 33, 16, dtype=torch.bfloat16, device=device)
+    for k in (base.expand(2, 2, 33, 16), base.expand(1, 2, 33, 16)):
+        assert 0 in k.stride()
+        assert launch.kv_descriptor(k, False, [1, 1, 16, 16]) is None
+        assert launch.kv_descriptor(k.contiguous(), False, [1, 1, 16, 16]) is not None
+        q = torch.randn(k.shape[0], 2, 33, 16, dtype=torch.bfloat16, device=device)
+        _check_forward(q, k, k)
