@@ -77,7 +77,8 @@ setup(
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "transformers", "scipy", "safetensors"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "transformers", "scipy", "safetensors",
+                 "peft"],
         "train": ["tqdm", "matplotlib", "pyyaml", "safetensors"],
         # run.tokenizer='tiktoken:<encoding>' or 'hf:<local dir>'
         "tokenizers": ["tiktoken", "transformers"],
