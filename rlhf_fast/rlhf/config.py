@@ -325,6 +325,20 @@ class RLConfig:
 
 
 @dataclass
+class LoRASection:
+    """Low-rank adapters on the policy (sft, ppo, rl stages); base weights frozen, the reference policy is
+    the policy with its adapters switched off (no second copy of the weights)."""
+    r: int = 0
+    """rank of every adapter; 0 = LoRA off (full fine-tuning)"""
+    alpha: float = 16.0
+    """adapters are scaled by alpha / r"""
+    dropout: float = 0.0
+    """dropout on each adapter's input"""
+    targets: str = "all"
+    """'all' or comma-separated projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"""
+
+
+@dataclass
 class DataConfig:
     """How the stages read your JSONL data files (the built-in task's files keep the default keys)."""
     prompt_key: str = "prompt"
@@ -349,6 +363,7 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRASection = field(default_factory=LoRASection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -461,6 +476,9 @@ def validate(cfg: Config) -> Config:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.run.device):
         raise ValueError(f"run.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.run.device!r}")
     validate_rl(cfg.rl)
+    if cfg.lora.r < 0 or not cfg.lora.alpha > 0 or not 0 <= cfg.lora.dropout < 1:
+        raise ValueError(f"lora.r must be >= 0, lora.alpha > 0 and lora.dropout in [0, 1), got r={cfg.lora.r}, "
+                         f"alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}")
     if cfg.task.min_digits > cfg.task.max_digits or cfg.task.min_digits < 2:
         raise ValueError(f"task.min_digits must be in [2, task.max_digits], got {cfg.task.min_digits}")
     return cfg

@@ -26,6 +26,7 @@ from .checkpoint import stage_checkpoint
 from .model_init import init_model_state
 from .reward_fns import load_function
 from .run_dir import Plan, claim, finish, preflight, preflight_stages, stage_init
+from .lora_stage import apply_run_lora, reference_policy
 from .runtime import Runtime, load_checkpoint, load_model, setup_runtime, wrap_model
 from .task import task_reward, write_task_data
 from .tokenizer import get_tokenizer
@@ -217,10 +218,10 @@ def run_ppo(cfg: Config, resume: bool = False, on_step=None, overwrite: bool = F
     if state is not None:
         policy, value = load_model(state["policy"], rt.device), load_model(state["value"], rt.device)
     else:
-        policy = load_model(sft_state, rt.device)
+        policy = apply_run_lora(cfg, load_model(sft_state, rt.device, merge=True))
         value = load_model(rm_state, rt.device, head="value")  # critic initialized from the reward model
         value.score.load_state_dict(reward.score.state_dict())
-    ref = load_model(sft_state, rt.device).eval()
+    ref = reference_policy(cfg, policy, sft_state, rt.device)  # LoRA: the policy, adapters off
     for frozen in (ref, reward):
         frozen.requires_grad_(False)
     models = {"policy": wrap_model(policy, rt), "value": wrap_model(value, rt), "ref": ref, "reward": reward}

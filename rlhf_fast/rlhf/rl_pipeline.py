@@ -24,6 +24,7 @@ from .checkpoint import stage_checkpoint
 from .reward_fns import RewardFunctions, read_prompt_records, rl_rewards
 from .run_dir import preflight_stages, stage_init
 from .run_io import read_metrics
+from .lora_stage import apply_run_lora, reference_policy
 from .runtime import load_checkpoint, load_model, wrap_model
 from .task import task_reward
 from .tokenizer import get_tokenizer
@@ -76,12 +77,16 @@ def run_rl(cfg: Config, resume: bool = False, on_step=None, overwrite: bool = Fa
     ckpt = stage_checkpoint(out / "rl")
     state = load_checkpoint(ckpt) if resume and ckpt.is_file() else None
     init = stage_init(c.policy_init, out, "sft")
+    lora = cfg.lora.r > 0
     sft_state = (init_model_state(init, need_head=True, backend=cfg.run.backend)
-                 if (state is None or c.kl_coef > 0) else None)
-    policy = load_model(state["policy"] if state is not None else sft_state, rt.device)
+                 if (state is None or (c.kl_coef > 0 and not lora)) else None)
+    if state is not None:
+        policy = load_model(state["policy"], rt.device)
+    else:
+        policy = apply_run_lora(cfg, load_model(sft_state, rt.device, merge=True))
     models = {"policy": wrap_model(policy, rt), "ref": None, "reward": None}
-    if c.kl_coef > 0:
-        models["ref"] = load_model(sft_state, rt.device).eval().requires_grad_(False)
+    if c.kl_coef > 0:  # LoRA: the policy with its adapters off, no second copy of the weights
+        models["ref"] = reference_policy(cfg, policy, sft_state, rt.device).requires_grad_(False)
     if rewards is None:
         rm = init_model_state(stage_init(c.reward_init, out, "rm"), head="reward", need_head=True,
                               backend=cfg.run.backend)

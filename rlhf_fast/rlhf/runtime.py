@@ -106,9 +106,14 @@ def build_model(cfg: Config, vocab_size: int, head: str = "lm"):
 
 
 def model_state(model) -> dict:
-    """What a checkpoint stores for one model: config, head and full (unsharded) weights.
+    """What a checkpoint stores for one model: config, head and full (unsharded) weights, and for a LoRA
+    model its adapters' settings ("lora"; the weights then hold the frozen base and the adapters).
     With FSDP every rank must call it (gathering the shards is a collective)."""
-    return {"config": unwrap(model).config.to_dict(), "head": unwrap(model).head, "weights": full_state_dict(model)}
+    state = {"config": unwrap(model).config.to_dict(), "head": unwrap(model).head, "weights": full_state_dict(model)}
+    lora = getattr(unwrap(model), "lora_config", None)
+    if lora is not None:
+        state["lora"] = {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets)}
+    return state
 
 
 def optimizer_state(model, opt) -> dict:
@@ -140,12 +145,21 @@ def _keyed_by_name(saved: dict, model) -> dict:
                              for group in saved["param_groups"]]}
 
 
-def load_model(state: dict, device: torch.device, head: str | None = None):
+def load_model(state: dict, device: torch.device, head: str | None = None, *, merge: bool = False):
     """Rebuild a model from `model_state(...)`; with `head` different from the saved one, the backbone
-    is kept and the new head freshly initialized (e.g. an SFT policy -> a reward model)."""
-    from ..model import GPT, GPTConfig
+    is kept and the new head freshly initialized (e.g. an SFT policy -> a reward model).
+
+    A LoRA model comes back with its adapters (to resume its stage); with merge=True, or a new head,
+    they are folded into the weights and every parameter is trainable again (a later stage starts from
+    the adapted model as plain weights)."""
+    from ..model import GPT, GPTConfig, apply_lora, merge_lora
     model = GPT(GPTConfig(**state["config"]), head=state["head"])
+    lora = state.get("lora")
+    if lora:
+        apply_lora(model, lora["r"], lora["alpha"], lora["dropout"], list(lora["targets"]))
     model.load_state_dict(state["weights"])
+    if lora and (merge or (head is not None and head != model.head)):
+        merge_lora(model).requires_grad_(True)
     if head is not None and head != model.head:
         model = model.with_head(head)
     return model.to(device)
@@ -159,7 +173,7 @@ def stage_model(cfg: Config, rt: Runtime, vocab_size: int, head: str, state: dic
         model = load_model(state["model"], rt.device)
     elif init:
         from .model_init import init_model_state
-        model = load_model(init_model_state(init, head, backend=cfg.run.backend), rt.device, head=head)
+        model = load_model(init_model_state(init, head, backend=cfg.run.backend), rt.device, head=head, merge=True)
     else:
         model = build_model(cfg, vocab_size, head=head).to(rt.device)
     return model.train()
@@ -243,7 +257,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(unwrap(model).parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    params = [p for p in unwrap(model).parameters() if p.requires_grad]  # a LoRA model: its adapters only
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
 
 
 def check_finite(stage: str, step: int, **values) -> None:

@@ -15,6 +15,7 @@ from . import checkpoint
 from .config import Config
 from .data import (IGNORE_INDEX, SFT_KEYS, BatchSampler, data_format, read_jsonl, sft_batch, sft_padded_batch,
                    tokenize_sft)
+from .lora_stage import apply_run_lora
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, load_checkpoint, lr_at,
                       make_optimizer, model_state, optimizer_state, resume_training, save_checkpoint, stage_model,
                       unwrap, wrap_model)
@@ -44,6 +45,8 @@ def train_sft(cfg: Config, rt: Runtime, tok, data_path: str | Path, stage_dir: P
     saved = checkpoint.stage_checkpoint(stage_dir)
     state = load_checkpoint(saved) if resume and saved.is_file() else None
     model = stage_model(cfg, rt, tok.vocab_size, "lm", state, c.init or cfg.model.init)
+    if state is None:  # a resumed LoRA model has its adapters from the checkpoint
+        apply_run_lora(cfg, model)
     wrapped = wrap_model(model, rt)
     opt = make_optimizer(wrapped, c.lr, c.weight_decay)
     start, loss = 0, float("nan")
