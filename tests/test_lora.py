@@ -181,6 +181,10 @@ def test_bad_arguments_are_refused_by_name(tmp_path):
         apply_lora(model, r=2)
     with pytest.raises(ValueError, match="llama, qwen2 and mistral"):
         save_adapters(model, tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="has LoRA adapters: write them with save_adapters"):
+        model.save_pretrained(tmp_path / "full")
+    with pytest.raises(ValueError, match="merge_lora"):
+        model.with_head("value")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "adapter_config.json").write_text('{"peft_type": "LORA", "use_rslora": true, '
                                                           '"target_modules": ["q_proj"], "r": 2, "lora_alpha": 2}')

@@ -196,6 +196,8 @@ class GPT(nn.Module):
 
     def with_head(self, head: str) -> "GPT":
         """A new model with this backbone's weights (copied) and a fresh `head`: e.g. a critic from the SFT model."""
+        if getattr(self, "lora_config", None) is not None:
+            raise ValueError("with_head needs plain weights: this model has LoRA adapters (merge_lora(model) first)")
         model = GPT(copy.deepcopy(self.config), head=head)
         param = next(self.parameters())
         model.to(device=param.device, dtype=param.dtype)

@@ -184,6 +184,9 @@ def _no_init():
 def hf_state_dict(model: GPT) -> tuple[Family, dict[str, torch.Tensor]]:
     """The model's tensors under its family's HF names (views of the parameters; fused ones split)."""
     cfg = model.config
+    if getattr(model, "lora_config", None) is not None:
+        raise ValueError("model has LoRA adapters: write them with save_adapters(model, dir), or fold them in "
+                         "with merge_lora(model) first")
     family = export_family(cfg)
     keys = _layer_keys(family, cfg.n_layer)
     out = {}
