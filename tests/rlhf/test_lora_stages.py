@@ -2,7 +2,9 @@
 starts from the merged SFT model with fresh adapters, takes its reference from the policy with adapters
 off (one model loaded), keeps the base weights bit for bit and resumes to identical metrics; export
 writes PEFT adapters that peft + transformers load with the same logits, or merged weights (--merge)."""
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +17,11 @@ from rlhf_fast.rlhf.run_io import read_metrics
 from rlhf_fast.rlhf.runtime import load_model
 
 from .stop_after import Stop, stop_after
-from .test_rl import rl_cfg
+from .test_distributed import _same_metrics, _torchrun
+from .test_rl import RL, rl_cfg
 
 LORA = {"lora.r": 2, "lora.alpha": 4.0, "model.bias": "false", "model.norm": "rmsnorm", "model.mlp": "swiglu",
-        "model.pos_emb": "rope", "model.family": "llama", "sft.lr": 0.03}
+        "model.pos_emb": "rope", "model.family": "llama", "sft.lr": 0.03, "rl.lr": 0.02}
 
 
 def length(prompts, responses, **fields):
@@ -116,3 +119,19 @@ def test_ppo_with_lora_takes_its_reference_from_the_policy(lora_sft, tmp_path, d
     rows = read_metrics(out / "ppo" / "metrics.jsonl")
     assert abs(rows[1]["kl"]) < 1e-5 and len(rows) == 3  # the reference is the merged SFT policy (sampling's
     # logprobs come from generate, not the scoring pass: fp32 rounding apart)
+
+
+def test_lora_rl_on_two_gloo_processes_matches_one(lora_sft, tmp_path, device, monkeypatch):
+    if device.type != "cpu":
+        pytest.skip("the gloo equivalence tests run on CPU")
+    tests_dir = str(Path(__file__).parents[1])  # where this module's name (the reward_fn's) resolves
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(lora_sft, one)
+    shutil.copytree(lora_sft, two)
+    # token_mean: the logged pg_loss of GRPO's default seq_mean_token_mean is combined over ranks weighted
+    # by tokens, not sequences, so it differs from one process's when ranks' lengths differ (LoRA or not)
+    run_rl(_cfg(one, device, **{"rl.loss_agg": "token_mean"}))
+    opts = {**RL, **LORA, "rl.algo": "grpo", "rl.reward_fn": f"{__name__}:length", "rl.loss_agg": "token_mean"}
+    _torchrun(["-m", "rlhf_fast"], "rl", two, device, *[f"--{k}={v}" for k, v in opts.items()])
+    _same_metrics(one, two, "rl")
