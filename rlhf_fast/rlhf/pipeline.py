@@ -222,6 +222,7 @@ def run_ppo(cfg: Config, resume: bool = False, on_step=None, overwrite: bool = F
         value = load_model(rm_state, rt.device, head="value")  # critic initialized from the reward model
         value.score.load_state_dict(reward.score.state_dict())
     ref = reference_policy(cfg, policy, sft_state, rt.device)  # LoRA: the policy, adapters off
+    del sft_state, rm_state  # the host copies of the weights: every model now holds its own
     for frozen in (ref, reward):
         frozen.requires_grad_(False)
     models = {"policy": wrap_model(policy, rt), "value": wrap_model(value, rt), "ref": ref, "reward": reward}

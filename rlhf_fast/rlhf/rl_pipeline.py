@@ -87,6 +87,7 @@ def run_rl(cfg: Config, resume: bool = False, on_step=None, overwrite: bool = Fa
     models = {"policy": wrap_model(policy, rt), "ref": None, "reward": None}
     if c.kl_coef > 0:  # LoRA: the policy with its adapters off, no second copy of the weights
         models["ref"] = reference_policy(cfg, policy, sft_state, rt.device).requires_grad_(False)
+    del sft_state  # the host copy of the weights: the models hold their own
     if rewards is None:
         rm = init_model_state(stage_init(c.reward_init, out, "rm"), head="reward", need_head=True,
                               backend=cfg.run.backend)
