@@ -479,6 +479,11 @@ def validate(cfg: Config) -> Config:
     if cfg.lora.r < 0 or not cfg.lora.alpha > 0 or not 0 <= cfg.lora.dropout < 1:
         raise ValueError(f"lora.r must be >= 0, lora.alpha > 0 and lora.dropout in [0, 1), got r={cfg.lora.r}, "
                          f"alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}")
+    from ..model.lora import TARGETS
+    names = [t.strip() for t in cfg.lora.targets.split(",")]
+    if cfg.lora.targets != "all" and (not all(names) or set(names) - set(TARGETS)):
+        raise ValueError(f"lora.targets must be 'all' or comma-separated names from {list(TARGETS)}, "
+                         f"got {cfg.lora.targets!r}")
     if cfg.task.min_digits > cfg.task.max_digits or cfg.task.min_digits < 2:
         raise ValueError(f"task.min_digits must be in [2, task.max_digits], got {cfg.task.min_digits}")
     return cfg
