@@ -139,7 +139,8 @@ def test_lora_rl_on_two_gloo_processes_matches_one(lora_sft, tmp_path, device, m
 
 def test_cli_takes_the_lora_section_and_refuses_bad_values():
     from rlhf_fast import cli
-    _, cfg, _, _ = cli.parse(["rl", "--out", "runs/x", "--lora.r=4", "--lora.alpha", "8", "--lora.targets=q_proj,v_proj"])
+    _, cfg, _, _ = cli.parse(["rl", "--out", "runs/x", "--lora.r=4", "--lora.alpha", "8",
+                              "--lora.targets=q_proj,v_proj"])
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.targets) == (4, 8.0, "q_proj,v_proj")
     with pytest.raises(ValueError, match="lora.r must be >= 0"):
         cli.parse(["sft", "--out", "runs/x", "--lora.r=-1"])
