@@ -181,7 +181,11 @@ def lora_state_dict(model) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def adapters_disabled(model):
-    """Within the block, `model` computes exactly what its base weights compute (adapters skipped)."""
+    """Within the block, `model` computes exactly what its base weights compute (adapters skipped).
+
+    The switch is read when a Linear runs: a backward that recomputes blocks (gradient checkpointing)
+    after the block has ended would recompute them with the adapters on. The reference policy runs
+    under no_grad, so it never does."""
     modules = lora_modules(model)
     if not modules:
         raise ValueError("model has no LoRA adapters to disable (call apply_lora first)")
