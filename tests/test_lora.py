@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from gpt_helpers import gpt2_config, modern_config, randomize_norms, sharpen
+from gpt_helpers import gpt2_config, hf_gpt2, modern_config, randomize_norms, sharpen
 from hf_family_helpers import hf_model, saved
 from rlhf_fast.model import GPT
 from rlhf_fast.model.lora import (LoRALinear, adapters_disabled, apply_lora, lora_sites, lora_state_dict,
@@ -143,6 +143,28 @@ def test_peft_loads_our_adapters_with_the_same_logits(family, tmp_path):
         assert torch.equal(again(idx), ours)
 
 
+@pytest.mark.parametrize("targets", ["all", ["q_proj", "v_proj", "down_proj"]])
+def test_peft_loads_our_gpt2_adapters_with_the_same_logits(targets, tmp_path):
+    """GPT-2's single c_attn: our q/k/v adapters go out as one block-diagonal PEFT adapter."""
+    peft = pytest.importorskip("peft")
+    hf = hf_gpt2("cpu")
+    base_dir = saved(hf, tmp_path / "base")
+    model = GPT.from_pretrained(base_dir, backend="reference")
+    apply_lora(model, r=3, alpha=5.0, targets=targets)
+    _randomize_adapters(model, scale=0.2)
+    save_adapters(model, tmp_path / "adapters")
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapters").eval()
+    idx = torch.randint(0, 301, (2, 23))
+    with torch.no_grad():
+        ours, want = model(idx), peft_model(idx).logits
+        with adapters_disabled(model):
+            plain = model(idx)
+    assert _rel_err(ours, want) < 1e-4
+    assert _rel_err(plain, want) > 1e-2
+    with pytest.raises(ValueError, match="read for llama, qwen2 and mistral"):
+        load_adapters(GPT.from_pretrained(base_dir), tmp_path / "adapters")
+
+
 def test_we_load_adapters_saved_by_peft(tmp_path):
     peft = pytest.importorskip("peft")
     hf = hf_model("mistral", seed=4)
@@ -179,8 +201,8 @@ def test_bad_arguments_are_refused_by_name(tmp_path):
     apply_lora(model, r=2)
     with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(model, r=2)
-    with pytest.raises(ValueError, match="llama, qwen2 and mistral"):
-        save_adapters(model, tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="head='lm'"):
+        save_adapters(apply_lora(GPT(gpt2_config(), head="value"), r=2), tmp_path / "value")
     with pytest.raises(ValueError, match="has LoRA adapters: write them with save_adapters"):
         model.save_pretrained(tmp_path / "full")
     with pytest.raises(ValueError, match="merge_lora"):
