@@ -124,7 +124,8 @@ def policy_update(models: dict, opt, b: Rollout, adv: torch.Tensor, prompt_len: 
         n_tokens_global = rt.all_reduce_sum(n_tokens)
         # the loss's own denominator over ranks: tokens for token_mean, sequences otherwise
         n_local = n_tokens if agg == "token_mean" else mb.mask.new_tensor(float(len(rows)))
-        scale = n_local * rt.world / rt.all_reduce_sum(n_local)
+        n_local_global = rt.all_reduce_sum(n_local)
+        scale = n_local * rt.world / n_local_global
         with autocast(cfg, rt.device):
             logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
                                                   prompt_len, c.temperature, return_entropy=True)
@@ -140,7 +141,7 @@ def policy_update(models: dict, opt, b: Rollout, adv: torch.Tensor, prompt_len: 
         (loss * scale).backward()
         clip_and_step(models["policy"], opt, c.grad_clip, "rl", step)
         out.add({"pg_loss": pg_loss.detach(), "entropy": masked_mean(entropy.detach().float(), mb.mask), **stats},
-                n_tokens, n_tokens_global)
+                n_tokens, n_tokens_global, loss_n=(n_local, n_local_global))
     return out.means()
 
 

@@ -45,15 +45,21 @@ def minibatch_rows(n_rows: int, minibatch_size: int, epochs: int, seed: int, ste
 
 
 class UpdateStats:
-    """Means of per-minibatch stats over the updates of one iteration, each minibatch's stats weighted by
-    tokens over ranks (= the single-process minibatch mean)."""
+    """Means of per-minibatch stats over the updates of one iteration, each minibatch's stats combined over
+    ranks with the weight of their own denominator (= the single-process minibatch value): tokens for
+    token means, and for the losses in `LOSSES` the denominator of the loss's aggregation when it is not
+    tokens (`loss_n`: sequences for the critic-free algorithms' per-sequence means)."""
+
+    LOSSES = ("pg_loss", "kl_loss")
 
     def __init__(self, rt: Runtime):
         self.rt, self.sums, self.n_updates = rt, {}, 0
 
-    def add(self, stats: dict, n_tokens: torch.Tensor, n_tokens_global: torch.Tensor) -> None:
+    def add(self, stats: dict, n_tokens: torch.Tensor, n_tokens_global: torch.Tensor,
+            loss_n: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         for k, v in stats.items():
-            self.sums[k] = self.sums.get(k, 0.0) + self.rt.all_reduce_sum(v.float() * n_tokens) / n_tokens_global
+            n, n_global = loss_n if loss_n is not None and k in self.LOSSES else (n_tokens, n_tokens_global)
+            self.sums[k] = self.sums.get(k, 0.0) + self.rt.all_reduce_sum(v.float() * n) / n_global
         self.n_updates += 1
 
     def means(self) -> dict:

@@ -71,7 +71,10 @@ def test_rl_with_lora_loads_one_model_keeps_the_base_and_resumes_exactly(lora_sf
     assert len(a) == len(b) == 5
     if device.type == "cpu":  # bitwise equality is the CPU guarantee
         assert a == b
-    assert b[1]["kl"] == 0.0  # first rollout: fresh adapters (B = 0), the policy is its reference exactly
+    # first rollout: fresh adapters (B = 0), the policy is its reference exactly; the logged KL still
+    # compares the sampler's behaviour logprobs (C++ or reference sampler) with the reference model's
+    # (the fused logprob op): the same numbers by two fp32 algorithms, a few ulps of |log p| apart
+    assert abs(b[1]["kl"]) < 1e-6
     assert 0 < b[1]["kl_loss"] < b[-1]["kl_loss"]  # then the policy moves away from the reference
     merged_sft = load_model(_sft_state(full)["model"], torch.device("cpu"), merge=True).state_dict()
     policy = checkpoint.load(full / "rl" / checkpoint.NAME)["policy"]

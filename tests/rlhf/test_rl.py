@@ -230,10 +230,15 @@ def test_cli_rl_stage_and_demo_algo_flag():
 def test_own_prompts_without_reward_fn_use_the_reward_model(sft_run, tmp_path, device, monkeypatch):
     out = copy_of(sft_run, tmp_path)
     pipeline.run_rm(rl_cfg(out, device))
-    from rlhf_fast.rlhf import rl_pipeline
+    from rlhf_fast.rlhf import rl_pipeline, runtime
     loads = []
-    real = rl_pipeline.load_model
-    monkeypatch.setattr(rl_pipeline, "load_model", lambda *a, **k: loads.append(a[0]["head"]) or real(*a, **k))
+    real = runtime.load_model
+
+    def spy(*a, **k):
+        loads.append(a[0]["head"])
+        return real(*a, **k)
+    monkeypatch.setattr(rl_pipeline, "load_model", spy)
+    monkeypatch.setattr(runtime, "load_model", spy)  # the reference is loaded through lora_stage
     run_rl(rl_cfg(out, device, "rloo", **{"rl.prompts": str(out / "data" / "prompts.jsonl"), "rl.reward_init": "rm",
                                           "rl.steps": 1}))
     assert loads == ["lm", "lm", "reward"]  # policy, reference, reward model
@@ -354,3 +359,38 @@ def test_rl_overwrite_keeps_the_old_stage_until_the_new_one_finishes(finished_rl
     assert not (run / ".replaced").exists() and len(read_metrics(run / "rl" / "metrics.jsonl")) == 2
     assert "steps: 1" in (run / "rl" / "config.yaml").read_text()
     assert json.loads((run / "rl" / "result.json").read_text())["algo"] == "grpo"
+
+
+class _Peer:
+    """all_reduce_sum as seen by rank 0 of two: its own value plus rank 1's, given in call order."""
+
+    def __init__(self, contributions):
+        self.contributions = list(contributions)
+
+    def all_reduce_sum(self, x):
+        return x + self.contributions.pop(0)
+
+
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "seq_mean_token_sum_norm", "token_mean"])
+def test_update_stats_combine_ranks_as_one_process(agg):
+    """Two ranks' minibatch halves with different response lengths: the logged pg_loss equals the loss of
+    the whole minibatch under its own aggregation (weights: sequences or tokens), and token means (entropy)
+    the whole minibatch's token mean."""
+    from rlhf_fast.rlhf import aggregate_loss, masked_mean
+    from rlhf_fast.rlhf.ppo import UpdateStats
+    g = torch.Generator().manual_seed(7)
+    loss = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    ent = torch.rand(6, 9, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([9, 1, 4, 7, 2, 9])
+    mask = (torch.arange(9) < lengths[:, None]).double()
+    halves = (slice(0, 2), slice(2, 6))  # rank 0 holds 2 rows (10 tokens), rank 1 holds 4 (22 tokens)
+    part = [(aggregate_loss(loss[h], mask[h], agg, max_len=9), masked_mean(ent[h], mask[h]), mask[h].sum(),
+             torch.tensor(float(mask[h].shape[0]), dtype=torch.float64)) for h in halves]
+    (l0, e0, t0, s0), (l1, e1, t1, s1) = part
+    n0, n1 = (t0, t1) if agg == "token_mean" else (s0, s1)
+    stats = UpdateStats(_Peer([l1 * n1, e1 * t1]))
+    stats.add({"pg_loss": l0, "entropy": e0}, t0, t0 + t1, loss_n=(n0, n0 + n1))
+    got = stats.means()
+    # UpdateStats sums in float32 (the losses are float32 in training): one float32 rounding each
+    assert got["pg_loss"] == pytest.approx(float(aggregate_loss(loss, mask, agg, max_len=9)), rel=1e-6)
+    assert got["entropy"] == pytest.approx(float(masked_mean(ent, mask)), rel=1e-6)
