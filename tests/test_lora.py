@@ -121,23 +121,30 @@ def test_merged_model_matches_adapted_and_the_hand_merged_twin(make_config):
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_peft_loads_our_adapters_with_the_same_logits(family, tmp_path):
+def _check_peft_logits(hf, tmp_path, r, alpha, targets, randint_args):
+    """Our GPT loaded from `hf`'s folder with random adapters, saved in PEFT's format: peft + transformers
+    give the same logits, and without the adapters they differ (so the comparison can fail).
+    Returns (base folder, input ids, our logits)."""
     peft = pytest.importorskip("peft")
-    hf = hf_model(family, seed=2)
     base_dir = saved(hf, tmp_path / "base")
     model = GPT.from_pretrained(base_dir, backend="reference")
-    apply_lora(model, r=4, alpha=7.0, targets="all")
+    apply_lora(model, r=r, alpha=alpha, targets=targets)
     _randomize_adapters(model, scale=0.2)
     save_adapters(model, tmp_path / "adapters")
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapters").eval()
-    idx = torch.randint(1, 300, (2, 21))
+    idx = torch.randint(*randint_args)
     with torch.no_grad():
         ours, want = model(idx), peft_model(idx).logits
         with adapters_disabled(model):
             plain = model(idx)
     assert _rel_err(ours, want) < 1e-4
     assert _rel_err(plain, want) > 1e-2  # the adapters matter, so the comparison above can fail
+    return base_dir, idx, ours
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_peft_loads_our_adapters_with_the_same_logits(family, tmp_path):
+    base_dir, idx, ours = _check_peft_logits(hf_model(family, seed=2), tmp_path, 4, 7.0, "all", (1, 300, (2, 21)))
     again = load_adapters(GPT.from_pretrained(base_dir, backend="reference"), tmp_path / "adapters")
     with torch.no_grad():
         assert torch.equal(again(idx), ours)
@@ -146,21 +153,7 @@ def test_peft_loads_our_adapters_with_the_same_logits(family, tmp_path):
 @pytest.mark.parametrize("targets", ["all", ["q_proj", "v_proj", "down_proj"]])
 def test_peft_loads_our_gpt2_adapters_with_the_same_logits(targets, tmp_path):
     """GPT-2's single c_attn: our q/k/v adapters go out as one block-diagonal PEFT adapter."""
-    peft = pytest.importorskip("peft")
-    hf = hf_gpt2("cpu")
-    base_dir = saved(hf, tmp_path / "base")
-    model = GPT.from_pretrained(base_dir, backend="reference")
-    apply_lora(model, r=3, alpha=5.0, targets=targets)
-    _randomize_adapters(model, scale=0.2)
-    save_adapters(model, tmp_path / "adapters")
-    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapters").eval()
-    idx = torch.randint(0, 301, (2, 23))
-    with torch.no_grad():
-        ours, want = model(idx), peft_model(idx).logits
-        with adapters_disabled(model):
-            plain = model(idx)
-    assert _rel_err(ours, want) < 1e-4
-    assert _rel_err(plain, want) > 1e-2
+    base_dir, _, _ = _check_peft_logits(hf_gpt2("cpu"), tmp_path, 3, 5.0, targets, (0, 301, (2, 23)))
     with pytest.raises(ValueError, match="read for llama, qwen2 and mistral"):
         load_adapters(GPT.from_pretrained(base_dir), tmp_path / "adapters")
 

@@ -1,4 +1,4 @@
-"""`rlhf-fast export RUN_DIR [--stage sft|rm|ppo] --out DIR [--merge]`: a run's model as a Hugging Face folder.
+"""`rlhf-fast export RUN_DIR [--stage sft|rm|ppo|rl] --out DIR [--merge]`: a run's model as a Hugging Face folder.
 
 The policy (sft, ppo) is written as *ForCausalLM, the reward model (rm) as *ForSequenceClassification,
 in the family its weights came from (or the one its switches match). When the run used an `hf:`
@@ -56,7 +56,8 @@ def export_run(run_dir, out, stage: str = "ppo", merge: bool = False) -> Path:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-fast export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory (--run.out of the training run)")
-    parser.add_argument("--stage", default="ppo", choices=("sft", "rm", "ppo"), help="which stage's model (default ppo)")
+    parser.add_argument("--stage", default="ppo", choices=("sft", "rm", "ppo", "rl"),
+                        help="which stage's model (default ppo; rl: the critic-free stage's policy)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write the HF model into")
     parser.add_argument("--merge", action="store_true",
                         help="a LoRA run: write the merged full weights (default: PEFT adapters + DIR/base)")

@@ -29,7 +29,8 @@ from .run_io import atomic_write_json, remove_stale_temps
 ORDER = ("sft", "rm", "ppo", "rl")  # each stage after those it can start from
 RESULT = "result.json"
 REPLACED = ".replaced"
-STAGE_MODEL = {"sft": "model", "rm": "model", "ppo": "policy", "rl": "policy"}  # the model each stage trains, in its checkpoint
+# the model each stage trains, as its checkpoint names it
+STAGE_MODEL = {"sft": "model", "rm": "model", "ppo": "policy", "rl": "policy"}
 
 
 @dataclass

@@ -394,3 +394,18 @@ def test_update_stats_combine_ranks_as_one_process(agg):
     # UpdateStats sums in float32 (the losses are float32 in training): one float32 rounding each
     assert got["pg_loss"] == pytest.approx(float(aggregate_loss(loss, mask, agg, max_len=9)), rel=1e-6)
     assert got["entropy"] == pytest.approx(float(masked_mean(ent, mask)), rel=1e-6)
+
+
+def test_rl_policy_exports_as_a_transformers_model(finished_rl, tmp_path):
+    """`rlhf-fast export --stage rl`: the critic-free stage's policy, loaded back by transformers, gives the
+    logits of the checkpoint's model."""
+    transformers = pytest.importorskip("transformers")
+    from rlhf_fast.cli import main
+    from rlhf_fast.rlhf.runtime import load_model
+    assert main(["export", str(finished_rl), "--stage", "rl", "--out", str(tmp_path / "hf")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").double().eval()
+    policy = load_model(checkpoint.load(finished_rl / "rl" / checkpoint.NAME)["policy"], torch.device("cpu")).eval()
+    idx = torch.randint(0, policy.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        want = back(idx).logits
+        assert float((policy(idx).double() - want).abs().max() / want.abs().max()) < 1e-4
