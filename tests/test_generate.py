@@ -79,14 +79,15 @@ def test_rows_stop_at_eos_and_are_padded(device):
     prompts = ragged_prompts(device)
     free = generate(model, prompts, 10, temperature=0.0)
     eos = free.tokens[0, 3].item()  # row 0 emits it at step 3 (or earlier, if it repeats)
-    out = generate(model, prompts, 10, temperature=0.0, eos_token_id=eos, pad_token_id=-1)
-    no_cache = generate(model, prompts, 10, temperature=0.0, eos_token_id=eos, pad_token_id=-1, use_cache=False)
+    pad = model.config.vocab_size - 1  # pads are ids of the vocabulary (sequences feed them to the model)
+    out = generate(model, prompts, 10, temperature=0.0, eos_token_id=eos, pad_token_id=pad)
+    no_cache = generate(model, prompts, 10, temperature=0.0, eos_token_id=eos, pad_token_id=pad, use_cache=False)
     assert torch.equal(out.tokens, no_cache.tokens)
     for b in range(len(prompts)):
         hits = (free.tokens[b] == eos).nonzero()
         stop = hits[0].item() + 1 if len(hits) else 10  # tokens kept, EOS included
         assert torch.equal(out.tokens[b, :stop], free.tokens[b, :stop])
-        assert (out.tokens[b, stop:] == -1).all() and (out.logprobs[b, stop:] == 0).all()
+        assert (out.tokens[b, stop:] == pad).all() and (out.logprobs[b, stop:] == 0).all()
         assert out.mask[b].tolist() == [1] * stop + [0] * (10 - stop)
 
 
