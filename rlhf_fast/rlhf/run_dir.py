@@ -204,9 +204,16 @@ def _check_data(cfg: Config, stage: str, tok) -> None:
                     for p in (cfg.rl.prompts, cfg.rl.eval_prompts)]}[stage]
     if cfg.ppo.eval_prompts and stage in ("sft", "ppo"):
         files.append((cfg.ppo.eval_prompts, PPO_KEYS, lambda ls: tokenize_prompts(ls, tok, block, new)))
-    for path, keys, tokenize in files:
+    # the training file (the first) must fill one batch: the trainer's sampler refuses it later otherwise
+    batch = {"sft": ("sft.batch_size", cfg.sft.batch_size), "rm": ("rm.batch_size", cfg.rm.batch_size),
+             "ppo": ("ppo.rollout_batch_size", cfg.ppo.rollout_batch_size),
+             "rl": ("rl.rollout_batch_size", cfg.rl.rollout_batch_size)}[stage]
+    for i, (path, keys, tokenize) in enumerate(files):
         if path:
-            tokenize(read_data(path, keys, data_format(cfg, path)))
+            n = len(tokenize(read_data(path, keys, data_format(cfg, path))))
+            if i == 0 and batch[1] > n:
+                raise ValueError(f"{batch[0]}={batch[1]} is larger than {path} ({n} examples): lower it or "
+                                 "add data")
 
 
 def _check_rewards(cfg: Config, stage: str) -> None:

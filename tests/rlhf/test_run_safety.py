@@ -287,3 +287,12 @@ def test_export_says_in_one_line_when_the_stage_is_missing_or_unfinished(run, tm
     assert cli.main(["export", str(run), "--stage", "sft", "--out", str(hf)]) == 0
     back = GPT.from_pretrained(hf).state_dict()
     assert all(torch.equal(back[k], v) for k, v in state["model"]["weights"].items())
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_the_run_directory_exists(tmp_path, device, capsys):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"sort:{n}=", "response": str(n)}) + "\n" for n in (31, 97, 4)))
+    out = tmp_path / "run"
+    code, err = _main(["sft", *_args(out, device, **{"sft.data": data, "sft.batch_size": 4})], capsys)
+    assert code == 1 and "sft.batch_size=4 is larger than" in err and "(3 examples)" in err
+    assert not out.exists()
