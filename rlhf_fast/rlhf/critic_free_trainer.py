@@ -56,8 +56,9 @@ def make_group_rollout(models: dict, prompts: list[list[int]], fields: list[dict
     G = c.group_size
     idx, pmask = left_pad(prompts, prompt_len, tok.pad_id)
     idx, pmask = idx.to(device), pmask.to(device)
+    stop = tok.stop_ids[0] if len(tok.stop_ids) == 1 else list(tok.stop_ids)  # EOS, and a chat's end of turn
     gen = unwrap(models["policy"]).generate(idx, c.max_new_tokens, attention_mask=pmask, temperature=c.temperature,
-                                            top_k=c.top_k, top_p=c.top_p, eos_token_id=tok.eos_id,
+                                            top_k=c.top_k, top_p=c.top_p, eos_token_id=stop,
                                             pad_token_id=tok.pad_id, seed=seed, group_size=G)
     seqs = torch.cat((idx.repeat_interleave(G, 0), gen.tokens), 1)
     amask = torch.cat((pmask.repeat_interleave(G, 0), gen.mask), 1)
@@ -66,7 +67,7 @@ def make_group_rollout(models: dict, prompts: list[list[int]], fields: list[dict
         ref_logprobs = response_logprobs(models["ref"], seqs, amask, mask, prompt_len, c.temperature)[0].float()
     else:
         ref_logprobs = logprobs.clone()
-    has_eos = ((gen.tokens == tok.eos_id) & (gen.mask > 0)).any(1).float()
+    has_eos = (torch.isin(gen.tokens, torch.tensor(tok.stop_ids, device=device)) & (gen.mask > 0)).any(1).float()
     prompt_texts, responses = decode_rows(tok, seqs, mask, prompt_len)
     if rewards is not None:
         rows = [f for f in fields for _ in range(G)]

@@ -409,3 +409,30 @@ def test_rl_policy_exports_as_a_transformers_model(finished_rl, tmp_path):
     with torch.no_grad():
         want = back(idx).logits
         assert float((policy(idx).double() - want).abs().max() / want.abs().max()) < 1e-4
+
+
+def test_group_rollout_stops_at_a_chat_templates_end_of_turn():
+    """As PPO's rollout: responses end at EOS or at the chat template's end-of-turn id (tok.stop_ids), and
+    a response that ends with either counts as having EOS (no missing-EOS penalty)."""
+    import types
+
+    from rlhf_fast.model.generate import GenerationOutput
+    from rlhf_fast.rlhf.critic_free_trainer import make_group_rollout
+    seen = {}
+
+    class Policy:
+        def generate(self, idx, n, **kw):
+            seen.update(kw)
+            tokens = torch.tensor([[5, 3, 0], [5, 6, 7]])  # row 0 ends with end-of-turn 3, row 1 never stops
+            mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+            return GenerationOutput(tokens, torch.zeros(2, 3), mask, idx.repeat_interleave(2, 0),
+                                    torch.ones(2, idx.shape[1], dtype=torch.long))
+
+    tok = types.SimpleNamespace(pad_id=0, eos_id=2, bos_id=1, stop_ids=(2, 3), decode=lambda ids: str(ids))
+    c = types.SimpleNamespace(group_size=2, max_new_tokens=3, temperature=1.0, top_k=0, top_p=1.0,
+                              missing_eos_penalty=1.0)
+    rewards = lambda prompts, responses, rows: torch.zeros(len(responses))  # noqa: E731
+    b = make_group_rollout({"policy": Policy(), "ref": None}, [[1, 4]], [{"prompt": "p"}], 2, tok, c, 0,
+                           torch.device("cpu"), rewards=rewards)
+    assert seen["eos_token_id"] == [2, 3]
+    assert b.has_eos.tolist() == [1.0, 0.0] and b.scores.tolist() == [0.0, -1.0]
