@@ -19,6 +19,7 @@ import triton.language as tl
 
 from ._attention_configs import (ARCHS, DTYPES, HEAD_DIMS, AttnConfig, config, has_config,  # noqa: F401
                                  tma_block, uses_tma)
+from ._dot import _dot
 from ._spec import KernelSpec
 
 
@@ -64,19 +65,6 @@ def _store_rows(PTR, seq, head, tok0, stride_b, stride_h, stride_t, offs, offs_d
     """Store `value` (len(offs), D) into rows `offs` of (seq, head), in PTR's dtype, where `rows`."""
     ptrs = _base(PTR, seq, head, tok0, stride_b, stride_h, stride_t) + offs[:, None].to(tl.int64) * stride_t + offs_d[None, :]
     tl.store(ptrs, value.to(PTR.dtype.element_ty), mask=rows[:, None])
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """a @ b (+ acc) with fp32 accumulation.
-
-    DOT_PRECISION is "ieee" for fp32 inputs (no TF32), "tf32" for half inputs (where it has no effect), or
-    "upcast", which the launcher passes only to Triton's CPU interpreter: it holds bf16 as bit patterns and
-    cannot multiply them, so operands go to fp32 first (bf16 products are exact in fp32: same math).
-    """
-    if DOT_PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------- forward

@@ -14,16 +14,9 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
+from ._dot import _dot
 from ._spec import KernelSpec
 from .causal_attention import aligned_attrs, stride_args
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """As in causal_attention._dot: "upcast" is the interpreter-only path for bf16."""
-    if DOT_PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
