@@ -90,12 +90,13 @@ def test_torch_compile_fullgraph(device):
         torch.testing.assert_close(a.grad, b.grad)
 
 
-def test_opcheck(device):
-    need_backend("triton", device)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_opcheck(backend, device):
+    need_backend(backend, device)
     from rlhf_fast.ops import causal_attention as op
     q, k, v = (x.requires_grad_() for x in _inputs(1, 2, 1, 9, 16, torch.float32, device))
-    torch.library.opcheck(op._fwd, (q, k, v, 0.25, True), test_utils=("test_schema", "test_faketensor",
-                                                                     "test_autograd_registration"))
+    torch.library.opcheck(op._fwd, (q, k, v, 0.25, True, backend),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 BAD = [

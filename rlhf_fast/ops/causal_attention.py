@@ -7,42 +7,51 @@ from .. import _backend
 from ..reference import causal_attention as _ref
 from . import _attention_launch as _launch
 
+_OP = "causal_attention"
+
 
 @torch.library.custom_op("rlhf_fast::causal_attention_fwd", mutates_args=())
-def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-         deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, deterministic: bool,
+         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if _backend.resolve(_OP, backend, q.device, gpu="triton") == "reference":
+        out, lse = _ref.forward(q, k, v, scale)
+        return _launch.empty_like_unit_last(q).copy_(out), lse
     return _launch.attention_fwd(q, k, v, None, q.shape[2], scale)
 
 
 @_fwd.register_fake
-def _fwd_fake(q, k, v, scale, deterministic):
+def _fwd_fake(q, k, v, scale, deterministic, backend):
     lse = q.new_empty(_launch.lse_shape(q, packed=False), dtype=torch.float32)
     return _launch.empty_like_unit_last(q), lse
 
 
 @torch.library.custom_op("rlhf_fast::causal_attention_bwd", mutates_args=())
 def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-         lse: torch.Tensor, scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         lse: torch.Tensor, scale: float, deterministic: bool,
+         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _backend.resolve(_OP, backend, q.device, gpu="triton") == "reference":
+        grads = _ref.backward(do, q, k, v, scale)
+        return tuple(_launch.empty_like_unit_last(t).copy_(g) for t, g in zip((q, k, v), grads))
     return _launch.attention_bwd(do, q, k, v, out, lse, None, q.shape[2], scale, deterministic)
 
 
 @_bwd.register_fake
-def _bwd_fake(do, q, k, v, out, lse, scale, deterministic):
+def _bwd_fake(do, q, k, v, out, lse, scale, deterministic, backend):
     return tuple(_launch.empty_like_unit_last(t) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, deterministic = inputs
+    q, k, v, scale, deterministic, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale, ctx.deterministic = scale, deterministic
+    ctx.scale, ctx.deterministic, ctx.backend = scale, deterministic, backend
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, d_out, d_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _bwd(d_out, q, k, v, out, lse, ctx.scale, ctx.deterministic)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _bwd(d_out, q, k, v, out, lse, ctx.scale, ctx.deterministic, ctx.backend)
+    return dq, dk, dv, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -69,8 +78,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     """
     _launch.check_qkv(q, k, v, token_dim=2, ndim=4)
     scale = _launch.default_scale(scale, q.shape[-1])
-    chosen = _backend.resolve("causal_attention", backend, q.device, gpu="triton")
-    if chosen == "reference":
-        return _ref.causal_attention(q, k, v, scale=scale)
+    _backend.check_backend_arg(backend)
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
-    return _fwd(q, k, v, scale, deterministic)[0]
+    return _fwd(q, k, v, scale, deterministic, backend)[0]

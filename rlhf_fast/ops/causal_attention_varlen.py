@@ -7,16 +7,21 @@ from .. import _backend, _validate
 from ..reference import causal_attention_varlen as _ref
 from . import _attention_launch as _launch
 
+_OP = "causal_attention_varlen"
+
 
 @torch.library.custom_op("rlhf_fast::causal_attention_varlen_fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-         scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+         scale: float, deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     end = _launch.check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
+    if _backend.resolve(_OP, backend, q.device, gpu="triton") == "reference":
+        out, lse = _ref.forward(q, k, v, cu_seqlens, scale)
+        return _launch.empty_like_unit_last(q).copy_(out), lse
     return _launch.attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, packed_end=end)
 
 
 @_fwd.register_fake
-def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, scale, deterministic):
+def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, scale, deterministic, backend):
     lse = q.new_empty(_launch.lse_shape(q, packed=True), dtype=torch.float32)
     return _launch.empty_like_unit_last(q), lse
 
@@ -24,27 +29,31 @@ def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, scale, deterministic):
 @torch.library.custom_op("rlhf_fast::causal_attention_varlen_bwd", mutates_args=())
 def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
          lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,
-         deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _backend.resolve(_OP, backend, q.device, gpu="triton") == "reference":
+        grads = _ref.backward(do, q, k, v, cu_seqlens, scale)
+        return tuple(_launch.empty_like_unit_last(t).copy_(g) for t, g in zip((q, k, v), grads))
     return _launch.attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, deterministic)
 
 
 @_bwd.register_fake
-def _bwd_fake(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, deterministic):
+def _bwd_fake(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, deterministic, backend):
     return tuple(_launch.empty_like_unit_last(t) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, scale, deterministic = inputs
+    q, k, v, cu_seqlens, max_seqlen, scale, deterministic, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.max_seqlen, ctx.scale, ctx.deterministic = max_seqlen, scale, deterministic
+    ctx.max_seqlen, ctx.scale, ctx.deterministic, ctx.backend = max_seqlen, scale, deterministic, backend
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, d_out, d_lse):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _bwd(d_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.deterministic)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _bwd(d_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.deterministic,
+                      ctx.backend)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -80,9 +89,6 @@ def causal_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
     scale = _launch.default_scale(scale, q.shape[-1])
-    chosen = _backend.resolve("causal_attention_varlen", backend, q.device, gpu="triton")
-    if chosen == "reference":
-        _launch.check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
-        return _ref.causal_attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale=scale)
+    _backend.check_backend_arg(backend)
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
-    return _fwd(q, k, v, cu_seqlens, max_seqlen, scale, deterministic)[0]
+    return _fwd(q, k, v, cu_seqlens, max_seqlen, scale, deterministic, backend)[0]

@@ -7,15 +7,19 @@ from .. import _backend, _validate
 from ..reference import decode_attention as _ref
 from . import _attention_launch as _launch
 
+_OP = "decode_attention"
+
 
 @torch.library.custom_op("rlhf_fast::decode_attention", mutates_args=())
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-            scale: float) -> torch.Tensor:
+            scale: float, backend: str) -> torch.Tensor:
+    if _backend.resolve(_OP, backend, q.device, gpu="triton") == "reference":
+        return _ref.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale).contiguous()
     return _launch.decode_fwd(q, k_cache, v_cache, cache_seqlens, scale)
 
 
 @_decode.register_fake
-def _decode_fake(q, k_cache, v_cache, cache_seqlens, scale):
+def _decode_fake(q, k_cache, v_cache, cache_seqlens, scale, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -53,7 +57,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"cache_seqlens must have q's batch size {q.shape[0]}, got shape {tuple(cache_seqlens.shape)}")
     _launch.check_heads_and_dim(q, k_cache, k_name="k_cache")
     scale = _launch.default_scale(scale, q.shape[-1])
-    chosen = _backend.resolve("decode_attention", backend, q.device, gpu="triton")
-    if chosen == "reference":
-        return _ref.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
-    return _decode(q, k_cache, v_cache, cache_seqlens, scale)
+    _backend.check_backend_arg(backend)
+    return _decode(q, k_cache, v_cache, cache_seqlens, scale, backend)

@@ -20,6 +20,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     (T, T) score matrix, so memory is O(T^2): this is math, not a kernel. `deterministic` and `backend`
     exist only so the signature matches the public op; this path is always deterministic.
     """
+    return _attend(q, k, v, scale, want_lse=False)[0]
+
+
+def _attend(q, k, v, scale, want_lse: bool):
+    """(out in q's dtype, lse (B, Hq, T) natural log in the compute dtype, or None) of causal attention."""
     out_dtype = q.dtype
     ct = compute_dtype(q.dtype)
     q, k, v = q.to(ct), k.to(ct), v.to(ct)
@@ -32,4 +37,45 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     scores = (q @ k.transpose(-1, -2)) * scale  # (B, Hq, T, T)
     future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
     scores = scores.masked_fill(future, float("-inf"))
-    return (scores.softmax(dim=-1) @ v).to(out_dtype)
+    return (scores.softmax(dim=-1) @ v).to(out_dtype), (scores.logsumexp(-1) if want_lse else None)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's reference backend: (out (B, Hq, T, D) in q's dtype, lse (B, Hq, T) float32).
+
+    lse is each row's log-sum-exp of the scaled scores in log2 units, as the Triton kernels store it;
+    the reference backward does not need it (it recomputes), it keeps the op's outputs one layout.
+    """
+    with torch.no_grad():
+        out, lse = _attend(q, k, v, scale, want_lse=True)
+    return out, (lse / math.log(2)).float()
+
+
+def backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op's reference backward: (dq, dk, dv) in the inputs' dtypes, recomputing the probabilities
+    (O(T^2) memory while it runs, as the forward), in the compute dtype:
+
+        P = softmax(causal(q @ k^T * scale)),  dV = P^T dO,  dP = dO V^T,
+        dS = P * (dP - rowsum(P * dP)),  dQ = dS K * scale,  dK = dS^T Q * scale
+
+    with the dK, dV of a shared KV head summed over its group of query heads.
+    """
+    ct = compute_dtype(q.dtype)
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    qc, kc, vc, do = q.to(ct), k.to(ct), v.to(ct), d_out.to(ct)
+    if group > 1:
+        kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)  # (B, Hq, T, D)
+    scores = (qc @ kc.transpose(-1, -2)) * scale  # (B, Hq, T, T)
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    p = scores.softmax(dim=-1)
+    dv = p.transpose(-1, -2) @ do  # (B, Hq, T, D)
+    dp = do @ vc.transpose(-1, -2)  # (B, Hq, T, T)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    dq = (ds @ kc) * scale
+    dk = (ds.transpose(-1, -2) @ qc) * scale
+    if group > 1:
+        dk, dv = (x.view(b, hkv, group, t, d).sum(2) for x in (dk, dv))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

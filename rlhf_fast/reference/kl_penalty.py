@@ -28,3 +28,19 @@ def kl_penalty(logp, ref_logp, kind="k1"):
         return 0.5 * log_ratio.square()
     # k3 = (r - 1) - log r with log r = -log_ratio; expm1 keeps it accurate (and >= 0) when r ~ 1
     return torch.expm1(-log_ratio) + log_ratio
+
+
+def backward(grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
+             kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d logp, d ref_logp) of sum(grad * kl_penalty(logp, ref_logp, kind)), each in its input's dtype.
+
+    With x = logp - ref_logp: dk1/dx = 1, dk2/dx = x, dk3/dx = 1 - e^(-x) = -expm1(-x); d/d ref_logp = -d/dx.
+    """
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        d = grad
+    elif kind == "k2":
+        d = grad * log_ratio
+    else:
+        d = grad * -torch.expm1(-log_ratio)
+    return d.to(logp.dtype), (-d).to(ref_logp.dtype)
