@@ -21,7 +21,15 @@ same places and agree exactly; only finite reference positions enter the error.
 """
 from __future__ import annotations
 
+import json
+import os
+
 import torch
+
+# With RLHF_FAST_PARITY_LOG=FILE every comparison appends one JSON line (test, name, dtype, error, bound,
+# ratio = error / bound) to FILE; .ci/parity_margins.py prints the tightest ones (CI does after layer 1),
+# so a test that passes here with little margin is seen before another CPU's BLAS fails it.
+LOG_ENV = "RLHF_FAST_PARITY_LOG"
 
 
 def default_atol(dtype: torch.dtype, ref64: torch.Tensor) -> float:
@@ -64,6 +72,7 @@ def assert_close_to_reference(ours: torch.Tensor, ref64: torch.Tensor, torch_sam
     tol = default_atol(dtype, ref) if atol is None else atol
     bound = 2 * err_torch + tol
     worst = err.max().item()
+    _log_margin(name, dtype, worst, bound)
     if worst > bound:
         at = tuple(torch.nonzero(err == worst)[0].tolist())
         raise AssertionError(
@@ -71,3 +80,15 @@ def assert_close_to_reference(ours: torch.Tensor, ref64: torch.Tensor, torch_sam
             f"ref64 {ref[at].item():.9g}) exceeds 2 * max|torch_{str(dtype).split('.')[-1]} - ref64| "
             f"({err_torch:.3e}) + atol ({tol:.3e}) = {bound:.3e}")
     return worst, err_torch
+
+
+def _log_margin(name: str, dtype: torch.dtype, worst: float, bound: float) -> None:
+    path = os.environ.get(LOG_ENV)
+    if not path:
+        return
+    ratio = worst / bound if bound > 0 else (0.0 if worst == 0 else float("inf"))
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+    line = json.dumps({"test": test, "name": name, "dtype": str(dtype), "error": worst, "bound": bound,
+                       "ratio": ratio})
+    with open(path, "a") as f:  # one short write per line: appends from xdist workers do not interleave
+        f.write(line + "\n")
