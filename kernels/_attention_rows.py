@@ -1,6 +1,5 @@
-"""Where an attention program's rows live: the @triton.jit helpers shared by the causal attention kernels
-(kernels/causal_attention.py, its packed variant kernels/causal_attention_varlen.py) and decode
-(kernels/decode_attention.py).
+"""Where an attention program's rows live: the @triton.jit helpers of the causal attention kernels
+(kernels/causal_attention.py, compiled for packed inputs as kernels/causal_attention_varlen.py).
 
 Every tensor comes as (batch stride, head stride, token stride) with a unit head-dim stride. A padded
 batch has every sequence `max_seqlen` long starting at token 0 of its batch row; a packed batch
@@ -55,16 +54,3 @@ def _store_rows(PTR, seq, head, tok0, stride_b, stride_h, stride_t, offs, offs_d
     """Store `value` (len(offs), D) into rows `offs` of (seq, head), in PTR's dtype, where `rows`."""
     ptrs = _base(PTR, seq, head, tok0, stride_b, stride_h, stride_t) + offs[:, None].to(tl.int64) * stride_t + offs_d[None, :]
     tl.store(ptrs, value.to(PTR.dtype.element_ty), mask=rows[:, None])
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """a @ b (+ acc) with fp32 accumulation.
-
-    DOT_PRECISION is "ieee" for fp32 inputs (no TF32), "tf32" for half inputs (where it has no effect), or
-    "upcast", which the launcher passes only to Triton's CPU interpreter: it holds bf16 as bit patterns and
-    cannot multiply them, so operands go to fp32 first (bf16 products are exact in fp32: same math).
-    """
-    if DOT_PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)

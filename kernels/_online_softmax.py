@@ -50,3 +50,28 @@ def _rebased_sum(acc, s, alpha, shift, terms, AXIS: tl.constexpr):
     `shift` (entropy: m - m_new) and each old e^(z - m) by alpha (from _online_lse_step).
     """
     return alpha * (acc + tl.where(s > 0, s * shift, 0.0)) + tl.sum(terms.to(acc.dtype), AXIS)
+
+
+@triton.jit
+def _kl_online_update(zp, zq, mask, m_p, m_q, s_p, s_q, s_d, AXIS: tl.constexpr):
+    """Fold one tile (-inf on masked lanes) into the running (m_p, m_q, s_p = sum e^(zp - m_p), s_q, s_d),
+    along AXIS; s_p and s_d are fp64 (see kernels/kl_divergence.py's docstring), the rest fp32.
+
+    s_d = sum e^(zp - m_p) ((zp - m_p) - (zq - m_q)): relative to the running maxima, so it never holds
+    lse-sized numbers. When a maximum grows, the old terms are rescaled and shifted by the change of
+    (m_p - m_q), taken in fp64 (exact for fp32 maxima).
+    """
+    mq_new = _nan_max(m_q, zq, AXIS)
+    mp_new, sp_new, alpha, yp, e = _online_lse_step(zp, m_p, s_p, AXIS)
+    # q does not go through _online_lse_step: yq must keep its -inf where q = 0 (KL = inf if p > 0 there)
+    mq_safe = tl.where(mq_new == float("-inf"), 0.0, mq_new)
+    if AXIS == 0:
+        yq = tl.where(mask, zq - mq_safe, 0.0)
+    else:
+        yq = tl.where(mask, zq - mq_safe[:, None], 0.0)
+    # -inf logits (masked vocabulary) have p = 0 and add nothing, not 0 * inf
+    terms = tl.where(mask & (zp > float("-inf")), e * (yp - yq), 0.0)
+    shift = (m_p.to(tl.float64) - mp_new) - (m_q.to(tl.float64) - mq_new)
+    s_d = _rebased_sum(s_d, s_p, alpha, shift, terms, AXIS)
+    s_q = s_q * tl.exp(m_q - mq_safe) + tl.sum(tl.where(mask, tl.exp(yq), 0.0), AXIS)
+    return mp_new, mq_new, sp_new, s_q, s_d

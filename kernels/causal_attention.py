@@ -18,8 +18,9 @@ import triton.language as tl
 
 from ._attention_configs import (ARCHS, DTYPES, HEAD_DIMS, AttnConfig, config, has_config,  # noqa: F401
                                  tma_block, tuning_set, uses_tma)
-from ._attention_rows import _base, _dot, _load_rows, _program, _store_rows
+from ._attention_rows import _base, _load_rows, _program, _store_rows
 from ._attention_specs import all_specs
+from ._dot import _dot
 
 
 # ----------------------------------------------------------------------------------------------- forward

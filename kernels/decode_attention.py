@@ -14,8 +14,8 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from ._attention_rows import _dot
 from ._attention_specs import aligned_attrs, stride_args
+from ._dot import _dot
 from ._spec import KernelSpec
 
 

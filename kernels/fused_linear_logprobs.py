@@ -16,24 +16,21 @@ fp32 d(hidden) and d(weight) buffers, in one of two ways:
   one more (N, V, H) matmul than the atomic kernel, and it makes as many fp32 read-modify-writes of
   dx/dw (plain loads and stores, in a fixed order) as the atomic kernel makes atomics.
 """
-from collections import namedtuple
-
 import triton
 import triton.language as tl
 
+from ._fused_linear import (DOT_PRECISION, NEED_PAIRS, TileConfig, _grad_products, _logits_tile, _reduce_steps,
+                            _reduce_tile, reduce_specs)
 from ._online_softmax import _online_lse_step, _rebased_sum
 from ._spec import KernelSpec
 
-TileConfig = namedtuple("TileConfig", "block_n block_v block_k num_warps num_stages")
-# One config per input dtype; the launcher uses exactly this table. fp32 dots run in IEEE precision
-# (torch's default fp32 matmul has TF32 off), i.e. on FMA units with the tile in registers, so fp32
-# takes a smaller tile than the tensor-core dtypes to stay free of spills.
+# One config per input dtype; the launcher uses exactly this table. fp32 dots run on FMA units with the
+# tile in registers, so fp32 takes a smaller tile than the tensor-core dtypes to stay free of spills.
 CONFIGS = {
     "fp32": TileConfig(32, 64, 32, 4, 2),
     "bf16": TileConfig(64, 128, 64, 8, 3),
     "fp16": TileConfig(64, 128, 64, 8, 3),
 }
-DOT_PRECISION = {"fp32": "ieee", "bf16": "tf32", "fp16": "tf32"}
 # The reduce backward's (dx pass, dw pass) tiles per input dtype: its outer loop keeps more values
 # live than the atomic kernel, and CONFIGS' tiles spill there (up to ~1 KB on sm_80/sm_90 under
 # Triton 3.9); these are the largest of those tried with no spills on either arch. fp32: the dx pass at
@@ -44,114 +41,6 @@ REDUCE_CONFIGS = {
     "bf16": (TileConfig(64, 128, 32, 8, 3), TileConfig(64, 64, 32, 8, 3)),
     "fp16": (TileConfig(64, 128, 32, 8, 3), TileConfig(64, 64, 32, 8, 3)),
 }
-# Under TRITON_INTERPRET=1 (the CPU test lane) the launcher uses this tile instead: the interpreter's
-# cost is per tile operation, so wide, short tiles walk a 50k vocab in ~50 steps rather than ~400.
-# Same kernels, other constexprs; GPU launches never use it (and it is not in static_configs()).
-INTERPRET_CONFIG = TileConfig(16, 1024, 32, 4, 1)
-# Triton's CPU interpreter (3.9) multiplies bf16 tl.dot operands wrongly; under TRITON_INTERPRET=1 the
-# launcher passes DOT_PRECISION="upcast" for bf16 so the interpreter sees fp32 operands. GPUs never do.
-INTERPRET_BF16_PRECISION = "upcast"
-# The interpreter runs tl.dot as a numpy matmul, whose BLAS on some CPUs (OpenBLAS on AMD EPYC) sums a
-# 1024-long fp32 inner dimension with ~3.5x PyTorch's error. The backward's d @ w sums over the vocab
-# tile, 1024 wide under INTERPRET_CONFIG (32-128 on GPUs), so that host error alone reached 1.4x the
-# parity bound on d(hidden). Under TRITON_INTERPRET=1 the launcher passes this for fp32: _grad_products
-# takes d @ w in fp64, rounded once to fp32; all other dots (inner dimension BLOCK_K or BLOCK_N, as on
-# GPUs) stay "ieee". GPUs never see it.
-INTERPRET_FP32_PRECISION = "ieee_dx64"
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    if DOT_PRECISION == "upcast":
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    elif DOT_PRECISION == "ieee_dx64":
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
-def _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, row_lim, col_lim, K, stride_x, stride_w, temp, has_bias,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """(BLOCK_N, BLOCK_V) fp32 tile of (x @ w.T + b) / T for x rows row0.. and w rows col0...
-
-    Divided by T (temp), not multiplied by a rounded 1/T: fl(1/T) scales every logit by the same
-    relative error, a systematic error that reached ~1.9x PyTorch's d(weight) error (entropy
-    gradient, T = 0.7); z / T as PyTorch computes it shares PyTorch's rounding of T.
-
-    Register economy: the tile origin goes into a 64-bit scalar base pointer and in-tile offsets stay
-    32-bit; rows/cols past the end (row_lim, col_lim = valid count) re-read the last valid one instead
-    of carrying 2-D masks through the pipelined K loop (callers mask those rows/cols afterwards).
-    """
-    rn = tl.minimum(tl.arange(0, BLOCK_N), row_lim - 1)
-    rv = tl.minimum(tl.arange(0, BLOCK_V), col_lim - 1)
-    ks = tl.arange(0, BLOCK_K)
-    x_base = x_ptr + row0.to(tl.int64) * stride_x
-    w_base = w_ptr + col0.to(tl.int64) * stride_w
-    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for k in range(0, K, BLOCK_K):
-        kmask = (k + ks < K)[None, :]
-        a = tl.load(x_base + rn[:, None] * stride_x + (k + ks)[None, :], mask=kmask, other=0.0)
-        b = tl.load(w_base + rv[:, None] * stride_w + (k + ks)[None, :], mask=kmask, other=0.0)
-        acc = _dot(a, tl.trans(b), acc, DOT_PRECISION)
-    if has_bias:
-        acc += tl.load(b_ptr + col0 + rv).to(tl.float32)[None, :]
-    return tl.math.div_rn(acc, temp)  # z / T rounded once, as PyTorch's logits / T
-
-
-@triton.jit
-def _accumulate(ptrs, val, mask, OWNED: tl.constexpr):
-    """*ptrs += val: a plain read-modify-write when this program alone writes those addresses (OWNED),
-    else an fp32 atomic."""
-    if OWNED:
-        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + val, mask=mask)
-    else:
-        tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
-
-
-@triton.jit
-def _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, row_lim, col_lim, v_begin, K,
-                   stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X: tl.constexpr,
-                   NEED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, OWNED: tl.constexpr):
-    """Given d = d(loss)/d(logits) for one (BLOCK_N, BLOCK_V) tile (fp32, zero outside the masks), add
-    d @ w[cols] into dx[rows], d.T @ x[rows] into dw[cols - v_begin] and d.sum(0) into db[cols]
-    (with _accumulate: OWNED says no other program adds into the same dx/dw/db entries).
-
-    Rows/cols past the end read clamped addresses (as in _logits_tile) and are masked in the adds."""
-    rn = tl.arange(0, BLOCK_N)
-    rv = tl.arange(0, BLOCK_V)
-    rn_c = tl.minimum(rn, row_lim - 1)
-    rv_c = tl.minimum(rv, col_lim - 1)
-    row_mask = rn < row_lim
-    col_mask = rv < col_lim
-    ks = tl.arange(0, BLOCK_K)
-    dd = d.to(x_ptr.dtype.element_ty)
-    if NEED_X:
-        w_base = w_ptr + col0.to(tl.int64) * stride_w
-        dx_base = dx_ptr + row0.to(tl.int64) * stride_dx
-        for k in range(0, K, BLOCK_K):
-            kmask = k + ks < K
-            w = tl.load(w_base + rv_c[:, None] * stride_w + (k + ks)[None, :], mask=kmask[None, :], other=0.0)
-            if DOT_PRECISION == "ieee_dx64":  # interpreter only (INTERPRET_FP32_PRECISION)
-                part = tl.dot(dd.to(tl.float64), w.to(tl.float64)).to(tl.float32)
-            else:
-                part = _dot(dd, w, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), DOT_PRECISION)
-            _accumulate(dx_base + rn[:, None] * stride_dx + (k + ks)[None, :], part,
-                        row_mask[:, None] & kmask[None, :], OWNED)
-    if NEED_W:
-        x_base = x_ptr + row0.to(tl.int64) * stride_x
-        dw_base = dw_ptr + (col0 - v_begin).to(tl.int64) * stride_dw
-        for k in range(0, K, BLOCK_K):
-            kmask = k + ks < K
-            x = tl.load(x_base + rn_c[:, None] * stride_x + (k + ks)[None, :], mask=kmask[None, :], other=0.0)
-            part = _dot(tl.trans(dd), x, tl.zeros((BLOCK_V, BLOCK_K), tl.float32), DOT_PRECISION)
-            _accumulate(dw_base + rv[:, None] * stride_dw + (k + ks)[None, :], part,
-                        col_mask[:, None] & kmask[None, :], OWNED)
-    if need_b:
-        _accumulate(db_ptr + col0 + rv, tl.sum(d, 0), col_mask, OWNED)
 
 
 @triton.jit
@@ -244,24 +133,6 @@ def _fused_linear_logprobs_bwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent
 
 
 @triton.jit
-def _reduce_steps(N, v_begin, v_end, OWN_COLS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Trip count of a reduce pass: token blocks (OWN_COLS) or vocab tiles of the slice."""
-    if OWN_COLS:
-        return tl.cdiv(N, BLOCK_N)
-    return tl.cdiv(v_end - v_begin, BLOCK_V)
-
-
-@triton.jit
-def _reduce_tile(i, v_begin, OWN_COLS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    """(row0, col0) of step i of a reduce pass: this program's vocab tile and token block i (OWN_COLS),
-    or its token block and vocab tile i."""
-    step = tl.cast(i, tl.int32)  # a tensor also where the interpreter hands the loop index over as an int
-    if OWN_COLS:
-        return step * BLOCK_N, v_begin + tl.program_id(0) * BLOCK_V
-    return tl.program_id(0) * BLOCK_N, v_begin + step * BLOCK_V
-
-
-@triton.jit
 def _fused_linear_logprobs_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, ent_ptr, g_logp_ptr,
                                              g_ent_ptr, dx_ptr, dw_ptr, db_ptr, N, V, H, v_begin, v_end,
                                              stride_x, stride_w, stride_dx, stride_dw, temp, ignore_index,
@@ -283,12 +154,6 @@ def _fused_linear_logprobs_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_p
         # the next step re-reads the dx/dw rows this step wrote, maybe from other threads of the block
         # (another layout, or an async copy): a block barrier orders those global accesses
         tl.debug_barrier()
-
-
-# (NEED_X, NEED_W) pairs the launcher can request; (False, False) is a call that trains only the bias.
-NEED_PAIRS = ((True, True), (True, False), (False, True), (False, False))
-# (OWN_COLS, NEED_X, NEED_W) of the reduce kernel's passes: dx alone; dw (+ db); db alone (bias only).
-REDUCE_PASSES = ((False, True, False), (True, False, True), (True, False, False))
 
 
 def static_configs():
@@ -316,18 +181,4 @@ def static_configs():
                 bwd_sig, {**cx, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
         specs += reduce_specs("fused_linear_logprobs_bwd_reduce", _fused_linear_logprobs_bwd_reduce_kernel,
                               bwd_sig, dt, REDUCE_CONFIGS[dt])
-    return specs
-
-
-def reduce_specs(prefix, kernel, bwd_sig, dt, pass_configs):
-    """KernelSpecs of a reduce backward kernel's passes (REDUCE_PASSES), each with its pass's tile."""
-    specs = []
-    for own_cols, need_x, need_w in REDUCE_PASSES:
-        cfg = pass_configs[int(own_cols)]
-        cx = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k,
-              "DOT_PRECISION": DOT_PRECISION[dt]}
-        specs.append(KernelSpec(
-            f"{prefix}[{dt},BN={cfg.block_n},BV={cfg.block_v},BK={cfg.block_k},COLS={own_cols},X={need_x},"
-            f"W={need_w}]", kernel, {**bwd_sig, "OWN_COLS": "constexpr"},
-            {**cx, "OWN_COLS": own_cols, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
     return specs

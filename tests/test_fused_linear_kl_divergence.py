@@ -92,12 +92,12 @@ def test_reduce_backward_matches_float64_and_repeats_bitwise(dtype, with_bias, d
     """The backward without atomics (deterministic mode): parity with float64 with several token blocks
     and vocab tiles per program (odd sizes), and two runs give bitwise-equal gradients."""
     need_backend("triton", device)
-    from rlhf_fast.kernels import kl_divergence as kmod
+    from rlhf_fast.kernels import fused_linear_kl_divergence as kmod
     monkeypatch.setattr(kmod, "_fused_linear_kl_divergence_bwd_kernel", None)  # the atomic kernel must not run
     policy, reference = make_inputs(37, 24, 16, 1500, dtype, device, with_bias)
     g = torch.randn(37, device=device)
     # T = 0.7: fp32 d_hidden here was 3.2x torch's error, from the backward's row constant (KL from fp32
-    # sums, off from the backward's own sum p (log p - log q) by a few ulps; kernels/kl_divergence.py)
+    # sums, off from the backward's own sum p (log p - log q) by a few ulps; kernels/kl_divergence.py's docstring)
     # and from the interpreter's numpy d @ w over its 1024-wide vocab tile (INTERPRET_FP32_PRECISION)
     temperature = 0.7
     torch.use_deterministic_algorithms(True)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_fast
-import rlhf_fast.ops.fused_linear_logprobs as op_module
+import rlhf_fast.ops._fused_linear_launch as launch
 from conftest import need_backend
 from parity import assert_close_to_reference
 from rlhf_fast.reference import fused_linear_logprobs as ref
@@ -123,13 +123,14 @@ def test_bias_only_gradient(backend, device):
 def test_triton_dweight_in_several_slices(mode, device, monkeypatch):
     """bf16 d(weight) accumulates in bounded fp32 vocab slices; force one vocab tile per slice."""
     need_backend("triton", device)
-    monkeypatch.setenv(op_module.BWD_ENV, mode)
+    monkeypatch.setenv(launch.BWD_ENV, mode)
     hidden, weight, bias, targets = make_inputs(33, 16, 1000, BF16, device, True)
-    block_v = op_module.tile_config(BF16)[1].block_v
-    monkeypatch.setattr(op_module, "DW_SLICE_ELEMENTS", 16 * block_v)
+    from rlhf_fast.kernels import fused_linear_logprobs as kmod
+    block_v = launch.tile_config(BF16, kmod.CONFIGS)[0].block_v
+    monkeypatch.setattr(launch, "DW_SLICE_ELEMENTS", 16 * block_v)
     g = torch.randn(2, 33, device=device)
     _, _, sliced = run(fused("triton"), hidden, weight, bias, targets, 1.0, g)
-    monkeypatch.setattr(op_module, "DW_SLICE_ELEMENTS", 1 << 26)
+    monkeypatch.setattr(launch, "DW_SLICE_ELEMENTS", 1 << 26)
     _, _, whole = run(fused("triton"), hidden, weight, bias, targets, 1.0, g)
     for a, b in zip(sliced, whole):
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0)
@@ -172,19 +173,19 @@ class deterministic:
 
 def test_backward_mode_and_passes(monkeypatch):
     """Deterministic mode always takes the reduce passes; the variable picks otherwise; bad values raise."""
-    monkeypatch.delenv(op_module.BWD_ENV, raising=False)
-    assert op_module.backward_mode() == "atomic"
+    monkeypatch.delenv(launch.BWD_ENV, raising=False)
+    assert launch.backward_mode() == "atomic"
     with deterministic():
-        monkeypatch.setenv(op_module.BWD_ENV, "atomic")
-        assert op_module.backward_mode() == "reduce"
-    monkeypatch.setenv(op_module.BWD_ENV, "reduce")
-    assert op_module.backward_mode() == "reduce"
-    monkeypatch.setenv(op_module.BWD_ENV, "fast")
+        monkeypatch.setenv(launch.BWD_ENV, "atomic")
+        assert launch.backward_mode() == "reduce"
+    monkeypatch.setenv(launch.BWD_ENV, "reduce")
+    assert launch.backward_mode() == "reduce"
+    monkeypatch.setenv(launch.BWD_ENV, "fast")
     with pytest.raises(ValueError, match="RLHF_FAST_FUSED_LINEAR_BWD must be one of auto, atomic, reduce"):
-        op_module.backward_mode()
-    from rlhf_fast.kernels.fused_linear_logprobs import TileConfig
+        launch.backward_mode()
+    from rlhf_fast.kernels._fused_linear import TileConfig
     cfg, dx_cfg, dw_cfg = TileConfig(32, 64, 32, 4, 2), TileConfig(16, 32, 32, 4, 2), TileConfig(8, 16, 32, 4, 2)
-    passes = lambda n, v0, v1, need, mode: op_module.backward_passes(n, v0, v1, cfg, (dx_cfg, dw_cfg), need, mode)  # noqa: E731
+    passes = lambda n, v0, v1, need, mode: launch.backward_passes(n, v0, v1, cfg, (dx_cfg, dw_cfg), need, mode)  # noqa: E731
     assert [(p.grid, p.own_cols, p.cfg) for p in passes(97, 64, 384, (True, True, True), "atomic")] == \
         [((4, 5), None, cfg)]
     assert [tuple(p) for p in passes(97, 64, 384, (True, False, True), "reduce")] == \

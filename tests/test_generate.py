@@ -195,11 +195,28 @@ def test_decode_step_has_no_host_sync(device):
     assert torch.equal(caches[0].k, caches[1].k)
 
 
-def test_generate_method_and_config_backend(device):
-    model = GPT(GPTConfig(**{**gpt2_config().to_dict(), "backend": "reference"})).to(device).eval()
-    out = model.generate(ragged_prompts(device), 4, temperature=0.0)
-    assert out.tokens.shape == (4, 4) and out.tokens.dtype == torch.int64
+def test_generate_method_and_config_backend(device, monkeypatch):
+    """GPT.generate runs generate() on the config's backend: with backend="reference" the sampler takes
+    its reference path (spied), and the greedy tokens equal an argmax loop over full forwards."""
+    from rlhf_fast import _backend
+    model = sharpen(GPT(gpt2_config(tie_word_embeddings=False, backend="reference"))).to(device).eval()
+    prompts = ragged_prompts(device)
+    asked = []
+    real = _backend.resolve
+    monkeypatch.setattr(_backend, "resolve", lambda op, backend, *a, **kw: asked.append((op, backend)) or
+                        real(op, backend, *a, **kw))
+    out = model.generate(prompts, 4, temperature=0.0)
+    ops = {op for op, _ in asked}
+    assert {"sample", "causal_attention"} <= ops and ({"decode_attention", "causal_attention_varlen"} & ops), ops
+    assert {backend for _, backend in asked} == {"reference"}, asked
     assert out.sequences.shape == (4, 12 + 4)
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            seq = prompt
+            for step in range(4):
+                nxt = model(seq[None])[0, -1].argmax()
+                assert out.tokens[row, step].item() == nxt.item(), (row, step)
+                seq = torch.cat([seq, nxt[None]])
 
 
 def _top_p_boundary_rows(device):

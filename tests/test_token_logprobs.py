@@ -98,10 +98,11 @@ def test_custom_ignore_index(backend, device):
     assert (logp[targets != 3] < 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_backends_and_reference_twin_agree(backend, device):
-    """The op on each backend and the autograd.Function twin in rlhf_fast.reference agree to fp32
-    rounding (1e-5 on values of magnitude ~10 and on gradients of magnitude <= 1)."""
+    """The op on each kernel backend and the autograd.Function twin in rlhf_fast.reference agree to fp32
+    rounding (1e-5 on values of magnitude ~10 and on gradients of magnitude <= 1). The op's "reference"
+    backend runs the twin's own functions, so it is not a case here (it is checked against float64)."""
     need_backend(backend, device)
     logits, targets = make_inputs(17, 300, torch.float32, device)
     g = torch.randn(2, 17, device=device)

@@ -6,18 +6,17 @@ import torch
 
 from .. import _backend
 from ..reference import fused_linear_kl_divergence as ref
+from ._fused_linear_launch import (cdiv, contig, fake_grads, grads_out, needed_grads, pass_kernel, reduce_tile_configs,
+                                  run_backward_slices, split_plan, tile_config, tile_kwargs)
 from ._launch import on_first_tensor_device
-from .fused_linear_logprobs import (_contig, cdiv, fake_grads, grads_out, needed_grads, pass_kernel,
-                                    reduce_tile_configs, run_backward_slices, split_plan, tile_config,
-                                    tile_kwargs)
 
 _OP = "fused_linear_kl_divergence"
 
 
 @on_first_tensor_device
 def _triton_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature):
-    from ..kernels import kl_divergence as kk
-    _, cfg, prec = tile_config(hidden.dtype, kk.FUSED_FWD_CONFIGS)
+    from ..kernels import fused_linear_kl_divergence as kk
+    cfg, prec = tile_config(hidden.dtype, kk.FUSED_FWD_CONFIGS)
     n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
     if n == 0:
         return torch.empty(0, dtype=torch.float32, device=dev), torch.empty(5, 0, dtype=torch.float32, device=dev)
@@ -44,8 +43,8 @@ def _triton_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temp
 @on_first_tensor_device
 def _triton_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl,
                      temperature, need):
-    from ..kernels import kl_divergence as kk
-    _, cfg, prec = tile_config(hidden.dtype, kk.FUSED_CONFIGS)
+    from ..kernels import fused_linear_kl_divergence as kk
+    cfg, prec = tile_config(hidden.dtype, kk.FUSED_CONFIGS)
 
     def launch(d_x, d_w, d_b, v_begin, v_end, bp):
         kernel, extra = pass_kernel(bp, kk._fused_linear_kl_divergence_bwd_kernel,
@@ -67,8 +66,8 @@ def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             ref_weight: torch.Tensor, ref_bias: torch.Tensor | None, temperature: float, chunk_size: int,
             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if _backend.resolve(_OP, backend, hidden.device, gpu="triton") == "triton":
-        return _triton_forward(hidden.contiguous(), weight.contiguous(), _contig(bias), ref_hidden.contiguous(),
-                               ref_weight.contiguous(), _contig(ref_bias), temperature)
+        return _triton_forward(hidden.contiguous(), weight.contiguous(), contig(bias), ref_hidden.contiguous(),
+                               ref_weight.contiguous(), contig(ref_bias), temperature)
     return ref.forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, chunk_size or None)
 
 
@@ -84,8 +83,8 @@ def _bwd_op(grad_kl: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, b
             stats: torch.Tensor, kl: torch.Tensor, temperature: float, chunk_size: int,
             need: list[bool], backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _backend.resolve(_OP, backend, hidden.device, gpu="triton") == "triton":
-        grads = _triton_backward(grad_kl.contiguous(), hidden.contiguous(), weight.contiguous(), _contig(bias),
-                                 ref_hidden.contiguous(), ref_weight.contiguous(), _contig(ref_bias), stats,
+        grads = _triton_backward(grad_kl.contiguous(), hidden.contiguous(), weight.contiguous(), contig(bias),
+                                 ref_hidden.contiguous(), ref_weight.contiguous(), contig(ref_bias), stats,
                                  kl, temperature, need)
     else:
         grads = ref.backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats, kl,

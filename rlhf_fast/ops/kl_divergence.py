@@ -5,8 +5,7 @@ import torch
 
 from .. import _backend
 from ..reference import kl_divergence as ref
-from .token_logprobs import _pick_config
-from ._launch import on_first_tensor_device
+from ._launch import on_first_tensor_device, pick_row_config
 
 _OP = "kl_divergence"
 
@@ -18,7 +17,7 @@ def _triton_forward(logits, ref_logits, temperature):
     kl = torch.empty(n, dtype=torch.float32, device=logits.device)
     stats = torch.empty(5, n, dtype=torch.float32, device=logits.device)
     if n:
-        cfg = _pick_config(k.CONFIGS, vocab)
+        cfg = pick_row_config(k.CONFIGS, vocab)
         k._kl_fwd_kernel[(n,)](logits, ref_logits, kl, stats, logits.stride(0), ref_logits.stride(0), vocab,
                                temperature, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
                                num_stages=cfg.num_stages)
@@ -32,7 +31,7 @@ def _triton_backward(grad_kl, logits, ref_logits, stats, kl, temperature, need_r
     d_logits = torch.empty_like(logits)
     d_ref = torch.empty_like(ref_logits) if need_ref else None
     if n:
-        cfg = _pick_config(k.CONFIGS, vocab)
+        cfg = pick_row_config(k.CONFIGS, vocab)
         k._kl_bwd_kernel[(n,)](logits, ref_logits, stats, grad_kl, d_logits,
                                d_ref if need_ref else d_logits, logits.stride(0), ref_logits.stride(0),
                                vocab, temperature, NEED_REF=need_ref, BLOCK_V=cfg.block_v,

@@ -9,14 +9,9 @@ import torch
 
 from .. import _backend
 from ..reference import token_logprobs as ref
-from ._launch import on_first_tensor_device
+from ._launch import on_first_tensor_device, pick_row_config
 
 _OP = "token_logprobs"
-
-
-def _pick_config(configs, vocab):
-    """First config of the kernel module's table whose tile covers the row, else the widest (it loops)."""
-    return next((c for c in configs if c.block_v >= vocab), configs[-1])
 
 
 @on_first_tensor_device
@@ -28,7 +23,7 @@ def _triton_forward(logits, targets, temperature, want_entropy, ignore_index):
     stats = torch.empty(2, n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return logp, entropy, stats
-    cfg = _pick_config(k.CONFIGS, vocab)
+    cfg = pick_row_config(k.CONFIGS, vocab)
     k._token_logprobs_fwd_kernel[(n,)](
         logits, targets, logp, entropy, stats, logits.stride(0), vocab, temperature, ignore_index,
         WANT_ENTROPY=want_entropy, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -43,7 +38,7 @@ def _triton_backward(grad_logp, grad_entropy, logits, targets, stats, entropy, t
     if n == 0:
         return grad
     have_ent = grad_entropy is not None
-    cfg = _pick_config(k.CONFIGS, vocab)
+    cfg = pick_row_config(k.CONFIGS, vocab)
     k._token_logprobs_bwd_kernel[(n,)](
         logits, targets, stats, entropy if have_ent else stats, grad_logp,
         grad_entropy if have_ent else grad_logp, grad, logits.stride(0), grad.stride(0), vocab,
