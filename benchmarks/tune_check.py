@@ -69,10 +69,12 @@ def workloads(quick: bool) -> list:
 
 
 def rows_from_cache(workload: str, cache: Path, work: dict) -> list[dict]:
+    from rlhf_fast.ops import _autotune
+
     rows = []
     for path in sorted(cache.glob("*.json")):
         data = json.loads(path.read_text())
-        kernel, winner = data["key"]["kernel"], ",".join(str(v) for v in data["winner"])
+        kernel, winner = data["key"]["kernel"], _autotune.label(data["winner"])
         unit, amount = work.get(kernel, ("", None))
         for cfg, ms in data["timings_ms"].items():
             rate = None if amount is None else amount / (ms * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9)

@@ -168,3 +168,14 @@ def test_a_config_that_cannot_launch_is_skipped_but_the_table_pick_must_launch(c
     timer.fail = {CANDIDATES[0]}
     with pytest.raises(OutOfResources):
         _choose(timer, regime="D=64,bf16")
+
+
+def test_configs_of_nested_tiles_round_trip_through_the_cache():
+    """A reduce backward's candidate is a (dx pass, dw pass) pair of tiles: JSON turns it into lists, and
+    the winner read back must still be the candidate object itself."""
+    pairs = (((64, 128, 32, 8, 3), (64, 64, 32, 8, 3)), ((128, 128, 32, 4, 4), (128, 128, 32, 4, 4)))
+    timer = FakeTimer({pairs[0]: 2.0, pairs[1]: 1.0})
+    assert _choose(timer, candidates=pairs) is pairs[1]
+    _autotune.reset()
+    later = FakeTimer({p: 1.0 for p in pairs})
+    assert _choose(later, candidates=pairs) is pairs[1] and later.timed == []

@@ -331,13 +331,8 @@ def kernels_for(packed: bool):
     return kern
 
 
-def seqlen_bucket(max_seqlen: int) -> int:
-    """Sequence-length class a tuning result is kept for: the next power of two, 128 to 16384."""
-    return min(max(128, 1 << max(0, max_seqlen - 1).bit_length()), 16384)
-
-
 def tuned(stage: str, arch: int, head_dim: int, dtype: str, packed: bool, max_seqlen: int, run, device):
     """The config of `stage` to launch: the tuning set's winner for this regime (see _autotune.choose)."""
     regime = (f"sm{arch},D={head_dim},{dtype},{'packed' if packed else 'padded'},"
-              f"T<={seqlen_bucket(max_seqlen)}")
+              f"T<={_autotune.seqlen_bucket(max_seqlen)}")
     return _autotune.choose(f"attn_{stage}", regime, configs.tuning_set(stage, arch, head_dim, dtype), run, device)

@@ -99,8 +99,14 @@ def _driver_version() -> str:
         return "unknown"
 
 
+def plain(cfg) -> list:
+    """A config as JSON holds it (nested lists): configs may be tuples of tuples (a reduce kernel's
+    per-pass tiles)."""
+    return json.loads(json.dumps(cfg))
+
+
 def cache_key(env: dict, kernel: str, regime: str, candidates: Sequence[tuple]) -> dict:
-    return {**env, "kernel": kernel, "regime": regime, "candidates": [list(c) for c in candidates]}
+    return {**env, "kernel": kernel, "regime": regime, "candidates": [plain(c) for c in candidates]}
 
 
 def cache_path(key: dict) -> Path:
@@ -121,19 +127,19 @@ def read_winner(path: Path, key: dict, candidates: Sequence[tuple]) -> tuple | N
         data = json.loads(text)
         if data["key"] != key:
             raise ValueError("its key is not this call's (hash collision or edited file)")
-        winner = tuple(data["winner"])
-        if winner not in [tuple(c) for c in candidates]:
-            raise ValueError(f"winner {list(winner)} is not a candidate")
+        winner = data["winner"]
+        if winner not in [plain(c) for c in candidates]:
+            raise ValueError(f"winner {winner} is not a candidate")
     except (ValueError, KeyError, TypeError) as exc:
         warnings.warn(f"rlhf_fast autotune: ignoring cache file {path}: {exc}", RuntimeWarning, 2)
         return None
-    return next(c for c in candidates if tuple(c) == winner)
+    return next(c for c in candidates if plain(c) == winner)
 
 
 def write_winner(path: Path, key: dict, winner: tuple, timings: dict) -> None:
     """Write atomically: a temporary file in the same directory, then os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = json.dumps({"key": key, "winner": list(winner), "timings_ms": timings}, indent=1, sort_keys=True)
+    body = json.dumps({"key": key, "winner": plain(winner), "timings_ms": timings}, indent=1, sort_keys=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -185,13 +191,13 @@ def choose(kernel: str, regime: str, candidates: Sequence[tuple], run: Callable[
         _spent_s += dt
         write_winner(path, key, winner, timings)
         print(f"rlhf_fast autotune: {kernel} [{regime}]: {len(timings)} configs in {dt:.2f} s, winner "
-              f"{list(winner)} ({timings[_label(winner)]:.4f} ms); cached in {path}", file=sys.stderr)
+              f"{plain(winner)} ({timings[label(winner)]:.4f} ms); cached in {path}", file=sys.stderr)
     _winners[name] = winner
     return winner
 
 
-def _label(cfg: tuple) -> str:
-    return ",".join(str(v) for v in cfg)
+def label(cfg: tuple) -> str:
+    return json.dumps(plain(cfg))[1:-1].replace(" ", "")
 
 
 def _time_all(kernel: str, candidates: Sequence[tuple], run, timer) -> tuple[tuple, dict]:
@@ -199,13 +205,26 @@ def _time_all(kernel: str, candidates: Sequence[tuple], run, timer) -> tuple[tup
     timings = {}
     for cfg in candidates:
         try:
-            timings[_label(cfg)] = timer(lambda cfg=cfg: run(cfg))
+            timings[label(cfg)] = timer(lambda cfg=cfg: run(cfg))
         except failures as exc:
             if cfg is candidates[0]:
                 raise  # the table pick is checked by CI: failing to launch it is a bug, not a tuning result
-            print(f"rlhf_fast autotune: {kernel}: skipping {list(cfg)}: {exc}", file=sys.stderr)
-    winner = min((c for c in candidates if _label(c) in timings), key=lambda c: timings[_label(c)])
+            print(f"rlhf_fast autotune: {kernel}: skipping {plain(cfg)}: {exc}", file=sys.stderr)
+    winner = min((c for c in candidates if label(c) in timings), key=lambda c: timings[label(c)])
     return winner, timings
+
+
+def seqlen_bucket(n: int) -> int:
+    """Size class a tuning result is kept for (sequence length, rows): the next power of two, 128 to 16384."""
+    return min(max(128, 1 << max(0, n - 1).bit_length()), 16384)
+
+
+def row_config(kernel: str, k, logits: torch.Tensor, run: Callable) -> tuple:
+    """The config of a one-program-per-row kernel (kernels.token_logprobs, kl_divergence): the winner of
+    k.tuning_set(V) for this (dtype, V, rows class); the table pick where nothing is timed."""
+    n, vocab = logits.shape
+    regime = f"{str(logits.dtype).removeprefix('torch.')},V={vocab},N<={seqlen_bucket(n)}"
+    return choose(kernel, regime, k.tuning_set(vocab), run, logits.device)
 
 
 def reset() -> None:

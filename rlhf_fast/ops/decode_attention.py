@@ -75,7 +75,7 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, scale: float):
             HEAD_DIM=d, MAX_SPLITS=kern.MAX_SPLITS,
             num_warps=kern.COMBINE_CONFIG.num_warps, num_stages=kern.COMBINE_CONFIG.num_stages)
 
-    regime = f"sm{arch},D={d},{dtype},group<={chunks * kern.BLOCK_G},Tmax<={_launch.seqlen_bucket(tmax)}"
+    regime = f"sm{arch},D={d},{dtype},group<={chunks * kern.BLOCK_G},Tmax<={_autotune.seqlen_bucket(tmax)}"
     with _launch.on_device(q):
         run(_autotune.choose("decode_split", regime, kern.split_tuning_set(arch, d, dtype), run, q.device))
     return out
