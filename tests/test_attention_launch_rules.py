@@ -49,6 +49,7 @@ def launches(monkeypatch):
             guard.pop()
 
     monkeypatch.setattr(launch, "on_device", spy_on_device)
+    monkeypatch.setattr(decode_op, "on_device", spy_on_device)
     for module, names in KERNELS.items():
         for name in names:
             monkeypatch.setattr(module, name, _Recorder(name, recorded, guard))

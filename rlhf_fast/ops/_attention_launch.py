@@ -237,24 +237,24 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, packed_end
     kern = kernels_for(packed)
     tma = tma_wanted(arch, dtype, q.device)
 
-    def run(cfg):
+    def run(cfg):  # one whole launch: what autotuning times, then the launch with the winner
         k_src, v_src = k, v
         if tma:
             block = configs.tma_block(cfg, d)
             k_src, v_src = kv_descriptor(k, packed, block), kv_descriptor(v, packed, block)
             if k_src is None or v_src is None:
                 k_src, v_src = k, v
-        kern._attn_fwd_kernel[rows_grid(max_seqlen, cfg.block_m, n_seq, hq, "attn_fwd")](
-            q, k_src, v_src, out, lse, seq_arg(cu_seqlens, q.device),
-            *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(out, packed),
-            *lse_strides(lse, packed),
-            max_seqlen, hq, hq // hkv, scale * LOG2E,
-            HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_VARLEN=packed,
-            DOT_PRECISION=dot_precision(q.dtype, q.device), USE_TMA=k_src is not k,
-            **launch_options(cfg))
+        with on_device(q):
+            kern._attn_fwd_kernel[rows_grid(max_seqlen, cfg.block_m, n_seq, hq, "attn_fwd")](
+                q, k_src, v_src, out, lse, seq_arg(cu_seqlens, q.device),
+                *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed),
+                *bht_strides(out, packed), *lse_strides(lse, packed),
+                max_seqlen, hq, hq // hkv, scale * LOG2E,
+                HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_VARLEN=packed,
+                DOT_PRECISION=dot_precision(q.dtype, q.device), USE_TMA=k_src is not k,
+                **launch_options(cfg))
 
-    with on_device(q):
-        run(tuned("fwd", arch, d, dtype, packed, max_seqlen, run, q.device))
+    run(tuned("fwd", arch, d, dtype, packed, max_seqlen, run, q.device))
     return out, lse
 
 
@@ -284,40 +284,44 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: flo
     atomic = not deterministic and configs.has_config("bwd_dkdv_atomic", arch, d, dtype)
     dq_acc = torch.empty(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
 
+    # each run_* is one whole launch: what autotuning times, then the launch with the winner
     def run_pre(cfg):
-        kern._attn_bwd_preprocess_kernel[rows_grid(max_seqlen, cfg.block_m, n_seq, hq, "attn_bwd_pre")](
-            out, do, delta, cu, *bht_strides(out, packed), *bht_strides(do, packed), *lse_strides(delta, packed),
-            max_seqlen, hq, HEAD_DIM=d, BLOCK_M=cfg.block_m, IS_VARLEN=packed,
-            **launch_options(cfg))
+        with on_device(q):
+            kern._attn_bwd_preprocess_kernel[rows_grid(max_seqlen, cfg.block_m, n_seq, hq, "attn_bwd_pre")](
+                out, do, delta, cu, *bht_strides(out, packed), *bht_strides(do, packed),
+                *lse_strides(delta, packed), max_seqlen, hq, HEAD_DIM=d, BLOCK_M=cfg.block_m, IS_VARLEN=packed,
+                **launch_options(cfg))
 
     def run_dkdv(cfg):
-        if atomic:  # the kernel adds into dQ: every launch (tuning ones too) starts from 0
-            dq_acc.zero_()
-        kern._attn_bwd_dkdv_kernel[rows_grid(max_seqlen, cfg.block_n, n_seq, hkv, "attn_bwd_dkdv")](
-            q, k, v, do, lse, delta, dk, dv, dq_acc, cu,
-            *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(do, packed),
-            *bht_strides(dk, packed), *bht_strides(dv, packed), *bht_strides(dq_acc, packed),
-            *lse_strides(lse, packed),
-            max_seqlen, hkv, hq // hkv, scale, scale * LOG2E,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic, **common,
-            **launch_options(cfg))
+        with on_device(q):
+            if atomic:  # the kernel adds into dQ: every launch (tuning ones too) starts from 0
+                dq_acc.zero_()
+            kern._attn_bwd_dkdv_kernel[rows_grid(max_seqlen, cfg.block_n, n_seq, hkv, "attn_bwd_dkdv")](
+                q, k, v, do, lse, delta, dk, dv, dq_acc, cu,
+                *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed),
+                *bht_strides(do, packed), *bht_strides(dk, packed), *bht_strides(dv, packed),
+                *bht_strides(dq_acc, packed), *lse_strides(lse, packed),
+                max_seqlen, hkv, hq // hkv, scale, scale * LOG2E,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic, **common,
+                **launch_options(cfg))
 
     def run_dq(cfg):
-        kern._attn_bwd_dq_kernel[rows_grid(max_seqlen, cfg.block_m, n_seq, hq, "attn_bwd_dq")](
-            q, k, v, do, lse, delta, dq, cu,
-            *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(do, packed),
-            *bht_strides(dq, packed), *lse_strides(lse, packed),
-            max_seqlen, hq, hq // hkv, scale, scale * LOG2E,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
-            **launch_options(cfg))
+        with on_device(q):
+            kern._attn_bwd_dq_kernel[rows_grid(max_seqlen, cfg.block_m, n_seq, hq, "attn_bwd_dq")](
+                q, k, v, do, lse, delta, dq, cu,
+                *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed),
+                *bht_strides(do, packed), *bht_strides(dq, packed), *lse_strides(lse, packed),
+                max_seqlen, hq, hq // hkv, scale, scale * LOG2E,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
+                **launch_options(cfg))
 
-    with on_device(q):
-        run_pre(tuned("bwd_pre", arch, d, dtype, packed, max_seqlen, run_pre, q.device))
-        run_dkdv(tuned("bwd_dkdv_atomic" if atomic else "bwd_dkdv", arch, d, dtype, packed, max_seqlen, run_dkdv,
-                       q.device))
-        if atomic:
+    run_pre(tuned("bwd_pre", arch, d, dtype, packed, max_seqlen, run_pre, q.device))
+    run_dkdv(tuned("bwd_dkdv_atomic" if atomic else "bwd_dkdv", arch, d, dtype, packed, max_seqlen, run_dkdv,
+                   q.device))
+    if atomic:
+        with on_device(q):
             return dq.copy_(dq_acc), dk, dv
-        run_dq(tuned("bwd_dq", arch, d, dtype, packed, max_seqlen, run_dq, q.device))
+    run_dq(tuned("bwd_dq", arch, d, dtype, packed, max_seqlen, run_dq, q.device))
     return dq, dk, dv
 
 

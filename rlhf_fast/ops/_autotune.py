@@ -22,6 +22,7 @@ zeroed inside `run`); the launcher calls `run(choose(...))`, so its outputs are 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -186,7 +187,9 @@ def choose(kernel: str, regime: str, candidates: Sequence[tuple], run: Callable[
     winner = read_winner(path, key, candidates)
     if winner is None:
         t0 = time.perf_counter()
-        winner, timings = _time_all(kernel, candidates, run, timer or do_bench_ms)
+        # do_bench times on the current device: make it the tensors' (a model on cuda:1)
+        with torch.cuda.device(device) if on_gpu(device) and torch.cuda.is_available() else contextlib.nullcontext():
+            winner, timings = _time_all(kernel, candidates, run, timer or do_bench_ms)
         dt = time.perf_counter() - t0
         _spent_s += dt
         write_winner(path, key, winner, timings)

@@ -10,7 +10,7 @@ from .. import _backend, _validate
 from ..reference import decode_attention as _ref
 from . import _attention_launch as _launch
 from . import _autotune
-from ._launch import cuda_grid
+from ._launch import cuda_grid, on_device
 
 
 def num_sms(device: torch.device) -> int:
@@ -60,24 +60,24 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, scale: float):
     chunks = _cdiv(group, kern.BLOCK_G)
     precision = _launch.dot_precision(q.dtype, q.device)
 
-    def run(cfg):
+    def run(cfg):  # one whole launch (split, combine): what autotuning times, then the launch with the winner
         n_splits, split_len = decode_splits(tmax, b * hkv * chunks, cfg.block_n, num_sms(q.device), kern.MAX_SPLITS)
         o_part = torch.empty((b, hq, n_splits, d), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((b, hq, n_splits), dtype=torch.float32, device=q.device)
-        kern._decode_split_kernel[split_grid(b, hkv, n_splits, chunks)](
-            q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
-            q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-            hkv, group, tmax, split_len, n_splits, scale * _launch.LOG2E,
-            HEAD_DIM=d, BLOCK_N=cfg.block_n, BLOCK_G=kern.BLOCK_G, DOT_PRECISION=precision,
-            **_launch.launch_options(cfg))
-        kern._decode_combine_kernel[combine_grid(b, hq)](
-            o_part, lse_part, out, out.stride(0), out.stride(1), hq, n_splits,
-            HEAD_DIM=d, MAX_SPLITS=kern.MAX_SPLITS,
-            num_warps=kern.COMBINE_CONFIG.num_warps, num_stages=kern.COMBINE_CONFIG.num_stages)
+        with on_device(q):
+            kern._decode_split_kernel[split_grid(b, hkv, n_splits, chunks)](
+                q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
+                q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+                hkv, group, tmax, split_len, n_splits, scale * _launch.LOG2E,
+                HEAD_DIM=d, BLOCK_N=cfg.block_n, BLOCK_G=kern.BLOCK_G, DOT_PRECISION=precision,
+                **_launch.launch_options(cfg))
+            kern._decode_combine_kernel[combine_grid(b, hq)](
+                o_part, lse_part, out, out.stride(0), out.stride(1), hq, n_splits,
+                HEAD_DIM=d, MAX_SPLITS=kern.MAX_SPLITS,
+                num_warps=kern.COMBINE_CONFIG.num_warps, num_stages=kern.COMBINE_CONFIG.num_stages)
 
     regime = f"sm{arch},D={d},{dtype},group<={chunks * kern.BLOCK_G},Tmax<={_autotune.seqlen_bucket(tmax)}"
-    with _launch.on_device(q):
-        run(_autotune.choose("decode_split", regime, kern.split_tuning_set(arch, d, dtype), run, q.device))
+    run(_autotune.choose("decode_split", regime, kern.split_tuning_set(arch, d, dtype), run, q.device))
     return out
 
 
