@@ -63,16 +63,16 @@ def tile_config(dtype: torch.dtype, table: dict):
     return table[name], k.DOT_PRECISION[name]
 
 
-def tuned_tile(kernel: str, sets: dict, hidden: torch.Tensor, vocab: int, run) -> tuple:
-    """(TileConfig, dot precision) for a kernel with per-dtype tuning sets (e.g. kernels.fused_linear_logprobs.
+def tuned_tile(kernel: str, sets: dict, hidden: torch.Tensor, vocab: int, run):
+    """The TileConfig of a kernel with per-dtype tuning sets (e.g. kernels.fused_linear_logprobs.
     FWD_TUNING_SETS): the winner of the set for this (dtype, N class, V, H) where timing happens
     (rlhf_fast/ops/_autotune.py; `run(cfg)` is one whole launch), else tile_config's pick."""
-    cfg, prec = tile_config(hidden.dtype, {name: configs[0] for name, configs in sets.items()})
+    cfg, _ = tile_config(hidden.dtype, {name: configs[0] for name, configs in sets.items()})
     if _backend.interpret_mode():
-        return cfg, prec
+        return cfg
     n, h = hidden.shape
     regime = f"{_TRITON_DTYPES[hidden.dtype]},N<={_autotune.seqlen_bucket(n)},V={vocab},H={h}"
-    return _autotune.choose(kernel, regime, sets[_TRITON_DTYPES[hidden.dtype]], run, hidden.device), prec
+    return _autotune.choose(kernel, regime, sets[_TRITON_DTYPES[hidden.dtype]], run, hidden.device)
 
 
 def reduce_tile_configs(dtype: torch.dtype, table: dict) -> tuple:
