@@ -13,6 +13,8 @@
 #   build      JIT build of the csrc extension with its CUDA kernels (~40 s, sm_90)  90 s -> build.log
 #   parity     tests/test_<op>.py of every op in rlhf_fast/ops, on CUDA tensors     170 s -> parity.log
 #   ceilings   copy GB/s and bf16 matmul TFLOP/s (benchmarks/ceilings.py --quick)    25 s -> ceilings.log
+#   tune       every config of every tuning set the benchmark shapes launch, timed, with the winners
+#              (benchmarks/tune_check.py --quick; they also warm the autotune cache the benches use)  60 s
 #   bench_attention, bench_logprobs, bench_sample: the speed figures that matter most, 60/60/45 s
 #   tests      the rest of the suite on CUDA tensors                     what is left -> tests.log
 #   bench_*    the other benches (generate, ppo_step), if time is left               45 s each
@@ -181,6 +183,11 @@ c = load_ceilings("cuda")
 print(f"copy {c['copy_gbps']:.0f} GB/s, bf16 matmul {c['bf16_tflops']:.0f} TFLOP/s" if c else "no result")
 EOF
 )"
+
+# tuning sets first: the table of every config's time refreshes kernels/*_configs, and the winners it
+# caches spare the benches below their own first-call tuning
+step tune 60 tune.log python -m benchmarks.tune_check --quick --budget-s 45
+add_row tune "$(grep -m1 -o 'results/[^ ]*\.json' "$out/tune.log" || echo 'no JSON written')"
 
 # bench NAME CAP_S: benchmarks/NAME.py in quick mode, with its GPU suite
 bench() {

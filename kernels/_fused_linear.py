@@ -20,6 +20,12 @@ DOT_PRECISION = {"fp32": "ieee", "bf16": "tf32", "fp16": "tf32"}
 # cost is per tile operation, so wide, short tiles walk a 50k vocab in ~50 steps rather than ~400.
 # Same kernels, other constexprs; GPU launches never use it (and it is not in static_configs()).
 INTERPRET_CONFIG = TileConfig(16, 1024, 32, 4, 1)
+# The tiles of the fastest public Triton fused linear-cross-entropy, Apple's cut-cross-entropy
+# (cut_cross_entropy/tl_autotune.py, its tuned defaults; read for its configs, no code taken): forward
+# 256 tokens x 128 vocab x 32 hidden, 8 warps, 3 stages; backward 128 x 128 x 32, 4 warps, 4 stages. The
+# fused-linear kernels' tuning sets add them to their table picks for fp16/bf16.
+CCE_FWD = TileConfig(256, 128, 32, 8, 3)
+CCE_BWD = TileConfig(128, 128, 32, 4, 4)
 # Triton's CPU interpreter (3.9) multiplies bf16 tl.dot operands wrongly; under TRITON_INTERPRET=1 the
 # launcher passes DOT_PRECISION="upcast" for bf16 so the interpreter sees fp32 operands. GPUs never do.
 INTERPRET_BF16_PRECISION = "upcast"
@@ -140,15 +146,21 @@ NEED_PAIRS = ((True, True), (True, False), (False, True), (False, False))
 REDUCE_PASSES = ((False, True, False), (True, False, True), (True, False, False))
 
 
+def tile_constexprs(cfg, dt: str) -> tuple[dict, str]:
+    """(constexprs, name tag) of a TileConfig for input dtype `dt`; the tag names every field, so each
+    config of a tuning set has its own spec name (.ci/known_spills.json is keyed by it)."""
+    cx = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k, "DOT_PRECISION": DOT_PRECISION[dt]}
+    tag = f"{dt},BN={cfg.block_n},BV={cfg.block_v},BK={cfg.block_k},w{cfg.num_warps},s{cfg.num_stages}"
+    return cx, tag
+
+
 def reduce_specs(prefix, kernel, bwd_sig, dt, pass_configs):
     """KernelSpecs of a reduce backward kernel's passes (REDUCE_PASSES), each with its pass's tile."""
     specs = []
     for own_cols, need_x, need_w in REDUCE_PASSES:
         cfg = pass_configs[int(own_cols)]
-        cx = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k,
-              "DOT_PRECISION": DOT_PRECISION[dt]}
+        cx, tag = tile_constexprs(cfg, dt)
         specs.append(KernelSpec(
-            f"{prefix}[{dt},BN={cfg.block_n},BV={cfg.block_v},BK={cfg.block_k},COLS={own_cols},X={need_x},"
-            f"W={need_w}]", kernel, {**bwd_sig, "OWN_COLS": "constexpr"},
+            f"{prefix}[{tag},COLS={own_cols},X={need_x},W={need_w}]", kernel, {**bwd_sig, "OWN_COLS": "constexpr"},
             {**cx, "OWN_COLS": own_cols, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
     return specs

@@ -1,9 +1,8 @@
 """Causal attention kernels: FlashAttention-2 forward, backward (dK/dV pass + dQ pass or dQ atomics).
 
-One set of kernels serves padded (B, H, T, D) and packed (total, H, D) inputs. Every tensor comes as
-(batch stride, head stride, token stride) with a unit head-dim stride; with IS_VARLEN, program (s*H+h, m)
-reads its sequence's first token and length from CU_SEQLENS (batch strides are then 0), otherwise every
-sequence is `max_seqlen` long and starts at token 0 of its batch row.
+One set of kernels serves padded (B, H, T, D) and packed (total, H, D) inputs (IS_VARLEN; the packed op's
+kernel module is kernels/causal_attention_varlen.py): kernels/_attention_rows.py says how a program finds
+its rows in either layout. Configs: kernels/_attention_configs.py (table picks and tuning sets).
 
 Scores are kept in log2 units (qk_scale = scale * log2(e)) so that the softmax uses exp2; the LSE the
 forward writes for the backward is in the same units, fp32. Blocks strictly above the diagonal are never
@@ -12,59 +11,16 @@ that straddle it, and the ragged tail of the sequence).
 """
 from __future__ import annotations
 
-import dataclasses
+import sys
 
 import triton
 import triton.language as tl
 
 from ._attention_configs import (ARCHS, DTYPES, HEAD_DIMS, AttnConfig, config, has_config,  # noqa: F401
-                                 tma_block, uses_tma)
+                                 tma_block, tuning_set, uses_tma)
+from ._attention_rows import _base, _load_rows, _program, _store_rows
+from ._attention_specs import all_specs
 from ._dot import _dot
-from ._spec import KernelSpec
-
-
-@triton.jit
-def _seq_bounds(CU_SEQLENS, seq, max_seqlen, IS_VARLEN: tl.constexpr):
-    """(first token as int64, length) of sequence `seq`."""
-    if IS_VARLEN:
-        tok0 = tl.load(CU_SEQLENS + seq)
-        seqlen = tl.load(CU_SEQLENS + seq + 1) - tok0
-    else:
-        tok0 = seq * 0
-        seqlen = max_seqlen + seq * 0
-    return tok0.to(tl.int64), seqlen
-
-
-@triton.jit
-def _program(CU_SEQLENS, max_seqlen, n_heads, IS_VARLEN: tl.constexpr):
-    """(sequence, head, first token, length) of this program: axis 0 of the grid is n_seq * n_heads (CUDA
-    caps axes 1 and 2 at 65535; the block index goes on axis 1)."""
-    pid = tl.program_id(0)
-    seq = pid // n_heads
-    tok0, seqlen = _seq_bounds(CU_SEQLENS, seq, max_seqlen, IS_VARLEN)
-    return seq, pid % n_heads, tok0, seqlen
-
-
-@triton.jit
-def _base(PTR, seq, head, tok0, stride_b, stride_h, stride_t):
-    """Pointer to token 0, dim 0 of (seq, head). Every offset is int64 (token offsets too: a (T, B, H, D)
-    layout passes 2^31 elements at T * B * H * D, e.g. T = 32k with B=16, H=32, D=128); the static check
-    asserts that no stride argument enters a 32-bit multiply."""
-    return PTR + seq.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h + tok0 * stride_t
-
-
-@triton.jit
-def _load_rows(PTR, seq, head, tok0, stride_b, stride_h, stride_t, offs, offs_d, rows):
-    """Rows `offs` (len(offs), D) of (seq, head); rows where `rows` is False read as 0."""
-    ptrs = _base(PTR, seq, head, tok0, stride_b, stride_h, stride_t) + offs[:, None].to(tl.int64) * stride_t + offs_d[None, :]
-    return tl.load(ptrs, mask=rows[:, None], other=0.0)
-
-
-@triton.jit
-def _store_rows(PTR, seq, head, tok0, stride_b, stride_h, stride_t, offs, offs_d, rows, value):
-    """Store `value` (len(offs), D) into rows `offs` of (seq, head), in PTR's dtype, where `rows`."""
-    ptrs = _base(PTR, seq, head, tok0, stride_b, stride_h, stride_t) + offs[:, None].to(tl.int64) * stride_t + offs_d[None, :]
-    tl.store(ptrs, value.to(PTR.dtype.element_ty), mask=rows[:, None])
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -324,86 +280,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
     _store_rows(DQ, seq, head, tok0, stride_dqb, stride_dqh, stride_dqt, offs_m, offs_d, rows, dq * scale)
 
 
-# ----------------------------------------------------------------------------------------------- specs
-def _signature(dtype: str, names: str, scalars: str) -> dict:
-    sig = {}
-    for name in names.split():
-        sig[name] = "*i32" if name == "CU_SEQLENS" else "*fp32" if name in ("LSE", "DELTA") else f"*{dtype}"
-    for name in scalars.split():
-        sig[name] = "fp32" if "scale" in name else "i32"
-    return sig
-
-
-def aligned_attrs(signature: dict) -> dict:
-    """KernelSpec attrs marking every stride 16-divisible ("D"), as Triton's JIT specializes them at run
-    time: with head dims >= 16, all batch/head/token strides of torch tensors are multiples of 16
-    (pointers are compiled 16-byte aligned by the static check already)."""
-    return {n: "D" for n in signature if n.startswith("stride")}
-
-
-def stride_args(signature: dict) -> tuple:
-    """Every stride argument: the static check asserts each is widened to int64 before use."""
-    return tuple(n for n in signature if n.startswith("stride"))
-
-
-def _strides(*prefixes: str) -> str:
-    return " ".join(f"stride_{p}{axis}" for p in prefixes for axis in "bht")
-
-
-def static_configs() -> list[KernelSpec]:
-    """Every (kernel, config) the launchers in rlhf_fast/ops/_attention_launch.py can pick."""
-    specs = []
-    for arch in ARCHS:
-        for dtype in DTYPES:
-            for d in HEAD_DIMS:
-                for varlen in (False, True):
-                    specs += _specs_for(arch, dtype, d, varlen)
-    return [dataclasses.replace(sp, attrs=aligned_attrs(sp.signature), int64_args=stride_args(sp.signature))
-            for sp in specs]
-
-
-def _specs_for(arch: int, dtype: str, d: int, varlen: bool) -> list[KernelSpec]:
-    prec = "ieee" if dtype == "fp32" else "tf32"
-    tag = f"D={d},{dtype},sm{arch}{',varlen' if varlen else ''}"
-    lse = "stride_lb stride_lh"
-    out = []
-    c = config("fwd", arch, d, dtype)
-    # Where the forward uses TMA, the pointer variant still runs for tensors TMA cannot address
-    # (unaligned) or with RLHF_FAST_ATTN_TMA=0: both are checked.
-    for tma in (False, True) if uses_tma(arch, dtype) else (False,):
-        sig = _signature(dtype, "Q K V O LSE CU_SEQLENS",
-                         f"{_strides('q', 'k', 'v', 'o')} {lse} max_seqlen n_q_heads group qk_scale")
-        if tma:
-            sig["K"] = sig["V"] = f"tensordesc<{dtype}{tma_block(c, d)}>"
-        out.append(KernelSpec(
-            f"attn_fwd[{tag},BM={c.block_m},BN={c.block_n}{',tma' if tma else ''}]", _attn_fwd_kernel, sig,
-            dict(HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_VARLEN=varlen, DOT_PRECISION=prec,
-                 USE_TMA=tma),
-            c.num_warps, c.num_stages, (arch,), maxnreg=c.maxnreg,
-            ptx_contains={90: ("cp.async.bulk.tensor", "wgmma")} if tma else {}))
-    c = config("bwd_pre", arch, d, dtype)
-    out.append(KernelSpec(
-        f"attn_bwd_pre[{tag},BM={c.block_m}]", _attn_bwd_preprocess_kernel,
-        _signature(dtype, "O DO DELTA CU_SEQLENS", "stride_ob stride_oh stride_ot stride_db stride_dh stride_dt "
-                   f"{lse} max_seqlen n_q_heads"),
-        dict(HEAD_DIM=d, BLOCK_M=c.block_m, IS_VARLEN=varlen), c.num_warps, c.num_stages, (arch,),
-        maxnreg=c.maxnreg))
-    for atomic in (False, True) if has_config("bwd_dkdv_atomic", arch, d, dtype) else (False,):
-        c = config("bwd_dkdv_atomic" if atomic else "bwd_dkdv", arch, d, dtype)
-        sig = _signature(dtype, "Q K V DO LSE DELTA DK DV DQ CU_SEQLENS",
-                         f"{_strides('q', 'k', 'v', 'do', 'dk', 'dv', 'dq')} {lse} max_seqlen n_kv_heads group "
-                         "scale qk_scale")
-        sig["DQ"] = "*fp32" if atomic else f"*{dtype}"
-        out.append(KernelSpec(
-            f"attn_bwd_dkdv[{tag},BM={c.block_m},BN={c.block_n}{',atomic_dq' if atomic else ''}]",
-            _attn_bwd_dkdv_kernel, sig,
-            dict(HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_VARLEN=varlen, ATOMIC_DQ=atomic,
-                 DOT_PRECISION=prec), c.num_warps, c.num_stages, (arch,), maxnreg=c.maxnreg))
-    c = config("bwd_dq", arch, d, dtype)
-    out.append(KernelSpec(
-        f"attn_bwd_dq[{tag},BM={c.block_m},BN={c.block_n}]", _attn_bwd_dq_kernel,
-        _signature(dtype, "Q K V DO LSE DELTA DQ CU_SEQLENS",
-                   f"{_strides('q', 'k', 'v', 'do', 'dq')} {lse} max_seqlen n_q_heads group scale qk_scale"),
-        dict(HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_VARLEN=varlen, DOT_PRECISION=prec),
-        c.num_warps, c.num_stages, (arch,), maxnreg=c.maxnreg))
-    return out
+def static_configs():
+    """Every (kernel, config) of the padded layout the launchers in rlhf_fast/ops/_attention_launch.py can
+    pick: every config of every tuning set (the packed layout's are in causal_attention_varlen)."""
+    return all_specs(sys.modules[__name__], varlen=False)

@@ -14,9 +14,9 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
+from ._attention_specs import aligned_attrs, stride_args
 from ._dot import _dot
 from ._spec import KernelSpec
-from .causal_attention import aligned_attrs, stride_args
 
 
 @triton.jit
@@ -112,14 +112,30 @@ _SPLIT_CONFIGS = {
     (80, True): {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (32, 8, 2), 256: (16, 4, 2)},
 }
 COMBINE_CONFIG = DecodeConfig(block_n=0, num_warps=2, num_stages=1)
+# The split kernel's tuning set adds, for fp16/bf16, the split-K decode configs of the Triton decode
+# attention that SGLang and vLLM serve with (read for its configs, no code taken): the grouped-query
+# kernel (up to 16 query heads of one KV head per program, as BLOCK_G here) steps 32 cache positions
+# with 4 warps and 2 stages; the one-head kernel steps 64. fp32 keeps the table pick alone. The combine
+# kernel reads n_splits partial rows per output row: it is not tuned.
+_PUBLIC_SPLIT = ((32, 4, 2), (64, 4, 2))
 
 
 def split_config(arch: int, head_dim: int, dtype: str) -> DecodeConfig:
+    """The split kernel's table pick."""
     return DecodeConfig(*_SPLIT_CONFIGS[(arch, dtype == "fp32")][head_dim])
 
 
+def split_tuning_set(arch: int, head_dim: int, dtype: str) -> tuple[DecodeConfig, ...]:
+    """The split kernel's configs the launcher may time: the table pick first, then the public ones."""
+    out = [split_config(arch, head_dim, dtype)]
+    for entry in () if dtype == "fp32" else _PUBLIC_SPLIT:
+        if DecodeConfig(*entry) not in out:
+            out.append(DecodeConfig(*entry))
+    return tuple(out)
+
+
 def static_configs() -> list[KernelSpec]:
-    """Every (kernel, config) rlhf_fast/ops/_attention_launch.decode_fwd can pick."""
+    """Every (kernel, config) rlhf_fast/ops/decode_attention.py can pick: the split kernel's whole tuning set."""
     specs = []
     split_scalars = "stride_qb stride_qh stride_kb stride_kh stride_kt stride_vb stride_vh stride_vt " \
                     "n_kv_heads group tmax split_len n_splits"
@@ -127,14 +143,15 @@ def static_configs() -> list[KernelSpec]:
         for dtype in DTYPES:
             prec = "ieee" if dtype == "fp32" else "tf32"
             for d in HEAD_DIMS:
-                c = split_config(arch, d, dtype)
                 sig = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "SEQLENS": "*i32",
                        "O_PART": "*fp32", "LSE_PART": "*fp32", **{n: "i32" for n in split_scalars.split()},
                        "qk_scale": "fp32"}
-                specs.append(KernelSpec(
-                    f"decode_split[D={d},{dtype},sm{arch},BN={c.block_n}]", _decode_split_kernel, sig,
-                    dict(HEAD_DIM=d, BLOCK_N=c.block_n, BLOCK_G=BLOCK_G, DOT_PRECISION=prec),
-                    c.num_warps, c.num_stages, (arch,), aligned_attrs(sig), int64_args=stride_args(sig)))
+                for c in split_tuning_set(arch, d, dtype):
+                    specs.append(KernelSpec(
+                        f"decode_split[D={d},{dtype},sm{arch},BN={c.block_n},w{c.num_warps},s{c.num_stages}]",
+                        _decode_split_kernel, sig,
+                        dict(HEAD_DIM=d, BLOCK_N=c.block_n, BLOCK_G=BLOCK_G, DOT_PRECISION=prec),
+                        c.num_warps, c.num_stages, (arch,), aligned_attrs(sig), int64_args=stride_args(sig)))
                 sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "O": f"*{dtype}", "stride_ob": "i32",
                        "stride_oh": "i32", "n_q_heads": "i32", "n_splits": "i32"}
                 specs.append(KernelSpec(

@@ -10,8 +10,8 @@ kernels/fused_linear_logprobs.py and the shared pieces in kernels/_fused_linear.
 import triton
 import triton.language as tl
 
-from ._fused_linear import (DOT_PRECISION, NEED_PAIRS, TileConfig, _grad_products, _logits_tile, _reduce_steps,
-                            _reduce_tile, reduce_specs)
+from ._fused_linear import (CCE_BWD, CCE_FWD, NEED_PAIRS, TileConfig, _grad_products, _logits_tile,
+                            _reduce_steps, _reduce_tile, reduce_specs, tile_constexprs)
 from ._online_softmax import _kl_online_update
 from ._spec import KernelSpec
 
@@ -33,6 +33,15 @@ FUSED_REDUCE_CONFIGS = {
     "bf16": (TileConfig(64, 64, 32, 8, 3), TileConfig(64, 64, 32, 8, 3)),
     "fp16": (TileConfig(64, 64, 32, 8, 3), TileConfig(64, 64, 32, 8, 3)),
 }
+# Tuning sets per input dtype, the table pick first (rlhf_fast/ops/_autotune.py times them). fp16/bf16 add
+# cut-cross-entropy's tiles (kernels/_fused_linear.CCE_FWD, CCE_BWD) at half their vocab width, as the
+# table halves fused_linear_logprobs' (two models' logit tiles are live at once); fp32 keeps the table pick.
+_CCE_FWD = CCE_FWD._replace(block_v=CCE_FWD.block_v // 2)
+_CCE_BWD = CCE_BWD._replace(block_v=CCE_BWD.block_v // 2)
+FWD_TUNING_SETS = {dt: (cfg,) if dt == "fp32" else (cfg, _CCE_FWD) for dt, cfg in FUSED_FWD_CONFIGS.items()}
+BWD_TUNING_SETS = {dt: (cfg,) if dt == "fp32" else (cfg, _CCE_BWD) for dt, cfg in FUSED_CONFIGS.items()}
+REDUCE_TUNING_SETS = {dt: (pair,) if dt == "fp32" else (pair, (_CCE_BWD, _CCE_BWD))
+                      for dt, pair in FUSED_REDUCE_CONFIGS.items()}
 
 
 @triton.jit
@@ -140,30 +149,32 @@ def _fused_linear_kl_divergence_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, w
 
 
 def static_configs():
+    """Every config of every tuning set (forward, atomic backward, reduce backward passes)."""
     specs = []
     for dt, cfg in FUSED_CONFIGS.items():
-        fwd_cfg = FUSED_FWD_CONFIGS[dt]
-        cx = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k,
-              "DOT_PRECISION": DOT_PRECISION[dt]}
-        tag = f"{dt},BN={cfg.block_n},BV={cfg.block_v},BK={cfg.block_k}"
         ptrs = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "xr_ptr": f"*{dt}", "wr_ptr": f"*{dt}",
                 "br_ptr": f"*{dt}"}
-        specs.append(KernelSpec(
-            f"fused_linear_kl_fwd[{tag}]", _fused_linear_kl_divergence_fwd_kernel,
-            {**ptrs, "part_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "HR": "i32", "stride_x": "i32",
-             "stride_w": "i32", "stride_xr": "i32", "stride_wr": "i32", "temp": "fp32", "tiles_per_split": "i32",
-             "has_bias": "i32", "has_ref_bias": "i32", **{k: "constexpr" for k in cx}},
-            cx, fwd_cfg.num_warps, fwd_cfg.num_stages))
+        for fwd_cfg in FWD_TUNING_SETS[dt]:
+            cx, tag = tile_constexprs(fwd_cfg, dt)
+            specs.append(KernelSpec(
+                f"fused_linear_kl_fwd[{tag}]", _fused_linear_kl_divergence_fwd_kernel,
+                {**ptrs, "part_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "HR": "i32", "stride_x": "i32",
+                 "stride_w": "i32", "stride_xr": "i32", "stride_wr": "i32", "temp": "fp32", "tiles_per_split": "i32",
+                 "has_bias": "i32", "has_ref_bias": "i32", **{k: "constexpr" for k in cx}},
+                cx, fwd_cfg.num_warps, fwd_cfg.num_stages))
         bwd_sig = {**ptrs, "stats_ptr": "*fp32", "g_ptr": "*fp32",
                    "dx_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32",
                    "HR": "i32", "v_begin": "i32", "v_end": "i32", "stride_x": "i32", "stride_w": "i32",
                    "stride_xr": "i32", "stride_wr": "i32", "stride_dx": "i32", "stride_dw": "i32",
                    "temp": "fp32", "has_bias": "i32", "has_ref_bias": "i32", "need_b": "i32",
-                   "NEED_X": "constexpr", "NEED_W": "constexpr", **{k: "constexpr" for k in cx}}
-        for need_x, need_w in NEED_PAIRS:
-            specs.append(KernelSpec(
-                f"fused_linear_kl_bwd[{tag},X={need_x},W={need_w}]", _fused_linear_kl_divergence_bwd_kernel,
-                bwd_sig, {**cx, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
-        specs += reduce_specs("fused_linear_kl_bwd_reduce", _fused_linear_kl_divergence_bwd_reduce_kernel, bwd_sig,
-                              dt, FUSED_REDUCE_CONFIGS[dt])
+                   "NEED_X": "constexpr", "NEED_W": "constexpr", **{k: "constexpr" for k in tile_constexprs(cfg, dt)[0]}}
+        for bwd_cfg in BWD_TUNING_SETS[dt]:
+            cx, tag = tile_constexprs(bwd_cfg, dt)
+            for need_x, need_w in NEED_PAIRS:
+                specs.append(KernelSpec(
+                    f"fused_linear_kl_bwd[{tag},X={need_x},W={need_w}]", _fused_linear_kl_divergence_bwd_kernel,
+                    bwd_sig, {**cx, "NEED_X": need_x, "NEED_W": need_w}, bwd_cfg.num_warps, bwd_cfg.num_stages))
+        for pair in REDUCE_TUNING_SETS[dt]:
+            specs += reduce_specs("fused_linear_kl_bwd_reduce", _fused_linear_kl_divergence_bwd_reduce_kernel,
+                                  bwd_sig, dt, pair)
     return specs

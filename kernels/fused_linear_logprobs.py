@@ -19,8 +19,8 @@ fp32 d(hidden) and d(weight) buffers, in one of two ways:
 import triton
 import triton.language as tl
 
-from ._fused_linear import (DOT_PRECISION, NEED_PAIRS, TileConfig, _grad_products, _logits_tile, _reduce_steps,
-                            _reduce_tile, reduce_specs)
+from ._fused_linear import (CCE_BWD, CCE_FWD, NEED_PAIRS, TileConfig, _grad_products, _logits_tile,
+                            _reduce_steps, _reduce_tile, reduce_specs, tile_constexprs)
 from ._online_softmax import _online_lse_step, _rebased_sum
 from ._spec import KernelSpec
 
@@ -41,6 +41,12 @@ REDUCE_CONFIGS = {
     "bf16": (TileConfig(64, 128, 32, 8, 3), TileConfig(64, 64, 32, 8, 3)),
     "fp16": (TileConfig(64, 128, 32, 8, 3), TileConfig(64, 64, 32, 8, 3)),
 }
+# Tuning sets per input dtype, the table pick first (rlhf_fast/ops/_autotune.py times them on the GPU):
+# fp16/bf16 add cut-cross-entropy's tiles (kernels/_fused_linear.CCE_FWD, CCE_BWD; the reduce passes take
+# the backward's). fp32 (FMA dots) keeps the table pick.
+FWD_TUNING_SETS = {dt: (cfg,) if dt == "fp32" else (cfg, CCE_FWD) for dt, cfg in CONFIGS.items()}
+BWD_TUNING_SETS = {dt: (cfg,) if dt == "fp32" else (cfg, CCE_BWD) for dt, cfg in CONFIGS.items()}
+REDUCE_TUNING_SETS = {dt: (pair,) if dt == "fp32" else (pair, (CCE_BWD, CCE_BWD)) for dt, pair in REDUCE_CONFIGS.items()}
 
 
 @triton.jit
@@ -157,28 +163,31 @@ def _fused_linear_logprobs_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, t_ptr, stats_p
 
 
 def static_configs():
+    """Every config of every tuning set (forward, atomic backward, reduce backward passes)."""
     specs = []
-    for dt, cfg in CONFIGS.items():
-        cx = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k,
-              "DOT_PRECISION": DOT_PRECISION[dt]}
-        tag = f"{dt},BN={cfg.block_n},BV={cfg.block_v},BK={cfg.block_k}"
-        specs.append(KernelSpec(
-            f"fused_linear_logprobs_fwd[{tag}]", _fused_linear_logprobs_fwd_kernel,
-            {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64", "part_ptr": "*fp32",
-             "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32", "temp": "fp32",
-             "ignore_index": "i32", "tiles_per_split": "i32", "has_bias": "i32", "want_entropy": "i32",
-             **{k: "constexpr" for k in cx}}, cx, cfg.num_warps, cfg.num_stages))
+    for dt in CONFIGS:
+        for cfg in FWD_TUNING_SETS[dt]:
+            cx, tag = tile_constexprs(cfg, dt)
+            specs.append(KernelSpec(
+                f"fused_linear_logprobs_fwd[{tag}]", _fused_linear_logprobs_fwd_kernel,
+                {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64", "part_ptr": "*fp32",
+                 "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32", "temp": "fp32",
+                 "ignore_index": "i32", "tiles_per_split": "i32", "has_bias": "i32", "want_entropy": "i32",
+                 **{k: "constexpr" for k in cx}}, cx, cfg.num_warps, cfg.num_stages))
         bwd_sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64", "stats_ptr": "*fp32",
                    "ent_ptr": "*fp32", "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "dx_ptr": "*fp32",
                    "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "v_begin": "i32",
                    "v_end": "i32", "stride_x": "i32", "stride_w": "i32", "stride_dx": "i32", "stride_dw": "i32",
                    "temp": "fp32", "ignore_index": "i32", "has_bias": "i32", "have_entropy": "i32",
                    "need_b": "i32", "NEED_X": "constexpr", "NEED_W": "constexpr",
-                   **{k: "constexpr" for k in cx}}
-        for need_x, need_w in NEED_PAIRS:
-            specs.append(KernelSpec(
-                f"fused_linear_logprobs_bwd[{tag},X={need_x},W={need_w}]", _fused_linear_logprobs_bwd_kernel,
-                bwd_sig, {**cx, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
-        specs += reduce_specs("fused_linear_logprobs_bwd_reduce", _fused_linear_logprobs_bwd_reduce_kernel,
-                              bwd_sig, dt, REDUCE_CONFIGS[dt])
+                   **{k: "constexpr" for k in tile_constexprs(CONFIGS[dt], dt)[0]}}
+        for cfg in BWD_TUNING_SETS[dt]:
+            cx, tag = tile_constexprs(cfg, dt)
+            for need_x, need_w in NEED_PAIRS:
+                specs.append(KernelSpec(
+                    f"fused_linear_logprobs_bwd[{tag},X={need_x},W={need_w}]", _fused_linear_logprobs_bwd_kernel,
+                    bwd_sig, {**cx, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
+        for pair in REDUCE_TUNING_SETS[dt]:
+            specs += reduce_specs("fused_linear_logprobs_bwd_reduce", _fused_linear_logprobs_bwd_reduce_kernel,
+                                  bwd_sig, dt, pair)
     return specs

@@ -23,6 +23,17 @@ from ._spec import KernelSpec
 RowConfig = namedtuple("RowConfig", "block_v num_warps num_stages")
 # The launcher picks the first config whose block_v covers V, else the last one (looping over tiles).
 CONFIGS = (RowConfig(1024, 4, 2), RowConfig(4096, 8, 2))
+# Tuning sets per vocab regime, table pick first (rlhf_fast/ops/_autotune.py times them on the GPU). The
+# fastest public Triton row kernel, Liger-Kernel's cross entropy, walks a row in min(32768, next_pow2(V))
+# blocks with 32 warps: for LLM vocabularies (V > 16k) one 32768-wide block. Rows that fit the table's
+# first tile (V <= 1024) have nothing to tune.
+TUNING_SETS = {"V<=1024": (CONFIGS[0],), "V>1024": (CONFIGS[1], RowConfig(32768, 32, 3))}
+
+
+def tuning_set(vocab: int) -> tuple:
+    """The configs the launcher may time for a row of `vocab` logits, the table pick first (the first
+    config whose tile covers the row, else the widest, which loops over tiles)."""
+    return TUNING_SETS["V<=1024" if vocab <= CONFIGS[0].block_v else "V>1024"]
 
 
 @triton.jit
@@ -87,15 +98,15 @@ _DTYPES = ("fp32", "bf16", "fp16")
 def static_configs():
     specs = []
     for dt, rdt in ((a, b) for a in _DTYPES for b in _DTYPES):
-        for cfg in CONFIGS:
+        for cfg in dict.fromkeys(c for configs in TUNING_SETS.values() for c in configs):
             specs.append(KernelSpec(
-                f"kl_fwd[{dt},{rdt},BV={cfg.block_v}]", _kl_fwd_kernel,
+                f"kl_fwd[{dt},{rdt},BV={cfg.block_v},w{cfg.num_warps}]", _kl_fwd_kernel,
                 {"p_ptr": f"*{dt}", "q_ptr": f"*{rdt}", "kl_ptr": "*fp32", "stats_ptr": "*fp32",
                  "stride_p": "i32", "stride_q": "i32", "V": "i32", "temp": "fp32", "BLOCK_V": "constexpr"},
                 {"BLOCK_V": cfg.block_v}, cfg.num_warps, cfg.num_stages))
             for need_ref in (False, True):
                 specs.append(KernelSpec(
-                    f"kl_bwd[{dt},{rdt},BV={cfg.block_v},REF={need_ref}]", _kl_bwd_kernel,
+                    f"kl_bwd[{dt},{rdt},BV={cfg.block_v},w{cfg.num_warps},REF={need_ref}]", _kl_bwd_kernel,
                     {"p_ptr": f"*{dt}", "q_ptr": f"*{rdt}", "stats_ptr": "*fp32",
                      "g_ptr": "*fp32", "dp_ptr": f"*{dt}", "dq_ptr": f"*{rdt}", "stride_p": "i32",
                      "stride_q": "i32", "V": "i32", "temp": "fp32", "NEED_REF": "constexpr",

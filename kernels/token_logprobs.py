@@ -16,6 +16,17 @@ from ._spec import KernelSpec
 RowConfig = namedtuple("RowConfig", "block_v num_warps num_stages")
 # The launcher picks the first config whose block_v covers V, else the last one (looping over tiles).
 CONFIGS = (RowConfig(1024, 4, 2), RowConfig(4096, 8, 2))
+# Tuning sets per vocab regime, table pick first (rlhf_fast/ops/_autotune.py times them on the GPU). The
+# fastest public Triton row kernel, Liger-Kernel's cross entropy, walks a row in min(32768, next_pow2(V))
+# blocks with 32 warps: for LLM vocabularies (V > 16k) one 32768-wide block. Rows that fit the table's
+# first tile (V <= 1024) have nothing to tune.
+TUNING_SETS = {"V<=1024": (CONFIGS[0],), "V>1024": (CONFIGS[1], RowConfig(32768, 32, 3))}
+
+
+def tuning_set(vocab: int) -> tuple:
+    """The configs the launcher may time for a row of `vocab` logits, the table pick first (the first
+    config whose tile covers the row, else the widest, which loops over tiles)."""
+    return TUNING_SETS["V<=1024" if vocab <= CONFIGS[0].block_v else "V>1024"]
 
 
 @triton.jit
@@ -84,17 +95,17 @@ _DTYPES = ("fp32", "bf16", "fp16")
 def static_configs():
     specs = []
     for dt in _DTYPES:
-        for cfg in CONFIGS:
+        for cfg in dict.fromkeys(c for configs in TUNING_SETS.values() for c in configs):
             for flag in (False, True):
                 cx = {"BLOCK_V": cfg.block_v}
                 specs.append(KernelSpec(
-                    f"token_logprobs_fwd[{dt},BV={cfg.block_v},ENT={flag}]", _token_logprobs_fwd_kernel,
+                    f"token_logprobs_fwd[{dt},BV={cfg.block_v},w{cfg.num_warps},ENT={flag}]", _token_logprobs_fwd_kernel,
                     {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
                      "stats_ptr": "*fp32", "stride_row": "i32", "V": "i32", "temp": "fp32", "ignore_index": "i32",
                      "WANT_ENTROPY": "constexpr", "BLOCK_V": "constexpr"},
                     {**cx, "WANT_ENTROPY": flag}, cfg.num_warps, cfg.num_stages))
                 specs.append(KernelSpec(
-                    f"token_logprobs_bwd[{dt},BV={cfg.block_v},ENT={flag}]", _token_logprobs_bwd_kernel,
+                    f"token_logprobs_bwd[{dt},BV={cfg.block_v},w{cfg.num_warps},ENT={flag}]", _token_logprobs_bwd_kernel,
                     {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", "stats_ptr": "*fp32", "entropy_ptr": "*fp32",
                      "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "grad_ptr": f"*{dt}", "stride_row": "i32",
                      "stride_grad": "i32", "V": "i32", "temp": "fp32", "ignore_index": "i32",

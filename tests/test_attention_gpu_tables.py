@@ -12,6 +12,7 @@ import torch
 from attention_helpers import check_against_float64, check_packed
 from conftest import need_backend
 from rlhf_fast.ops import _attention_launch as launch
+from rlhf_fast.ops import _autotune
 
 LENGTHS = (21, 16)  # ragged: neither a multiple of 16
 
@@ -30,3 +31,27 @@ def test_table_entry_matches_float64(arch, dtype, d, device, monkeypatch):
     for det in (False, True):
         check_against_float64(q, k, v, deterministic=det)
     check_packed(LENGTHS, 2, 1, d, dtype, device)
+
+
+@pytest.mark.parametrize("d,pick", [(64, 1), (128, 1), (128, 2)])
+@pytest.mark.parametrize("arch", [80, 90])
+def test_tuning_set_entry_matches_float64(arch, d, pick, device, monkeypatch):
+    """The public configs of every stage's tuning set (kernels/_attention_configs.py: pick 1 is each set's
+    second config, pick 2 its third, or its last where it has fewer), as autotuning may launch them."""
+    need_backend("triton", device)
+    if device.type == "cuda":
+        pytest.skip("on a GPU the launchers time and run the sets themselves")
+    monkeypatch.setattr(launch, "arch_of", lambda _: arch)
+    chosen = []
+
+    def choose(kernel, regime, candidates, run, dev, **kw):
+        chosen.append((kernel, candidates[min(pick, len(candidates) - 1)]))
+        return chosen[-1][1]
+
+    monkeypatch.setattr(_autotune, "choose", choose)
+    torch.manual_seed(d + pick)
+    q, k, v = (torch.randn(1, h, sum(LENGTHS), d, dtype=torch.bfloat16, device=device) for h in (2, 1, 1))
+    for det in (False, True):
+        check_against_float64(q, k, v, deterministic=det)
+    check_packed(LENGTHS, 2, 1, d, torch.bfloat16, device)
+    assert {kernel for kernel, _ in chosen} >= {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"}

@@ -14,12 +14,14 @@ from conftest import need_backend
 from rlhf_fast import causal_attention_varlen
 from sync_helpers import HostReads
 from rlhf_fast.kernels import causal_attention as causal_kern
+from rlhf_fast.kernels import causal_attention_varlen as varlen_kern
 from rlhf_fast.kernels import decode_attention as decode_kern
 from rlhf_fast.ops import _attention_launch as launch
 from rlhf_fast.ops import _launch
+from rlhf_fast.ops import decode_attention as decode_op
 
-KERNELS = {causal_kern: ("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
-                         "_attn_bwd_dq_kernel"),
+_CAUSAL = ("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+KERNELS = {causal_kern: _CAUSAL, varlen_kern: _CAUSAL,
            decode_kern: ("_decode_split_kernel", "_decode_combine_kernel")}
 
 
@@ -47,6 +49,7 @@ def launches(monkeypatch):
             guard.pop()
 
     monkeypatch.setattr(launch, "on_device", spy_on_device)
+    monkeypatch.setattr(decode_op, "on_device", spy_on_device)
     for module, names in KERNELS.items():
         for name in names:
             monkeypatch.setattr(module, name, _Recorder(name, recorded, guard))
@@ -87,7 +90,7 @@ def test_packed_1024_sequences_x_64_heads(launches, arch):
     cu = torch.empty(1025, dtype=torch.int32, device=meta)
     out, lse = launch.attention_fwd(q, k, v, cu, 4096, 0.1, packed_end=None)
     launch.attention_bwd(out, q, k, v, out, lse, cu, 4096, 0.1, True)
-    _assert_launchable(launches, meta, KERNELS[causal_kern])
+    _assert_launchable(launches, meta, _CAUSAL)
 
 
 @pytest.mark.parametrize("b,hq,hkv", [(2048, 32, 32), (4096, 64, 8), (65536, 8, 1)])
@@ -95,7 +98,7 @@ def test_decode_large_batch(launches, arch, b, hq, hkv):
     meta = torch.device("meta")
     q = torch.empty(b, hq, 128, dtype=torch.bfloat16, device=meta)
     cache = torch.empty(b, hkv, 4096, 128, dtype=torch.bfloat16, device=meta)
-    launch.decode_fwd(q, cache, cache, torch.empty(b, dtype=torch.int32, device=meta), 0.1)
+    decode_op.decode_fwd(q, cache, cache, torch.empty(b, dtype=torch.int32, device=meta), 0.1)
     _assert_launchable(launches, meta, KERNELS[decode_kern])
 
 
@@ -103,8 +106,8 @@ def test_grid_over_cuda_limits_is_refused_by_name():
     with pytest.raises(ValueError, match=r"attn_fwd: grid axis 1 would have 65536 blocks; CUDA allows at most 65535"):
         launch.rows_grid(65536 * 16, 16, 1, 1, "attn_fwd")
     with pytest.raises(ValueError, match="grid axis 0"):
-        launch.decode_combine_grid(2**20, 2**11)
-    assert launch.decode_split_grid(2048, 32, 128, 4) == (65536, 128, 4)
+        decode_op.combine_grid(2**20, 2**11)
+    assert decode_op.split_grid(2048, 32, 128, 4) == (65536, 128, 4)
 
 
 def test_on_device_makes_the_tensors_gpu_current():

@@ -43,6 +43,25 @@ def test_mixed_cache_lengths(hq, hkv, dtype, d, device):
     _check(*_inputs(3, hq, hkv, 300, d, dtype, device), seqlens)
 
 
+@pytest.mark.parametrize("pick", [1, 2])
+@pytest.mark.parametrize("arch", [80, 90])
+def test_tuning_set_entries(arch, pick, device, monkeypatch):
+    """The split kernel's public configs (kernels/decode_attention.split_tuning_set), as autotuning may
+    launch them: each its own split length, merged by the combine kernel."""
+    from rlhf_fast.ops import _attention_launch, _autotune
+
+    need_backend("triton", device)
+    if device.type == "cuda":
+        pytest.skip("on a GPU the launcher times and runs the set itself")
+    monkeypatch.setattr(_attention_launch, "arch_of", lambda _: arch)
+    chosen = []
+    monkeypatch.setattr(_autotune, "choose", lambda kernel, regime, candidates, run, dev, **kw:
+                        chosen.append(candidates[pick]) or candidates[pick])
+    seqlens = torch.tensor(SEQLENS, dtype=torch.int32, device=device)
+    _check(*_inputs(3, 8, 2, 300, 64, torch.bfloat16, device), seqlens)
+    assert len(chosen) == 1
+
+
 def test_large_group_and_empty_row(device):
     """A group of 20 query heads spans two programs; a row with cache length 0 returns zeros."""
     need_backend("triton", device)

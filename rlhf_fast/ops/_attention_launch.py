@@ -1,4 +1,9 @@
-"""Input checks and Triton launchers shared by the three attention ops.
+"""Input checks and Triton launchers shared by the attention ops (causal_attention, causal_attention_varlen;
+decode_attention's launcher, in its own op file, takes the checks and layout helpers from here).
+
+Each launch times its stage's tuning set on the first call of a regime (rlhf_fast/ops/_autotune.py,
+the sets in kernels/_attention_configs.py) and launches the winner; CPU tensors and
+RLHF_FAST_AUTOTUNE=0 launch the table pick.
 
 Padded (B, H, T, D) and packed (total, H, D) tensors reach the same kernels: every tensor is described
 by (batch stride, head stride, token stride) with a unit head-dim stride, and a packed batch passes
@@ -13,7 +18,10 @@ import os
 
 import torch
 
+from rlhf_fast.kernels import _attention_configs as configs
+
 from .. import _validate
+from . import _autotune
 from ._launch import cuda_grid, host_sync_forbidden, on_device
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -204,16 +212,7 @@ def lse_strides(lse: torch.Tensor, packed: bool) -> tuple[int, int]:
 def rows_grid(max_seqlen: int, block: int, n_seq: int, heads: int, kernel: str) -> tuple[int, int]:
     """Forward, preprocess, dQ (heads = Hq, block = BLOCK_M) and dK/dV (heads = Hkv, block = BLOCK_N):
     (n_seq * heads, cdiv(max_seqlen, block))."""
-    return cuda_grid(n_seq * heads, _cdiv(max_seqlen, block), kernel=kernel)
-
-
-def decode_split_grid(b: int, hkv: int, n_splits: int, chunks: int) -> tuple[int, int, int]:
-    """(B * Hkv, n_splits <= MAX_SPLITS, cdiv(group, BLOCK_G))."""
-    return cuda_grid(b * hkv, n_splits, chunks, kernel="decode_split")
-
-
-def decode_combine_grid(b: int, hq: int) -> tuple[int]:
-    return cuda_grid(b * hq, kernel="decode_combine")
+    return cuda_grid(n_seq * heads, -(-max_seqlen // block), kernel=kernel)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -224,8 +223,6 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, packed_end
 
     Returns (out like q, lse fp32 (B, Hq, T) or (Hq, total), log2 units).
     """
-    from rlhf_fast.kernels import causal_attention as kern
-
     packed = cu_seqlens is not None
     out = empty_like_unit_last(q)
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
@@ -237,23 +234,27 @@ def attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, packed_end
     if packed:
         (out if packed_end is None else out[packed_end:]).zero_()
     arch, dtype = arch_of(q.device), table_dtype(q.dtype, q.device)
-    cfg = kern.config("fwd", arch, d, dtype)
-    k_src, v_src = k, v
-    if tma_wanted(arch, dtype, q.device):
-        block = kern.tma_block(cfg, d)
-        k_src, v_src = kv_descriptor(k, packed, block), kv_descriptor(v, packed, block)
-        if k_src is None or v_src is None:
-            k_src, v_src = k, v
-    grid = rows_grid(max_seqlen, cfg.block_m, n_seq, hq, "attn_fwd")
-    with on_device(q):
-        kern._attn_fwd_kernel[grid](
-            q, k_src, v_src, out, lse, seq_arg(cu_seqlens, q.device),
-            *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(out, packed),
-            *lse_strides(lse, packed),
-            max_seqlen, hq, hq // hkv, scale * LOG2E,
-            HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_VARLEN=packed,
-            DOT_PRECISION=dot_precision(q.dtype, q.device), USE_TMA=k_src is not k,
-            **launch_options(cfg))
+    kern = kernels_for(packed)
+    tma = tma_wanted(arch, dtype, q.device)
+
+    def run(cfg):  # one whole launch: what autotuning times, then the launch with the winner
+        k_src, v_src = k, v
+        if tma:
+            block = configs.tma_block(cfg, d)
+            k_src, v_src = kv_descriptor(k, packed, block), kv_descriptor(v, packed, block)
+            if k_src is None or v_src is None:
+                k_src, v_src = k, v
+        with on_device(q):
+            kern._attn_fwd_kernel[rows_grid(max_seqlen, cfg.block_m, n_seq, hq, "attn_fwd")](
+                q, k_src, v_src, out, lse, seq_arg(cu_seqlens, q.device),
+                *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed),
+                *bht_strides(out, packed), *lse_strides(lse, packed),
+                max_seqlen, hq, hq // hkv, scale * LOG2E,
+                HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_VARLEN=packed,
+                DOT_PRECISION=dot_precision(q.dtype, q.device), USE_TMA=k_src is not k,
+                **launch_options(cfg))
+
+    run(tuned("fwd", arch, d, dtype, packed, max_seqlen, run, q.device))
     return out, lse
 
 
@@ -264,8 +265,6 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: flo
     dQ with fp32 atomics inside the dK/dV pass, saving the recomputation of the scores, wherever the
     config table has an atomic variant (kernels._attention_configs.has_config).
     """
-    from rlhf_fast.kernels import causal_attention as kern
-
     packed = cu_seqlens is not None
     dq, dk, dv = empty_like_unit_last(q), empty_like_unit_last(k), empty_like_unit_last(v)
     do, q, k, v, out = (unit_last(t) for t in (do, q, k, v, out))
@@ -276,90 +275,68 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: flo
     if packed:  # rows past cu_seqlens[-1] belong to no sequence; their gradient is 0
         dq.zero_(), dk.zero_(), dv.zero_()
     arch = arch_of(q.device)
+    kern = kernels_for(packed)
     cu = seq_arg(cu_seqlens, q.device)
     dtype = table_dtype(q.dtype, q.device)
     common = dict(HEAD_DIM=d, IS_VARLEN=packed, DOT_PRECISION=dot_precision(q.dtype, q.device))
 
     delta = torch.empty_like(lse)
-    atomic = not deterministic and kern.has_config("bwd_dkdv_atomic", arch, d, dtype)
-    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
-    with on_device(q):
-        cfg = kern.config("bwd_pre", arch, d, dtype)
-        kern._attn_bwd_preprocess_kernel[rows_grid(max_seqlen, cfg.block_m, n_seq, hq, "attn_bwd_pre")](
-            out, do, delta, cu, *bht_strides(out, packed), *bht_strides(do, packed), *lse_strides(delta, packed),
-            max_seqlen, hq, HEAD_DIM=d, BLOCK_M=cfg.block_m, IS_VARLEN=packed,
-            **launch_options(cfg))
+    atomic = not deterministic and configs.has_config("bwd_dkdv_atomic", arch, d, dtype)
+    dq_acc = torch.empty(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
 
-        cfg = kern.config("bwd_dkdv_atomic" if atomic else "bwd_dkdv", arch, d, dtype)
-        kern._attn_bwd_dkdv_kernel[rows_grid(max_seqlen, cfg.block_n, n_seq, hkv, "attn_bwd_dkdv")](
-            q, k, v, do, lse, delta, dk, dv, dq_acc, cu,
-            *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(do, packed),
-            *bht_strides(dk, packed), *bht_strides(dv, packed), *bht_strides(dq_acc, packed),
-            *lse_strides(lse, packed),
-            max_seqlen, hkv, hq // hkv, scale, scale * LOG2E,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic, **common,
-            **launch_options(cfg))
-        if atomic:
+    # each run_* is one whole launch: what autotuning times, then the launch with the winner
+    def run_pre(cfg):
+        with on_device(q):
+            kern._attn_bwd_preprocess_kernel[rows_grid(max_seqlen, cfg.block_m, n_seq, hq, "attn_bwd_pre")](
+                out, do, delta, cu, *bht_strides(out, packed), *bht_strides(do, packed),
+                *lse_strides(delta, packed), max_seqlen, hq, HEAD_DIM=d, BLOCK_M=cfg.block_m, IS_VARLEN=packed,
+                **launch_options(cfg))
+
+    def run_dkdv(cfg):
+        with on_device(q):
+            if atomic:  # the kernel adds into dQ: every launch (tuning ones too) starts from 0
+                dq_acc.zero_()
+            kern._attn_bwd_dkdv_kernel[rows_grid(max_seqlen, cfg.block_n, n_seq, hkv, "attn_bwd_dkdv")](
+                q, k, v, do, lse, delta, dk, dv, dq_acc, cu,
+                *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed),
+                *bht_strides(do, packed), *bht_strides(dk, packed), *bht_strides(dv, packed),
+                *bht_strides(dq_acc, packed), *lse_strides(lse, packed),
+                max_seqlen, hkv, hq // hkv, scale, scale * LOG2E,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic, **common,
+                **launch_options(cfg))
+
+    def run_dq(cfg):
+        with on_device(q):
+            kern._attn_bwd_dq_kernel[rows_grid(max_seqlen, cfg.block_m, n_seq, hq, "attn_bwd_dq")](
+                q, k, v, do, lse, delta, dq, cu,
+                *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed),
+                *bht_strides(do, packed), *bht_strides(dq, packed), *lse_strides(lse, packed),
+                max_seqlen, hq, hq // hkv, scale, scale * LOG2E,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
+                **launch_options(cfg))
+
+    run_pre(tuned("bwd_pre", arch, d, dtype, packed, max_seqlen, run_pre, q.device))
+    run_dkdv(tuned("bwd_dkdv_atomic" if atomic else "bwd_dkdv", arch, d, dtype, packed, max_seqlen, run_dkdv,
+                   q.device))
+    if atomic:
+        with on_device(q):
             return dq.copy_(dq_acc), dk, dv
-
-        cfg = kern.config("bwd_dq", arch, d, dtype)
-        kern._attn_bwd_dq_kernel[rows_grid(max_seqlen, cfg.block_m, n_seq, hq, "attn_bwd_dq")](
-            q, k, v, do, lse, delta, dq, cu,
-            *bht_strides(q, packed), *bht_strides(k, packed), *bht_strides(v, packed), *bht_strides(do, packed),
-            *bht_strides(dq, packed), *lse_strides(lse, packed),
-            max_seqlen, hq, hq // hkv, scale, scale * LOG2E,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
-            **launch_options(cfg))
+    run_dq(tuned("bwd_dq", arch, d, dtype, packed, max_seqlen, run_dq, q.device))
     return dq, dk, dv
 
 
-def num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few splits, so tests cover the merge
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def kernels_for(packed: bool):
+    """The op's kernel module: kernels/causal_attention_varlen.py for packed inputs, else
+    kernels/causal_attention.py (the same kernels; the varlen module compiles them with IS_VARLEN)."""
+    if packed:
+        from rlhf_fast.kernels import causal_attention_varlen as kern
+    else:
+        from rlhf_fast.kernels import causal_attention as kern
+    return kern
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def decode_splits(tmax: int, programs: int, block_n: int, sms: int, max_splits: int) -> tuple[int, int]:
-    """(n_splits, split_len): enough splits that `programs` * n_splits fills about two waves of SMs,
-    each split a whole number of BLOCK_N-position steps."""
-    want = max(1, min(max_splits, _cdiv(2 * sms, programs), _cdiv(tmax, block_n)))
-    split_len = _cdiv(_cdiv(tmax, want), block_n) * block_n
-    return _cdiv(tmax, split_len), split_len
-
-
-def decode_fwd(q, k_cache, v_cache, cache_seqlens, scale: float):
-    """q (B, Hq, D), caches (B, Hkv, Tmax, D), cache_seqlens int32 (B,) -> (B, Hq, D) contiguous."""
-    import triton
-
-    from rlhf_fast.kernels import decode_attention as kern
-
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    q, k_cache, v_cache = unit_last(q), unit_last(k_cache), unit_last(v_cache)
-    b, hq, d = q.shape
-    hkv, tmax = k_cache.shape[1], k_cache.shape[2]
-    if b == 0 or hq == 0:
-        return out
-    if tmax == 0:
-        return out.zero_()
-    group = hq // hkv
-    cfg = kern.split_config(arch_of(q.device), d, table_dtype(q.dtype, q.device))
-    chunks = triton.cdiv(group, kern.BLOCK_G)
-    n_splits, split_len = decode_splits(tmax, b * hkv * chunks, cfg.block_n, num_sms(q.device), kern.MAX_SPLITS)
-    o_part = torch.empty((b, hq, n_splits, d), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((b, hq, n_splits), dtype=torch.float32, device=q.device)
-    with on_device(q):
-        kern._decode_split_kernel[decode_split_grid(b, hkv, n_splits, chunks)](
-            q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
-            q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-            hkv, group, tmax, split_len, n_splits, scale * LOG2E,
-            HEAD_DIM=d, BLOCK_N=cfg.block_n, BLOCK_G=kern.BLOCK_G, DOT_PRECISION=dot_precision(q.dtype, q.device),
-            **launch_options(cfg))
-        kern._decode_combine_kernel[decode_combine_grid(b, hq)](
-            o_part, lse_part, out, out.stride(0), out.stride(1), hq, n_splits,
-            HEAD_DIM=d, MAX_SPLITS=kern.MAX_SPLITS,
-            num_warps=kern.COMBINE_CONFIG.num_warps, num_stages=kern.COMBINE_CONFIG.num_stages)
-    return out
+def tuned(stage: str, arch: int, head_dim: int, dtype: str, packed: bool, max_seqlen: int, run, device):
+    """The config of `stage` to launch: the tuning set's winner for this regime (see _autotune.choose)."""
+    regime = (f"sm{arch},D={head_dim},{dtype},{'packed' if packed else 'padded'},"
+              f"T<={_autotune.seqlen_bucket(max_seqlen)}")
+    return _autotune.choose(f"attn_{stage}", regime, configs.tuning_set(stage, arch, head_dim, dtype), run, device)

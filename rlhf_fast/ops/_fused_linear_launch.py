@@ -10,6 +10,7 @@ from collections import namedtuple
 import torch
 
 from .. import _backend
+from . import _autotune
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Rows of the fp32 d(weight) slice the Triton backward accumulates into when weight is not fp32:
@@ -60,6 +61,18 @@ def tile_config(dtype: torch.dtype, table: dict):
         prec = interpret.get(name, k.DOT_PRECISION[name])
         return k.INTERPRET_CONFIG, prec
     return table[name], k.DOT_PRECISION[name]
+
+
+def tuned_tile(kernel: str, sets: dict, hidden: torch.Tensor, vocab: int, run):
+    """The TileConfig of a kernel with per-dtype tuning sets (e.g. kernels.fused_linear_logprobs.
+    FWD_TUNING_SETS): the winner of the set for this (dtype, N class, V, H) where timing happens
+    (rlhf_fast/ops/_autotune.py; `run(cfg)` is one whole launch), else tile_config's pick."""
+    cfg, _ = tile_config(hidden.dtype, {name: configs[0] for name, configs in sets.items()})
+    if _backend.interpret_mode():
+        return cfg
+    n, h = hidden.shape
+    regime = f"{_TRITON_DTYPES[hidden.dtype]},N<={_autotune.seqlen_bucket(n)},V={vocab},H={h}"
+    return _autotune.choose(kernel, regime, sets[_TRITON_DTYPES[hidden.dtype]], run, hidden.device)
 
 
 def reduce_tile_configs(dtype: torch.dtype, table: dict) -> tuple:
@@ -146,13 +159,36 @@ def grad_buffers(hidden, weight, bias, need):
     return d_x, d_w, d_b
 
 
-def run_backward_slices(launch, hidden, weight, bias, need, cfg, reduce_cfgs):
+def run_backward_slices(launch, hidden, weight, bias, need, cfg, reduce_cfgs, tuning=None):
     """Call launch(d_x32, d_w_slice32, d_b32, v_begin, v_end, backward_pass) for each pass of each
     vocab slice (backward_passes, in backward_mode()); return the grads.
 
     fp32 weights take one slice that is the result itself; other dtypes accumulate each slice of
     d(weight) in a bounded fp32 buffer and cast it into the result.
+
+    tuning: (kernel name, per-dtype tuning sets of the atomic tile, of the reduce (dx, dw) tile pairs),
+    e.g. ("fused_linear_logprobs_bwd", k.BWD_TUNING_SETS, k.REDUCE_TUNING_SETS): the mode's set is timed
+    (rlhf_fast/ops/_autotune.py) and its winner replaces cfg or reduce_cfgs. Each timed run allocates
+    its own accumulators, so the atomics of one run never add into another's.
     """
+    mode = backward_mode()
+    if tuning is None or _backend.interpret_mode() or hidden.shape[0] == 0:
+        return _backward_slices(launch, hidden, weight, bias, need, cfg, reduce_cfgs, mode)
+    kernel, atomic_sets, reduce_sets = tuning
+    name = _TRITON_DTYPES[hidden.dtype]
+    regime = f"{name},N<={_autotune.seqlen_bucket(hidden.shape[0])},V={weight.shape[0]},H={hidden.shape[1]}," \
+             f"need={''.join(str(int(x)) for x in need)}"
+    if mode == "atomic":
+        def run(c):
+            return _backward_slices(launch, hidden, weight, bias, need, c, reduce_cfgs, mode)
+        return run(_autotune.choose(kernel, regime, atomic_sets[name], run, hidden.device))
+
+    def run_reduce(pair):
+        return _backward_slices(launch, hidden, weight, bias, need, cfg, pair, mode)
+    return run_reduce(_autotune.choose(kernel + "_reduce", regime, reduce_sets[name], run_reduce, hidden.device))
+
+
+def _backward_slices(launch, hidden, weight, bias, need, cfg, reduce_cfgs, mode):
     n, vocab = hidden.shape[0], weight.shape[0]
     if n == 0:  # no tokens: zero gradients, and no empty grid to launch
         return (torch.zeros_like(hidden) if need[0] else None, torch.zeros_like(weight) if need[1] else None,
@@ -163,7 +199,6 @@ def run_backward_slices(launch, hidden, weight, bias, need, cfg, reduce_cfgs):
     else:
         slice_rows = max(cfg.block_v, DW_SLICE_ELEMENTS // max(weight.shape[1], 1) // cfg.block_v * cfg.block_v)
     dummy = hidden.new_empty(1, dtype=torch.float32)
-    mode = backward_mode()
     w_buf = None
     for v_begin in range(0, vocab, slice_rows):
         v_end = min(vocab, v_begin + slice_rows)

@@ -54,9 +54,3 @@ def host_sync_forbidden() -> bool:
     if torch.compiler.is_compiling():
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def pick_row_config(configs, vocab: int):
-    """First of a row kernel's configs (kernels.token_logprobs / kl_divergence CONFIGS) whose tile covers
-    the row, else the widest (it loops over tiles)."""
-    return next((c for c in configs if c.block_v >= vocab), configs[-1])

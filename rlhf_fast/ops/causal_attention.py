@@ -1,4 +1,8 @@
-"""causal_attention: fused causal self-attention (FlashAttention-2 forward and backward), MHA/GQA/MQA."""
+"""causal_attention: fused causal self-attention (FlashAttention-2 forward and backward), MHA/GQA/MQA.
+
+Kernels: kernels/causal_attention.py (launched through rlhf_fast/ops/_attention_launch.py, configs and
+tuning sets in kernels/_attention_configs.py); reference: rlhf_fast/reference/causal_attention.py.
+"""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,8 @@
-"""causal_attention_varlen: fused causal attention over packed sequences of uneven lengths (no padding)."""
+"""causal_attention_varlen: fused causal attention over packed sequences of uneven lengths (no padding).
+
+Kernels: kernels/causal_attention_varlen.py (launched through rlhf_fast/ops/_attention_launch.py, shared
+with causal_attention); reference: rlhf_fast/reference/causal_attention_varlen.py.
+"""
 from __future__ import annotations
 
 import torch

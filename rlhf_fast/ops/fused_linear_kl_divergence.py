@@ -7,7 +7,7 @@ import torch
 from .. import _backend
 from ..reference import fused_linear_kl_divergence as ref
 from ._fused_linear_launch import (cdiv, contig, fake_grads, grads_out, needed_grads, pass_kernel, reduce_tile_configs,
-                                  run_backward_slices, split_plan, tile_config, tile_kwargs)
+                                  run_backward_slices, split_plan, tile_config, tile_kwargs, tuned_tile)
 from ._launch import on_first_tensor_device
 
 _OP = "fused_linear_kl_divergence"
@@ -20,13 +20,17 @@ def _triton_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temp
     n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
     if n == 0:
         return torch.empty(0, dtype=torch.float32, device=dev), torch.empty(5, 0, dtype=torch.float32, device=dev)
-    tiles_per_split, splits = split_plan(n, vocab, cfg, dev)
-    part = torch.empty(5, splits, n, dtype=torch.float32, device=dev)
-    kk._fused_linear_kl_divergence_fwd_kernel[(cdiv(n, cfg.block_n), splits)](
-        hidden, weight, bias if bias is not None else hidden, ref_hidden, ref_weight,
-        ref_bias if ref_bias is not None else ref_hidden, part, n, vocab, hidden.shape[1], ref_hidden.shape[1],
-        hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), temperature,
-        tiles_per_split, int(bias is not None), int(ref_bias is not None), **tile_kwargs(cfg, prec))
+
+    def run(cfg):  # one whole launch: what autotuning times, then the launch with the winner
+        tiles_per_split, splits = split_plan(n, vocab, cfg, dev)
+        part = torch.empty(5, splits, n, dtype=torch.float32, device=dev)
+        kk._fused_linear_kl_divergence_fwd_kernel[(cdiv(n, cfg.block_n), splits)](
+            hidden, weight, bias if bias is not None else hidden, ref_hidden, ref_weight,
+            ref_bias if ref_bias is not None else ref_hidden, part, n, vocab, hidden.shape[1], ref_hidden.shape[1],
+            hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), temperature,
+            tiles_per_split, int(bias is not None), int(ref_bias is not None), **tile_kwargs(cfg, prec))
+        return part
+    part = run(tuned_tile("fused_linear_kl_fwd", kk.FWD_TUNING_SETS, hidden, vocab, run))
     # the splits' row sums are combined in fp64, as the kernel sums them (see kernels/kl_divergence.py)
     m_p, s_p, s_d, m_q, s_q = part.double().unbind(0)
     big_p, big_q = m_p.max(0).values, m_q.max(0).values
@@ -58,7 +62,8 @@ def _triton_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_
             int(bp.need_b), NEED_X=bp.need_x, NEED_W=bp.need_w, **extra, **tile_kwargs(bp.cfg, prec))
 
     return run_backward_slices(launch, hidden, weight, bias, need, cfg,
-                               reduce_tile_configs(hidden.dtype, kk.FUSED_REDUCE_CONFIGS))
+                               reduce_tile_configs(hidden.dtype, kk.FUSED_REDUCE_CONFIGS),
+                               ("fused_linear_kl_bwd", kk.BWD_TUNING_SETS, kk.REDUCE_TUNING_SETS))
 
 
 @torch.library.custom_op("rlhf_fast::fused_linear_kl_divergence_fwd", mutates_args=())

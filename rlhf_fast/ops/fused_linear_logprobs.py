@@ -7,7 +7,7 @@ from .. import _backend
 from ..reference import fused_linear_logprobs as ref
 from ..reference import token_logprobs as ref_tl
 from ._fused_linear_launch import (cdiv, contig, fake_grads, grads_out, needed_grads, pass_kernel, reduce_tile_configs,
-                                  run_backward_slices, split_plan, tile_config, tile_kwargs)
+                                  run_backward_slices, split_plan, tile_config, tile_kwargs, tuned_tile)
 from ._launch import on_first_tensor_device
 
 _OP = "fused_linear_logprobs"
@@ -21,12 +21,16 @@ def _triton_forward(hidden, weight, bias, targets, temperature, want_entropy, ig
     if n == 0:
         e = torch.empty(0, dtype=torch.float32, device=dev)
         return e, e.clone(), torch.empty(2, 0, dtype=torch.float32, device=dev)
-    tiles_per_split, splits = split_plan(n, vocab, cfg, dev)
-    part = torch.empty(4, splits, n, dtype=torch.float32, device=dev)
-    k._fused_linear_logprobs_fwd_kernel[(cdiv(n, cfg.block_n), splits)](
-        hidden, weight, bias if bias is not None else hidden, targets, part, n, vocab, hidden.shape[1],
-        hidden.stride(0), weight.stride(0), temperature, ignore_index, tiles_per_split,
-        int(bias is not None), int(want_entropy), **tile_kwargs(cfg, prec))
+
+    def run(cfg):  # one whole launch: what autotuning times, then the launch with the winner
+        tiles_per_split, splits = split_plan(n, vocab, cfg, dev)
+        part = torch.empty(4, splits, n, dtype=torch.float32, device=dev)
+        k._fused_linear_logprobs_fwd_kernel[(cdiv(n, cfg.block_n), splits)](
+            hidden, weight, bias if bias is not None else hidden, targets, part, n, vocab, hidden.shape[1],
+            hidden.stride(0), weight.stride(0), temperature, ignore_index, tiles_per_split,
+            int(bias is not None), int(want_entropy), **tile_kwargs(cfg, prec))
+        return part
+    part = run(tuned_tile("fused_linear_logprobs_fwd", k.FWD_TUNING_SETS, hidden, vocab, run))
     m, s, sy, zt = part.unbind(0)
     big_m = m.max(0).values
     scale = torch.exp(m - big_m)
@@ -59,7 +63,8 @@ def _triton_backward(grad_logp, grad_entropy, hidden, weight, bias, targets, sta
             int(bp.need_b), NEED_X=bp.need_x, NEED_W=bp.need_w, **extra, **tile_kwargs(bp.cfg, prec))
 
     return run_backward_slices(launch, hidden, weight, bias, need, cfg,
-                               reduce_tile_configs(hidden.dtype, k.REDUCE_CONFIGS))
+                               reduce_tile_configs(hidden.dtype, k.REDUCE_CONFIGS),
+                               ("fused_linear_logprobs_bwd", k.BWD_TUNING_SETS, k.REDUCE_TUNING_SETS))
 
 
 @torch.library.custom_op("rlhf_fast::fused_linear_logprobs_fwd", mutates_args=())

@@ -5,7 +5,8 @@ import torch
 
 from .. import _backend
 from ..reference import kl_divergence as ref
-from ._launch import on_first_tensor_device, pick_row_config
+from . import _autotune
+from ._launch import on_first_tensor_device
 
 _OP = "kl_divergence"
 
@@ -17,10 +18,11 @@ def _triton_forward(logits, ref_logits, temperature):
     kl = torch.empty(n, dtype=torch.float32, device=logits.device)
     stats = torch.empty(5, n, dtype=torch.float32, device=logits.device)
     if n:
-        cfg = pick_row_config(k.CONFIGS, vocab)
-        k._kl_fwd_kernel[(n,)](logits, ref_logits, kl, stats, logits.stride(0), ref_logits.stride(0), vocab,
-                               temperature, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
-                               num_stages=cfg.num_stages)
+        def run(cfg):  # one whole launch: what autotuning times, then the launch with the winner
+            k._kl_fwd_kernel[(n,)](logits, ref_logits, kl, stats, logits.stride(0), ref_logits.stride(0), vocab,
+                                   temperature, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+                                   num_stages=cfg.num_stages)
+        run(_autotune.row_config("kl_fwd", k, logits, run))
     return kl, stats
 
 
@@ -31,11 +33,12 @@ def _triton_backward(grad_kl, logits, ref_logits, stats, kl, temperature, need_r
     d_logits = torch.empty_like(logits)
     d_ref = torch.empty_like(ref_logits) if need_ref else None
     if n:
-        cfg = pick_row_config(k.CONFIGS, vocab)
-        k._kl_bwd_kernel[(n,)](logits, ref_logits, stats, grad_kl, d_logits,
-                               d_ref if need_ref else d_logits, logits.stride(0), ref_logits.stride(0),
-                               vocab, temperature, NEED_REF=need_ref, BLOCK_V=cfg.block_v,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        def run(cfg):
+            k._kl_bwd_kernel[(n,)](logits, ref_logits, stats, grad_kl, d_logits,
+                                   d_ref if need_ref else d_logits, logits.stride(0), ref_logits.stride(0),
+                                   vocab, temperature, NEED_REF=need_ref, BLOCK_V=cfg.block_v,
+                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        run(_autotune.row_config("kl_bwd", k, logits, run))
     return d_logits, d_ref
 
 

@@ -9,7 +9,8 @@ import torch
 
 from .. import _backend
 from ..reference import token_logprobs as ref
-from ._launch import on_first_tensor_device, pick_row_config
+from . import _autotune
+from ._launch import on_first_tensor_device
 
 _OP = "token_logprobs"
 
@@ -23,10 +24,12 @@ def _triton_forward(logits, targets, temperature, want_entropy, ignore_index):
     stats = torch.empty(2, n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return logp, entropy, stats
-    cfg = pick_row_config(k.CONFIGS, vocab)
-    k._token_logprobs_fwd_kernel[(n,)](
-        logits, targets, logp, entropy, stats, logits.stride(0), vocab, temperature, ignore_index,
-        WANT_ENTROPY=want_entropy, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def run(cfg):  # one whole launch: what autotuning times, then the launch with the winner
+        k._token_logprobs_fwd_kernel[(n,)](
+            logits, targets, logp, entropy, stats, logits.stride(0), vocab, temperature, ignore_index,
+            WANT_ENTROPY=want_entropy, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    run(_autotune.row_config("token_logprobs_fwd", k, logits, run))
     return logp, entropy, stats
 
 
@@ -38,12 +41,14 @@ def _triton_backward(grad_logp, grad_entropy, logits, targets, stats, entropy, t
     if n == 0:
         return grad
     have_ent = grad_entropy is not None
-    cfg = pick_row_config(k.CONFIGS, vocab)
-    k._token_logprobs_bwd_kernel[(n,)](
-        logits, targets, stats, entropy if have_ent else stats, grad_logp,
-        grad_entropy if have_ent else grad_logp, grad, logits.stride(0), grad.stride(0), vocab,
-        temperature, ignore_index, HAVE_ENTROPY=have_ent, BLOCK_V=cfg.block_v,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def run(cfg):
+        k._token_logprobs_bwd_kernel[(n,)](
+            logits, targets, stats, entropy if have_ent else stats, grad_logp,
+            grad_entropy if have_ent else grad_logp, grad, logits.stride(0), grad.stride(0), vocab,
+            temperature, ignore_index, HAVE_ENTROPY=have_ent, BLOCK_V=cfg.block_v,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    run(_autotune.row_config("token_logprobs_bwd", k, logits, run))
     return grad
 
 

@@ -31,3 +31,18 @@ def test_preflight_names_missing_modules_and_their_users(tmp_path):
     assert "MISSING  not_installed_pkg_w17 imported by tests/rlhf/test_x.py" in lines, proc.stdout
     assert not any(" os " in line or "helper_mod" in line for line in lines), proc.stdout  # stdlib, local
     assert lines[-1].startswith("preflight: ") and "1 missing (not_installed_pkg_w17)" in lines[-1], proc.stdout
+
+
+def test_tune_check_table_reads_every_config_and_marks_the_winner(tmp_path):
+    """benchmarks/tune_check.py builds its table from the autotune cache files: one row per timed config,
+    the rate from the kernel's work, the winner marked."""
+    from benchmarks.tune_check import rows_from_cache
+    from rlhf_fast.ops import _autotune
+
+    key = _autotune.cache_key({"gpu": "test"}, "attn_fwd", "sm90,D=128,bf16",
+                              [(128, 64, 8, 3, None), (128, 128, 8, 3, None)])
+    _autotune.write_winner(tmp_path / "attn_fwd-x.json", key, (128, 128, 8, 3, None),
+                           {"128,64,8,3,null": 2.0, "128,128,8,3,null": 1.0})
+    rows = rows_from_cache("w", tmp_path, {"attn_fwd": ("TFLOP/s", 4e12)})
+    assert sorted((r["config"], r["rate"], r["winner"]) for r in rows) == [("128,128,8,3,null", 4000.0, "*"),
+                                                                         ("128,64,8,3,null", 2000.0, "")]

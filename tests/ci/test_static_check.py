@@ -83,3 +83,11 @@ def test_static_check_rejects_32bit_token_offsets():
     assert rc == 1, out
     assert _status(out, "planted_int32_offsets", 90) == "FAIL: 32-bit use of stride_t", out
     assert _status(out, "planted_int64_offsets", 90) == "ok", out
+
+
+def test_hopper_attention_rule_fails_a_dot_without_wgmma():
+    """The rule every sm_90 fp16/bf16 attention config is checked with fires on a tile lowered to mma.sync."""
+    rc, out = _static_check("--file", str(PLANTED / "static_hopper_mma.py"), "--arch", "90")
+    assert rc == 1, out
+    assert _status(out, "planted_hopper_rule_mma", 90) == "FAIL: PTX lacks wgmma", out
+    assert _status(out, "planted_hopper_rule_wgmma", 90) == "ok", out
