@@ -36,12 +36,32 @@ FUSED_REDUCE_CONFIGS = {
 
 
 @triton.jit
-def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, part_ptr, N, V, H, HR,
-                                           stride_x, stride_w, stride_xr, stride_wr, temp, tiles_per_split,
-                                           has_bias, has_ref_bias, BLOCK_N: tl.constexpr,
-                                           BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                                           DOT_PRECISION: tl.constexpr):
-    """part (5, splits, N) <- per split: m_p, s_p, s_d, m_q, s_q as in _kl_online_update."""
+def _load_cut(cut_t_ptr, cut_i_ptr, rows, row_mask):
+    """(t fp32, i int32) of the rows' cutoffs, as the launcher passes them (i clamped to [0, V])."""
+    return (tl.load(cut_t_ptr + rows, mask=row_mask, other=float("-inf")),
+            tl.load(cut_i_ptr + rows, mask=row_mask, other=0))
+
+
+@triton.jit
+def _kept(z, t, i, cols):
+    """(BLOCK_N, BLOCK_V) bool: is token cols[v] in row n's kept set, for z the policy's tempered logits
+    and (t, i) the rows' cutoffs. The contract's `z > t or (z == t and v >= i)` as
+    `not (z < t or (z == t and v < i))`: a NaN logit stays in (its row turns NaN, as without cutoffs) and
+    a NaN t keeps nothing (as the reference's `kept`)."""
+    below = (z < t[:, None]) | ((z == t[:, None]) & (cols[None, :] < i[:, None]))
+    return (below == 0) & (t == t)[:, None]
+
+
+@triton.jit
+def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, cut_t_ptr, cut_i_ptr,
+                                           tgt_ptr, part_ptr, N, V, H, HR, stride_x, stride_w, stride_xr,
+                                           stride_wr, temp, tiles_per_split, has_bias, has_ref_bias,
+                                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                                           DOT_PRECISION: tl.constexpr, HAS_CUTOFFS: tl.constexpr,
+                                           HAS_TARGETS: tl.constexpr):
+    """part (5 or 7, splits, N) <- per split: m_p, s_p, s_d, m_q, s_q as in _kl_online_update, over the
+    kept sets when HAS_CUTOFFS; then, when HAS_TARGETS, both models' tempered logits at the targets
+    (0 in the splits that do not hold a row's target)."""
     split = tl.program_id(1)
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
@@ -51,15 +71,27 @@ def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
     s_p = tl.zeros((BLOCK_N,), tl.float64)
     s_q = tl.zeros((BLOCK_N,), tl.float32)
     s_d = tl.zeros((BLOCK_N,), tl.float64)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
+    zrt = tl.zeros((BLOCK_N,), tl.float32)
+    if HAS_TARGETS:
+        tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+    if HAS_CUTOFFS:
+        cut_t, cut_i = _load_cut(cut_t_ptr, cut_i_ptr, rows, row_mask)
     v_begin = split * tiles_per_split * BLOCK_V
     for i in range(0, tiles_per_split):
         col0 = v_begin + i * BLOCK_V
-        col_mask = col0 + tl.arange(0, BLOCK_V) < V
+        cols = col0 + tl.arange(0, BLOCK_V)
         zp = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, V - col0, H, stride_x, stride_w, temp,
                           has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         zq = _logits_tile(xr_ptr, wr_ptr, br_ptr, row0, col0, N - row0, V - col0, HR, stride_xr, stride_wr,
                           temp, has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        valid = col_mask[None, :]
+        if HAS_TARGETS:  # before the kept-set mask: the launcher decides the target's membership from zt
+            hit = cols[None, :] == tgt[:, None]
+            zt += tl.sum(tl.where(hit, zp, 0.0), 1)
+            zrt += tl.sum(tl.where(hit, zq, 0.0), 1)
+        valid = (cols < V)[None, :]
+        if HAS_CUTOFFS:
+            valid = valid & _kept(zp, cut_t, cut_i, cols)
         zp = tl.where(valid, zp, float("-inf"))
         zq = tl.where(valid, zq, float("-inf"))
         m_p, m_q, s_p, s_q, s_d = _kl_online_update(zp, zq, valid, m_p, m_q, s_p, s_q, s_d, 1)
@@ -70,19 +102,28 @@ def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
     tl.store(out + 2 * stride_part, s_d, mask=row_mask)
     tl.store(out + 3 * stride_part, m_q, mask=row_mask)
     tl.store(out + 4 * stride_part, s_q, mask=row_mask)
+    if HAS_TARGETS:
+        tl.store(out + 5 * stride_part, zt, mask=row_mask)
+        tl.store(out + 6 * stride_part, zrt, mask=row_mask)
 
 
 @triton.jit
-def _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, g_ptr, row0, col0, N, v_end, H,
-                HR, stride_x, stride_w, stride_xr, stride_wr, temp, has_bias, has_ref_bias,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, cut_t_ptr, cut_i_ptr, stats_ptr, g_ptr, row0, col0,
+                N, v_end, H, HR, stride_x, stride_w, stride_xr, stride_wr, temp, has_bias, has_ref_bias,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                HAS_CUTOFFS: tl.constexpr):
     """d(KL)/d(logits) = g p ((zp - m_p) - (zq - m_q) - mean) / T for the (BLOCK_N, BLOCK_V) tile at
-    (row0, col0), fp32, zero outside rows < N and cols < v_end (policy side only; module docstring)."""
+    (row0, col0), fp32, zero outside rows < N and cols < v_end (policy side only; module docstring),
+    and, when HAS_CUTOFFS, zero off the kept sets (p = 0 there; the stats are over K)."""
     rows = row0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    col_mask = col0 + tl.arange(0, BLOCK_V) < v_end
+    cols = col0 + tl.arange(0, BLOCK_V)
+    col_mask = cols < v_end
     zp = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, v_end - col0, H, stride_x, stride_w, temp,
                       has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+    if HAS_CUTOFFS:
+        cut_t, cut_i = _load_cut(cut_t_ptr, cut_i_ptr, rows, row_mask)
+        zp = tl.where(_kept(zp, cut_t, cut_i, cols), zp, float("-inf"))
     zq = _logits_tile(xr_ptr, wr_ptr, br_ptr, row0, col0, N - row0, v_end - col0, HR, stride_xr, stride_wr,
                       temp, has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
     m_p = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
@@ -98,39 +139,42 @@ def _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, g_ptr, r
 
 
 @triton.jit
-def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, g_ptr,
+def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, cut_t_ptr, cut_i_ptr,
+                                           stats_ptr, g_ptr,
                                            dx_ptr, dw_ptr, db_ptr, N, V, H, HR, v_begin, v_end,
                                            stride_x, stride_w, stride_xr, stride_wr, stride_dx, stride_dw,
                                            temp, has_bias, has_ref_bias, need_b, NEED_X: tl.constexpr,
                                            NEED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                                           BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                                           BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                           HAS_CUTOFFS: tl.constexpr):
     """Atomic backward, vocab slice [v_begin, v_end): one (token block, vocab tile) per program."""
     row0 = tl.program_id(0) * BLOCK_N
     col0 = v_begin + tl.program_id(1) * BLOCK_V
-    d = _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, g_ptr, row0, col0, N, v_end,
-                    H, HR, stride_x, stride_w, stride_xr, stride_wr, temp, has_bias, has_ref_bias, BLOCK_N,
-                    BLOCK_V, BLOCK_K, DOT_PRECISION)
+    d = _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, cut_t_ptr, cut_i_ptr, stats_ptr, g_ptr, row0,
+                    col0, N, v_end, H, HR, stride_x, stride_w, stride_xr, stride_wr, temp, has_bias, has_ref_bias,
+                    BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, HAS_CUTOFFS)
     _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
                    stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V, BLOCK_K,
                    DOT_PRECISION, False)
 
 
 @triton.jit
-def _fused_linear_kl_divergence_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr,
-                                                  g_ptr, dx_ptr, dw_ptr, db_ptr, N, V, H, HR, v_begin, v_end,
+def _fused_linear_kl_divergence_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, cut_t_ptr,
+                                                  cut_i_ptr, stats_ptr, g_ptr, dx_ptr, dw_ptr, db_ptr, N, V, H, HR, v_begin, v_end,
                                                   stride_x, stride_w, stride_xr, stride_wr, stride_dx, stride_dw,
                                                   temp, has_bias, has_ref_bias, need_b, OWN_COLS: tl.constexpr,
                                                   NEED_X: tl.constexpr, NEED_W: tl.constexpr,
                                                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                                                  BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                                                  BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                                  HAS_CUTOFFS: tl.constexpr):
     """Backward without atomics (as _fused_linear_logprobs_bwd_reduce_kernel): OWN_COLS=False walks the
     vocab for BLOCK_N tokens and writes dx; OWN_COLS=True walks the tokens for BLOCK_V vocab rows and
     writes dw, db."""
     for i in range(0, _reduce_steps(N, v_begin, v_end, OWN_COLS, BLOCK_N, BLOCK_V)):
         row0, col0 = _reduce_tile(i, v_begin, OWN_COLS, BLOCK_N, BLOCK_V)
-        d = _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, g_ptr, row0, col0, N,
-                        v_end, H, HR, stride_x, stride_w, stride_xr, stride_wr, temp, has_bias, has_ref_bias,
-                        BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        d = _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, cut_t_ptr, cut_i_ptr, stats_ptr, g_ptr, row0,
+                        col0, N, v_end, H, HR, stride_x, stride_w, stride_xr, stride_wr, temp, has_bias,
+                        has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, HAS_CUTOFFS)
         _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
                        stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V,
                        BLOCK_K, DOT_PRECISION, True)
