@@ -194,10 +194,9 @@ class GPT(nn.Module):
                                                   temperature, ignore_index, self.config.backend)
             if not return_entropy and not torch.is_grad_enabled():  # scoring: the KL pass has the logprobs
                 return logp.view(targets.shape), None, kl.view(targets.shape), ref_logp.view(targets.shape)
-        kw = {} if flat_cutoffs is None else {"cutoffs": flat_cutoffs}
         out = rlhf_fast.fused_linear_logprobs(hidden, weight, flat_targets, temperature=temperature,
                                               return_entropy=return_entropy, ignore_index=ignore_index,
-                                              backend=self.config.backend, **kw)
+                                              cutoffs=flat_cutoffs, backend=self.config.backend)
         logprobs, entropy = out if return_entropy else (out, None)
         logprobs = logprobs.view(targets.shape)
         entropy = entropy.view(targets.shape) if return_entropy else None

@@ -66,9 +66,8 @@ def response_logprobs(policy, sequences, attention_mask, mask, prompt_len: int, 
     kept set when `cutoffs` (B, P + T, 2) is given (policy_space.training_cutoffs)."""
     T = mask.shape[1]
     targets = response_targets(sequences, mask, prompt_len)
-    kw = {} if cutoffs is None else {"cutoffs": cutoffs}  # the plain call stays the plain call
     logprobs, entropy = policy(sequences, targets, attention_mask=attention_mask, temperature=temperature,
-                               return_entropy=return_entropy, **kw)
+                               return_entropy=return_entropy, cutoffs=cutoffs)
     cols = slice(prompt_len - 1, prompt_len - 1 + T)
     return logprobs[:, cols], (entropy[:, cols] if entropy is not None else None)
 

@@ -208,11 +208,16 @@ def test_no_filter_and_an_estimator_do_no_extra_work(device, monkeypatch):
     no hidden-state forward."""
     import rlhf_fast
     tok, models = tiny_models("reference", device)
-    real_forward, real_generate = GPT.forward, GPT.generate
+    real_forward, real_generate, real_logprobs = GPT.forward, GPT.generate, rlhf_fast.fused_linear_logprobs
 
     def forward(self, *args, **kwargs):
-        assert not ({"cutoffs", "reference", "return_hidden"} & set(kwargs)), sorted(kwargs)
+        assert kwargs.get("cutoffs") is None and kwargs.get("reference") is None, sorted(kwargs)
+        assert not kwargs.get("return_hidden")
         return real_forward(self, *args, **kwargs)
+
+    def logprobs(*args, **kwargs):
+        assert kwargs.get("cutoffs") is None
+        return real_logprobs(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         assert "return_cutoffs" not in kwargs
@@ -223,6 +228,7 @@ def test_no_filter_and_an_estimator_do_no_extra_work(device, monkeypatch):
     monkeypatch.setattr(GPT, "forward", forward)
     monkeypatch.setattr(GPT, "generate", generate)
     monkeypatch.setattr(rlhf_fast, "fused_linear_kl_divergence", no_kl)
+    monkeypatch.setattr(rlhf_fast, "fused_linear_logprobs", logprobs)
     for space in ("filtered", "full"):
         b, call, _ = ppo_first_minibatch(models, tok, ppo_cfg(device, filters=False, logprob_space=space), device,
                                          monkeypatch)
