@@ -79,7 +79,7 @@ class GPT(nn.Module):
                 attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None, temperature: float = 1.0, return_entropy: bool = True,
                 ignore_index: int = -100, cutoffs: torch.Tensor | None = None, reference=None,
-                return_hidden: bool = False):
+                return_hidden: bool = False, check_kept: bool = True):
         """See the module docstring for layouts and outputs.
 
         idx: (B, T) int64, or (N,) with cu_seqlens (S + 1,) int32 and max_seqlen (int).
@@ -89,12 +89,16 @@ class GPT(nn.Module):
         cutoffs: optional targets.shape + (2,) float64, the sampler's kept set of each position
             (``rlhf_fast.sample(..., return_cutoffs=True)``): logprobs, entropy and KL are then those of
             the tempered distribution renormalized over that set. Ignored positions may hold anything.
+            A target off its set raises ValueError, or with ``check_kept=False`` gets logprob -inf (an
+            RL update whose policy moved since the rollout handles it).
         reference: optional (ref_hidden, ref_weight) of a frozen reference model: ref_hidden of the
             shape of this model's hidden states (B, T, C_ref) (``ref(idx, return_hidden=True)``),
             ref_weight (V, C_ref) its lm_head weight, or None when it shares this model's lm_head (a
             LoRA policy with its adapters off). With targets, also returns the per-position exact
             KL(pi || pi_ref) (differentiable in this model) and the reference's logprob of the
             targets (a constant), both 0 at ignored positions; computed on the targeted positions only.
+            Without gradient and entropy (scoring) the logprobs come from that same pass; otherwise they
+            and the entropy come from fused_linear_logprobs and ref_logprobs is None.
         return_hidden: return the final hidden states (B, T, C) (lm head, no targets): what a model
             passes as `reference` to another.
         """
@@ -107,7 +111,7 @@ class GPT(nn.Module):
         if cutoffs is not None and (not isinstance(cutoffs, torch.Tensor) or cutoffs.shape != (*targets.shape, 2)):
             raise ValueError(f"cutoffs must be a tensor of shape targets.shape + (2,) = {(*targets.shape, 2)}, "
                              f"got {getattr(cutoffs, 'shape', type(cutoffs).__name__)}")
-        extra = dict(cutoffs=cutoffs, reference=reference, return_hidden=return_hidden)
+        extra = dict(cutoffs=cutoffs, reference=reference, return_hidden=return_hidden, check_kept=check_kept)
         if cu_seqlens is not None:
             return self._forward_packed(idx, targets, cu_seqlens, max_seqlen, temperature, return_entropy,
                                         ignore_index, extra)
@@ -169,7 +173,7 @@ class GPT(nn.Module):
         return tf.ln_f(x)
 
     def _head(self, x, last, targets, temperature, return_entropy, ignore_index, cutoffs=None, reference=None,
-              return_hidden=False):
+              return_hidden=False, check_kept=True):
         """x (..., C) final hidden; last: index into dim -2 of x (or dim 0 when packed) of each sequence's end."""
         if self.head == "value":
             return self.score(x).squeeze(-1).float()  # (...,)
@@ -189,20 +193,22 @@ class GPT(nn.Module):
             hidden, weight = hidden.to(dtype), weight.to(dtype)
         flat_targets = targets.reshape(-1)
         flat_cutoffs = None if cutoffs is None else cutoffs.reshape(-1, 2)
+        scoring = not return_entropy and not torch.is_grad_enabled()
         if reference is not None:
             kl, logp, ref_logp = _reference_terms(hidden, weight, reference, flat_targets, flat_cutoffs,
-                                                  temperature, ignore_index, self.config.backend)
-            if not return_entropy and not torch.is_grad_enabled():  # scoring: the KL pass has the logprobs
+                                                  temperature, ignore_index, self.config.backend, scoring)
+            if scoring:  # the KL pass has the logprobs
                 return logp.view(targets.shape), None, kl.view(targets.shape), ref_logp.view(targets.shape)
         out = rlhf_fast.fused_linear_logprobs(hidden, weight, flat_targets, temperature=temperature,
                                               return_entropy=return_entropy, ignore_index=ignore_index,
-                                              cutoffs=flat_cutoffs, backend=self.config.backend)
+                                              cutoffs=flat_cutoffs, check_kept=check_kept,
+                                              backend=self.config.backend)
         logprobs, entropy = out if return_entropy else (out, None)
         logprobs = logprobs.view(targets.shape)
         entropy = entropy.view(targets.shape) if return_entropy else None
         if reference is None:
             return logprobs, entropy
-        return logprobs, entropy, kl.view(targets.shape), ref_logp.view(targets.shape)
+        return logprobs, entropy, kl.view(targets.shape), None
 
     # ---------------------------------------------------------------- generation steps (used by generate.py)
     @torch.no_grad()
@@ -267,11 +273,12 @@ class GPT(nn.Module):
         return save_pretrained(self, path, **kwargs)
 
 
-def _reference_terms(hidden, weight, reference, targets, cutoffs, temperature, ignore_index, backend):
+def _reference_terms(hidden, weight, reference, targets, cutoffs, temperature, ignore_index, backend, with_logprobs):
     """Per-token (kl, logprobs, ref_logprobs), each (N,) fp32, 0 at ignored targets, of the policy's hidden
     (N, C) and lm_head weight against `reference` = (ref_hidden (..., C_ref), ref_weight (V, C_ref) or None
-    for `weight`); kl differentiable in the policy, the logprobs constants. Only the targeted rows go
-    through the op (a rollout's prompt positions are skipped)."""
+    for `weight`); kl differentiable in the policy, the logprobs constants (None without `with_logprobs`:
+    then the targets are not read, and one that left its kept set does not matter). Only the targeted rows
+    go through the op (a rollout's prompt positions are skipped)."""
     ref_hidden, ref_weight = reference
     ref_hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
     if ref_hidden.shape[0] != hidden.shape[0]:
@@ -279,13 +286,16 @@ def _reference_terms(hidden, weight, reference, targets, cutoffs, temperature, i
                          f"got {ref_hidden.shape[0]}")
     ref_weight = weight.detach() if ref_weight is None else ref_weight
     rows = (targets != ignore_index).nonzero().squeeze(1)  # (M,)
-    kl, logp, ref_logp = rlhf_fast.fused_linear_kl_divergence(
+    out = rlhf_fast.fused_linear_kl_divergence(
         hidden[rows], weight, ref_hidden[rows].to(hidden.dtype).detach(), ref_weight.to(hidden.dtype).detach(),
-        temperature=temperature, cutoffs=None if cutoffs is None else cutoffs[rows], targets=targets[rows],
-        return_logprobs=True, backend=backend)
+        temperature=temperature, cutoffs=None if cutoffs is None else cutoffs[rows],
+        targets=targets[rows] if with_logprobs else None, return_logprobs=with_logprobs, backend=backend)
 
     def scatter(v):  # (M,) -> (N,), 0 at the untargeted rows
         return hidden.new_zeros(hidden.shape[0], dtype=torch.float32).index_put((rows,), v.float())
+    if not with_logprobs:
+        return scatter(out), None, None
+    kl, logp, ref_logp = out
     return scatter(kl), scatter(logp.detach()), scatter(ref_logp.detach())
 
 

@@ -21,8 +21,8 @@ from .critic_free import aggregate_loss, group_advantages, reinforce_pp_advantag
 from .data import BatchSampler
 from .ppo import UpdateStats, chunk_seed, minibatch_rows
 from .ppo_math import masked_mean, per_token_rewards, policy_loss
-from .policy_space import (filters_on, no_cutoffs, reference_hidden, response_terms, score_logprobs,
-                           training_cutoffs)
+from .policy_space import (drop_left_kept, filters_on, no_cutoffs, reference_hidden, response_terms,
+                           score_logprobs, training_cutoffs)
 from .rollout import (Rollout, decode_rows, gather_rollout, kl_per_token, left_pad, response_logprobs,
                       response_targets)
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, make_optimizer, model_state,
@@ -141,16 +141,21 @@ def policy_update(models: dict, opt, b: Rollout, adv: torch.Tensor, prompt_len: 
                 logprobs, entropy, kl, _ = response_terms(
                     models["policy"], reference, mb.sequences, mb.attention_mask,
                     response_targets(mb.sequences, mb.mask, prompt_len), kept, prompt_len, mb.mask.shape[1],
-                    c.temperature, return_entropy=True)
+                    c.temperature, return_entropy=True, check_kept=False)
             else:
                 logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
-                                                      prompt_len, c.temperature, return_entropy=True, cutoffs=kept)
+                                                      prompt_len, c.temperature, return_entropy=True, cutoffs=kept,
+                                                      check_kept=False)
             logprobs = logprobs.float()
-            pg_loss, stats = policy_loss(logprobs, mb.logprobs, mb_adv, mb.mask, c.clip_range, **clip_kw)
+            loss_mask, left = drop_left_kept(logprobs, mb.mask)
+            pg_loss, stats = policy_loss(logprobs, mb.logprobs, mb_adv, loss_mask, c.clip_range, **clip_kw)
+            if kept is not None:
+                stats["left_kept_set"] = left
             loss = pg_loss
             if kl_loss_coef > 0:
-                per_token = kl.float() if exact_kl else rlhf_fast.kl_penalty(logprobs, mb.ref_logprobs, "k3")
-                kl_loss = aggregate_loss(per_token, mb.mask, agg, max_len=c.max_new_tokens)
+                seen = torch.where(loss_mask > 0, logprobs, mb.ref_logprobs)  # no -inf into k3's exp
+                per_token = kl.float() if exact_kl else rlhf_fast.kl_penalty(seen, mb.ref_logprobs, "k3")
+                kl_loss = aggregate_loss(per_token, loss_mask, agg, max_len=c.max_new_tokens)
                 loss = loss + kl_loss_coef * kl_loss
                 stats["kl_loss"] = kl_loss.detach()
         check_finite("rl", step, loss=loss)

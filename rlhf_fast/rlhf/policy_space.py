@@ -79,11 +79,12 @@ def reference_hidden(ref, sequences, attention_mask) -> tuple[torch.Tensor, torc
 
 
 def response_terms(policy, reference, sequences, attention_mask, targets, cutoffs, prompt_len: int, T: int,
-                   temperature: float, return_entropy: bool):
-    """The policy forward with a reference: per-token (logprobs, entropy or None, kl, ref_logprobs), each
-    (B, T) over the response columns. `targets` (B, L) as `response_targets`; `cutoffs` (B, L, 2) or None."""
+                   temperature: float, return_entropy: bool, check_kept: bool = True):
+    """The policy forward with a reference: per-token (logprobs, entropy or None, kl, ref_logprobs or None),
+    each (B, T) over the response columns (GPT.forward's `reference`). `targets` (B, L) as
+    `response_targets`; `cutoffs` (B, L, 2) or None."""
     out = policy(sequences, targets, attention_mask=attention_mask, temperature=temperature,
-                 return_entropy=return_entropy, cutoffs=cutoffs, reference=reference)
+                 return_entropy=return_entropy, cutoffs=cutoffs, reference=reference, check_kept=check_kept)
     cols = slice(prompt_len - 1, prompt_len - 1 + T)
     return tuple(None if t is None else t[:, cols] for t in out)
 
@@ -125,3 +126,12 @@ def training_cutoffs(c, cutoffs: torch.Tensor, prompt_len: int, width: int) -> t
     full space)."""
     return target_cutoffs(cutoffs, prompt_len, width) if uses_cutoffs(c) else None
 
+
+
+def drop_left_kept(logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An update's logprobs (B, T) over kept sets (taken with ``check_kept=False``) -> (the loss mask without
+    the tokens whose drawn token has left its kept set since the rollout (logprob -inf: probability 0
+    under the current pi_K, a ratio of 0 that PPO's clip would give no gradient anyway), the fraction of
+    response tokens dropped)."""
+    left = torch.isneginf(logprobs) & (mask > 0)
+    return mask * ~left, left.sum() / (mask > 0).sum().clamp_min(1)

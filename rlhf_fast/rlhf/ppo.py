@@ -21,7 +21,7 @@ from .ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, exp
                        masked_whiten, per_token_rewards, policy_loss, value_loss)
 from . import checkpoint
 from .data import BatchSampler
-from .policy_space import training_cutoffs
+from .policy_space import drop_left_kept, training_cutoffs
 from .rollout import Rollout, gather_rollout, kl_per_token, make_rollout, response_logprobs, response_values
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, make_optimizer, model_state,
                       optimizer_state, resume_training, save_checkpoint, unwrap)
@@ -108,10 +108,14 @@ def ppo_update(models: dict, opts: dict, b: Rollout, advantages, returns, prompt
         n_global = rt.all_reduce_sum(n_local)
         scale = n_local * rt.world / n_global
         with autocast(cfg, rt.device):
+            kept = training_cutoffs(c, mb.cutoffs, prompt_len, width)
             logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
-                                                  prompt_len, c.temperature, return_entropy=True,
-                                                  cutoffs=training_cutoffs(c, mb.cutoffs, prompt_len, width))
-            pg_loss, pg_stats = policy_loss(logprobs.float(), mb.logprobs, mb_adv, mb.mask, c.clip_range)
+                                                  prompt_len, c.temperature, return_entropy=True, cutoffs=kept,
+                                                  check_kept=False)
+            loss_mask, left = drop_left_kept(logprobs, mb.mask)
+            pg_loss, pg_stats = policy_loss(logprobs.float(), mb.logprobs, mb_adv, loss_mask, c.clip_range)
+            if kept is not None:
+                pg_stats["left_kept_set"] = left
         check_finite("ppo", step, pg_loss=pg_loss)
         (pg_loss * scale).backward()
         clip_and_step(models["policy"], opts["policy"], c.grad_clip, "ppo", step)

@@ -60,14 +60,15 @@ def response_targets(sequences: torch.Tensor, mask: torch.Tensor, prompt_len: in
 
 
 def response_logprobs(policy, sequences, attention_mask, mask, prompt_len: int, temperature: float,
-                      return_entropy: bool = False, cutoffs: torch.Tensor | None = None):
+                      return_entropy: bool = False, cutoffs: torch.Tensor | None = None, check_kept: bool = True):
     """Per-token logprobs (B, T) (and entropy) of the response under `policy`, logits / temperature,
     through the fused linear-logprob op inside the model (no (B, T, V) logits); over each position's
-    kept set when `cutoffs` (B, P + T, 2) is given (policy_space.training_cutoffs)."""
+    kept set when `cutoffs` (B, P + T, 2) is given (policy_space.training_cutoffs), where a token off
+    its set raises, or with check_kept=False gets -inf (policy_space.drop_left_kept)."""
     T = mask.shape[1]
     targets = response_targets(sequences, mask, prompt_len)
     logprobs, entropy = policy(sequences, targets, attention_mask=attention_mask, temperature=temperature,
-                               return_entropy=return_entropy, cutoffs=cutoffs)
+                               return_entropy=return_entropy, cutoffs=cutoffs, check_kept=check_kept)
     cols = slice(prompt_len - 1, prompt_len - 1 + T)
     return logprobs[:, cols], (entropy[:, cols] if entropy is not None else None)
 

@@ -268,3 +268,34 @@ def test_exact_kl_gradient_through_the_model_matches_float64(device):
         grads.append({n: p.grad.clone() for n, p in policy.named_parameters()})
     for name in grads[0]:
         assert_close_to_reference(grads[0][name], grads[1][name], grads[2][name], name=f"d {name}")
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_tokens_that_leave_their_kept_set_are_dropped_from_the_loss(algo, device):
+    """After an update the drawn token can fall off its position's kept set (probability 0 under the
+    current pi_K): the later minibatches leave it out of the loss (and of GRPO's k3 term) and count it,
+    instead of failing or turning the gradient NaN (clip_and_step raises on a non-finite one)."""
+    tok, models = tiny_models("reference", device)
+    prompts = prompts_of(B)
+    prompt_len = max(map(len, prompts))
+    rt = Runtime(device)
+    if algo == "ppo":
+        cfg = ppo_cfg(device, ppo_epochs=4)
+        b = make_rollout(models["policy"], models["ref"], models["value"], models["reward"], prompts, prompt_len,
+                         tok, cfg, seed=3, device=device)
+        opts = {k: make_optimizer(models[k], 0.05, 0.0) for k in ("policy", "value")}
+        _, _, adv, ret = ppo.advantages_and_returns(b, 0.1, cfg.ppo)
+        stats = ppo.ppo_update(models, opts, b, adv, ret, prompt_len, cfg, rt, step=1)
+    else:
+        cfg = rl_cfg(device, epochs=4)
+        preset = resolve(cfg.rl)
+        b = make_group_rollout(models, prompts, [{"prompt": str(p)} for p in prompts], prompt_len, tok, cfg.rl,
+                               seed=3, device=device,
+                               rewards=lambda p, responses, rows: torch.tensor([float(sum(map(ord, r)) % 7)
+                                                                                for r in responses]))
+        _, adv = critic_free_trainer.advantages(b, cfg.rl, preset)
+        assert bool(adv.abs().sum() > 0)
+        stats = policy_update(models, make_optimizer(models["policy"], 0.05, 0.0), b, adv, prompt_len, cfg, rt, 1,
+                              preset)
+    assert stats["left_kept_set"] > 0
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in stats.items() if k != "left_kept_set")
