@@ -152,9 +152,9 @@ def cost_rows(name: str, reps: int) -> list[dict]:
                 policy_update(trained, rl_opt, b, adv, P, rl_cfgs[kind], rt, 1, resolve(rl_cfgs[kind].rl))
             return run
 
-        gen_s, _ = _timed(generation, device, reps)
+        gen_s, _ = _timed(generation, device, min(reps, 5))
         scoring("full")()
-        train_s, _ = _timed(training, device, reps)
+        train_s, _ = _timed(training, device, min(reps, 5))
         phases = {("scoring", "k1"): scoring("k1"), ("scoring", "full"): scoring("full"),
                   ("grpo_update_kl_in_loss", "k3"): grpo_update("k3"),
                   ("grpo_update_kl_in_loss", "full"): grpo_update("full")}
@@ -225,6 +225,7 @@ def main(argv=None) -> None:
     parser.add_argument("--suite", choices=sorted(SUITES), default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (cpu suite)")
     parser.add_argument("--steps", type=int, default=8, help="rollouts for the spread of the per-step KL")
+    parser.add_argument("--reps", type=int, default=15, help="interleaved runs of each kind's phases (best kept)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = parser.parse_args(argv)
     quick = args.quick or os.environ.get("RLHF_FAST_BENCH_QUICK") == "1"
@@ -233,7 +234,7 @@ def main(argv=None) -> None:
         return
     if args.suite == "cpu":
         torch.set_num_threads(args.threads)
-    cost = cost_rows(args.suite, reps=1 if quick else 5)
+    cost = cost_rows(args.suite, reps=1 if quick else args.reps)
     spread = spread_rows(args.suite, 3 if quick else args.steps)
     print(machine(), f"torch threads: {torch.get_num_threads()}")
     print(markdown_table(cost, ["op", "filters", "kl_kind", "ms", "vs_estimator", "peak_gib"]))

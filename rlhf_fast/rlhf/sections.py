@@ -241,8 +241,8 @@ class PPOConfig(RolloutConfig):
     value_clip_range: float = 0.2
     """value prediction clip around the rollout values"""
     kl_kind: Literal["k1", "k2", "k3", "full"] = "k1"
-    """per-token KL of the penalty against the SFT reference: a sampled estimator (k1, k2, k3), or 'full' =
-    the exact KL over the vocabulary (or the kept set) at every position (fused, no logits in memory)"""
+    """per-token KL estimator of the penalty against the SFT reference (k1, k2, k3), or 'full' = the exact KL
+    over the vocabulary (or the kept set) at every position (fused, no logits in memory)"""
     kl_coef: float = 0.2
     """KL penalty coefficient (initial value when adaptive_kl)"""
     adaptive_kl: bool = False

@@ -299,3 +299,17 @@ def test_tokens_that_leave_their_kept_set_are_dropped_from_the_loss(algo, device
                               preset)
     assert stats["left_kept_set"] > 0
     assert all(torch.isfinite(torch.tensor(v)) for k, v in stats.items() if k != "left_kept_set")
+
+
+def test_lora_reference_is_the_policy_with_adapters_off(device, monkeypatch):
+    """A LoRA policy's reference (AdaptersOff: no second copy, the same lm_head) goes through the same
+    path: ratio 1 and exact KL 0 at the first minibatch, with every filter on."""
+    from rlhf_fast.model import apply_lora
+    from rlhf_fast.rlhf.lora_stage import AdaptersOff
+    tok, models = tiny_models("reference", device)
+    apply_lora(models["policy"], 2, 4.0, 0.0, "all")
+    models["ref"] = AdaptersOff(models["policy"])
+    b, call, _ = ppo_first_minibatch(models, tok, ppo_cfg(device, kl_kind="full"), device, monkeypatch)
+    assert every_position_cut(b)
+    assert_ratio_one(call)
+    assert float(kl_per_token(b, "full")[b.mask > 0].abs().max()) <= 1e-6
