@@ -12,7 +12,7 @@ Cost, on random weights and prompts (no EOS: every row runs max_new_tokens):
 - GRPO's update with the KL in the loss: k3 on the scored logprobs, or the exact KL (differentiable), which
   recomputes the reference's hidden states for each minibatch.
 Each is timed without filters and with temperature 0.7, top_k 20, top_p 0.9, min_p 0.05
-(logprob_space=filtered: the cutoffs go to every op). Best of `reps` runs after a warm-up.
+(logprob_space=filtered: the cutoffs go to every op); see `cost_rows` for how the runs are paired.
 
 Spread: a reference that differs from the policy (weights + noise of half their std: KL ~0.08 a token), `steps` rollouts of B rows from
 different seeds; the per-step KL is what the trainers log (mean over rows of the summed per-token KL).
@@ -53,9 +53,10 @@ def _config(model_kwargs: dict, P: int, T: int, B: int, device: str, filters: bo
     return build_config(None, overrides)
 
 
-def _timed(fn, device: str, reps: int) -> tuple[float, float]:
+def _timed(fn, device: str, reps: int, warm_up: bool = True) -> tuple[float, float]:
     """(best seconds, peak memory GiB or nan) of fn over `reps` runs after a warm-up."""
-    fn()
+    if warm_up:
+        fn()
     best, peak = float("inf"), float("nan")
     for _ in range(reps):
         if device == "cuda":
@@ -92,9 +93,10 @@ def _models(cfg, V: int, device: str, noisy_ref: bool = False) -> dict:
 
 
 def cost_rows(name: str, reps: int) -> list[dict]:
-    """Per filter setting: generation and PPO's update once (the kind does not enter them), then scoring
-    and GRPO's update for each kind, the kinds interleaved rep by rep (a shared machine's load then
-    hits both alike); best of `reps`."""
+    """Per filter setting: generation and PPO's update once (best of 5: the kind does not enter them), then
+    scoring and GRPO's update for each kind, the two kinds of a phase back to back in alternating order
+    (a shared machine's load then hits both alike): the median time of `reps` runs, and the median of
+    the paired ratios (vs_estimator)."""
     from rlhf_fast.rlhf.critic_free_trainer import policy_update, resolve
     from rlhf_fast.rlhf.policy_space import score_logprobs
     from rlhf_fast.rlhf.ppo import ppo_update
@@ -158,26 +160,32 @@ def cost_rows(name: str, reps: int) -> list[dict]:
         phases = {("scoring", "k1"): scoring("k1"), ("scoring", "full"): scoring("full"),
                   ("grpo_update_kl_in_loss", "k3"): grpo_update("k3"),
                   ("grpo_update_kl_in_loss", "full"): grpo_update("full")}
-        best = {key: (float("inf"), float("nan")) for key in phases}
-        for _ in range(reps):
-            for key, fn in phases.items():
-                seconds, peak = _timed(fn, device, 1)
-                best[key] = min(best[key], (seconds, peak))
+        for fn in phases.values():
+            fn()  # warm-up
+        times = {key: [] for key in phases}
+        for rep in range(reps):  # the two kinds of a phase back to back, in alternating order
+            for phase in ("scoring", "grpo_update_kl_in_loss"):
+                pair = [key for key in phases if key[0] == phase]
+                for key in (pair if rep % 2 == 0 else pair[::-1]):
+                    times[key].append(_timed(phases[key], device, 1, warm_up=False)[0])
         tag = "on" if filters else "off"
         rows.append({"op": "kl_kind/generation", "filters": tag, "kl_kind": "any", "ms": gen_s * 1e3, "shape": shape})
         rows.append({"op": "kl_kind/ppo_update", "filters": tag, "kl_kind": "any", "ms": train_s * 1e3,
                      "shape": shape})
-        for (phase, kind), (seconds, peak) in best.items():
-            rows.append({"op": f"kl_kind/{phase}", "filters": tag, "kl_kind": kind, "ms": seconds * 1e3,
-                         "peak_gib": peak, "shape": shape})
+        for (phase, kind), seconds in times.items():
+            base = times[(phase, "k1" if phase == "scoring" else "k3")]
+            rows.append({"op": f"kl_kind/{phase}", "filters": tag, "kl_kind": kind,
+                         "ms": statistics.median(seconds) * 1e3,
+                         "vs_estimator": statistics.median(a / b for a, b in zip(seconds, base)), "shape": shape})
         for kind in ("k1", "full"):
-            step = gen_s + best[("scoring", kind)][0] + train_s
+            step = gen_s + statistics.median(times[("scoring", kind)]) + train_s
             rows.append({"op": "kl_kind/ppo_step", "filters": tag, "kl_kind": kind, "ms": step * 1e3,
                          "shape": shape})
-    for r in rows:  # each kind's time over the estimator's (k1; k3 for GRPO's loss), same phase and filters
-        base = next(x for x in rows if x["op"] == r["op"] and x["filters"] == r["filters"]
-                    and x["kl_kind"] in ("k1", "k3", "any"))
-        r["vs_estimator"] = r["ms"] / base["ms"]
+    for r in rows:  # the step (and the kind-free phases) over k1's
+        if "vs_estimator" not in r:
+            base = next(x for x in rows if x["op"] == r["op"] and x["filters"] == r["filters"]
+                        and x["kl_kind"] in ("k1", "any"))
+            r["vs_estimator"] = r["ms"] / base["ms"]
     return rows
 
 
@@ -225,7 +233,7 @@ def main(argv=None) -> None:
     parser.add_argument("--suite", choices=sorted(SUITES), default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (cpu suite)")
     parser.add_argument("--steps", type=int, default=8, help="rollouts for the spread of the per-step KL")
-    parser.add_argument("--reps", type=int, default=15, help="interleaved runs of each kind's phases (best kept)")
+    parser.add_argument("--reps", type=int, default=15, help="paired runs of each kind's phases (median kept)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = parser.parse_args(argv)
     quick = args.quick or os.environ.get("RLHF_FAST_BENCH_QUICK") == "1"
@@ -237,7 +245,7 @@ def main(argv=None) -> None:
     cost = cost_rows(args.suite, reps=1 if quick else args.reps)
     spread = spread_rows(args.suite, 3 if quick else args.steps)
     print(machine(), f"torch threads: {torch.get_num_threads()}")
-    print(markdown_table(cost, ["op", "filters", "kl_kind", "ms", "vs_estimator", "peak_gib"]))
+    print(markdown_table(cost, ["op", "filters", "kl_kind", "ms", "vs_estimator"]))
     print(markdown_table(spread, ["op", "filters", "kl_kind", "steps", "mean", "std_over_steps", "per_token_std"]))
     print(write_results(f"kl_kind-{args.suite}", cost + spread, {"torch_threads": torch.get_num_threads()}))
 

@@ -21,9 +21,10 @@ head        targets               returns
 "lm"        None                  logits (B, T, V)
 "lm"        (B, T) token ids      (logprobs (B, T) fp32, entropy (B, T) fp32 or None),
                                   via `fused_linear_logprobs`: no (B, T, V) logits in memory
-"lm"        targets + reference   (logprobs, entropy, kl, ref_logprobs), each (B, T) fp32: the
-                                  exact KL(pi || pi_ref) per position and the reference's
-                                  logprob of the targets, via `fused_linear_kl_divergence`
+"lm"        targets + reference   (logprobs, entropy, kl, ref_logprobs), each (B, T) fp32 or None:
+                                  the exact KL(pi || pi_ref) per position via
+                                  `fused_linear_kl_divergence` (and, when scoring, the
+                                  reference's logprob of the targets from the same pass)
 "lm"        return_hidden=True    final hidden states (B, T, C), the lm_head's input
 "value"     -                     values (B, T) fp32: one scalar per token (PPO critic)
 "reward"    -                     rewards (B,) fp32 at each row's last real token
