@@ -4,9 +4,11 @@
 // 3 per active threshold search (top-k counts, top-p masses), 1 for the kept mass Z, and the draw,
 // which stops at the tile where the cumulative mass crosses u * Z. When top-k keeps at most
 // kCandidates tokens, one more pass gathers them (in index order) into shared memory and top-p, Z and
-// the draw run there: top-k + top-p reads the row 5 times, top-p alone at most 6. Histograms are 2048 bins in shared
-// memory, accumulated as integers (masses in 2^-40 fixed point) so the result never depends on the
-// order of atomics: the same (seed, offset) gives the same tokens on every run.
+// the draw run there: top-k + top-p reads the row 5 times, top-p alone at most 6. Cutoffs (step 6),
+// when asked for, add no pass unless top-p splits a tie: then one ranks the tied tokens again.
+// Histograms are 2048 bins in shared memory, accumulated as integers (masses in 2^-40 fixed point) so
+// the result never depends on the order of atomics: the same (seed, offset) gives the same tokens on
+// every run.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -47,6 +49,10 @@ struct ArgMaxOp {
 
 struct MaxOp {
   __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a > b ? a : b; }
+};
+
+struct MinOp {
+  __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a < b ? a : b; }
 };
 
 // The row in global memory. Element i belongs to thread (i / kVec) % kThreads within tile
@@ -163,6 +169,7 @@ struct SharedState {
   int64_t argmax;
   int64_t position;
   int64_t last_positive;
+  int64_t tie_index;  // step 6: the first token top-p keeps of those tied at its threshold
   unsigned long long below;
   unsigned long long at;
   unsigned int chosen;
@@ -300,8 +307,25 @@ __device__ int64_t gather_candidates(const View& view, uint32_t threshold, Share
   return count;
 }
 
+// The token of rank `rank` (0-based, index order) among those of `view` with key `key` (step 6's
+// tie index; the caller guarantees it exists): read by every thread. Scans tiles until it is found.
+template <typename View>
+__device__ int64_t nth_token_with_key(const View& view, uint32_t key, int64_t rank, SharedState& s) {
+  int64_t seen = 0;
+  for_each_tile(view, [&](const float* x, int64_t first, int lanes) {
+    seen += number_matches<View::kLanes>(
+        x, lanes, seen, [&](float v) { return order_key(v) == key; },
+        [&](int j, int64_t r) {
+          if (r == rank) s.tie_index = view.token_at(first + j);
+        },
+        s);
+    return seen <= rank;
+  });
+  return s.tie_index;  // number_matches ended with a barrier
+}
+
 // Top-p over `view` (tokens with key >= threshold), then min-p, Z and the inverse-CDF draw; writes
-// the row's token and logprob.
+// the row's token and logprob, and its cutoff (step 6) when args.cutoffs is set.
 template <typename View>
 __device__ void filter_and_draw(const View& view, uint32_t threshold, const RowParams& p, float x_max,
                                 const SampleArgs& args, int64_t row, SharedState& s) {
@@ -330,17 +354,28 @@ __device__ void filter_and_draw(const View& view, uint32_t threshold, const RowP
   // Z and the last position with positive kept mass (the draw's fallback when rounding overshoots).
   // Z and the running CDF accumulate in double: float sums over 10^5 tokens drift by ~1e-5, which
   // would show in the returned logprob.
+  // With cutoffs and min-p on, also the lowest kept key (min_p > 0: a token is kept iff its kept mass is > 0).
+  const bool want_min_p_key = args.cutoffs != nullptr && min_p > 0.0f;
   double z_part = 0.0;
   int64_t last = -1;
+  int64_t min_p_key = 0xFFFFFFFFll;
   view.for_each([&](int64_t i, float x) {
     const float e = kept_mass(x);
     z_part += static_cast<double>(e);
     if (e > 0.0f) last = i > last ? i : last;
+    if (want_min_p_key && e > 0.0f) {
+      const int64_t key = order_key(x);
+      min_p_key = key < min_p_key ? key : min_p_key;
+    }
   });
   const double z = cub::BlockReduce<double, kThreads>(s.cub.sum).Sum(z_part) -
                    static_cast<double>(tie_removed) * static_cast<double>(tie_mass);
   __syncthreads();
   const int64_t last_all = cub::BlockReduce<int64_t, kThreads>(s.cub.index).Reduce(last, MaxOp());
+  if (want_min_p_key) {
+    __syncthreads();
+    min_p_key = cub::BlockReduce<int64_t, kThreads>(s.cub.index).Reduce(min_p_key, MinOp());  // thread 0's
+  }
   if (threadIdx.x == 0) {
     s.z = z;
     s.last_positive = last_all;
@@ -389,6 +424,15 @@ __device__ void filter_and_draw(const View& view, uint32_t threshold, const RowP
     args.tokens[row] = view.token_at(position);
     args.logprobs[row] = drawn_logprob(view.x_at(position), x_max, z_row);
   }
+  if (args.cutoffs != nullptr) {
+    const int64_t tie_index = tie_removed > 0 ? nth_token_with_key(view, tie_key, tie_removed, s) : 0;
+    if (threadIdx.x == 0) {
+      const bool filtered = (p.top_k > 0 && p.top_k < args.vocab) || remove_bound > 0.0 || min_p > 0.0f;
+      const Cutoff cut = row_cutoff(filtered, threshold, want_min_p_key ? static_cast<uint32_t>(min_p_key) : 0u,
+                                    tie_key, tie_removed, tie_index);
+      write_cutoff(args, row, cut.value, cut.index);
+    }
+  }
 }
 
 template <typename T, int kVec>
@@ -417,6 +461,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     if (threadIdx.x == 0) {
       args.tokens[row] = s.bad ? -1 : s.argmax;
       args.logprobs[row] = s.bad ? NAN : 0.0f;
+      write_cutoff(args, row, s.bad ? NAN : s.x_max, s.bad ? 0 : s.argmax);
     }
     return;
   }
