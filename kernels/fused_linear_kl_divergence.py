@@ -194,7 +194,7 @@ def static_configs():
                 "br_ptr": f"*{dt}"}
         specs.append(KernelSpec(
             f"fused_linear_kl_fwd[{tag}]", _fused_linear_kl_divergence_fwd_kernel,
-            {**ptrs, "part_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "HR": "i32", "stride_x": "i32",
+            {**ptrs, "part_ptr": "*fp64", "N": "i32", "V": "i32", "H": "i32", "HR": "i32", "stride_x": "i32",
              "stride_w": "i32", "stride_xr": "i32", "stride_wr": "i32", "temp": "fp32", "tiles_per_split": "i32",
              "has_bias": "i32", "has_ref_bias": "i32", **{k: "constexpr" for k in cx}},
             cx, fwd_cfg.num_warps, fwd_cfg.num_stages))
