@@ -7,6 +7,8 @@ s_d, folded by _online_softmax._kl_online_update, with fp64 row sums), over toke
 and the two backward variants (atomic, and reduce without atomics) are fused_linear_logprobs' (see
 kernels/fused_linear_logprobs.py and the shared pieces in kernels/_fused_linear.py).
 """
+import dataclasses
+
 import triton
 import triton.language as tl
 
@@ -183,7 +185,19 @@ def _fused_linear_kl_divergence_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, w
         tl.debug_barrier()
 
 
+# (HAS_CUTOFFS, HAS_TARGETS) of the forward specs: every combination the launcher can ask for.
+FWD_VARIANTS = ((False, False), (True, False), (False, True), (True, True))
+
+
+def _with_cutoffs(spec):
+    """spec compiled with HAS_CUTOFFS=True (the backward's kept-set test), renamed."""
+    return dataclasses.replace(spec, name=spec.name[:-1] + ",CUT=True]",
+                               constexprs={**spec.constexprs, "HAS_CUTOFFS": True})
+
+
 def static_configs():
+    """Every tile config with and without cutoffs/targets in the forward; in the backward, HAS_CUTOFFS
+    for the full atomic pass (X=W=True: the others keep a subset of its values live) and every reduce pass."""
     specs = []
     for dt, cfg in FUSED_CONFIGS.items():
         fwd_cfg = FUSED_FWD_CONFIGS[dt]
@@ -191,23 +205,30 @@ def static_configs():
               "DOT_PRECISION": DOT_PRECISION[dt]}
         tag = f"{dt},BN={cfg.block_n},BV={cfg.block_v},BK={cfg.block_k}"
         ptrs = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "xr_ptr": f"*{dt}", "wr_ptr": f"*{dt}",
-                "br_ptr": f"*{dt}"}
-        specs.append(KernelSpec(
-            f"fused_linear_kl_fwd[{tag}]", _fused_linear_kl_divergence_fwd_kernel,
-            {**ptrs, "part_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "HR": "i32", "stride_x": "i32",
-             "stride_w": "i32", "stride_xr": "i32", "stride_wr": "i32", "temp": "fp32", "tiles_per_split": "i32",
-             "has_bias": "i32", "has_ref_bias": "i32", **{k: "constexpr" for k in cx}},
-            cx, fwd_cfg.num_warps, fwd_cfg.num_stages))
+                "br_ptr": f"*{dt}", "cut_t_ptr": "*fp32", "cut_i_ptr": "*i32"}
+        fwd_sig = {**ptrs, "tgt_ptr": "*i64", "part_ptr": "*fp64", "N": "i32", "V": "i32", "H": "i32", "HR": "i32",
+                   "stride_x": "i32", "stride_w": "i32", "stride_xr": "i32", "stride_wr": "i32", "temp": "fp32",
+                   "tiles_per_split": "i32", "has_bias": "i32", "has_ref_bias": "i32",
+                   "HAS_CUTOFFS": "constexpr", "HAS_TARGETS": "constexpr", **{k: "constexpr" for k in cx}}
+        for cut, tgt in FWD_VARIANTS:
+            specs.append(KernelSpec(
+                f"fused_linear_kl_fwd[{tag},CUT={cut},TGT={tgt}]", _fused_linear_kl_divergence_fwd_kernel, fwd_sig,
+                {**cx, "HAS_CUTOFFS": cut, "HAS_TARGETS": tgt}, fwd_cfg.num_warps, fwd_cfg.num_stages))
         bwd_sig = {**ptrs, "stats_ptr": "*fp32", "g_ptr": "*fp32",
                    "dx_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32",
                    "HR": "i32", "v_begin": "i32", "v_end": "i32", "stride_x": "i32", "stride_w": "i32",
                    "stride_xr": "i32", "stride_wr": "i32", "stride_dx": "i32", "stride_dw": "i32",
                    "temp": "fp32", "has_bias": "i32", "has_ref_bias": "i32", "need_b": "i32",
-                   "NEED_X": "constexpr", "NEED_W": "constexpr", **{k: "constexpr" for k in cx}}
+                   "NEED_X": "constexpr", "NEED_W": "constexpr", "HAS_CUTOFFS": "constexpr",
+                   **{k: "constexpr" for k in cx}}
+        bwd = []
         for need_x, need_w in NEED_PAIRS:
-            specs.append(KernelSpec(
+            bwd.append(KernelSpec(
                 f"fused_linear_kl_bwd[{tag},X={need_x},W={need_w}]", _fused_linear_kl_divergence_bwd_kernel,
-                bwd_sig, {**cx, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
-        specs += reduce_specs("fused_linear_kl_bwd_reduce", _fused_linear_kl_divergence_bwd_reduce_kernel, bwd_sig,
-                              dt, FUSED_REDUCE_CONFIGS[dt])
+                bwd_sig, {**cx, "NEED_X": need_x, "NEED_W": need_w, "HAS_CUTOFFS": False}, cfg.num_warps,
+                cfg.num_stages))
+        reduce = [dataclasses.replace(s, constexprs={**s.constexprs, "HAS_CUTOFFS": False})
+                  for s in reduce_specs("fused_linear_kl_bwd_reduce", _fused_linear_kl_divergence_bwd_reduce_kernel,
+                                        bwd_sig, dt, FUSED_REDUCE_CONFIGS[dt])]
+        specs += bwd + reduce + [_with_cutoffs(bwd[0])] + [_with_cutoffs(s) for s in reduce]
     return specs
