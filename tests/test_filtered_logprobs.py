@@ -289,3 +289,28 @@ def test_bad_cutoffs_raise(device):
             op(c.to("meta"))
         with pytest.raises(ValueError, match="cutoffs must be a torch.Tensor"):
             op([[0.0, 0.0]])
+
+
+def test_compiled_with_cutoffs_matches_eager(device):
+    """torch.compile(fullgraph=True) traces both ops with the optional cutoffs tensor (custom-op schemas,
+    fake functions and autograd carry it) and gives eager's numbers, forward and backward (aot_eager: see
+    tests/test_compile.py)."""
+    logits, targets, cutoffs = token_inputs(17, 33, FP32, 0.7, device)
+    hidden, weight, bias, f_targets, f_cutoffs, _ = fused_inputs(17, 16, 33, FP32, 1.3, True, device)
+
+    def loss(x, h):
+        logp, ent = rlhf_fast.token_logprobs(x, targets, temperature=0.7, return_entropy=True, cutoffs=cutoffs)
+        f_logp = rlhf_fast.fused_linear_logprobs(h, weight, f_targets, bias=bias, temperature=1.3, cutoffs=f_cutoffs)
+        return (logp - 0.1 * ent).sum() + f_logp.sum()
+
+    explanation = torch._dynamo.explain(loss)(logits, hidden)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    torch._dynamo.reset()
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):
+        x, h = logits.clone().requires_grad_(), hidden.clone().requires_grad_()
+        out = fn(x, h)
+        out.backward()
+        results.append((out.detach(), x.grad, h.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
