@@ -16,7 +16,12 @@
 //   4. min-p: keep e >= min_p (p >= min_p * p_max, as e_max = 1).
 //   5. Z = sum of kept e; the token is the first index whose cumulative kept e exceeds u * Z, with u the
 //      row's Philox uniform; logprob = (x - max) - log Z.
-// A row whose input or parameters are invalid gets token -1 and logprob NaN.
+//   6. Only when the caller asks (SampleArgs::cutoffs): the row's kept set as a cutoff (t, i), token v
+//      kept <=> x_v > t or (x_v == t and v >= i). It is the lexicographic max of the lower bounds of
+//      the filters that are on: top-k (t_k, 0), top-p (t_p, the index of tied token r + 1 when r > 0,
+//      else 0), min-p (lowest x it keeps, 0); the first two are the thresholds steps 2-3 found, the
+//      last a min over the kept keys (row_cutoff). No filter on: (-inf, 0); greedy rows (x_max, argmax).
+// A row whose input or parameters are invalid gets token -1, logprob NaN and cutoff (NaN, 0).
 #pragma once
 
 #include <cmath>
@@ -42,6 +47,7 @@ struct SampleArgs {
   const int64_t* offset = nullptr;
   int64_t* tokens = nullptr;           // (rows,) output
   float* logprobs = nullptr;           // (rows,) output
+  double* cutoffs = nullptr;           // (rows, 2) output (t, i) of step 6; nullptr: not computed
 };
 
 // One row's parameters (meanings and "off" values as in SampleArgs).
@@ -75,6 +81,13 @@ RLHF_FAST_HOST_DEVICE float row_uniform(const SampleArgs& args, int64_t row) {
 // logprob of the drawn token (step 5): (x - x_max) - log z, rounded to float32 once.
 RLHF_FAST_HOST_DEVICE float drawn_logprob(float x, float x_max, double z) {
   return static_cast<float>(static_cast<double>(x - x_max) - std::log(z));
+}
+
+// Step 6: writes the row's cutoff (value, index) when the caller asked for cutoffs.
+RLHF_FAST_HOST_DEVICE void write_cutoff(const SampleArgs& args, int64_t row, float value, int64_t index) {
+  if (args.cutoffs == nullptr) return;
+  args.cutoffs[2 * row] = static_cast<double>(value);
+  args.cutoffs[2 * row + 1] = static_cast<double>(index);
 }
 
 // The input's element type. The CPU and CUDA paths store 16-bit floats in their own types, named by
@@ -121,6 +134,21 @@ RLHF_FAST_HOST_DEVICE uint32_t order_key(float f) {
 // The float whose order_key is `key` (+0 for the key of zero).
 RLHF_FAST_HOST_DEVICE float key_to_float(uint32_t key) {
   return bit_cast<float>((key & 0x80000000u) ? (key ^ 0x80000000u) : ~key);
+}
+
+// Step 6's cutoff of a sampled row as (key, index). filtered: any filter on; threshold_key: the key
+// steps 2-3 left as the lowest kept (0 when neither top-k nor top-p is on); min_p_key: the lowest key
+// of the tokens kept after step 4 when min-p is on, else 0; tie_key, tie_removed, tie_index: the
+// top-p tie (tie_index = the first tied token it keeps, read only when tie_removed > 0).
+struct Cutoff {
+  float value;
+  int64_t index;
+};
+RLHF_FAST_HOST_DEVICE Cutoff row_cutoff(bool filtered, uint32_t threshold_key, uint32_t min_p_key, uint32_t tie_key,
+                                        int64_t tie_removed, int64_t tie_index) {
+  if (!filtered) return Cutoff{-INFINITY, 0};
+  const uint32_t key = threshold_key > min_p_key ? threshold_key : min_p_key;
+  return Cutoff{key_to_float(key), (tie_removed > 0 && key == tie_key) ? tie_index : 0};
 }
 
 // Float multiply, add and subtract each rounded on its own, never fused into an FMA: nvcc fuses a * b + c

@@ -156,11 +156,13 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
   if (!p.can_sample(x_max, nans > 0)) {
     a.tokens[row] = -1;
     a.logprobs[row] = std::numeric_limits<float>::quiet_NaN();
+    write_cutoff(a, row, std::numeric_limits<float>::quiet_NaN(), 0);
     return;
   }
   if (p.greedy()) {
     a.tokens[row] = std::find(x, x + V, x_max) - x;
     a.logprobs[row] = 0.0f;
+    write_cutoff(a, row, x_max, a.tokens[row]);
     return;
   }
   float* mass = s.mass.data();
@@ -171,7 +173,8 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
     key[i] = order_key(x[i]);
   }
   uint32_t threshold = 0;
-  if (p.top_k > 0 && p.top_k < V) {
+  const bool top_k_on = p.top_k > 0 && p.top_k < V;
+  if (top_k_on) {
     threshold = radix_threshold<true>(s, V, 0, 1.0, -static_cast<double>(p.top_k)).key;
   }
   const double remove_bound = top_p_remove_bound(p.top_p);
@@ -189,6 +192,18 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
 #pragma omp simd
   for (int64_t i = 0; i < V; ++i) {
     mass_bits[i] &= 0u - static_cast<uint32_t>((key[i] >= threshold) & (mass_bits[i] >= min_p_bits));
+  }
+  if (a.cutoffs != nullptr) {
+    // min-p > 0 keeps only masses >= min_p > 0: the kept keys are those whose mass survived the mask
+    uint32_t min_p_key = 0;
+    if (p.min_p > 0.0f) {
+      min_p_key = 0xFFFFFFFFu;
+#pragma omp simd reduction(min : min_p_key)
+      for (int64_t i = 0; i < V; ++i) min_p_key = std::min(min_p_key, mass_bits[i] != 0u ? key[i] : 0xFFFFFFFFu);
+    }
+    const Cutoff cut = row_cutoff(top_k_on || remove_bound > 0.0 || p.min_p > 0.0f, threshold, min_p_key,
+                                  threshold, tie_removed, tie_removed > 0 ? s.cand[tie_removed] : 0);
+    write_cutoff(a, row, cut.value, cut.index);
   }
   for (int64_t c = 0; c < tie_removed; ++c) mass[s.cand[c]] = 0.0f;
   // Z and the running CDF: float sums of 64-token blocks (vectorized), accumulated in double. A float
