@@ -314,3 +314,25 @@ def test_compiled_with_cutoffs_matches_eager(device):
         results.append((out.detach(), x.grad, h.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
+def test_drawn_tokens_get_the_samplers_logprobs(backend, dtype, device):
+    """The consumer side of the contract: cutoffs from the reference sampler (top_k 20, top_p 0.9,
+    min_p 0.05, T 0.7) make both ops return the sampler's logprob of each drawn token (within 1e-5).
+    bf16 logits tie often, so cuts fall inside runs of tied tokens. The fused op's logits are exact (see
+    fused_inputs), so it sees the sampler's x bit for bit."""
+    need_backend(backend, device)
+    kw = {"temperature": 0.7, "top_k": 20, "top_p": 0.9, "min_p": 0.05, "seed": 1234}
+    logits = (torch.randn(64, 1000, device=device) * 2).to(dtype)
+    hidden, weight, bias, _, _, _ = fused_inputs(64, 32, 1000, dtype, 0.7, True, device)
+    for scores, op in ((logits, lambda t, c: rlhf_fast.token_logprobs(logits, t, temperature=0.7, cutoffs=c,
+                                                                      backend=backend)),
+                       (F.linear(hidden, weight, bias),
+                        lambda t, c: rlhf_fast.fused_linear_logprobs(hidden, weight, t, bias=bias, temperature=0.7,
+                                                                     cutoffs=c, backend=backend))):
+        drawn, logprobs, cutoffs = rlhf_fast.sample(scores, return_logprobs=True, return_cutoffs=True,
+                                                    backend="reference", **kw)
+        assert (cutoffs[:, 0] > float("-inf")).all()  # every row filtered
+        torch.testing.assert_close(op(drawn, cutoffs), logprobs, rtol=0, atol=1e-5)
