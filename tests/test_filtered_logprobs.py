@@ -27,10 +27,12 @@ FP32, BF16 = torch.float32, torch.bfloat16
 IGNORE = -100
 # (N, V, dtype, temperature)
 TOKEN_CASES = [(1, 1, FP32, 0.7), (1, 17, BF16, 1.3), (17, 17, FP32, 1.3), (17, 17, BF16, 0.7),
-               (17, 1000, FP32, 0.7), (17, 1000, BF16, 1.3), (1, 1000, FP32, 1.3), (17, 1, BF16, 0.7)]
+               (17, 1000, FP32, 0.7), (17, 1000, BF16, 1.3), (1, 1000, FP32, 1.3), (17, 1, BF16, 0.7),
+               (3, 5000, BF16, 0.7)]  # wider than a row tile: whole tiles off the kept set
 # (N, H, V, dtype, temperature, bias)
 FUSED_CASES = [(1, 16, 17, FP32, 0.7, True), (17, 24, 1000, FP32, 1.3, False), (17, 32, 1000, BF16, 0.7, True),
-               (17, 16, 17, BF16, 1.3, False), (1, 8, 1, FP32, 1.3, True), (17, 8, 1, BF16, 0.7, False)]
+               (17, 16, 17, BF16, 1.3, False), (1, 8, 1, FP32, 1.3, True), (17, 8, 1, BF16, 0.7, False),
+               (5, 16, 3000, FP32, 0.7, True)]  # several vocab splits, most with no kept logit
 
 
 def kept_set(x32: torch.Tensor, cutoffs: torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,7 @@ def make_cutoffs(x32: torch.Tensor, gen: torch.Generator, tie_cols: torch.Tensor
     """(cutoffs (N, 2) float64, targets (N,)) for x32 = float32 logits / T, where tie_cols[r] is a column
     that ties exactly with others in row r.
 
-    Rows cycle through: no filter; a cut at the value of a random rank keeping every tie (i = 0); a cut
+    Rows cycle through: no filter; a cut at the value of a random rank < 3 or < 50 keeping every tie (i = 0); a cut
     at the planted tie with i one of the tied indices (the tied tokens from i on kept, those below dropped).
     Each valid target is drawn from its row's kept set; about a fifth of the rows are ignored, the
     first ignored one with the invalid-row cutoffs (nan, 0)."""
@@ -69,7 +71,9 @@ def make_cutoffs(x32: torch.Tensor, gen: torch.Generator, tie_cols: torch.Tensor
             cutoffs[r] = torch.tensor([float("-inf"), 0.0])
             continue
         if kind == 1:
-            t, i = row.sort(descending=True).values[int(torch.randint(0, vocab, (), generator=gen))], 0
+            cap = 3 if r % 2 else 50  # a top-k of up to 3 (whole vocab tiles dropped) or up to 50
+            rank = int(torch.randint(0, min(vocab, cap), (), generator=gen))
+            t, i = row.sort(descending=True).values[rank], 0
         else:
             t = row[int(tie_cols[r])]
             tied = torch.nonzero(row == t).flatten()
