@@ -184,12 +184,12 @@ def static_configs():
 
 
 def _specs(dt, cfg, cut):
-    """The kernels of one dtype with HAS_CUTOFFS = cut; without cutoffs the launcher passes an fp32 buffer
-    for both cut pointers."""
+    """The kernels of one dtype with HAS_CUTOFFS = cut (named as before without cutoffs, marked CUT=True or
+    _cut with them); without cutoffs the launcher passes an fp32 buffer for both cut pointers."""
     cx = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k,
           "DOT_PRECISION": DOT_PRECISION[dt], "HAS_CUTOFFS": cut}
     cut_sig = {"cut_t_ptr": "*fp32", "cut_i_ptr": "*i32" if cut else "*fp32"}
-    tag = f"{dt},BN={cfg.block_n},BV={cfg.block_v},BK={cfg.block_k},CUT={cut}"
+    tag = f"{dt},BN={cfg.block_n},BV={cfg.block_v},BK={cfg.block_k}" + (",CUT=True" if cut else "")
     specs = [KernelSpec(
         f"fused_linear_logprobs_fwd[{tag}]", _fused_linear_logprobs_fwd_kernel,
         {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64", **cut_sig, "part_ptr": "*fp32",
@@ -207,6 +207,6 @@ def _specs(dt, cfg, cut):
         specs.append(KernelSpec(
             f"fused_linear_logprobs_bwd[{tag},X={need_x},W={need_w}]", _fused_linear_logprobs_bwd_kernel,
             bwd_sig, {**cx, "NEED_X": need_x, "NEED_W": need_w}, cfg.num_warps, cfg.num_stages))
-    reduce = reduce_specs(f"fused_linear_logprobs_bwd_reduce[CUT={cut}]", _fused_linear_logprobs_bwd_reduce_kernel,
-                          bwd_sig, dt, REDUCE_CONFIGS[dt])
+    reduce = reduce_specs("fused_linear_logprobs_bwd_reduce" + ("_cut" if cut else ""),
+                          _fused_linear_logprobs_bwd_reduce_kernel, bwd_sig, dt, REDUCE_CONFIGS[dt])
     return specs + [replace(spec, constexprs={**spec.constexprs, "HAS_CUTOFFS": cut}) for spec in reduce]

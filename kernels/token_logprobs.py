@@ -114,7 +114,7 @@ def static_configs():
                     # without cutoffs the launcher passes the fp32 stats buffer for both cut pointers
                     cut_sig = {"cut_t_ptr": "*fp32", "cut_i_ptr": "*i32" if cut else "*fp32"}
                     cx = {"BLOCK_V": cfg.block_v, "HAS_CUTOFFS": cut}
-                    tag = f"{dt},BV={cfg.block_v},ENT={flag},CUT={cut}"
+                    tag = f"{dt},BV={cfg.block_v},ENT={flag}" + (",CUT=True" if cut else "")
                     specs.append(KernelSpec(
                         f"token_logprobs_fwd[{tag}]", _token_logprobs_fwd_kernel,
                         {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", **cut_sig, "logp_ptr": "*fp32",

@@ -27,10 +27,12 @@ FP32, BF16 = torch.float32, torch.bfloat16
 IGNORE = -100
 # (N, V, dtype, temperature)
 TOKEN_CASES = [(1, 1, FP32, 0.7), (1, 17, BF16, 1.3), (17, 17, FP32, 1.3), (17, 17, BF16, 0.7),
-               (17, 1000, FP32, 0.7), (17, 1000, BF16, 1.3), (1, 1000, FP32, 1.3), (17, 1, BF16, 0.7)]
+               (17, 1000, FP32, 0.7), (17, 1000, BF16, 1.3), (1, 1000, FP32, 1.3), (17, 1, BF16, 0.7),
+               (3, 5000, BF16, 0.7)]  # wider than a row tile: whole tiles off the kept set
 # (N, H, V, dtype, temperature, bias)
 FUSED_CASES = [(1, 16, 17, FP32, 0.7, True), (17, 24, 1000, FP32, 1.3, False), (17, 32, 1000, BF16, 0.7, True),
-               (17, 16, 17, BF16, 1.3, False), (1, 8, 1, FP32, 1.3, True), (17, 8, 1, BF16, 0.7, False)]
+               (17, 16, 17, BF16, 1.3, False), (1, 8, 1, FP32, 1.3, True), (17, 8, 1, BF16, 0.7, False),
+               (5, 16, 3000, FP32, 0.7, True)]  # several vocab splits, most with no kept logit
 
 
 def kept_set(x32: torch.Tensor, cutoffs: torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,7 @@ def make_cutoffs(x32: torch.Tensor, gen: torch.Generator, tie_cols: torch.Tensor
     """(cutoffs (N, 2) float64, targets (N,)) for x32 = float32 logits / T, where tie_cols[r] is a column
     that ties exactly with others in row r.
 
-    Rows cycle through: no filter; a cut at the value of a random rank keeping every tie (i = 0); a cut
+    Rows cycle through: no filter; a cut at the value of a random rank < 3 or < 50 keeping every tie (i = 0); a cut
     at the planted tie with i one of the tied indices (the tied tokens from i on kept, those below dropped).
     Each valid target is drawn from its row's kept set; about a fifth of the rows are ignored, the
     first ignored one with the invalid-row cutoffs (nan, 0)."""
@@ -69,7 +71,9 @@ def make_cutoffs(x32: torch.Tensor, gen: torch.Generator, tie_cols: torch.Tensor
             cutoffs[r] = torch.tensor([float("-inf"), 0.0])
             continue
         if kind == 1:
-            t, i = row.sort(descending=True).values[int(torch.randint(0, vocab, (), generator=gen))], 0
+            cap = 3 if r % 2 else 50  # a top-k of up to 3 (whole vocab tiles dropped) or up to 50
+            rank = int(torch.randint(0, min(vocab, cap), (), generator=gen))
+            t, i = row.sort(descending=True).values[rank], 0
         else:
             t = row[int(tie_cols[r])]
             tied = torch.nonzero(row == t).flatten()
@@ -289,3 +293,50 @@ def test_bad_cutoffs_raise(device):
             op(c.to("meta"))
         with pytest.raises(ValueError, match="cutoffs must be a torch.Tensor"):
             op([[0.0, 0.0]])
+
+
+def test_compiled_with_cutoffs_matches_eager(device):
+    """torch.compile(fullgraph=True) traces both ops with the optional cutoffs tensor (custom-op schemas,
+    fake functions and autograd carry it) and gives eager's numbers, forward and backward (aot_eager: see
+    tests/test_compile.py)."""
+    logits, targets, cutoffs = token_inputs(17, 33, FP32, 0.7, device)
+    hidden, weight, bias, f_targets, f_cutoffs, _ = fused_inputs(17, 16, 33, FP32, 1.3, True, device)
+
+    def loss(x, h):
+        logp, ent = rlhf_fast.token_logprobs(x, targets, temperature=0.7, return_entropy=True, cutoffs=cutoffs)
+        f_logp = rlhf_fast.fused_linear_logprobs(h, weight, f_targets, bias=bias, temperature=1.3, cutoffs=f_cutoffs)
+        return (logp - 0.1 * ent).sum() + f_logp.sum()
+
+    explanation = torch._dynamo.explain(loss)(logits, hidden)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    torch._dynamo.reset()
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):
+        x, h = logits.clone().requires_grad_(), hidden.clone().requires_grad_()
+        out = fn(x, h)
+        out.backward()
+        results.append((out.detach(), x.grad, h.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
+def test_drawn_tokens_get_the_samplers_logprobs(backend, dtype, device):
+    """The consumer side of the contract: cutoffs from the reference sampler (top_k 20, top_p 0.9,
+    min_p 0.05, T 0.7) make both ops return the sampler's logprob of each drawn token (within 1e-5).
+    bf16 logits tie often, so cuts fall inside runs of tied tokens. The fused op's logits are exact (see
+    fused_inputs), so it sees the sampler's x bit for bit."""
+    need_backend(backend, device)
+    kw = {"temperature": 0.7, "top_k": 20, "top_p": 0.9, "min_p": 0.05, "seed": 1234}
+    logits = (torch.randn(64, 1000, device=device) * 2).to(dtype)
+    hidden, weight, bias, _, _, _ = fused_inputs(64, 32, 1000, dtype, 0.7, True, device)
+    for scores, op in ((logits, lambda t, c: rlhf_fast.token_logprobs(logits, t, temperature=0.7, cutoffs=c,
+                                                                      backend=backend)),
+                       (F.linear(hidden, weight, bias),
+                        lambda t, c: rlhf_fast.fused_linear_logprobs(hidden, weight, t, bias=bias, temperature=0.7,
+                                                                     cutoffs=c, backend=backend))):
+        drawn, logprobs, cutoffs = rlhf_fast.sample(scores, return_logprobs=True, return_cutoffs=True,
+                                                    backend="reference", **kw)
+        assert (cutoffs[:, 0] > float("-inf")).all()  # every row filtered
+        torch.testing.assert_close(op(drawn, cutoffs), logprobs, rtol=0, atol=1e-5)

@@ -2,7 +2,9 @@
 
 The forward keeps only per-row statistics (max, log-sum-exp, entropy); the backward recomputes softmax one chunk of
 rows at a time and writes d(logits) straight into a tensor of the logits' dtype, so the largest fp32
-temporary is (chunk_rows, V), never (N, V).
+temporary is (chunk_rows, V), never (N, V). With cutoffs (CUTOFFS.md) each chunk's logits off the kept set are
+set to -inf before the statistics (mask_chunk_) and their d(logits) to 0, so the chunk stays the largest temporary
+(its masks are transient bools, freed before the softmax temporaries exist).
 """
 from __future__ import annotations
 
@@ -59,21 +61,25 @@ def cut_points(cutoffs: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.T
     return t32.contiguous(), i32.contiguous()
 
 
-def dropped_mask(z: torch.Tensor, t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    """(n, V) bool: the tokens off each row's kept set, for z = x (fp32 logits / T) and cut_points rows."""
-    cols = torch.arange(z.shape[-1], device=z.device, dtype=torch.int32)
-    tie = torch.eq(z, t[:, None]).logical_and_(cols < i[:, None])
-    return torch.lt(z, t[:, None]).logical_or_(tie)
+def mask_chunk_(z: torch.Tensor, cuts, rows: slice) -> None:
+    """Set the logits of chunk z (fp32 logits / T of `rows`) that lie off their row's kept set to -inf, in
+    place; the softmax of z is then the kept, renormalized distribution. cuts: cut_points(cutoffs), or
+    None (nothing to do).
 
-
-def mask_chunk_(z: torch.Tensor, cuts, rows: slice) -> torch.Tensor | None:
-    """Set the dropped logits of chunk z (rows of the N rows) to -inf, in place; return the mask (None
-    without cutoffs). The softmax of z is then the kept, renormalized distribution."""
+    Dropped: z < t, or z == t at an index below i. Only rows with i > 0 (a top-p cut inside a run of
+    ties) can drop a logit equal to t, and their logits at the cut are few, so they are found as indices.
+    The only (n, V) temporary is a transient bool mask, freed before the caller's softmax math allocates
+    its own."""
     if cuts is None:
-        return None
-    drop = dropped_mask(z, cuts[0][rows], cuts[1][rows])
-    z.masked_fill_(drop, float("-inf"))
-    return drop
+        return
+    t, i = cuts[0][rows][:, None], cuts[1][rows]
+    tie_rows = torch.nonzero(i > 0).flatten()
+    if tie_rows.numel():
+        at_cut = torch.nonzero(z[tie_rows] == t[tie_rows])
+        r, c = tie_rows[at_cut[:, 0]], at_cut[:, 1]
+        below_i = c < i[r]
+        z[r[below_i], c[below_i]] = float("-inf")
+    z.masked_fill_(z < t, float("-inf"))
 
 
 def check_targets_kept(logp: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> None:
@@ -184,14 +190,26 @@ def stats_over(chunks, targets, want_entropy: bool, ignore_index: int, cuts=None
 def grads_over(chunks, targets, stats, entropy, grad_logp, grad_entropy, ignore_index: int, temperature: float,
                cuts=None):
     """Yield (rows, d(logits) fp32) for each (rows, [z]) chunk; grad_z_ overwrites the chunk's z.
-    With cuts (cut_points), d(logits) = 0 off the kept set (the target too, if it lies there)."""
+
+    With cuts (cut_points), d(logits) = 0 off the kept set: the dropped logits are -inf, which grad_z_
+    gives a zero gradient; a dropped target gets no one-hot term, and a row that keeps nothing (max -inf)
+    is zero, not 0 * NaN."""
     for rows, (z,) in chunks:
         ent = entropy[rows] if grad_entropy is not None else None
         g_e = grad_entropy[rows] if grad_entropy is not None else None
         g_l = grad_logp[rows] if grad_logp is not None else None
-        drop = mask_chunk_(z, cuts, rows)
-        dz = grad_z_(z, targets[rows], stats[:, rows], ent, g_l, g_e, ignore_index, temperature)
-        yield rows, (dz if drop is None else dz.masked_fill_(drop, 0.0))
+        t = targets[rows]
+        if cuts is not None:
+            mask_chunk_(z, cuts, rows)
+            if g_l is not None:
+                z_t = z.gather(-1, torch.where(t != ignore_index, t, 0).long()[:, None]).squeeze(-1)
+                g_l = g_l.masked_fill(z_t.isneginf(), 0.0)
+        dz = grad_z_(z, t, stats[:, rows], ent, g_l, g_e, ignore_index, temperature)
+        if cuts is not None:
+            empty = stats[0, rows] == float("-inf")
+            if empty.any():
+                dz[empty] = 0.0
+        yield rows, dz
 
 
 def forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float, want_entropy: bool,
