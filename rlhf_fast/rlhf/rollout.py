@@ -93,13 +93,12 @@ def _is_fsdp(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _stop_at_eos(tokens: torch.Tensor, logprobs: torch.Tensor, cutoffs: torch.Tensor, stop_ids, pad_id: int):
-    """Rows of a fixed-length sample cut after their first stop id -> (tokens, logprobs, cutoffs, mask), as
+def _stop_at_eos(tokens: torch.Tensor, logprobs: torch.Tensor, stop_ids, pad_id: int):
+    """Rows of a fixed-length sample cut after their first stop id -> (tokens, logprobs, mask), as
     generate's own EOS handling would return them."""
     is_eos = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device)).long()
     mask = (is_eos.cumsum(1) - is_eos) == 0  # up to and including the first EOS
-    cutoffs = torch.where(mask[..., None], cutoffs, no_cutoffs(*mask.shape, mask.device))
-    return tokens.masked_fill(~mask, pad_id), logprobs.masked_fill(~mask, 0.0), cutoffs, mask.long()
+    return tokens.masked_fill(~mask, pad_id), logprobs.masked_fill(~mask, 0.0), mask.long()
 
 
 @torch.no_grad()
@@ -130,7 +129,8 @@ def generate_chunk(policy, prompts: list[list[int]], prompt_len: int, tok, *, ma
     cutoffs = gen.cutoffs if kw else no_cutoffs(*tokens.shape, tokens.device)
     if fsdp:
         model.reshard()
-        tokens, logprobs, cutoffs, mask = _stop_at_eos(tokens, logprobs, cutoffs, tok.stop_ids, tok.pad_id)
+        tokens, logprobs, mask = _stop_at_eos(tokens, logprobs, tok.stop_ids, tok.pad_id)
+        cutoffs = torch.where(mask[..., None] > 0, cutoffs, no_cutoffs(*mask.shape, mask.device))
     sequences = torch.cat((idx.to(device), tokens), 1)
     attention_mask = torch.cat((pmask.to(device), mask), 1)
     if return_cutoffs:
