@@ -313,3 +313,20 @@ def test_lora_reference_is_the_policy_with_adapters_off(device, monkeypatch):
     assert every_position_cut(b)
     assert_ratio_one(call)
     assert float(kl_per_token(b, "full")[b.mask > 0].abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("with_ref", [True, False])
+def test_grpo_full_space_recomputes_the_behaviour_logprobs(with_ref, device, monkeypatch):
+    """GRPO under logprob_space=full, with a reference (the KL pass gives the recomputed logprobs) and
+    without one (kl_coef 0: a policy forward gives them): not the sampler's, and ratio 1."""
+    tok, models = tiny_models("reference", device)
+    if not with_ref:
+        models["ref"] = None
+    gen_lp = []
+    real_generate = GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: gen_lp.append(real_generate(self, *a, **k)) or gen_lp[-1])
+    cfg = rl_cfg(device, logprob_space="full", **({} if with_ref else {"kl_coef": 0.0}))
+    b, call, _ = grpo_first_minibatch(models, tok, cfg, device, monkeypatch)
+    on = b.mask > 0
+    assert float((gen_lp[0].logprobs.to(device)[on] - b.logprobs[on]).min()) > 1e-3
+    assert_ratio_one(call)
