@@ -14,8 +14,8 @@ Cost, on random weights and prompts (no EOS: every row runs max_new_tokens):
 Each is timed without filters and with temperature 0.7, top_k 20, top_p 0.9, min_p 0.05
 (logprob_space=filtered: the cutoffs go to every op); see `cost_rows` for how the runs are paired.
 
-Spread: a reference that differs from the policy (weights + noise of half their std: KL ~0.08 a token), `steps` rollouts of B rows from
-different seeds; the per-step KL is what the trainers log (mean over rows of the summed per-token KL).
+Spread: a reference that differs from the policy (weights + noise of half their std: KL ~0.08 a token),
+`steps` rollouts of B rows from different seeds; the per-step KL is what the trainers log (mean over rows of the summed per-token KL).
 k1 and k3 are sampled estimates of KL(pi || pi_ref); full is the exact KL at every visited position, so
 its spread is only that of the visited states.
 """

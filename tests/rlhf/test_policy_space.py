@@ -195,7 +195,8 @@ def test_full_space_recomputes_the_behaviour_logprobs(device, monkeypatch):
     tok, models = tiny_models("reference", device)
     gen_lp = []
     real_generate = GPT.generate
-    monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: gen_lp.append(real_generate(self, *a, **k)) or gen_lp[-1])
+    monkeypatch.setattr(GPT, "generate",
+                        lambda self, *a, **k: gen_lp.append(real_generate(self, *a, **k)) or gen_lp[-1])
     b, call, _ = ppo_first_minibatch(models, tok, ppo_cfg(device, logprob_space="full"), device, monkeypatch)
     sampled = gen_lp[0].logprobs
     on = b.mask > 0
@@ -324,7 +325,8 @@ def test_grpo_full_space_recomputes_the_behaviour_logprobs(with_ref, device, mon
         models["ref"] = None
     gen_lp = []
     real_generate = GPT.generate
-    monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: gen_lp.append(real_generate(self, *a, **k)) or gen_lp[-1])
+    monkeypatch.setattr(GPT, "generate",
+                        lambda self, *a, **k: gen_lp.append(real_generate(self, *a, **k)) or gen_lp[-1])
     cfg = rl_cfg(device, logprob_space="full", **({} if with_ref else {"kl_coef": 0.0}))
     b, call, _ = grpo_first_minibatch(models, tok, cfg, device, monkeypatch)
     on = b.mask > 0
