@@ -1,5 +1,5 @@
 """sample(..., return_cutoffs=True): the (B, 2) cutoffs describe exactly the kept set of the processed
-distribution, on every backend.
+distribution, on every backend, with t in the middle of the kept set's gap.
 
 The oracle is the reference's `processed_log_probs` (transformers' warpers with a stable top-p sort,
 checked against transformers itself in test_sample.py): its finite entries are the kept set. Half of
@@ -65,10 +65,34 @@ def test_cutoffs_describe_the_kept_set(backend, filters, temperature, dtype, V, 
     torch.testing.assert_close(over_kept, logprobs, atol=1e-5, rtol=0)
     if not kwargs:
         assert torch.equal(cutoffs.cpu(), torch.tensor([[float("-inf"), 0.0]], dtype=torch.float64).expand(48, 2))
+    # t in the gap: the float32 midpoint of the highest removed and the lowest kept x, unless a tie is split
+    hi = x.masked_fill(want, float("-inf")).amax(-1)
+    lo = x.masked_fill(~want, float("inf")).amin(-1)
+    mid = ((hi.double() + lo.double()) / 2).float()
+    split = hi == lo
+    expected_t = torch.where(split | (mid <= hi), lo, mid).masked_fill(hi == float("-inf"), float("-inf"))
+    assert torch.equal(cutoffs[:, 0].float(), expected_t)
+    assert bool((cutoffs[~split, 1] == 0).all())
     if V == 1000 and "top_p" in kwargs:  # a top-p cut split a tie in some row: the index rule was used
         assert bool((cutoffs[:, 1] > 0).any())
     if V == 1000 and filters == "top_k":  # some k-th value is tied: top-k kept more than k tokens
         assert bool((kept.sum(-1) > 20).any())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kept_set_survives_recomputation_noise(backend, device):
+    """What t in the gap buys: logits recomputed with an error below half the gap (a training forward
+    instead of the decode step) still give the kept set the sampler used. Continuous logits: no tie."""
+    need_backend(backend, device)
+    logits = torch.randn(64, 500, device=device) * 3
+    kwargs = FILTERS["all"]
+    _, cutoffs = rlhf_fast.sample(logits, temperature=0.7, seed=1, return_cutoffs=True, backend=backend, **kwargs)
+    x = logits / 0.7
+    kept = kept_by_cutoffs(x, cutoffs)
+    gap = x.masked_fill(~kept, float("inf")).amin(-1) - x.masked_fill(kept, float("-inf")).amax(-1)
+    assert bool((gap > 0).all())
+    noise = (torch.rand_like(x) * 2 - 1) * (0.4 * gap[:, None])
+    assert torch.equal(kept_by_cutoffs(x + noise, cutoffs), kept)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -98,6 +122,19 @@ def test_extension_cutoffs_equal_the_reference(dtype, device):
     greedy = t == 0
     x_max, argmax = logits.float().max(-1)
     assert torch.equal(ours[2][greedy.to(device)], torch.stack((x_max.double(), argmax.double()), -1)[greedy])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tokens_of_zero_probability_count_as_kept_when_no_filter_removes_them(backend, device):
+    """Logits spread over 300: exp underflows for the lowest, but top_p = 1 and min_p = 0 remove
+    nothing, so those tokens are kept (probability 0): top-k's cut alone sets the cutoff."""
+    need_backend(backend, device)
+    logits = torch.linspace(-300, 0, 41, device=device)[None].repeat(3, 1)
+    _, cutoffs = rlhf_fast.sample(logits, top_k=torch.tensor([0, 30, 41], device=device), seed=0,
+                                  return_cutoffs=True, backend=backend)
+    highest_removed, lowest_kept = float(logits[0, 10]), float(logits[0, 11])  # top-k 30 removes 0..10
+    mid = (highest_removed + lowest_kept) / 2
+    assert cutoffs.tolist() == [[float("-inf"), 0.0], [mid, 0.0], [float("-inf"), 0.0]]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

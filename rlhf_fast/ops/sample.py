@@ -225,14 +225,16 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
 
         token v is kept  <=>  x[v] > t  or  (x[v] == t and v >= i)      # compare in float32
 
-    It is the lexicographic max of the lower bounds of the filters that are on: top-k (k < V) gives
-    (k-th largest x, 0), min-p (min_p > 0) gives (lowest x it keeps, 0), and top-p (1 - top_p > 0 in
-    float32) gives (lowest x it keeps, i) with i the lowest index it keeps among the tokens tied at
-    that value when its cut removed some of them, else 0. t is a float32 value stored exactly in
-    float64, i an integer-valued float64; identical on every backend. Rows with no filter on:
-    (-inf, 0) (every token kept). Greedy rows: (x_max, argmax) of the untempered logits (a point mass;
-    a tempered logprob op needs temperature > 0, so such rows have no trainable distribution).
-    Invalid rows (token -1): (NaN, 0). Cutoffs carry no gradient.
+    t lies in the kept set's gap: with lo the lowest kept x and hi the highest removed x,
+    t = float32((hi + lo) / 2) (lo when that rounds down to hi) and i = 0, so logits recomputed by
+    another kernel (a training forward instead of the decode step) give the same set unless one moved
+    by half the gap. When the top-p cut splits a tie (hi == lo), t = lo and i = the lowest index it
+    keeps among the tied tokens: there any recomputation that breaks the tie can change the set. t is
+    a float32 value stored exactly in float64, i an integer-valued float64; identical on every
+    backend. Rows where no token was removed (or only x = -inf ones): (-inf, 0). Greedy rows:
+    (x_max, argmax) of the untempered logits (a point mass; a tempered logprob op needs
+    temperature > 0, so such rows have no trainable distribution). Invalid rows (token -1): (NaN, 0).
+    Cutoffs carry no gradient.
     """
     return _sample(logits, "logits", False, temperature, top_k, top_p, min_p, seed, offset,
                    return_logprobs, return_cutoffs, backend, check_nan)

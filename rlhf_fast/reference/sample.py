@@ -95,13 +95,16 @@ def warp_with_cutoffs(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     """`warp`, and with want_cutoffs each row's cutoff (B, 2) float64 (None without).
 
     A row's cutoff (t, i) says which tokens the filters kept: v is kept <=> s_v > t or (s_v == t and
-    v >= i). It is the lexicographic max of the lower bounds of the filters that are on: top-k
-    (k in [1, V)) gives (k-th largest s, 0); top-p (float32(1 - top_p) > 0) gives (s of the lowest token
-    it keeps, i_p) with i_p the lowest index it keeps among the tokens tied at that value when its cut
-    removed some of them, else 0; min-p (min_p > 0) gives (lowest s it keeps, 0). No filter on: (-inf, 0).
+    v >= i), with s the tempered scores given (float32). Every filter keeps an upper set of the tokens
+    ordered by (s, index), so the kept set is one too, and (t, i) is chosen in its gap: with lo the
+    lowest kept score and hi the highest removed one, t = float32((hi + lo) / 2) (lo if that rounds
+    to hi) and i = 0, so scores recomputed within half the gap of these keep the same set. When the
+    top-p cut splits a tie (hi == lo): t = lo and i = the lowest kept index among the tied tokens.
+    Nothing removed but -inf scores: (-inf, 0).
     """
     B, V = scores.shape
     neg_inf = float("-inf")
+    x = scores
     # TopKLogitsWarper: drop scores below the k-th largest; ties with it stay.
     k = top_k.clamp(1, V)
     kth = torch.sort(scores, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # no host read of k
@@ -113,8 +116,10 @@ def warp_with_cutoffs(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     # double, then rounded to float32 (the csrc kernels' top_p_remove_bound assumes exactly this). CUDA's
     # float32 cumsum accumulates in float32, so the sum is spelled out to give the same cut on any device.
     cumulative = sorted_logits.softmax(dim=-1).double().cumsum(dim=-1).float()
-    remove_bound = (1 - top_p).to(torch.float32)
-    sorted_remove = cumulative <= remove_bound[:, None]
+    # (top_p = 1 is no filter, as in transformers, which then adds no TopPLogitsWarper: without the
+    # bound > 0 test, tokens whose float32 probability underflows to 0 would go)
+    remove_bound = (1 - top_p).to(torch.float32)[:, None]
+    sorted_remove = (cumulative <= remove_bound) & (remove_bound > 0)
     sorted_remove[:, -1] = False
     scores = scores.masked_fill(sorted_remove.scatter(1, sorted_indices, sorted_remove), neg_inf)
     # MinPLogitsWarper: drop p < min_p * p_max, never the top token.
@@ -124,20 +129,17 @@ def warp_with_cutoffs(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     scores = scores.masked_fill(remove, neg_inf)
     if not want_cutoffs:
         return scores, None
-    off = torch.full((B,), neg_inf, dtype=scores.dtype, device=scores.device)
-    t_k = torch.where((top_k > 0) & (top_k < V), kth[:, 0], off)
-    # cumulative is non-decreasing, so the removed entries are a prefix: the first kept one follows it
-    n_removed = sorted_remove.sum(-1, keepdim=True)
-    first_kept = sorted_logits.gather(1, n_removed)[:, 0]
-    last_removed = sorted_logits.gather(1, (n_removed - 1).clamp_min(0))[:, 0]
-    top_p_on = remove_bound > 0
-    t_p = torch.where(top_p_on, first_kept, off)
-    tie_split = top_p_on & (n_removed[:, 0] > 0) & (last_removed == first_kept)
-    i_p = torch.where(tie_split, sorted_indices.gather(1, n_removed)[:, 0], 0)
-    lowest_kept = torch.where(torch.isfinite(scores), scores, float("inf")).amin(-1)
-    t_m = torch.where(min_p > 0, lowest_kept, off)
-    t = torch.maximum(torch.maximum(t_k, t_p), t_m)
-    i = torch.where(tie_split & (t == t_p), i_p, 0)
+    kept = torch.isfinite(scores)
+    lo = torch.where(kept, x, float("inf")).amin(-1)
+    hi = torch.where(kept, neg_inf, x).amax(-1)
+    mid = ((hi.double() + lo.double()) * 0.5).float()
+    tie = hi == lo
+    t = torch.where(tie | (mid <= hi), lo, mid)
+    index = torch.arange(V, device=x.device)
+    i = torch.where(tie, torch.where(kept & (x == lo[:, None]), index, V).amin(-1), 0)
+    nothing_removed = hi == neg_inf
+    t = t.masked_fill(nothing_removed, neg_inf)
+    i = i.masked_fill(nothing_removed, 0)
     return scores, torch.stack((t.double(), i.double()), dim=-1)
 
 

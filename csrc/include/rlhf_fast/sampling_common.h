@@ -17,10 +17,11 @@
 //   5. Z = sum of kept e; the token is the first index whose cumulative kept e exceeds u * Z, with u the
 //      row's Philox uniform; logprob = (x - max) - log Z.
 //   6. Only when the caller asks (SampleArgs::cutoffs): the row's kept set as a cutoff (t, i), token v
-//      kept <=> x_v > t or (x_v == t and v >= i). It is the lexicographic max of the lower bounds of
-//      the filters that are on: top-k (t_k, 0), top-p (t_p, the index of tied token r + 1 when r > 0,
-//      else 0), min-p (lowest x it keeps, 0); the first two are the thresholds steps 2-3 found, the
-//      last a min over the kept keys (row_cutoff). No filter on: (-inf, 0); greedy rows (x_max, argmax).
+//      kept <=> x_v > t or (x_v == t and v >= i). Each filter keeps an upper set in (x, index) order,
+//      so the kept set is one; t lies in its gap, between the highest removed and the lowest kept x
+//      (a min and a max over the keys), i = 0; when top-p's r > 0 removed part of a tie, t is the
+//      tied value and i the index of tied token r + 1 (gap_cutoff). Nothing removed: (-inf, 0);
+//      greedy rows (x_max, argmax).
 // A row whose input or parameters are invalid gets token -1, logprob NaN and cutoff (NaN, 0).
 #pragma once
 
@@ -136,19 +137,22 @@ RLHF_FAST_HOST_DEVICE float key_to_float(uint32_t key) {
   return bit_cast<float>((key & 0x80000000u) ? (key ^ 0x80000000u) : ~key);
 }
 
-// Step 6's cutoff of a sampled row as (key, index). filtered: any filter on; threshold_key: the key
-// steps 2-3 left as the lowest kept (0 when neither top-k nor top-p is on); min_p_key: the lowest key
-// of the tokens kept after step 4 when min-p is on, else 0; tie_key, tie_removed, tie_index: the
-// top-p tie (tie_index = the first tied token it keeps, read only when tie_removed > 0).
+// Step 6's cutoff of a sampled row from the keys of its highest removed token (0: none removed) and
+// its lowest kept one: t in the gap between them, their midpoint rounded to float32 (lo when that
+// rounds down to hi), so logits recomputed within half the gap keep the same set; i = 0. When the
+// two are equal (the top-p cut split a tie), t = that value and i = tie_index, the first tied token
+// kept. Nothing removed but -inf: (-inf, 0), every token.
 struct Cutoff {
   float value;
   int64_t index;
 };
-RLHF_FAST_HOST_DEVICE Cutoff row_cutoff(bool filtered, uint32_t threshold_key, uint32_t min_p_key, uint32_t tie_key,
-                                        int64_t tie_removed, int64_t tie_index) {
-  if (!filtered) return Cutoff{-INFINITY, 0};
-  const uint32_t key = threshold_key > min_p_key ? threshold_key : min_p_key;
-  return Cutoff{key_to_float(key), (tie_removed > 0 && key == tie_key) ? tie_index : 0};
+RLHF_FAST_HOST_DEVICE Cutoff gap_cutoff(uint32_t highest_removed_key, uint32_t lowest_kept_key, int64_t tie_index) {
+  const float hi = highest_removed_key == 0u ? -INFINITY : key_to_float(highest_removed_key);
+  if (hi == -INFINITY) return Cutoff{-INFINITY, 0};
+  const float lo = key_to_float(lowest_kept_key);
+  if (highest_removed_key == lowest_kept_key) return Cutoff{lo, tie_index};
+  const float mid = static_cast<float>((static_cast<double>(hi) + static_cast<double>(lo)) * 0.5);
+  return Cutoff{mid > hi ? mid : lo, 0};
 }
 
 // Float multiply, add and subtract each rounded on its own, never fused into an FMA: nvcc fuses a * b + c

@@ -173,8 +173,7 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
     key[i] = order_key(x[i]);
   }
   uint32_t threshold = 0;
-  const bool top_k_on = p.top_k > 0 && p.top_k < V;
-  if (top_k_on) {
+  if (p.top_k > 0 && p.top_k < V) {
     threshold = radix_threshold<true>(s, V, 0, 1.0, -static_cast<double>(p.top_k)).key;
   }
   const double remove_bound = top_p_remove_bound(p.top_p);
@@ -194,15 +193,16 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
     mass_bits[i] &= 0u - static_cast<uint32_t>((key[i] >= threshold) & (mass_bits[i] >= min_p_bits));
   }
   if (a.cutoffs != nullptr) {
-    // min-p > 0 keeps only masses >= min_p > 0: the kept keys are those whose mass survived the mask
-    uint32_t min_p_key = 0;
-    if (p.min_p > 0.0f) {
-      min_p_key = 0xFFFFFFFFu;
-#pragma omp simd reduction(min : min_p_key)
-      for (int64_t i = 0; i < V; ++i) min_p_key = std::min(min_p_key, mass_bits[i] != 0u ? key[i] : 0xFFFFFFFFu);
+    // step 6 on the kept set as step 4 leaves it (the removed tied tokens, key == threshold, still in)
+    uint32_t lowest_kept = 0xFFFFFFFFu, highest_removed = 0u;
+#pragma omp simd reduction(min : lowest_kept) reduction(max : highest_removed)
+    for (int64_t i = 0; i < V; ++i) {
+      const bool kept = (key[i] >= threshold) & (mass_bits[i] >= min_p_bits);
+      lowest_kept = std::min(lowest_kept, kept ? key[i] : 0xFFFFFFFFu);
+      highest_removed = std::max(highest_removed, kept ? 0u : key[i]);
     }
-    const Cutoff cut = row_cutoff(top_k_on || remove_bound > 0.0 || p.min_p > 0.0f, threshold, min_p_key,
-                                  threshold, tie_removed, tie_removed > 0 ? s.cand[tie_removed] : 0);
+    if (tie_removed > 0) highest_removed = std::max(highest_removed, threshold);
+    const Cutoff cut = gap_cutoff(highest_removed, lowest_kept, tie_removed > 0 ? s.cand[tie_removed] : 0);
     write_cutoff(a, row, cut.value, cut.index);
   }
   for (int64_t c = 0; c < tie_removed; ++c) mass[s.cand[c]] = 0.0f;
