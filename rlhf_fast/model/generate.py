@@ -17,7 +17,6 @@ import rlhf_fast
 
 from ..ops.sample import check_scalar_params
 from ..reference import sample as sample_ref
-from .cut_in_gap import cut_in_gap
 from .gpt import GPT
 from .layers import KVCache
 
@@ -33,8 +32,7 @@ class GenerationOutput:
     prompts: torch.Tensor  # (B, P) int64: the prompts, left-padded with pad_token_id to the longest, P
     prompt_mask: torch.Tensor  # (B, P) int64: 1 on real prompt tokens
     # (B, max_new_tokens, 2) float64 with return_cutoffs, else None: each step's kept set as
-    # `rlhf_fast.sample(..., return_cutoffs=True)` reports it, cut in the gap below it (cut_in_gap.py);
-    # (-inf, 0) (no filter) on pads
+    # `rlhf_fast.sample(..., return_cutoffs=True)` reports it; (-inf, 0) (no filter) on pads
     cutoffs: torch.Tensor | None = None
 
     @property
@@ -136,7 +134,7 @@ def decode_n_tokens(model: GPT, logits: torch.Tensor, cache: KVCache | None, n: 
         token, logprob, *cutoff = rlhf_fast.sample(logits, return_logprobs=True, return_cutoffs=return_cutoffs,
                                                    check_nan=False, backend=sampling["backend"], **state)
         state["offset"].add_(1)
-        return token, logprob, (cut_in_gap(logits, state["temperature"], cutoff[0]) if cutoff else None)
+        return token, logprob, (cutoff[0] if cutoff else None)
 
     out = _collect(n, B, device, next_token, eos_token_id, pad_token_id, return_cutoffs)
     return out if return_cutoffs else out[:3]
@@ -162,7 +160,7 @@ def decode_n_tokens_graphed(model: GPT, logits: torch.Tensor, cache: KVCache, n:
         token.copy_(tok)
         logprob.copy_(lp)
         if return_cutoffs:
-            cutoff.copy_(cut_in_gap(static_logits, params["temperature"], cut[0]))
+            cutoff.copy_(cut[0])
         static_logits.copy_(decode_one_token(model, tok.clamp_min(0), cache))  # -1: reported by _collect
         params["offset"].add_(1)
 
@@ -225,9 +223,7 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
     return_cutoffs: also return `.cutoffs` (B, max_new_tokens, 2) float64, each step's kept set as
         `rlhf_fast.sample(..., return_cutoffs=True)` defines it ((-inf, 0) on pads after EOS), so
         `token_logprobs` / `fused_linear_logprobs(..., cutoffs=)` score the responses under the
-        distribution they were drawn from. The cut is moved into the gap below the kept set
-        (`cut_in_gap`: the same set, found again by a training forward whose logits differ in the
-        last bits). False (default) computes nothing extra.
+        distribution they were drawn from. False (default) computes nothing extra.
 
     Prompt length + max_new_tokens must fit in model.config.block_size. The model is not switched to
     eval mode: call model.eval() first if it has dropout.

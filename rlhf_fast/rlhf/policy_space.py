@@ -13,9 +13,8 @@ Sampling with ``temperature`` T and filters (``top_k``, ``top_p``, ``min_p``) dr
   decided on the policy's logits, through ``fused_linear_kl_divergence(..., cutoffs=, targets=,
   return_logprobs=True)``), and the KL, sampled (k1/k2/k3) or exact (``kl_kind=full``), is
   KL(pi_K || pi_ref_K). At the first minibatch the ratio is 1 at every token. Membership is a
-  compare of the recomputed z_v / T with the stored cut, which ``generate`` places in the middle of
-  the gap below K_t (model/cut_in_gap.py), so it differs from the rollout's only for a logit that
-  moved by half that gap. After an update, the drawn token can fall out of K_t (probability 0 under
+  compare of the recomputed z_v / T with the stored cut, which the sampler places in the middle of
+  the gap below K_t, so it differs from the rollout's only for a logit that moved by half that gap. After an update, the drawn token can fall out of K_t (probability 0 under
   the current pi_K): the update leaves it out of the loss and logs the fraction (``drop_left_kept``).
 - ``"full"``: the unfiltered tempered distribution softmax(z / T) everywhere. The sampler's behaviour
   logprobs (of pi_K) are then not used: they are recomputed under softmax(z / T) at scoring time, so
