@@ -340,3 +340,35 @@ def test_drawn_tokens_get_the_samplers_logprobs(backend, dtype, device):
                                                     backend="reference", **kw)
         assert (cutoffs[:, 0] > float("-inf")).all()  # every row filtered
         torch.testing.assert_close(op(drawn, cutoffs), logprobs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_kept_false_gives_minus_inf_and_no_gradient_through_it(backend, device):
+    """check_kept=False: a target off its kept set gets logp = -inf instead of ValueError; that constant
+    takes no gradient (a nonzero upstream gradient there changes nothing), the entropy and the other
+    gradients stay finite; both ops (the fused one on hidden = I, weight = logits.T: the same logits)."""
+    need_backend(backend, device)
+    logits, _, cutoffs = token_inputs(17, 40, FP32, 0.7, device)
+    kept = kept_set(logits.float() / 0.7, cutoffs)
+    off = torch.nonzero(kept.any(-1) & ~kept.all(-1)).flatten()[:3]
+    targets = kept.float().argmax(-1)  # a kept token per row, and a dropped one in rows `off`
+    targets[off] = (~kept[off]).float().argmax(-1)
+    targets[~kept.any(-1)] = IGNORE  # the invalid row (nan, 0) keeps nothing
+    g = torch.randn(2, 17, device=device)
+    weight = logits.t().contiguous()
+    ops = ((lambda x, **kw: rlhf_fast.token_logprobs(x, targets, **kw), logits),
+           (lambda x, **kw: rlhf_fast.fused_linear_logprobs(x, weight, targets, **kw), torch.eye(17, device=device)))
+    for op, leaf in ops:
+        with pytest.raises(ValueError, match="kept set"):
+            op(leaf, temperature=0.7, cutoffs=cutoffs, backend=backend)
+        outs = []
+        for g_logp in (g[0], g[0].index_fill(0, off, 0.0)):
+            x = leaf.clone().requires_grad_()
+            logp, ent = op(x, temperature=0.7, cutoffs=cutoffs, return_entropy=True, check_kept=False,
+                           backend=backend)
+            torch.autograd.backward([logp, ent], [g_logp, g[1]])
+            outs.append((logp, ent, x.grad))
+        assert logp[off].isneginf().all() and logp.isneginf().sum() == len(off) > 0
+        assert torch.isfinite(ent).all() and torch.isfinite(x.grad).all()
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

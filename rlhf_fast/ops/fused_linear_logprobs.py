@@ -79,7 +79,8 @@ def _cut_args(cutoffs, vocab, dummy):
 @torch.library.custom_op("rlhf_fast::fused_linear_logprobs_fwd", mutates_args=())
 def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
             temperature: float, want_entropy: bool, ignore_index: int, chunk_size: int,
-            cutoffs: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            cutoffs: torch.Tensor | None, backend: str,
+            check_kept: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ref_tl.check_targets_in_range(targets, weight.shape[0], ignore_index)
     chosen = _backend.resolve(_OP, backend, hidden.device, gpu="triton")
     if chosen == "triton":
@@ -88,13 +89,14 @@ def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     else:
         out = ref.forward(hidden, weight, bias, targets, temperature, want_entropy, ignore_index,
                           chunk_size or None, cutoffs)
-    if cutoffs is not None:
+    if cutoffs is not None and check_kept:
         ref_tl.check_targets_kept(out[0], targets, ignore_index)
     return out
 
 
 @_fwd_op.register_fake
-def _(hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_size, cutoffs, backend):
+def _(hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_size, cutoffs, backend,
+      check_kept=True):
     n = hidden.shape[0]
     new = lambda *m: hidden.new_empty(m, dtype=torch.float32)  # noqa: E731
     return new(n), new(n if want_entropy else 0), new(2, n)
@@ -124,22 +126,25 @@ def _(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, te
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_size, cutoffs, backend = inputs
-    _, entropy, stats = output
-    ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy, cutoffs)
+    hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_size, cutoffs, backend, _ = inputs
+    logp, entropy, stats = output
+    ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy, cutoffs,
+                          logp if cutoffs is not None else None)
     ctx.args = (temperature, want_entropy, ignore_index, chunk_size, backend)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
-    hidden, weight, bias, targets, stats, entropy, cutoffs = ctx.saved_tensors
+    hidden, weight, bias, targets, stats, entropy, cutoffs, logp = ctx.saved_tensors
     temperature, want_entropy, ignore_index, chunk_size, backend = ctx.args
     need = needed_grads(ctx, bias)
     if grad_logp is None:
         grad_logp = torch.zeros_like(stats[0])
+    elif cutoffs is not None:  # a target off its kept set (check_kept=False): logp is the constant -inf
+        grad_logp = grad_logp.masked_fill(logp.isneginf(), 0.0)
     d_h, d_w, d_b = _bwd_op(grad_logp, grad_entropy if want_entropy else None, hidden, weight, bias, targets,
                             stats, entropy, temperature, ignore_index, chunk_size, need, cutoffs, backend)
     return (d_h if need[0] else None, d_w if need[1] else None, d_b if need[2] else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -149,7 +154,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                           bias: torch.Tensor | None = None, temperature: float = 1.0,
                           return_entropy: bool = False, ignore_index: int = -100,
                           chunk_size: int | None = None, cutoffs: torch.Tensor | None = None,
-                          backend: str = "auto"):
+                          check_kept: bool = True, backend: str = "auto"):
     """Per-token log pi(target) (and entropy) of ``hidden @ weight.T + bias``, never holding (N, V) logits.
 
     Args:
@@ -166,6 +171,9 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
             ValueError (the kernels give it -inf); membership is decided on this op's x, which can differ
             from the sampler's logits by float32 rounding, so a logit within rounding of the cut may fall
             on the other side.
+        check_kept: with cutoffs, whether a target off its kept set raises; False returns logp = -inf
+            there (entropy as usual, a finite gradient), for a caller that handles it (an RL update whose
+            policy has moved since the rollout: the drawn token may have left the set).
         chunk_size: tokens per chunk for the reference backend (default: so that one (chunk, V) fp32
             block is 16 MiB). The Triton backend tiles on its own and ignores it.
         backend: "auto" | "triton" | "reference".
@@ -190,5 +198,5 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     ref.validate(hidden, weight, targets, bias, temperature, ignore_index, chunk_size, cutoffs=cutoffs)
     _backend.check_backend_arg(backend)
     logp, entropy, _ = _fwd_op(hidden, weight, bias, targets, float(temperature), bool(return_entropy),
-                               ignore_index, chunk_size or 0, cutoffs, backend)
+                               ignore_index, chunk_size or 0, cutoffs, backend, bool(check_kept))
     return (logp, entropy) if return_entropy else logp
