@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_fast
+import rlhf_fast.ops._fused_linear_launch as launch
 from conftest import need_backend
 from parity import assert_close_to_reference
 from rlhf_fast.reference import fused_linear_logprobs as ref_fl
@@ -179,6 +180,18 @@ def fused_oracle(hidden, weight, bias, targets, temperature, kept):
 def test_fused_linear_logprobs_with_cutoffs_match_float64(backend, n, h, vocab, dtype, temperature, with_bias,
                                                           device):
     need_backend(backend, device)
+    check_fused(backend, n, h, vocab, dtype, temperature, with_bias, device)
+
+
+@pytest.mark.parametrize("n, h, vocab, dtype", [(17, 32, 1000, BF16), (5, 16, 3000, FP32)], ids=["bf16", "fp32-splits"])
+def test_fused_reduce_backward_with_cutoffs(n, h, vocab, dtype, device, monkeypatch):
+    """The Triton backward without atomics (its dx and dw passes) with cutoffs, against the oracle."""
+    need_backend("triton", device)
+    monkeypatch.setenv(launch.BWD_ENV, "reduce")
+    check_fused("triton", n, h, vocab, dtype, 0.7, True, device)
+
+
+def check_fused(backend, n, h, vocab, dtype, temperature, with_bias, device):
     hidden, weight, bias, targets, cutoffs, kept = fused_inputs(n, h, vocab, dtype, temperature, with_bias, device)
     g = torch.randn(2, n, device=device)
     kw = {"chunk_size": 7} if backend == "reference" else {}

@@ -45,7 +45,10 @@ def _triton_forward(hidden, weight, bias, targets, temperature, want_entropy, ig
         shift = (m - big_m) * s if cutoffs is None else torch.where(s > 0, (m - big_m) * s, 0.0)
         total_y = (scale * (sy + shift)).sum(0)
         entropy = torch.where(valid, log_total - total_y / total, 0.0)
-    return logp, entropy, torch.stack([big_m, log_total])
+    stats = torch.stack([big_m, log_total])
+    if cutoffs is not None:  # a row that keeps nothing: finite stats, so the backward's p is 0, not NaN
+        stats = torch.where(big_m == float("-inf"), 0.0, stats)
+    return logp, entropy, stats
 
 
 @on_first_tensor_device
