@@ -19,7 +19,7 @@ fp32 d(hidden) and d(weight) buffers, in one of two ways:
 HAS_CUTOFFS (constexpr; off, the kernels are the plain ones): each token's kept set (t fp32, i int32,
 CUTOFFS.md) is tested on the logit tile in registers, one compare per logit: the forward sets dropped
 logits to -inf before the online statistics (so a split may see no kept logit: m = -inf, s = 0, which
-the launcher's combine handles), the backward zeroes d(logits) there.
+the launcher's combine handles), and so does the backward, where p = 0 then gives d(logits) = 0.
 """
 from dataclasses import replace
 
@@ -107,6 +107,13 @@ def _logprobs_dlogits(x_ptr, w_ptr, b_ptr, t_ptr, cut_t_ptr, cut_i_ptr, stats_pt
     col_mask = cols < v_end
     z = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, v_end - col0, H, stride_x, stride_w, temp,
                      has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+    if HAS_CUTOFFS:
+        # off the kept set p = 0, so d = 0 below: the launcher zeroes g_logp of a target off its set and
+        # gives a row that keeps nothing finite stats. Masking z here, not d at the end, keeps the mask's
+        # registers out of the tile's busiest stretch (a late mask spilled in the reduce dx pass on sm_80).
+        cut_t = tl.load(cut_t_ptr + rows, mask=row_mask, other=float("-inf"))
+        cut_i = tl.load(cut_i_ptr + rows, mask=row_mask, other=0)
+        z = tl.where(_dropped(z, cols[None, :], cut_t[:, None], cut_i[:, None]), float("-inf"), z)
     t = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (t != ignore_index)
     g_logp = tl.where(valid, tl.load(g_logp_ptr + rows, mask=row_mask, other=0.0), 0.0)
@@ -124,12 +131,7 @@ def _logprobs_dlogits(x_ptr, w_ptr, b_ptr, t_ptr, cut_t_ptr, cut_i_ptr, stats_pt
     # the gradient's 1/T only scales the result (a relative error of one rounding), so a multiply: a
     # per-element division of the tile spilled on sm_90 (bf16/fp16 atomic backward)
     d = tl.where(cols[None, :] == t[:, None], d + g_logp[:, None], d) * (1.0 / temp)
-    keep = row_mask[:, None] & col_mask[None, :]
-    if HAS_CUTOFFS:
-        cut_t = tl.load(cut_t_ptr + rows, mask=row_mask, other=float("-inf"))
-        cut_i = tl.load(cut_i_ptr + rows, mask=row_mask, other=0)
-        keep = keep & ~_dropped(z, cols[None, :], cut_t[:, None], cut_i[:, None])
-    return tl.where(keep, d, 0.0)
+    return tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
 
 
 @triton.jit

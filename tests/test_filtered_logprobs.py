@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_fast
+import rlhf_fast.ops._fused_linear_launch as launch
 from conftest import need_backend
 from parity import assert_close_to_reference
 from rlhf_fast.reference import fused_linear_logprobs as ref_fl
@@ -179,6 +180,18 @@ def fused_oracle(hidden, weight, bias, targets, temperature, kept):
 def test_fused_linear_logprobs_with_cutoffs_match_float64(backend, n, h, vocab, dtype, temperature, with_bias,
                                                           device):
     need_backend(backend, device)
+    check_fused(backend, n, h, vocab, dtype, temperature, with_bias, device)
+
+
+@pytest.mark.parametrize("n, h, vocab, dtype", [(17, 32, 1000, BF16), (5, 16, 3000, FP32)], ids=["bf16", "fp32-splits"])
+def test_fused_reduce_backward_with_cutoffs(n, h, vocab, dtype, device, monkeypatch):
+    """The Triton backward without atomics (its dx and dw passes) with cutoffs, against the oracle."""
+    need_backend("triton", device)
+    monkeypatch.setenv(launch.BWD_ENV, "reduce")
+    check_fused("triton", n, h, vocab, dtype, 0.7, True, device)
+
+
+def check_fused(backend, n, h, vocab, dtype, temperature, with_bias, device):
     hidden, weight, bias, targets, cutoffs, kept = fused_inputs(n, h, vocab, dtype, temperature, with_bias, device)
     g = torch.randn(2, n, device=device)
     kw = {"chunk_size": 7} if backend == "reference" else {}
@@ -340,3 +353,35 @@ def test_drawn_tokens_get_the_samplers_logprobs(backend, dtype, device):
                                                     backend="reference", **kw)
         assert (cutoffs[:, 0] > float("-inf")).all()  # every row filtered
         torch.testing.assert_close(op(drawn, cutoffs), logprobs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_kept_false_gives_minus_inf_and_no_gradient_through_it(backend, device):
+    """check_kept=False: a target off its kept set gets logp = -inf instead of ValueError; that constant
+    takes no gradient (a nonzero upstream gradient there changes nothing), the entropy and the other
+    gradients stay finite; both ops (the fused one on hidden = I, weight = logits.T: the same logits)."""
+    need_backend(backend, device)
+    logits, _, cutoffs = token_inputs(17, 40, FP32, 0.7, device)
+    kept = kept_set(logits.float() / 0.7, cutoffs)
+    off = torch.nonzero(kept.any(-1) & ~kept.all(-1)).flatten()[:3]
+    targets = kept.float().argmax(-1)  # a kept token per row, and a dropped one in rows `off`
+    targets[off] = (~kept[off]).float().argmax(-1)
+    targets[~kept.any(-1)] = IGNORE  # the invalid row (nan, 0) keeps nothing
+    g = torch.randn(2, 17, device=device)
+    weight = logits.t().contiguous()
+    ops = ((lambda x, **kw: rlhf_fast.token_logprobs(x, targets, **kw), logits),
+           (lambda x, **kw: rlhf_fast.fused_linear_logprobs(x, weight, targets, **kw), torch.eye(17, device=device)))
+    for op, leaf in ops:
+        with pytest.raises(ValueError, match="kept set"):
+            op(leaf, temperature=0.7, cutoffs=cutoffs, backend=backend)
+        outs = []
+        for g_logp in (g[0], g[0].index_fill(0, off, 0.0)):
+            x = leaf.clone().requires_grad_()
+            logp, ent = op(x, temperature=0.7, cutoffs=cutoffs, return_entropy=True, check_kept=False,
+                           backend=backend)
+            torch.autograd.backward([logp, ent], [g_logp, g[1]])
+            outs.append((logp, ent, x.grad))
+        assert logp[off].isneginf().all() and logp.isneginf().sum() == len(off) > 0
+        assert torch.isfinite(ent).all() and torch.isfinite(x.grad).all()
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

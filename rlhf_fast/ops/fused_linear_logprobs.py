@@ -45,7 +45,10 @@ def _triton_forward(hidden, weight, bias, targets, temperature, want_entropy, ig
         shift = (m - big_m) * s if cutoffs is None else torch.where(s > 0, (m - big_m) * s, 0.0)
         total_y = (scale * (sy + shift)).sum(0)
         entropy = torch.where(valid, log_total - total_y / total, 0.0)
-    return logp, entropy, torch.stack([big_m, log_total])
+    stats = torch.stack([big_m, log_total])
+    if cutoffs is not None:  # a row that keeps nothing: finite stats, so the backward's p is 0, not NaN
+        stats = torch.where(big_m == float("-inf"), 0.0, stats)
+    return logp, entropy, stats
 
 
 @on_first_tensor_device
@@ -127,17 +130,20 @@ def _(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, te
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_size, cutoffs, backend, _ = inputs
-    _, entropy, stats = output
-    ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy, cutoffs)
+    logp, entropy, stats = output
+    ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy, cutoffs,
+                          logp if cutoffs is not None else None)
     ctx.args = (temperature, want_entropy, ignore_index, chunk_size, backend)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
-    hidden, weight, bias, targets, stats, entropy, cutoffs = ctx.saved_tensors
+    hidden, weight, bias, targets, stats, entropy, cutoffs, logp = ctx.saved_tensors
     temperature, want_entropy, ignore_index, chunk_size, backend = ctx.args
     need = needed_grads(ctx, bias)
     if grad_logp is None:
         grad_logp = torch.zeros_like(stats[0])
+    elif cutoffs is not None:  # a target off its kept set (check_kept=False): logp is the constant -inf
+        grad_logp = grad_logp.masked_fill(logp.isneginf(), 0.0)
     d_h, d_w, d_b = _bwd_op(grad_logp, grad_entropy if want_entropy else None, hidden, weight, bias, targets,
                             stats, entropy, temperature, ignore_index, chunk_size, need, cutoffs, backend)
     return (d_h if need[0] else None, d_w if need[1] else None, d_b if need[2] else None,

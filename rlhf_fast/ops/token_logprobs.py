@@ -57,8 +57,8 @@ def _cut_args(cutoffs, vocab, dummy):
 
 @torch.library.custom_op("rlhf_fast::token_logprobs_fwd", mutates_args=())
 def _fwd_op(logits: torch.Tensor, targets: torch.Tensor, temperature: float, want_entropy: bool,
-            ignore_index: int, cutoffs: torch.Tensor | None,
-            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            ignore_index: int, cutoffs: torch.Tensor | None, backend: str,
+            check_kept: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ref.check_targets_in_range(targets, logits.shape[-1], ignore_index)
     chosen = _backend.resolve(_OP, backend, logits.device, gpu="triton")
     if chosen == "triton":
@@ -66,13 +66,13 @@ def _fwd_op(logits: torch.Tensor, targets: torch.Tensor, temperature: float, wan
                               ignore_index, cutoffs)
     else:
         out = ref.forward(logits, targets, temperature, want_entropy, ignore_index, cutoffs=cutoffs)
-    if cutoffs is not None:
+    if cutoffs is not None and check_kept:
         ref.check_targets_kept(out[0], targets, ignore_index)
     return out
 
 
 @_fwd_op.register_fake
-def _(logits, targets, temperature, want_entropy, ignore_index, cutoffs, backend):
+def _(logits, targets, temperature, want_entropy, ignore_index, cutoffs, backend, check_kept=True):
     n = logits.shape[0]
     new = lambda *m: logits.new_empty(m, dtype=torch.float32)  # noqa: E731
     return new(n), new(n if want_entropy else 0), new(2, n)
@@ -97,22 +97,24 @@ def _(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ign
 
 
 def _setup_context(ctx, inputs, output):
-    logits, targets, temperature, want_entropy, ignore_index, cutoffs, backend = inputs
-    _, entropy, stats = output
-    ctx.save_for_backward(logits, targets, stats, entropy, cutoffs)
+    logits, targets, temperature, want_entropy, ignore_index, cutoffs, backend, _ = inputs
+    logp, entropy, stats = output
+    ctx.save_for_backward(logits, targets, stats, entropy, cutoffs, logp if cutoffs is not None else None)
     ctx.args = (temperature, want_entropy, ignore_index, backend)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
-    logits, targets, stats, entropy, cutoffs = ctx.saved_tensors
+    logits, targets, stats, entropy, cutoffs, logp = ctx.saved_tensors
     temperature, want_entropy, ignore_index, backend = ctx.args
     if grad_logp is None:
         grad_logp = torch.zeros_like(stats[0])
+    elif cutoffs is not None:  # a target off its kept set (check_kept=False): logp is the constant -inf
+        grad_logp = grad_logp.masked_fill(logp.isneginf(), 0.0)
     if not want_entropy:
         grad_entropy = None
     grad = _bwd_op(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index, cutoffs,
                    backend)
-    return grad, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -120,7 +122,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                    return_entropy: bool = False, ignore_index: int = -100, cutoffs: torch.Tensor | None = None,
-                   backend: str = "auto"):
+                   check_kept: bool = True, backend: str = "auto"):
     """Log-probability of each target token (and the entropy) without an (N, V) fp32 copy of the logits.
 
     Args:
@@ -134,6 +136,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
             ``x = logits.float() / temperature`` (one float32 division, as the sampler's), token v is kept
             iff ``x_v > t or (x_v == t and v >= i)`` for ``t, i = cutoffs[..., 0], cutoffs[..., 1]``.
             Rows with no filter are (-inf, 0); invalid sampler rows (nan, 0) keep nothing.
+        check_kept: with cutoffs, whether a target off its kept set raises ValueError; False gives it
+            logp = -inf (a constant: no gradient through it; entropy and the row's other gradients as
+            usual), for a caller that handles it (an RL update whose policy moved since the rollout).
         backend: "auto" | "triton" | "reference" (see ``rlhf_fast._backend``).
 
     Returns:
@@ -154,8 +159,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     CUDA it costs one host sync; while a CUDA graph is captured it is a device-side assert instead).
     With cutoffs, a target off its row's kept set (probability 0 under the filtered distribution) raises
     ValueError naming targets and cutoffs, checked on logp after the forward (one more host sync on CUDA;
-    a device-side assert under graph capture); the kernels and the reference's ``forward`` give it
-    logp = -inf. Membership is decided on the recomputed x: it can differ from the sampler's only for a
+    a device-side assert under graph capture), or with ``check_kept=False`` gets logp = -inf. Membership is decided on the recomputed x: it can differ from the sampler's only for a
     logit within float32 rounding of the cut (bitwise the same logits give the same set).
     A NaN logit gives NaN logp, entropy and d(logits) for its row on every backend.
 
@@ -168,7 +172,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     logp, entropy, _ = _fwd_op(logits.reshape(-1, vocab), targets.reshape(-1), float(temperature),
                                bool(return_entropy), ignore_index,
-                               None if cutoffs is None else cutoffs.reshape(-1, 2), backend)
+                               None if cutoffs is None else cutoffs.reshape(-1, 2), backend, bool(check_kept))
     if return_entropy:
         return logp.reshape(lead), entropy.reshape(lead)
     return logp.reshape(lead)
