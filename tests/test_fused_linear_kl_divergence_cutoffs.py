@@ -243,6 +243,9 @@ def test_invalid_cutoff_rows_are_nan_and_off_k_targets_raise(backend, device):
     fk = rlhf_fast.fused_linear_kl_divergence
     kl = fk(h, w, hr, wr, bias=b, ref_bias=br, cutoffs=cutoffs, backend=backend)
     assert torch.isnan(kl[2]) and torch.isfinite(kl[[0, 1, 3, 4]]).all()
+    w_nan = w.clone()
+    w_nan[5, 0] = float("nan")  # one NaN logit per row stays in K: NaN rows as without cutoffs, not filtered
+    assert torch.isnan(fk(h, w_nan, hr, wr, bias=b, ref_bias=br, cutoffs=cutoffs, backend=backend)).all()
     targets = kept_targets((h, w, b), 1.0, cutoffs.nan_to_num(nan=float("-inf")), ignore_every=100)
     targets[2] = -100
     fk(h, w, hr, wr, bias=b, ref_bias=br, cutoffs=cutoffs, targets=targets, return_logprobs=True, backend=backend)
