@@ -277,3 +277,30 @@ def test_bad_cutoffs_and_targets_raise(device):
         fk(h, w, hr, wr, targets=targets[:3], return_logprobs=True)
     with pytest.raises(ValueError, match=r"targets must lie in \[0, 10\)"):
         fk(h, w, hr, wr, targets=targets + 10, return_logprobs=True)
+
+
+def test_compiles_with_cutoffs_and_logprobs(device):
+    """torch.compile(fullgraph=True) traces the op with cutoffs and targets (register_fake's third output,
+    the optional tensors) in one graph, and matches eager exactly (aot_eager, as tests/test_compile.py)."""
+    policy, reference = integer_inputs(9, 8, 33, FP32, device, False)
+    cutoffs = cuts_on_ties(policy, 0.7)
+    targets = kept_targets(policy, 0.7, cutoffs)
+    hidden = policy[0].clone().requires_grad_()
+
+    def loss(hidden, weight, ref_hidden, ref_weight, cutoffs, targets):
+        kl, logp, ref_logp = rlhf_fast.fused_linear_kl_divergence(hidden, weight, ref_hidden, ref_weight,
+                                                                  temperature=0.7, cutoffs=cutoffs, targets=targets,
+                                                                  return_logprobs=True)
+        return kl.sum() + (logp - ref_logp).sum(), logp, ref_logp
+
+    args = (hidden, policy[1], reference[0], reference[1], cutoffs, targets)
+    explanation = torch._dynamo.explain(loss)(*args)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)(*args)
+    compiled[0].backward()
+    grad, hidden.grad = hidden.grad, None
+    eager = loss(*args)
+    eager[0].backward()
+    for ours, want in zip(compiled, eager):
+        assert torch.equal(ours, want)
+    assert torch.equal(grad, hidden.grad)
