@@ -65,9 +65,10 @@ def off_k(x: torch.Tensor, cut: torch.Tensor, cols: torch.Tensor) -> torch.Tenso
     return off
 
 
-def _cut(chunks, cutoffs, targets):
+def _cut(chunks, cutoffs, targets, mask_ref: bool = True):
     """Chunks as lm_head_chunks yields them, plus the targets' tempered logits (zt, zrt) gathered first
-    (None without targets); with cutoffs, both models' logits are then set to -inf off the kept sets."""
+    (None without targets); with cutoffs, the policy's logits (and the reference's, if mask_ref: the
+    backward's d(logits) needs only p = 0 off K) are then set to -inf off the kept sets."""
     for rows, (z, zr) in chunks:
         gathered = None
         if targets is not None:
@@ -76,7 +77,8 @@ def _cut(chunks, cutoffs, targets):
         if cutoffs is not None:
             off = off_k(z, cutoffs[rows], torch.arange(z.shape[1], device=z.device))
             z.masked_fill_(off, float("-inf"))
-            zr.masked_fill_(off, float("-inf"))
+            if mask_ref:
+                zr.masked_fill_(off, float("-inf"))
         yield rows, (z, zr), gathered
 
 
@@ -132,7 +134,7 @@ def backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, st
              temperature: float, chunk_rows: int | None = None, need=(True, True, True), cutoffs=None):
     """Returns (d hidden, d weight, d bias), None where not needed."""
     chunks = lm_head_chunks(((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias)), temperature, chunk_rows)
-    cut_chunks = ((rows, zs) for rows, zs, _ in _cut(chunks, cutoffs, None))
+    cut_chunks = ((rows, zs) for rows, zs, _ in _cut(chunks, cutoffs, None, mask_ref=False))
     grads = ((rows, dz) for rows, dz, _ in kld.grads_over(cut_chunks, stats, kl, grad_kl, temperature, False))
     return lm_head_backward(grads, hidden, weight, bias, need)
 
