@@ -49,7 +49,7 @@ def _kept(z, t, i, cols):
     """(BLOCK_N, BLOCK_V) bool: is token cols[v] in row n's kept set, for z the policy's tempered logits
     and (t, i) the rows' cutoffs. The contract's `z > t or (z == t and v >= i)` as
     `not (z < t or (z == t and v < i))`: a NaN logit stays in (its row turns NaN, as without cutoffs) and
-    a NaN t keeps nothing (as the reference's `kept`)."""
+    a NaN t keeps nothing (as the reference's `off_k`)."""
     below = (z < t[:, None]) | ((z == t[:, None]) & (cols[None, :] < i[:, None]))
     return (below == 0) & (t == t)[:, None]
 

@@ -243,6 +243,9 @@ def test_invalid_cutoff_rows_are_nan_and_off_k_targets_raise(backend, device):
     fk = rlhf_fast.fused_linear_kl_divergence
     kl = fk(h, w, hr, wr, bias=b, ref_bias=br, cutoffs=cutoffs, backend=backend)
     assert torch.isnan(kl[2]) and torch.isfinite(kl[[0, 1, 3, 4]]).all()
+    w_nan = w.clone()
+    w_nan[5, 0] = float("nan")  # one NaN logit per row stays in K: NaN rows as without cutoffs, not filtered
+    assert torch.isnan(fk(h, w_nan, hr, wr, bias=b, ref_bias=br, cutoffs=cutoffs, backend=backend)).all()
     targets = kept_targets((h, w, b), 1.0, cutoffs.nan_to_num(nan=float("-inf")), ignore_every=100)
     targets[2] = -100
     fk(h, w, hr, wr, bias=b, ref_bias=br, cutoffs=cutoffs, targets=targets, return_logprobs=True, backend=backend)
@@ -274,3 +277,30 @@ def test_bad_cutoffs_and_targets_raise(device):
         fk(h, w, hr, wr, targets=targets[:3], return_logprobs=True)
     with pytest.raises(ValueError, match=r"targets must lie in \[0, 10\)"):
         fk(h, w, hr, wr, targets=targets + 10, return_logprobs=True)
+
+
+def test_compiles_with_cutoffs_and_logprobs(device):
+    """torch.compile(fullgraph=True) traces the op with cutoffs and targets (register_fake's third output,
+    the optional tensors) in one graph, and matches eager exactly (aot_eager, as tests/test_compile.py)."""
+    policy, reference = integer_inputs(9, 8, 33, FP32, device, False)
+    cutoffs = cuts_on_ties(policy, 0.7)
+    targets = kept_targets(policy, 0.7, cutoffs)
+    hidden = policy[0].clone().requires_grad_()
+
+    def loss(hidden, weight, ref_hidden, ref_weight, cutoffs, targets):
+        kl, logp, ref_logp = rlhf_fast.fused_linear_kl_divergence(hidden, weight, ref_hidden, ref_weight,
+                                                                  temperature=0.7, cutoffs=cutoffs, targets=targets,
+                                                                  return_logprobs=True)
+        return kl.sum() + (logp - ref_logp).sum(), logp, ref_logp
+
+    args = (hidden, policy[1], reference[0], reference[1], cutoffs, targets)
+    explanation = torch._dynamo.explain(loss)(*args)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)(*args)
+    compiled[0].backward()
+    grad, hidden.grad = hidden.grad, None
+    eager = loss(*args)
+    eager[0].backward()
+    for ours, want in zip(compiled, eager):
+        assert torch.equal(ours, want)
+    assert torch.equal(grad, hidden.grad)

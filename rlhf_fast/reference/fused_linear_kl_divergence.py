@@ -47,33 +47,38 @@ def validate(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, temperature
         _validate.check_same_device(hidden=hidden, cutoffs=cutoffs)
 
 
-def kept(x: torch.Tensor, cut: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Membership in the kept sets: x (..., n, m) fp32 tempered policy logits at token indices cols (m,)
-    (or (n, m)), cut (n, 2) float64 cutoffs -> bool, same shape as x.
+def off_k(x: torch.Tensor, cut: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Complement of the kept sets: x (n, m) fp32 tempered policy logits at token indices cols (m,) or
+    (n, m), cut (n, 2) float64 cutoffs -> (n, m) bool, True where the token is NOT kept.
 
-    The CUTOFFS contract's `x > t or (x == t and v >= i)`, written as `not (x < t or (x == t and v < i))`
-    so that a NaN logit stays in K (and turns its row NaN, as without cutoffs, rather than dropping out),
-    and a NaN cut (an invalid row) keeps nothing (its KL and log-probabilities are NaN).
+    The CUTOFFS contract keeps `x > t or (x == t and v >= i)`; this drops `x < t or (x == t and v < i)`,
+    so a NaN logit stays in K (and turns its row NaN, as without cutoffs, rather than dropping out),
+    and drops everything on a NaN cut (an invalid row: its KL and log-probabilities are NaN). In-place
+    bool ops: this runs on every (chunk_rows, V) block, forward and backward.
     """
     t = cut[:, 0].float()[:, None]
-    i = cut[:, 1][:, None]
-    below = (x < t) | ((x == t) & (cols < i))
-    return ~below & (t == t)
+    off = torch.lt(x, t)
+    ties = torch.eq(x, t)
+    ties &= cols < cut[:, 1][:, None]
+    off |= ties
+    off |= t != t
+    return off
 
 
-def _cut(chunks, cutoffs, targets):
+def _cut(chunks, cutoffs, targets, mask_ref: bool = True):
     """Chunks as lm_head_chunks yields them, plus the targets' tempered logits (zt, zrt) gathered first
-    (None without targets); with cutoffs, both models' logits are then set to -inf off the kept sets."""
+    (None without targets); with cutoffs, the policy's logits (and the reference's, if mask_ref: the
+    backward's d(logits) needs only p = 0 off K) are then set to -inf off the kept sets."""
     for rows, (z, zr) in chunks:
         gathered = None
         if targets is not None:
             t = targets[rows].long().clamp(0, z.shape[1] - 1)[:, None]
             gathered = z.gather(1, t)[:, 0], zr.gather(1, t)[:, 0]
         if cutoffs is not None:
-            cols = torch.arange(z.shape[1], device=z.device)
-            off = ~kept(z, cutoffs[rows], cols)
+            off = off_k(z, cutoffs[rows], torch.arange(z.shape[1], device=z.device))
             z.masked_fill_(off, float("-inf"))
-            zr.masked_fill_(off, float("-inf"))
+            if mask_ref:
+                zr.masked_fill_(off, float("-inf"))
         yield rows, (z, zr), gathered
 
 
@@ -85,7 +90,7 @@ def target_logprobs(zt, zrt, targets, stats, cutoffs, ignore_index: int) -> torc
     logp = (zt - stats[0]) - stats[1]
     ref_logp = (zrt - stats[2]) - stats[3]
     if cutoffs is not None:
-        in_k = kept(zt[:, None], cutoffs, targets[:, None])[:, 0]
+        in_k = ~off_k(zt[:, None], cutoffs, targets[:, None])[:, 0]
         logp = torch.where(in_k, logp, float("-inf"))
         ref_logp = torch.where(in_k, ref_logp, float("-inf"))
     return torch.stack([torch.where(valid, logp, 0.0), torch.where(valid, ref_logp, 0.0)])
@@ -98,7 +103,7 @@ def check_targets_kept(zt: torch.Tensor, targets: torch.Tensor, cutoffs: torch.T
     during CUDA-graph capture, as tlp.check_targets_in_range)."""
     if targets.numel() == 0:
         return
-    off = (targets != ignore_index) & ~kept(zt[:, None], cutoffs, targets[:, None])[:, 0]
+    off = (targets != ignore_index) & off_k(zt[:, None], cutoffs, targets[:, None])[:, 0]
     msg = "targets must lie in their row's kept set (cutoffs: x > t, or x == t and index >= i)"
     if tlp.capturing(targets):
         torch._assert_async(~off.any(), msg)
@@ -129,7 +134,7 @@ def backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, st
              temperature: float, chunk_rows: int | None = None, need=(True, True, True), cutoffs=None):
     """Returns (d hidden, d weight, d bias), None where not needed."""
     chunks = lm_head_chunks(((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias)), temperature, chunk_rows)
-    cut_chunks = ((rows, zs) for rows, zs, _ in _cut(chunks, cutoffs, None))
+    cut_chunks = ((rows, zs) for rows, zs, _ in _cut(chunks, cutoffs, None, mask_ref=False))
     grads = ((rows, dz) for rows, dz, _ in kld.grads_over(cut_chunks, stats, kl, grad_kl, temperature, False))
     return lm_head_backward(grads, hidden, weight, bias, need)
 
