@@ -8,6 +8,8 @@ Providers (every one samples one token per row from the same logits):
 - ours: rlhf_fast.sample(backend="cuda"): the csrc kernel (CUDA), or its C++ port on CPU tensors.
   check_nan stays on (one (B,) device-to-host sync), as a generation loop runs it; ours_nocheck
   (GPU suite) is the same call with check_nan=False, the kernel alone (what a CUDA graph replays).
+  ours_cutoffs: ours with return_cutoffs=True (each row's kept set, issue 13); cutoffs_overhead is
+  its time over ours.
 - torch_sort: transformers' TopK/TopPLogitsWarper arithmetic (sort, softmax, cumsum, scatter) then
   torch.multinomial(softmax) (the path HF generate takes).
 - multinomial: torch.multinomial(softmax(logits / T)) with no filter (the floor of any torch path).
@@ -53,6 +55,8 @@ def providers(top_k: int) -> dict:
                                            backend="cuda"),
         "ours_nocheck": lambda x: rlhf_fast.sample(x, temperature=TEMPERATURE, top_k=top_k, top_p=TOP_P, seed=0,
                                                    backend="cuda", check_nan=False),
+        "ours_cutoffs": lambda x: rlhf_fast.sample(x, temperature=TEMPERATURE, top_k=top_k, top_p=TOP_P, seed=0,
+                                                   backend="cuda", return_cutoffs=True),
         "torch_sort": lambda x: torch_sort_sample(x, TEMPERATURE, top_k, TOP_P),
         "multinomial": lambda x: multinomial_sample(x, TEMPERATURE),
     }
@@ -85,7 +89,8 @@ def run_cpu(reps: int) -> list[dict]:
     skip = ("flashinfer", "ours_nocheck")
     times = time_cpu_interleaved({n: fn for n, fn in providers(top_k=0).items() if n not in skip}, x, reps)
     return [{"op": "sample", "shape": f"B={B} V={V}", "dtype": "float32", "filters": f"T={TEMPERATURE} top_p={TOP_P}",
-             "threads": torch.get_num_threads(), "ours_ms": times["ours"], "torch_sort_ms": times["torch_sort"],
+             "threads": torch.get_num_threads(), "ours_ms": times["ours"], "ours_cutoffs_ms": times["ours_cutoffs"],
+             "cutoffs_overhead": times["ours_cutoffs"] / times["ours"], "torch_sort_ms": times["torch_sort"],
              "multinomial_ms": times["multinomial"], "x_vs_sort": times["torch_sort"] / times["ours"],
              "x_vs_multinomial": times["multinomial"] / times["ours"]}]
 
@@ -104,7 +109,8 @@ def run_gpu() -> list[dict]:
             ms = {name: do_bench(lambda fn=fn: fn(x)) for name, fn in providers(top_k=TOP_K).items()}
             row = {"op": "sample", "shape": f"B={B} V={V}", "dtype": str(dtype).removeprefix("torch."),
                    "filters": f"T={TEMPERATURE} top_k={TOP_K} top_p={TOP_P}", "ours_ms": ms["ours"],
-                   "ours_nocheck_ms": ms["ours_nocheck"],
+                   "ours_nocheck_ms": ms["ours_nocheck"], "ours_cutoffs_ms": ms["ours_cutoffs"],
+                   "cutoffs_overhead": ms["ours_cutoffs"] / ms["ours"],
                    "torch_sort_ms": ms["torch_sort"], "multinomial_ms": ms["multinomial"],
                    "x_vs_sort": ms["torch_sort"] / ms["ours"],
                    "gbps": B * V * x.element_size() / (ms["ours"] * 1e-3) / 1e9}

@@ -34,7 +34,7 @@ void check_counter(const torch::Tensor& t, const char* name, const torch::Tensor
 rlhf_fast::SampleArgs make_args(const torch::Tensor& x, const torch::Tensor& temperature,
                                 const torch::Tensor& top_k, const torch::Tensor& top_p, const torch::Tensor& min_p,
                                 const torch::Tensor& seed, const torch::Tensor& offset, bool from_probs,
-                                torch::Tensor& tokens, torch::Tensor& logprobs) {
+                                torch::Tensor& tokens, torch::Tensor& logprobs, torch::Tensor& cutoffs) {
   rlhf_fast::SampleArgs args;
   args.rows = x.size(0);
   args.vocab = x.size(1);
@@ -48,6 +48,7 @@ rlhf_fast::SampleArgs make_args(const torch::Tensor& x, const torch::Tensor& tem
   args.offset = offset.data_ptr<int64_t>();
   args.tokens = tokens.data_ptr<int64_t>();
   args.logprobs = logprobs.data_ptr<float>();
+  args.cutoffs = cutoffs.numel() > 0 ? cutoffs.data_ptr<double>() : nullptr;
   return args;
 }
 
@@ -73,11 +74,13 @@ void run_cuda(const torch::Tensor& x, const rlhf_fast::SampleArgs& args) {
 }
 #endif
 
-// (tokens (B,) int64, logprobs (B,) float32); rows with invalid input get token -1 and logprob NaN.
-std::tuple<torch::Tensor, torch::Tensor> sample(torch::Tensor x, const torch::Tensor& temperature,
-                                                const torch::Tensor& top_k, const torch::Tensor& top_p,
-                                                const torch::Tensor& min_p, const torch::Tensor& seed,
-                                                const torch::Tensor& offset, bool from_probs) {
+// (tokens (B,) int64, logprobs (B,) float32, cutoffs (B, 2) float64 with want_cutoffs, else (0, 2));
+// rows with invalid input get token -1, logprob NaN and cutoff (NaN, 0).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sample(torch::Tensor x, const torch::Tensor& temperature,
+                                                               const torch::Tensor& top_k, const torch::Tensor& top_p,
+                                                               const torch::Tensor& min_p, const torch::Tensor& seed,
+                                                               const torch::Tensor& offset, bool from_probs,
+                                                               bool want_cutoffs) {
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) > 0, "input must have shape (B, V) with V > 0, got ", x.sizes());
   TORCH_CHECK_VALUE(x.size(1) < (int64_t{1} << 31), "vocabulary size must be < 2^31, got ", x.size(1));
   if (x.stride(1) != 1) x = x.contiguous();
@@ -90,10 +93,11 @@ std::tuple<torch::Tensor, torch::Tensor> sample(torch::Tensor x, const torch::Te
   check_counter(offset, "offset", x);
   auto tokens = torch::empty({rows}, x.options().dtype(torch::kInt64));
   auto logprobs = torch::empty({rows}, x.options().dtype(torch::kFloat));
-  if (rows == 0) return {tokens, logprobs};
+  auto cutoffs = torch::empty({want_cutoffs ? rows : 0, 2}, x.options().dtype(torch::kDouble));
+  if (rows == 0) return {tokens, logprobs, cutoffs};
   const auto contiguous = [](const torch::Tensor& t) { return t.contiguous(); };
   const auto t = contiguous(temperature), k = contiguous(top_k), p = contiguous(top_p), m = contiguous(min_p);
-  const auto args = make_args(x, t, k, p, m, seed, offset, from_probs, tokens, logprobs);
+  const auto args = make_args(x, t, k, p, m, seed, offset, from_probs, tokens, logprobs, cutoffs);
   if (x.is_cuda()) {
 #ifdef RLHF_FAST_WITH_CUDA
     run_cuda(x, args);
@@ -104,7 +108,7 @@ std::tuple<torch::Tensor, torch::Tensor> sample(torch::Tensor x, const torch::Te
     TORCH_CHECK_VALUE(x.is_cpu(), "input must be on CPU or CUDA, got ", x.device());
     rlhf_fast::cpu::sample_rows(x.data_ptr(), input_dtype(x), args);
   }
-  return {tokens, logprobs};
+  return {tokens, logprobs, cutoffs};
 }
 
 bool has_cuda() {
@@ -121,8 +125,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rlhf_fast csrc extension: sort-free temperature / top-k / top-p / min-p sampling";
   m.def("sample", &sample,
         "sample(input (B,V), temperature f32 (B,), top_k i64 (B,), top_p f64 (B,), min_p f32 (B,), seed i64 (1,), "
-        "offset i64 (1,), from_probs) -> (tokens i64 (B,), logprobs f32 (B,)); invalid rows give token -1",
+        "offset i64 (1,), from_probs, want_cutoffs) -> (tokens i64 (B,), logprobs f32 (B,), cutoffs f64 (B, 2) "
+        "or (0, 2) without want_cutoffs); invalid rows give token -1",
         py::arg("input"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
-        py::arg("seed"), py::arg("offset"), py::arg("from_probs"));
+        py::arg("seed"), py::arg("offset"), py::arg("from_probs"), py::arg("want_cutoffs") = false);
   m.def("has_cuda", &has_cuda, "True when the module was built with the CUDA kernels");
 }

@@ -7,6 +7,8 @@ s_d, folded by _online_softmax._kl_online_update, with fp64 row sums), over toke
 and the two backward variants (atomic, and reduce without atomics) are fused_linear_logprobs' (see
 kernels/fused_linear_logprobs.py and the shared pieces in kernels/_fused_linear.py).
 """
+import dataclasses
+
 import triton
 import triton.language as tl
 
@@ -45,12 +47,32 @@ REDUCE_TUNING_SETS = {dt: (pair,) if dt == "fp32" else (pair, (_CCE_BWD, _CCE_BW
 
 
 @triton.jit
-def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, part_ptr, N, V, H, HR,
-                                           stride_x, stride_w, stride_xr, stride_wr, temp, tiles_per_split,
-                                           has_bias, has_ref_bias, BLOCK_N: tl.constexpr,
-                                           BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                                           DOT_PRECISION: tl.constexpr):
-    """part (5, splits, N) <- per split: m_p, s_p, s_d, m_q, s_q as in _kl_online_update."""
+def _load_cut(cut_t_ptr, cut_i_ptr, rows, row_mask):
+    """(t fp32, i int32) of the rows' cutoffs, as the launcher passes them (i clamped to [0, V])."""
+    return (tl.load(cut_t_ptr + rows, mask=row_mask, other=float("-inf")),
+            tl.load(cut_i_ptr + rows, mask=row_mask, other=0))
+
+
+@triton.jit
+def _kept(z, t, i, cols):
+    """(BLOCK_N, BLOCK_V) bool: is token cols[v] in row n's kept set, for z the policy's tempered logits
+    and (t, i) the rows' cutoffs. The contract's `z > t or (z == t and v >= i)` as
+    `not (z < t or (z == t and v < i))`: a NaN logit stays in (its row turns NaN, as without cutoffs) and
+    a NaN t keeps nothing (as the reference's `off_k`)."""
+    below = (z < t[:, None]) | ((z == t[:, None]) & (cols[None, :] < i[:, None]))
+    return (below == 0) & (t == t)[:, None]
+
+
+@triton.jit
+def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, cut_t_ptr, cut_i_ptr,
+                                           tgt_ptr, part_ptr, N, V, H, HR, stride_x, stride_w, stride_xr,
+                                           stride_wr, temp, tiles_per_split, has_bias, has_ref_bias,
+                                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                                           DOT_PRECISION: tl.constexpr, HAS_CUTOFFS: tl.constexpr,
+                                           HAS_TARGETS: tl.constexpr):
+    """part (5 or 7, splits, N) <- per split: m_p, s_p, s_d, m_q, s_q as in _kl_online_update, over the
+    kept sets when HAS_CUTOFFS; then, when HAS_TARGETS, both models' tempered logits at the targets
+    (0 in the splits that do not hold a row's target)."""
     split = tl.program_id(1)
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
@@ -60,15 +82,27 @@ def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
     s_p = tl.zeros((BLOCK_N,), tl.float64)
     s_q = tl.zeros((BLOCK_N,), tl.float32)
     s_d = tl.zeros((BLOCK_N,), tl.float64)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
+    zrt = tl.zeros((BLOCK_N,), tl.float32)
+    if HAS_TARGETS:
+        tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+    if HAS_CUTOFFS:
+        cut_t, cut_i = _load_cut(cut_t_ptr, cut_i_ptr, rows, row_mask)
     v_begin = split * tiles_per_split * BLOCK_V
     for i in range(0, tiles_per_split):
         col0 = v_begin + i * BLOCK_V
-        col_mask = col0 + tl.arange(0, BLOCK_V) < V
+        cols = col0 + tl.arange(0, BLOCK_V)
         zp = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, V - col0, H, stride_x, stride_w, temp,
                           has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         zq = _logits_tile(xr_ptr, wr_ptr, br_ptr, row0, col0, N - row0, V - col0, HR, stride_xr, stride_wr,
                           temp, has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        valid = col_mask[None, :]
+        if HAS_TARGETS:  # before the kept-set mask: the launcher decides the target's membership from zt
+            hit = cols[None, :] == tgt[:, None]
+            zt += tl.sum(tl.where(hit, zp, 0.0), 1)
+            zrt += tl.sum(tl.where(hit, zq, 0.0), 1)
+        valid = (cols < V)[None, :]
+        if HAS_CUTOFFS:
+            valid = valid & _kept(zp, cut_t, cut_i, cols)
         zp = tl.where(valid, zp, float("-inf"))
         zq = tl.where(valid, zq, float("-inf"))
         m_p, m_q, s_p, s_q, s_d = _kl_online_update(zp, zq, valid, m_p, m_q, s_p, s_q, s_d, 1)
@@ -79,19 +113,28 @@ def _fused_linear_kl_divergence_fwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, 
     tl.store(out + 2 * stride_part, s_d, mask=row_mask)
     tl.store(out + 3 * stride_part, m_q, mask=row_mask)
     tl.store(out + 4 * stride_part, s_q, mask=row_mask)
+    if HAS_TARGETS:
+        tl.store(out + 5 * stride_part, zt, mask=row_mask)
+        tl.store(out + 6 * stride_part, zrt, mask=row_mask)
 
 
 @triton.jit
-def _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, g_ptr, row0, col0, N, v_end, H,
-                HR, stride_x, stride_w, stride_xr, stride_wr, temp, has_bias, has_ref_bias,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, cut_t_ptr, cut_i_ptr, stats_ptr, g_ptr, row0, col0,
+                N, v_end, H, HR, stride_x, stride_w, stride_xr, stride_wr, temp, has_bias, has_ref_bias,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                HAS_CUTOFFS: tl.constexpr):
     """d(KL)/d(logits) = g p ((zp - m_p) - (zq - m_q) - mean) / T for the (BLOCK_N, BLOCK_V) tile at
-    (row0, col0), fp32, zero outside rows < N and cols < v_end (policy side only; module docstring)."""
+    (row0, col0), fp32, zero outside rows < N and cols < v_end (policy side only; module docstring),
+    and, when HAS_CUTOFFS, zero off the kept sets (p = 0 there; the stats are over K)."""
     rows = row0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    col_mask = col0 + tl.arange(0, BLOCK_V) < v_end
+    cols = col0 + tl.arange(0, BLOCK_V)
+    col_mask = cols < v_end
     zp = _logits_tile(x_ptr, w_ptr, b_ptr, row0, col0, N - row0, v_end - col0, H, stride_x, stride_w, temp,
                       has_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+    if HAS_CUTOFFS:
+        cut_t, cut_i = _load_cut(cut_t_ptr, cut_i_ptr, rows, row_mask)
+        zp = tl.where(_kept(zp, cut_t, cut_i, cols), zp, float("-inf"))
     zq = _logits_tile(xr_ptr, wr_ptr, br_ptr, row0, col0, N - row0, v_end - col0, HR, stride_xr, stride_wr,
                       temp, has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
     m_p = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
@@ -107,39 +150,42 @@ def _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, g_ptr, r
 
 
 @triton.jit
-def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, g_ptr,
+def _fused_linear_kl_divergence_bwd_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, cut_t_ptr, cut_i_ptr,
+                                           stats_ptr, g_ptr,
                                            dx_ptr, dw_ptr, db_ptr, N, V, H, HR, v_begin, v_end,
                                            stride_x, stride_w, stride_xr, stride_wr, stride_dx, stride_dw,
                                            temp, has_bias, has_ref_bias, need_b, NEED_X: tl.constexpr,
                                            NEED_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                                           BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                                           BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                           HAS_CUTOFFS: tl.constexpr):
     """Atomic backward, vocab slice [v_begin, v_end): one (token block, vocab tile) per program."""
     row0 = tl.program_id(0) * BLOCK_N
     col0 = v_begin + tl.program_id(1) * BLOCK_V
-    d = _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, g_ptr, row0, col0, N, v_end,
-                    H, HR, stride_x, stride_w, stride_xr, stride_wr, temp, has_bias, has_ref_bias, BLOCK_N,
-                    BLOCK_V, BLOCK_K, DOT_PRECISION)
+    d = _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, cut_t_ptr, cut_i_ptr, stats_ptr, g_ptr, row0,
+                    col0, N, v_end, H, HR, stride_x, stride_w, stride_xr, stride_wr, temp, has_bias, has_ref_bias,
+                    BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, HAS_CUTOFFS)
     _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
                    stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V, BLOCK_K,
                    DOT_PRECISION, False)
 
 
 @triton.jit
-def _fused_linear_kl_divergence_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr,
-                                                  g_ptr, dx_ptr, dw_ptr, db_ptr, N, V, H, HR, v_begin, v_end,
+def _fused_linear_kl_divergence_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, cut_t_ptr,
+                                                  cut_i_ptr, stats_ptr, g_ptr, dx_ptr, dw_ptr, db_ptr, N, V, H, HR, v_begin, v_end,
                                                   stride_x, stride_w, stride_xr, stride_wr, stride_dx, stride_dw,
                                                   temp, has_bias, has_ref_bias, need_b, OWN_COLS: tl.constexpr,
                                                   NEED_X: tl.constexpr, NEED_W: tl.constexpr,
                                                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                                                  BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                                                  BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                                  HAS_CUTOFFS: tl.constexpr):
     """Backward without atomics (as _fused_linear_logprobs_bwd_reduce_kernel): OWN_COLS=False walks the
     vocab for BLOCK_N tokens and writes dx; OWN_COLS=True walks the tokens for BLOCK_V vocab rows and
     writes dw, db."""
     for i in range(0, _reduce_steps(N, v_begin, v_end, OWN_COLS, BLOCK_N, BLOCK_V)):
         row0, col0 = _reduce_tile(i, v_begin, OWN_COLS, BLOCK_N, BLOCK_V)
-        d = _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, stats_ptr, g_ptr, row0, col0, N,
-                        v_end, H, HR, stride_x, stride_w, stride_xr, stride_wr, temp, has_bias, has_ref_bias,
-                        BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        d = _kl_dlogits(x_ptr, w_ptr, b_ptr, xr_ptr, wr_ptr, br_ptr, cut_t_ptr, cut_i_ptr, stats_ptr, g_ptr, row0,
+                        col0, N, v_end, H, HR, stride_x, stride_w, stride_xr, stride_wr, temp, has_bias,
+                        has_ref_bias, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, HAS_CUTOFFS)
         _grad_products(d, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, row0, col0, N - row0, v_end - col0, v_begin, H,
                        stride_x, stride_w, stride_dx, stride_dw, need_b, NEED_X, NEED_W, BLOCK_N, BLOCK_V,
                        BLOCK_K, DOT_PRECISION, True)
@@ -148,33 +194,52 @@ def _fused_linear_kl_divergence_bwd_reduce_kernel(x_ptr, w_ptr, b_ptr, xr_ptr, w
         tl.debug_barrier()
 
 
+# (HAS_CUTOFFS, HAS_TARGETS) of the forward specs: every combination the launcher can ask for.
+FWD_VARIANTS = ((False, False), (True, False), (False, True), (True, True))
+
+
+def _with_cutoffs(spec):
+    """spec compiled with HAS_CUTOFFS=True (the backward's kept-set test), renamed."""
+    return dataclasses.replace(spec, name=spec.name[:-1] + ",CUT=True]",
+                               constexprs={**spec.constexprs, "HAS_CUTOFFS": True})
+
+
 def static_configs():
-    """Every config of every tuning set (forward, atomic backward, reduce backward passes)."""
+    """Every config of every tuning set: the forward with and without cutoffs/targets; the backward's
+    atomic passes, with HAS_CUTOFFS also for the full pass (X=W=True: the others keep a subset of its
+    values live), and every reduce pass with and without it."""
     specs = []
     for dt, cfg in FUSED_CONFIGS.items():
         ptrs = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "xr_ptr": f"*{dt}", "wr_ptr": f"*{dt}",
-                "br_ptr": f"*{dt}"}
+                "br_ptr": f"*{dt}", "cut_t_ptr": "*fp32", "cut_i_ptr": "*i32"}
+        table_cx = tile_constexprs(cfg, dt)[0]
+        fwd_sig = {**ptrs, "tgt_ptr": "*i64", "part_ptr": "*fp64", "N": "i32", "V": "i32", "H": "i32", "HR": "i32",
+                   "stride_x": "i32", "stride_w": "i32", "stride_xr": "i32", "stride_wr": "i32", "temp": "fp32",
+                   "tiles_per_split": "i32", "has_bias": "i32", "has_ref_bias": "i32",
+                   "HAS_CUTOFFS": "constexpr", "HAS_TARGETS": "constexpr", **{k: "constexpr" for k in table_cx}}
         for fwd_cfg in FWD_TUNING_SETS[dt]:
             cx, tag = tile_constexprs(fwd_cfg, dt)
-            specs.append(KernelSpec(
-                f"fused_linear_kl_fwd[{tag}]", _fused_linear_kl_divergence_fwd_kernel,
-                {**ptrs, "part_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "HR": "i32", "stride_x": "i32",
-                 "stride_w": "i32", "stride_xr": "i32", "stride_wr": "i32", "temp": "fp32", "tiles_per_split": "i32",
-                 "has_bias": "i32", "has_ref_bias": "i32", **{k: "constexpr" for k in cx}},
-                cx, fwd_cfg.num_warps, fwd_cfg.num_stages))
+            for cut, tgt in FWD_VARIANTS:
+                specs.append(KernelSpec(
+                    f"fused_linear_kl_fwd[{tag},CUT={cut},TGT={tgt}]", _fused_linear_kl_divergence_fwd_kernel,
+                    fwd_sig, {**cx, "HAS_CUTOFFS": cut, "HAS_TARGETS": tgt}, fwd_cfg.num_warps, fwd_cfg.num_stages))
         bwd_sig = {**ptrs, "stats_ptr": "*fp32", "g_ptr": "*fp32",
                    "dx_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32",
                    "HR": "i32", "v_begin": "i32", "v_end": "i32", "stride_x": "i32", "stride_w": "i32",
                    "stride_xr": "i32", "stride_wr": "i32", "stride_dx": "i32", "stride_dw": "i32",
                    "temp": "fp32", "has_bias": "i32", "has_ref_bias": "i32", "need_b": "i32",
-                   "NEED_X": "constexpr", "NEED_W": "constexpr", **{k: "constexpr" for k in tile_constexprs(cfg, dt)[0]}}
+                   "NEED_X": "constexpr", "NEED_W": "constexpr", "HAS_CUTOFFS": "constexpr",
+                   **{k: "constexpr" for k in table_cx}}
         for bwd_cfg in BWD_TUNING_SETS[dt]:
             cx, tag = tile_constexprs(bwd_cfg, dt)
-            for need_x, need_w in NEED_PAIRS:
-                specs.append(KernelSpec(
-                    f"fused_linear_kl_bwd[{tag},X={need_x},W={need_w}]", _fused_linear_kl_divergence_bwd_kernel,
-                    bwd_sig, {**cx, "NEED_X": need_x, "NEED_W": need_w}, bwd_cfg.num_warps, bwd_cfg.num_stages))
+            bwd = [KernelSpec(f"fused_linear_kl_bwd[{tag},X={need_x},W={need_w}]",
+                              _fused_linear_kl_divergence_bwd_kernel, bwd_sig,
+                              {**cx, "NEED_X": need_x, "NEED_W": need_w, "HAS_CUTOFFS": False},
+                              bwd_cfg.num_warps, bwd_cfg.num_stages) for need_x, need_w in NEED_PAIRS]
+            specs += bwd + [_with_cutoffs(bwd[0])]
         for pair in REDUCE_TUNING_SETS[dt]:
-            specs += reduce_specs("fused_linear_kl_bwd_reduce", _fused_linear_kl_divergence_bwd_reduce_kernel,
-                                  bwd_sig, dt, pair)
+            reduce = [dataclasses.replace(s, constexprs={**s.constexprs, "HAS_CUTOFFS": False})
+                      for s in reduce_specs("fused_linear_kl_bwd_reduce", _fused_linear_kl_divergence_bwd_reduce_kernel,
+                                            bwd_sig, dt, pair)]
+            specs += reduce + [_with_cutoffs(s) for s in reduce]
     return specs

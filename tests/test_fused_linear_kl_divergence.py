@@ -139,3 +139,4 @@ def test_bad_input_raises(device):
         fk(h, w, hr, wr, temperature=0.0)
     with pytest.raises(ValueError, match="backend must be one of"):
         fk(h, w, hr, wr, backend="fast")
+

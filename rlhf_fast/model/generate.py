@@ -31,6 +31,9 @@ class GenerationOutput:
     mask: torch.Tensor  # (B, max_new_tokens) int64: 1 for real response tokens (EOS included), 0 for padding
     prompts: torch.Tensor  # (B, P) int64: the prompts, left-padded with pad_token_id to the longest, P
     prompt_mask: torch.Tensor  # (B, P) int64: 1 on real prompt tokens
+    # (B, max_new_tokens, 2) float64 with return_cutoffs, else None: each step's kept set as
+    # `rlhf_fast.sample(..., return_cutoffs=True)` reports it; (-inf, 0) (no filter) on pads
+    cutoffs: torch.Tensor | None = None
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -72,8 +75,10 @@ def sampling_state(sampling: dict, B: int, device: torch.device) -> dict:
     return state
 
 
-def _collect(n: int, B: int, device: torch.device, next_token, eos_token_id: int | None, pad_token_id: int):
-    """Call next_token(i) -> (token, logprob), each (B,), for i < n -> tokens, logprobs, mask, each (B, n).
+def _collect(n: int, B: int, device: torch.device, next_token, eos_token_id: int | None, pad_token_id: int,
+             return_cutoffs: bool = False):
+    """Call next_token(i) -> (token, logprob, cutoff), (B,), (B,) and (B, 2) or None, for i < n -> tokens,
+    logprobs, mask, each (B, n), and with return_cutoffs the cutoffs (B, n, 2), else None.
 
     A row that emitted EOS keeps stepping (shapes stay static) but its outputs become padding. The host
     syncs only every _STOP_CHECK_EVERY steps (when every row may be done) and once at the end: the
@@ -85,11 +90,17 @@ def _collect(n: int, B: int, device: torch.device, next_token, eos_token_id: int
     mask = torch.zeros((B, n), dtype=torch.int64, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     unsampled = torch.zeros((B, n), dtype=torch.bool, device=device)
+    cutoffs = None
+    if return_cutoffs:
+        no_filter = torch.tensor([float("-inf"), 0.0], dtype=torch.float64, device=device)
+        cutoffs = no_filter.expand(B, n, 2).clone()
     for i in range(n):
-        token, logprob = next_token(i)
+        token, logprob, cutoff = next_token(i)
         unsampled[:, i] = (token < 0) & ~done
         tokens[:, i] = token.masked_fill(done, pad_token_id)
         logprobs[:, i] = logprob.float().masked_fill(done, 0.0)
+        if return_cutoffs:
+            cutoffs[:, i] = torch.where(done[:, None], no_filter, cutoff)
         mask[:, i] = (~done).long()
         if eos_token_id is not None:
             done |= _is_eos(token, eos_token_id)
@@ -99,12 +110,13 @@ def _collect(n: int, B: int, device: torch.device, next_token, eos_token_id: int
         row, step = (int(v) for v in unsampled.nonzero()[0])
         raise ValueError(f"generate: step {step} could not sample row {row}: its logits hold NaN or +inf, or are "
                          "all -inf (the model produced non-finite values)")
-    return tokens, logprobs, mask
+    return tokens, logprobs, mask, cutoffs
 
 
 def decode_n_tokens(model: GPT, logits: torch.Tensor, cache: KVCache | None, n: int, sampling: dict,
-                    eos_token_id: int | None, pad_token_id: int, recompute=None):
-    """Sample n tokens per row starting from `logits` (B, V) -> tokens, logprobs, mask, each (B, n).
+                    eos_token_id: int | None, pad_token_id: int, recompute=None, return_cutoffs: bool = False):
+    """Sample n tokens per row starting from `logits` (B, V) -> tokens, logprobs, mask, each (B, n), and
+    with return_cutoffs each step's cutoffs (B, n, 2) (see `_collect`).
 
     Step i samples with seed offset i (see `sampling_state`); EOS handling as in `_collect`.
     `recompute(token, step)` replaces the cached decode step with a full forward over everything so
@@ -119,16 +131,17 @@ def decode_n_tokens(model: GPT, logits: torch.Tensor, cache: KVCache | None, n: 
         if i > 0:
             token = token.clamp_min(0)  # -1 (an unsampled row) is reported by _collect
             logits = recompute(token, i) if recompute is not None else decode_one_token(model, token, cache)
-        token, logprob = rlhf_fast.sample(logits, return_logprobs=True, check_nan=False,
-                                          backend=sampling["backend"], **state)
+        token, logprob, *cutoff = rlhf_fast.sample(logits, return_logprobs=True, return_cutoffs=return_cutoffs,
+                                                   check_nan=False, backend=sampling["backend"], **state)
         state["offset"].add_(1)
-        return token, logprob
+        return token, logprob, (cutoff[0] if cutoff else None)
 
-    return _collect(n, B, device, next_token, eos_token_id, pad_token_id)
+    out = _collect(n, B, device, next_token, eos_token_id, pad_token_id, return_cutoffs)
+    return out if return_cutoffs else out[:3]
 
 
 def decode_n_tokens_graphed(model: GPT, logits: torch.Tensor, cache: KVCache, n: int, sampling: dict,
-                            eos_token_id: int | None, pad_token_id: int):
+                            eos_token_id: int | None, pad_token_id: int, return_cutoffs: bool = False):
     """`decode_n_tokens` with each step (sample, then decode the sampled token) replayed from one CUDA graph.
 
     Everything the step reads lives on the device at a fixed address: logits, `sampling_state` (offset
@@ -139,12 +152,15 @@ def decode_n_tokens_graphed(model: GPT, logits: torch.Tensor, cache: KVCache, n:
     static_logits = logits.clone()
     token = torch.zeros(B, dtype=torch.int64, device=device)
     logprob = torch.zeros(B, dtype=torch.float32, device=device)
+    cutoff = torch.zeros((B, 2), dtype=torch.float64, device=device) if return_cutoffs else None
 
     def step():
-        tok, lp = rlhf_fast.sample(static_logits, return_logprobs=True, check_nan=False,
-                                   backend=sampling["backend"], **params)
+        tok, lp, *cut = rlhf_fast.sample(static_logits, return_logprobs=True, return_cutoffs=return_cutoffs,
+                                         check_nan=False, backend=sampling["backend"], **params)
         token.copy_(tok)
         logprob.copy_(lp)
+        if return_cutoffs:
+            cutoff.copy_(cut[0])
         static_logits.copy_(decode_one_token(model, tok.clamp_min(0), cache))  # -1: reported by _collect
         params["offset"].add_(1)
 
@@ -165,9 +181,10 @@ def decode_n_tokens_graphed(model: GPT, logits: torch.Tensor, cache: KVCache, n:
 
     def next_token(i):
         graph.replay()  # the last replay also decodes its token, at slot len + n - 1 < P + n
-        return token, logprob
+        return token, logprob, cutoff
 
-    return _collect(n, B, device, next_token, eos_token_id, pad_token_id)
+    out = _collect(n, B, device, next_token, eos_token_id, pad_token_id, return_cutoffs)
+    return out if return_cutoffs else out[:3]
 
 
 @torch.no_grad()
@@ -175,7 +192,8 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, seed: int | None = None,
              use_cache: bool = True, cuda_graph: bool = False,
-             sample_backend: str | None = None, group_size: int = 1) -> GenerationOutput:
+             sample_backend: str | None = None, group_size: int = 1,
+             return_cutoffs: bool = False) -> GenerationOutput:
     """Sample up to `max_new_tokens` tokens after each prompt.
 
     prompts: a list of B 1-D int tensors of any lengths >= 1, or a (B, P) int tensor; with a tensor,
@@ -202,6 +220,10 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
     group_size: G >= 1 samples per prompt, returned as B * G rows (prompt b's samples are rows
         b*G .. b*G + G-1). With the cache, each prompt is prefilled once and its cache broadcast to its
         G rows, and the rows are then sampled exactly as if each prompt had been given G times.
+    return_cutoffs: also return `.cutoffs` (B, max_new_tokens, 2) float64, each step's kept set as
+        `rlhf_fast.sample(..., return_cutoffs=True)` defines it ((-inf, 0) on pads after EOS), so
+        `token_logprobs` / `fused_linear_logprobs(..., cutoffs=)` score the responses under the
+        distribution they were drawn from. False (default) computes nothing extra.
 
     Prompt length + max_new_tokens must fit in model.config.block_size. The model is not switched to
     eval mode: call model.eval() first if it has dropout.
@@ -212,6 +234,8 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    if not isinstance(return_cutoffs, bool):
+        raise ValueError(f"return_cutoffs must be a bool, got {type(return_cutoffs).__name__}")
     device = next(model.parameters()).device
     if isinstance(eos_token_id, (list, tuple)):  # several stop ids (chat models): a (K,) tensor, made before capture
         if not eos_token_id or not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_token_id):
@@ -257,12 +281,13 @@ def generate(model: GPT, prompts, max_new_tokens: int, *, attention_mask: torch.
 
         logits = recompute(None, 0)
     if cuda_graph:
-        tokens, logprobs, mask = decode_n_tokens_graphed(model, logits, cache, max_new_tokens, sampling,
-                                                         eos_token_id, pad_token_id)
+        out = decode_n_tokens_graphed(model, logits, cache, max_new_tokens, sampling, eos_token_id, pad_token_id,
+                                      return_cutoffs)
     else:
-        tokens, logprobs, mask = decode_n_tokens(model, logits, cache, max_new_tokens, sampling, eos_token_id,
-                                                 pad_token_id, recompute)
-    return GenerationOutput(tokens, logprobs, mask, prompts_left, prompt_mask)
+        out = decode_n_tokens(model, logits, cache, max_new_tokens, sampling, eos_token_id, pad_token_id,
+                              recompute, return_cutoffs)
+    tokens, logprobs, mask, *cutoffs = out
+    return GenerationOutput(tokens, logprobs, mask, prompts_left, prompt_mask, cutoffs[0] if cutoffs else None)
 
 
 def _broadcast_prefill(model: GPT, logits: torch.Tensor, cache: KVCache, group_size: int,

@@ -21,6 +21,11 @@ head        targets               returns
 "lm"        None                  logits (B, T, V)
 "lm"        (B, T) token ids      (logprobs (B, T) fp32, entropy (B, T) fp32 or None),
                                   via `fused_linear_logprobs`: no (B, T, V) logits in memory
+"lm"        targets + reference   (logprobs, entropy, kl, ref_logprobs), each (B, T) fp32 or None:
+                                  the exact KL(pi || pi_ref) per position via
+                                  `fused_linear_kl_divergence` (and, when scoring, the
+                                  reference's logprob of the targets from the same pass)
+"lm"        return_hidden=True    final hidden states (B, T, C), the lm_head's input
 "value"     -                     values (B, T) fp32: one scalar per token (PPO critic)
 "reward"    -                     rewards (B,) fp32 at each row's last real token
 ==========  ====================  =====================================================
@@ -74,19 +79,43 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None, temperature: float = 1.0, return_entropy: bool = True,
-                ignore_index: int = -100):
+                ignore_index: int = -100, cutoffs: torch.Tensor | None = None, reference=None,
+                return_hidden: bool = False, check_kept: bool = True):
         """See the module docstring for layouts and outputs.
 
         idx: (B, T) int64, or (N,) with cu_seqlens (S + 1,) int32 and max_seqlen (int).
         targets: same shape as idx, token ids whose logprob under logits / temperature is returned
             (already shifted by the caller: targets[..., t] is scored by the logits at t);
             `ignore_index` marks positions to skip (logprob 0). lm head only.
+        cutoffs: optional targets.shape + (2,) float64, the sampler's kept set of each position
+            (``rlhf_fast.sample(..., return_cutoffs=True)``): logprobs, entropy and KL are then those of
+            the tempered distribution renormalized over that set. Ignored positions may hold anything.
+            A target off its set raises ValueError, or with ``check_kept=False`` gets logprob -inf (an
+            RL update whose policy moved since the rollout handles it).
+        reference: optional (ref_hidden, ref_weight) of a frozen reference model: ref_hidden of the
+            shape of this model's hidden states (B, T, C_ref) (``ref(idx, return_hidden=True)``),
+            ref_weight (V, C_ref) its lm_head weight, or None when it shares this model's lm_head (a
+            LoRA policy with its adapters off). With targets, also returns the per-position exact
+            KL(pi || pi_ref) (differentiable in this model) and the reference's logprob of the
+            targets (a constant), both 0 at ignored positions; computed on the targeted positions only.
+            Without gradient and entropy (scoring) the logprobs come from that same pass; otherwise they
+            and the entropy come from fused_linear_logprobs and ref_logprobs is None.
+        return_hidden: return the final hidden states (B, T, C) (lm head, no targets): what a model
+            passes as `reference` to another.
         """
         if targets is not None and self.head != "lm":
             raise ValueError(f"targets are only accepted by the 'lm' head, this model has head={self.head!r}")
+        if (cutoffs is not None or reference is not None) and targets is None:
+            raise ValueError("cutoffs and reference need targets (the tokens they score)")
+        if return_hidden and (self.head != "lm" or targets is not None):
+            raise ValueError("return_hidden is for the 'lm' head without targets")
+        if cutoffs is not None and (not isinstance(cutoffs, torch.Tensor) or cutoffs.shape != (*targets.shape, 2)):
+            raise ValueError(f"cutoffs must be a tensor of shape targets.shape + (2,) = {(*targets.shape, 2)}, "
+                             f"got {getattr(cutoffs, 'shape', type(cutoffs).__name__)}")
+        extra = dict(cutoffs=cutoffs, reference=reference, return_hidden=return_hidden, check_kept=check_kept)
         if cu_seqlens is not None:
             return self._forward_packed(idx, targets, cu_seqlens, max_seqlen, temperature, return_entropy,
-                                        ignore_index)
+                                        ignore_index, extra)
         _check_idx(idx, 2, self.config)
         B, T = idx.shape
         if targets is not None and targets.shape != idx.shape:
@@ -107,9 +136,10 @@ class GPT(nn.Module):
             last = lead + mask.sum(1) - 1  # (B,) last real token
             if targets is not None:
                 targets = targets.masked_fill(~mask, ignore_index)
-        return self._head(x, last, targets, temperature, return_entropy, ignore_index)
+        return self._head(x, last, targets, temperature, return_entropy, ignore_index, **extra)
 
-    def _forward_packed(self, idx, targets, cu_seqlens, max_seqlen, temperature, return_entropy, ignore_index):
+    def _forward_packed(self, idx, targets, cu_seqlens, max_seqlen, temperature, return_entropy, ignore_index,
+                        extra):
         _check_idx(idx, 1, self.config)
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
             raise ValueError("cu_seqlens must be a 1-D int32 tensor of sequence boundaries (S + 1,)")
@@ -123,7 +153,7 @@ class GPT(nn.Module):
         seq = torch.repeat_interleave(torch.arange(len(lengths), device=idx.device), lengths, output_size=N)
         pos = torch.arange(N, device=idx.device) - starts[seq]  # (N,) position inside its own sequence
         x = self._backbone(idx, pos, Packed(self.config.backend, cu_seqlens, max_seqlen))  # (N, C)
-        return self._head(x, cu_seqlens[1:].long() - 1, targets, temperature, return_entropy, ignore_index)
+        return self._head(x, cu_seqlens[1:].long() - 1, targets, temperature, return_entropy, ignore_index, **extra)
 
     def _backbone(self, idx: torch.Tensor, pos: torch.Tensor, attend) -> torch.Tensor:
         """Token ids (...,) at positions pos (broadcastable to idx) -> final-normed hidden (..., C)."""
@@ -143,7 +173,8 @@ class GPT(nn.Module):
                 x = block(x, layer, attend, rope)
         return tf.ln_f(x)
 
-    def _head(self, x, last, targets, temperature, return_entropy, ignore_index):
+    def _head(self, x, last, targets, temperature, return_entropy, ignore_index, cutoffs=None, reference=None,
+              return_hidden=False, check_kept=True):
         """x (..., C) final hidden; last: index into dim -2 of x (or dim 0 when packed) of each sequence's end."""
         if self.head == "value":
             return self.score(x).squeeze(-1).float()  # (...,)
@@ -153,19 +184,32 @@ class GPT(nn.Module):
             else:
                 x = x[last]  # (S, C)
             return self.score(x).squeeze(-1).float()  # (B,)
+        if return_hidden:
+            return x
         if targets is None:
             return self.lm_head(x)  # (..., V)
         hidden, weight = x.reshape(-1, x.shape[-1]), self.lm_head.weight  # (N, C), (V, C)
         if torch.is_autocast_enabled(x.device.type):  # custom ops are not autocast: cast as a matmul would
             dtype = torch.get_autocast_dtype(x.device.type)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
-        out = rlhf_fast.fused_linear_logprobs(hidden, weight, targets.reshape(-1), temperature=temperature,
+        flat_targets = targets.reshape(-1)
+        flat_cutoffs = None if cutoffs is None else cutoffs.reshape(-1, 2)
+        scoring = not return_entropy and not torch.is_grad_enabled()
+        if reference is not None:
+            kl, logp, ref_logp = _reference_terms(hidden, weight, reference, flat_targets, flat_cutoffs,
+                                                  temperature, ignore_index, self.config.backend, scoring)
+            if scoring:  # the KL pass has the logprobs
+                return logp.view(targets.shape), None, kl.view(targets.shape), ref_logp.view(targets.shape)
+        out = rlhf_fast.fused_linear_logprobs(hidden, weight, flat_targets, temperature=temperature,
                                               return_entropy=return_entropy, ignore_index=ignore_index,
+                                              cutoffs=flat_cutoffs, check_kept=check_kept,
                                               backend=self.config.backend)
-        if return_entropy:
-            logprobs, entropy = out
-            return logprobs.view(targets.shape), entropy.view(targets.shape)
-        return out.view(targets.shape), None
+        logprobs, entropy = out if return_entropy else (out, None)
+        logprobs = logprobs.view(targets.shape)
+        entropy = entropy.view(targets.shape) if return_entropy else None
+        if reference is None:
+            return logprobs, entropy
+        return logprobs, entropy, kl.view(targets.shape), None
 
     # ---------------------------------------------------------------- generation steps (used by generate.py)
     @torch.no_grad()
@@ -228,6 +272,32 @@ class GPT(nn.Module):
         """Write a Hugging Face folder (config.json + safetensors) in this model's family format. See hf.py."""
         from .hf import save_pretrained
         return save_pretrained(self, path, **kwargs)
+
+
+def _reference_terms(hidden, weight, reference, targets, cutoffs, temperature, ignore_index, backend, with_logprobs):
+    """Per-token (kl, logprobs, ref_logprobs), each (N,) fp32, 0 at ignored targets, of the policy's hidden
+    (N, C) and lm_head weight against `reference` = (ref_hidden (..., C_ref), ref_weight (V, C_ref) or None
+    for `weight`); kl differentiable in the policy, the logprobs constants (None without `with_logprobs`:
+    then the targets are not read, and one that left its kept set does not matter). Only the targeted rows
+    go through the op (a rollout's prompt positions are skipped)."""
+    ref_hidden, ref_weight = reference
+    ref_hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+    if ref_hidden.shape[0] != hidden.shape[0]:
+        raise ValueError(f"reference hidden states must have {hidden.shape[0]} positions (this model's), "
+                         f"got {ref_hidden.shape[0]}")
+    ref_weight = weight.detach() if ref_weight is None else ref_weight
+    rows = (targets != ignore_index).nonzero().squeeze(1)  # (M,)
+    out = rlhf_fast.fused_linear_kl_divergence(
+        hidden[rows], weight, ref_hidden[rows].to(hidden.dtype).detach(), ref_weight.to(hidden.dtype).detach(),
+        temperature=temperature, cutoffs=None if cutoffs is None else cutoffs[rows],
+        targets=targets[rows] if with_logprobs else None, return_logprobs=with_logprobs, backend=backend)
+
+    def scatter(v):  # (M,) -> (N,), 0 at the untargeted rows
+        return hidden.new_zeros(hidden.shape[0], dtype=torch.float32).index_put((rows,), v.float())
+    if not with_logprobs:
+        return scatter(out), None, None
+    kl, logp, ref_logp = out
+    return scatter(kl), scatter(logp.detach()), scatter(ref_logp.detach())
 
 
 def _check_idx(idx, ndim: int, config: GPTConfig) -> None:

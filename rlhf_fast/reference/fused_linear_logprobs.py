@@ -13,7 +13,7 @@ from ._chunks import lm_head_backward, lm_head_chunks
 
 
 def validate(hidden, weight, targets, bias, temperature, ignore_index, chunk_size,
-             names=("hidden", "weight", "targets", "bias")) -> None:
+             names=("hidden", "weight", "targets", "bias"), cutoffs=None) -> None:
     """Data-free checks; `names` lets the KL op reuse this for its ref_* arguments."""
     h_name, w_name, t_name, b_name = names
     _validate.check_tensor(h_name, hidden, ndim=2, dtypes=_validate.FLOAT_DTYPES)
@@ -35,48 +35,55 @@ def validate(hidden, weight, targets, bias, temperature, ignore_index, chunk_siz
         raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    if cutoffs is not None:
+        tl.validate_cutoffs(cutoffs, targets)
 
 
 def forward(hidden, weight, bias, targets, temperature: float, want_entropy: bool, ignore_index: int,
-            chunk_rows: int | None = None):
-    """hidden (N, H), weight (V, H) -> (logp (N,), entropy (N,) or (0,), stats (2, N) = (max, log s)), fp32."""
+            chunk_rows: int | None = None, cutoffs=None):
+    """hidden (N, H), weight (V, H), cutoffs None or (N, 2) float64 -> (logp (N,), entropy (N,) or (0,),
+    stats (2, N) = (max, log s)), fp32."""
     chunks = lm_head_chunks(((hidden, weight, bias),), temperature, chunk_rows)
-    return tl.stats_over(chunks, targets, want_entropy, ignore_index)
+    cuts = None if cutoffs is None else tl.cut_points(cutoffs, weight.shape[0])
+    return tl.stats_over(chunks, targets, want_entropy, ignore_index, cuts)
 
 
 def backward(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature: float,
-             ignore_index: int, chunk_rows: int | None = None, need=(True, True, True)):
+             ignore_index: int, chunk_rows: int | None = None, need=(True, True, True), cutoffs=None):
     """Returns (d hidden, d weight, d bias); an entry is None where `need` says it is not wanted."""
     chunks = lm_head_chunks(((hidden, weight, bias),), temperature, chunk_rows)
-    grads = tl.grads_over(chunks, targets, stats, entropy, grad_logp, grad_entropy, ignore_index, temperature)
+    cuts = None if cutoffs is None else tl.cut_points(cutoffs, weight.shape[0])
+    grads = tl.grads_over(chunks, targets, stats, entropy, grad_logp, grad_entropy, ignore_index, temperature, cuts)
     return lm_head_backward(grads, hidden, weight, bias, need)
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_rows):
+    def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_rows, cutoffs):
         logp, entropy, stats = forward(hidden, weight, bias, targets, temperature, want_entropy,
-                                       ignore_index, chunk_rows)
-        ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy)
+                                       ignore_index, chunk_rows, cutoffs)
+        ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy, cutoffs)
         ctx.args = (temperature, want_entropy, ignore_index, chunk_rows)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, stats, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, stats, entropy, cutoffs = ctx.saved_tensors
         temperature, want_entropy, ignore_index, chunk_rows = ctx.args
         if grad_logp is None:
             grad_logp = torch.zeros_like(stats[0])
         grads = backward(grad_logp, grad_entropy if want_entropy else None, hidden, weight, bias, targets,
-                         stats, entropy, temperature, ignore_index, chunk_rows, ctx.needs_input_grad[:3])
-        return (*grads, None, None, None, None, None)
+                         stats, entropy, temperature, ignore_index, chunk_rows, ctx.needs_input_grad[:3], cutoffs)
+        return (*grads, None, None, None, None, None, None)
 
 
 def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False,
-                          ignore_index=-100, chunk_size=None):
+                          ignore_index=-100, chunk_size=None, cutoffs=None):
     """Reference twin of rlhf_fast.fused_linear_logprobs (see its docstring for the contract)."""
-    validate(hidden, weight, targets, bias, temperature, ignore_index, chunk_size)
+    validate(hidden, weight, targets, bias, temperature, ignore_index, chunk_size, cutoffs=cutoffs)
     tl.check_targets_in_range(targets, weight.shape[0], ignore_index)
     logp, entropy = _FusedLinearLogprobs.apply(hidden, weight, bias, targets, float(temperature),
-                                               bool(return_entropy), ignore_index, chunk_size)
+                                               bool(return_entropy), ignore_index, chunk_size, cutoffs)
+    if cutoffs is not None:
+        tl.check_targets_kept(logp, targets, ignore_index)
     return (logp, entropy) if return_entropy else logp

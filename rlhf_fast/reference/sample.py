@@ -87,8 +87,24 @@ def warp(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: 
 
     top_k (B,) int64 (0 = off), top_p (B,) float64, min_p (B,) float32, as in transformers' warpers.
     """
+    return warp_with_cutoffs(scores, top_k, top_p, min_p, want_cutoffs=False)[0]
+
+
+def warp_with_cutoffs(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                      want_cutoffs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`warp`, and with want_cutoffs each row's cutoff (B, 2) float64 (None without).
+
+    A row's cutoff (t, i) says which tokens the filters kept: v is kept <=> s_v > t or (s_v == t and
+    v >= i), with s the tempered scores given (float32). Every filter keeps an upper set of the tokens
+    ordered by (s, index), so the kept set is one too, and (t, i) is chosen in its gap: with lo the
+    lowest kept score and hi the highest removed one, t = float32((hi + lo) / 2) (lo if that rounds
+    to hi) and i = 0, so scores recomputed within half the gap of these keep the same set. When the
+    top-p cut splits a tie (hi == lo): t = lo and i = the lowest kept index among the tied tokens.
+    Nothing removed but -inf scores: (-inf, 0).
+    """
     B, V = scores.shape
     neg_inf = float("-inf")
+    x = scores
     # TopKLogitsWarper: drop scores below the k-th largest; ties with it stay.
     k = top_k.clamp(1, V)
     kth = torch.sort(scores, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # no host read of k
@@ -100,14 +116,31 @@ def warp(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: 
     # double, then rounded to float32 (the csrc kernels' top_p_remove_bound assumes exactly this). CUDA's
     # float32 cumsum accumulates in float32, so the sum is spelled out to give the same cut on any device.
     cumulative = sorted_logits.softmax(dim=-1).double().cumsum(dim=-1).float()
-    sorted_remove = cumulative <= (1 - top_p).to(torch.float32)[:, None]
+    # (top_p = 1 is no filter, as in transformers, which then adds no TopPLogitsWarper: without the
+    # bound > 0 test, tokens whose float32 probability underflows to 0 would go)
+    remove_bound = (1 - top_p).to(torch.float32)[:, None]
+    sorted_remove = (cumulative <= remove_bound) & (remove_bound > 0)
     sorted_remove[:, -1] = False
     scores = scores.masked_fill(sorted_remove.scatter(1, sorted_indices, sorted_remove), neg_inf)
     # MinPLogitsWarper: drop p < min_p * p_max, never the top token.
     probs = scores.softmax(dim=-1)
     remove = probs < min_p[:, None] * probs.amax(-1, keepdim=True)
     remove.scatter_(-1, probs.argmax(-1, keepdim=True), False)
-    return scores.masked_fill(remove, neg_inf)
+    scores = scores.masked_fill(remove, neg_inf)
+    if not want_cutoffs:
+        return scores, None
+    kept = torch.isfinite(scores)
+    lo = torch.where(kept, x, float("inf")).amin(-1)
+    hi = torch.where(kept, neg_inf, x).amax(-1)
+    mid = ((hi.double() + lo.double()) * 0.5).float()
+    tie = hi == lo
+    t = torch.where(tie | (mid <= hi), lo, mid)
+    index = torch.arange(V, device=x.device)
+    i = torch.where(tie, torch.where(kept & (x == lo[:, None]), index, V).amin(-1), 0)
+    nothing_removed = hi == neg_inf
+    t = t.masked_fill(nothing_removed, neg_inf)
+    i = i.masked_fill(nothing_removed, 0)
+    return scores, torch.stack((t.double(), i.double()), dim=-1)
 
 
 def draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -127,12 +160,14 @@ def draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def sample_rows(x: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                min_p: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
-                from_probs: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole op on normalized inputs: (tokens (B,) int64, logprobs (B,) float32).
+                min_p: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor, from_probs: bool,
+                want_cutoffs: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The whole op on normalized inputs: (tokens (B,) int64, logprobs (B,) float32, cutoffs).
 
     x (B, V) logits or probabilities; temperature (B,) float32, top_k (B,) int64, top_p (B,) float64,
     min_p (B,) float32; seed, offset int64 with one element. Invalid rows get token -1, logprob NaN.
+    cutoffs: None, or with want_cutoffs (B, 2) float64 as `warp_with_cutoffs` defines them on the
+    tempered x; greedy rows (x_max, argmax) of the untempered x, invalid rows (NaN, 0).
     """
     B = x.shape[0]
     bad = invalid_rows(x, temperature, top_k, top_p, min_p, from_probs)
@@ -144,14 +179,20 @@ def sample_rows(x: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     safe_k = torch.where(bad, torch.zeros_like(top_k), top_k)
     safe_p = torch.where(bad, torch.ones_like(top_p), top_p)
     safe_min_p = torch.where(bad, torch.zeros_like(min_p), min_p)
-    scores = warp(logits / safe_t[:, None], safe_k, safe_p, safe_min_p)
+    scores, cutoffs = warp_with_cutoffs(logits / safe_t[:, None], safe_k, safe_p, safe_min_p, want_cutoffs)
     tokens = draw(scores, row_uniforms(seed, offset, B))
     logprobs = torch.log_softmax(scores, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-    tokens = torch.where(greedy, logits.argmax(-1), tokens)
+    argmax = logits.argmax(-1)
+    tokens = torch.where(greedy, argmax, tokens)
     logprobs = torch.where(greedy, torch.zeros_like(logprobs), logprobs)
     tokens = tokens.masked_fill(bad, -1)
     logprobs = logprobs.masked_fill(bad, float("nan"))
-    return tokens, logprobs
+    if want_cutoffs:
+        point = torch.stack((logits.amax(-1).double(), argmax.double()), dim=-1)
+        cutoffs = torch.where(greedy[:, None], point, cutoffs)
+        invalid = torch.tensor([float("nan"), 0.0], dtype=torch.float64, device=x.device)
+        cutoffs = torch.where(bad[:, None], invalid, cutoffs)
+    return tokens, logprobs, cutoffs
 
 
 def processed_log_probs(x: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -183,17 +224,23 @@ def normalize_args(x: torch.Tensor, temperature, top_k, top_p, min_p, seed, offs
     return (*(as_rows(name, params[name], B, dtype, device) for name, dtype in PARAM_DTYPES.items()), seed, offset)
 
 
+def _outputs(tokens, logprobs, cutoffs, return_logprobs: bool, return_cutoffs: bool):
+    """tokens, (tokens, logprobs), (tokens, cutoffs) or (tokens, logprobs, cutoffs), as asked."""
+    out = (tokens,) + ((logprobs,) if return_logprobs else ()) + ((cutoffs,) if return_cutoffs else ())
+    return out if len(out) > 1 else tokens
+
+
 def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, offset=0,
-           return_logprobs: bool = False):
+           return_logprobs: bool = False, return_cutoffs: bool = False):
     """Reference twin of `rlhf_fast.sample` (no input checks; invalid rows give token -1)."""
-    tokens, logprobs = sample_rows(logits, *normalize_args(logits, temperature, top_k, top_p, min_p, seed, offset),
-                                   from_probs=False)
-    return (tokens, logprobs) if return_logprobs else tokens
+    out = sample_rows(logits, *normalize_args(logits, temperature, top_k, top_p, min_p, seed, offset),
+                      from_probs=False, want_cutoffs=return_cutoffs)
+    return _outputs(*out, return_logprobs, return_cutoffs)
 
 
 def sample_from_probs(probs: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, offset=0,
-                      return_logprobs: bool = False):
+                      return_logprobs: bool = False, return_cutoffs: bool = False):
     """Reference twin of `rlhf_fast.sample_from_probs` (no input checks; invalid rows give token -1)."""
-    tokens, logprobs = sample_rows(probs, *normalize_args(probs, temperature, top_k, top_p, min_p, seed, offset),
-                                   from_probs=True)
-    return (tokens, logprobs) if return_logprobs else tokens
+    out = sample_rows(probs, *normalize_args(probs, temperature, top_k, top_p, min_p, seed, offset),
+                      from_probs=True, want_cutoffs=return_cutoffs)
+    return _outputs(*out, return_logprobs, return_cutoffs)

@@ -2,7 +2,9 @@
 
 The forward keeps only per-row statistics (max, log-sum-exp, entropy); the backward recomputes softmax one chunk of
 rows at a time and writes d(logits) straight into a tensor of the logits' dtype, so the largest fp32
-temporary is (chunk_rows, V), never (N, V).
+temporary is (chunk_rows, V), never (N, V). With cutoffs (CUTOFFS.md) each chunk's logits off the kept set are
+set to -inf before the statistics (mask_chunk_) and their d(logits) to 0, so the chunk stays the largest temporary
+(its masks are transient bools, freed before the softmax temporaries exist).
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from .. import _validate
 from ._chunks import logits_chunks
 
 
-def validate(logits, targets, temperature: float, ignore_index: int, name: str = "logits") -> None:
+def validate(logits, targets, temperature: float, ignore_index: int, name: str = "logits",
+             cutoffs: torch.Tensor | None = None) -> None:
     """Shape/dtype/device checks that need no data (safe to run under torch.compile)."""
     _validate.check_tensor(name, logits, dtypes=_validate.FLOAT_DTYPES)
     _validate.check_tensor("targets", targets, dtypes=(torch.int64, torch.int32))
@@ -29,6 +32,71 @@ def validate(logits, targets, temperature: float, ignore_index: int, name: str =
     _validate.check_positive("temperature", temperature)
     if not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    validate_cutoffs(cutoffs, targets)
+
+
+def validate_cutoffs(cutoffs, targets) -> None:
+    """cutoffs: None, or float64 of shape targets.shape + (2,) on targets' device (CUTOFFS.md)."""
+    if cutoffs is None:
+        return
+    _validate.check_tensor("cutoffs", cutoffs, dtypes=(torch.float64,))
+    want = tuple(targets.shape) + (2,)
+    if tuple(cutoffs.shape) != want:
+        raise ValueError(f"cutoffs must have shape {want} (targets.shape + (2,): a threshold and a token index "
+                         f"per position), got {tuple(cutoffs.shape)}")
+    _validate.check_same_device(targets=targets, cutoffs=cutoffs)
+
+
+def cut_points(cutoffs: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 2) float64 cutoffs -> (t (N,) float32, i (N,) int32): token v of row r is dropped iff
+    x_v < t_r or (x_v == t_r and v < i_r), i.e. kept iff x_v > t or (x_v == t and v >= i).
+
+    Written as "dropped" so that a NaN logit stays in its row (which then turns NaN, as without cutoffs).
+    A NaN threshold (an invalid sampler row) keeps nothing: t = +inf, i = vocab drop every non-NaN logit.
+    """
+    t = cutoffs[:, 0]
+    invalid = torch.isnan(t)
+    t32 = torch.where(invalid, float("inf"), t).to(torch.float32)
+    i32 = torch.where(invalid, float(vocab), cutoffs[:, 1].clamp(0, vocab)).to(torch.int32)
+    return t32.contiguous(), i32.contiguous()
+
+
+def mask_chunk_(z: torch.Tensor, cuts, rows: slice) -> None:
+    """Set the logits of chunk z (fp32 logits / T of `rows`) that lie off their row's kept set to -inf, in
+    place; the softmax of z is then the kept, renormalized distribution. cuts: cut_points(cutoffs), or
+    None (nothing to do).
+
+    Dropped: z < t, or z == t at an index below i. Only rows with i > 0 (a top-p cut inside a run of
+    ties) can drop a logit equal to t, and their logits at the cut are few, so they are found as indices.
+    The only (n, V) temporary is a transient bool mask, freed before the caller's softmax math allocates
+    its own."""
+    if cuts is None:
+        return
+    t, i = cuts[0][rows][:, None], cuts[1][rows]
+    tie_rows = torch.nonzero(i > 0).flatten()
+    if tie_rows.numel():
+        at_cut = torch.nonzero(z[tie_rows] == t[tie_rows])
+        r, c = tie_rows[at_cut[:, 0]], at_cut[:, 1]
+        below_i = c < i[r]
+        z[r[below_i], c[below_i]] = float("-inf")
+    z.masked_fill_(z < t, float("-inf"))
+
+
+def check_targets_kept(logp: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> None:
+    """After a filtered forward: raise ValueError if a (non-ignored) target has logp = -inf, i.e. lies
+    outside its row's kept set (or has a -inf logit), reading logp (one host sync on CUDA; a device-side
+    assert during CUDA-graph capture, as check_targets_in_range)."""
+    if targets.numel() == 0:
+        return
+    bad = (targets != ignore_index) & torch.isneginf(logp)
+    msg = "targets must lie in the kept set that cutoffs describe (x > t, or x == t and index >= i)"
+    if capturing(targets):
+        torch._assert_async(~bad.any(), msg)
+        return
+    if bool(bad.any()):
+        row = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(f"{msg}; position {row} (flattened): target {int(targets[row])} has probability 0 "
+                         "under its row's filtered distribution")
 
 
 def capturing(t: torch.Tensor) -> bool:
@@ -98,73 +166,101 @@ def grad_z_(z: torch.Tensor, targets, stats, entropy, grad_logp, grad_entropy, i
     return z
 
 
-def stats_over(chunks, targets, want_entropy: bool, ignore_index: int):
+def stats_over(chunks, targets, want_entropy: bool, ignore_index: int, cuts=None):
     """row_stats over (rows, [z]) chunks covering targets' N rows -> (logp (N,), entropy (N,) or (0,),
-    stats (2, N)), fp32."""
+    stats (2, N)), fp32. cuts: None or cut_points(cutoffs): the statistics of the kept, renormalized
+    distribution, and logp = -inf for a target off the kept set."""
     n, dev = targets.shape[0], targets.device
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=dev)
     stats = torch.empty(2, n, dtype=torch.float32, device=dev)
     for rows, (z,) in chunks:
+        mask_chunk_(z, cuts, rows)
         lp, ent, st = row_stats(z, targets[rows], ignore_index, want_entropy)
+        if cuts is not None:
+            t = targets[rows]
+            z_t = z.gather(-1, torch.where(t != ignore_index, t, 0).long()[:, None]).squeeze(-1)
+            lp = lp.masked_fill_((t != ignore_index) & z_t.isneginf(), float("-inf"))  # also when no token is kept
         logp[rows], stats[:, rows] = lp, st
         if want_entropy:
             entropy[rows] = ent
     return logp, entropy, stats
 
 
-def grads_over(chunks, targets, stats, entropy, grad_logp, grad_entropy, ignore_index: int, temperature: float):
-    """Yield (rows, d(logits) fp32) for each (rows, [z]) chunk; grad_z_ overwrites the chunk's z."""
+def grads_over(chunks, targets, stats, entropy, grad_logp, grad_entropy, ignore_index: int, temperature: float,
+               cuts=None):
+    """Yield (rows, d(logits) fp32) for each (rows, [z]) chunk; grad_z_ overwrites the chunk's z.
+
+    With cuts (cut_points), d(logits) = 0 off the kept set: the dropped logits are -inf, which grad_z_
+    gives a zero gradient; a dropped target gets no one-hot term, and a row that keeps nothing (max -inf)
+    is zero, not 0 * NaN."""
     for rows, (z,) in chunks:
         ent = entropy[rows] if grad_entropy is not None else None
         g_e = grad_entropy[rows] if grad_entropy is not None else None
         g_l = grad_logp[rows] if grad_logp is not None else None
-        yield rows, grad_z_(z, targets[rows], stats[:, rows], ent, g_l, g_e, ignore_index, temperature)
+        t = targets[rows]
+        if cuts is not None:
+            mask_chunk_(z, cuts, rows)
+            if g_l is not None:
+                z_t = z.gather(-1, torch.where(t != ignore_index, t, 0).long()[:, None]).squeeze(-1)
+                g_l = g_l.masked_fill(z_t.isneginf(), 0.0)
+        dz = grad_z_(z, t, stats[:, rows], ent, g_l, g_e, ignore_index, temperature)
+        if cuts is not None:
+            empty = stats[0, rows] == float("-inf")
+            if empty.any():
+                dz[empty] = 0.0
+        yield rows, dz
 
 
 def forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float, want_entropy: bool,
-            ignore_index: int, chunk_rows: int | None = None):
-    """logits (N, V), targets (N,) -> (logp (N,), entropy (N,) or (0,), stats (2, N)), fp32."""
-    return stats_over(logits_chunks((logits,), temperature, chunk_rows), targets, want_entropy, ignore_index)
+            ignore_index: int, chunk_rows: int | None = None, cutoffs: torch.Tensor | None = None):
+    """logits (N, V), targets (N,), cutoffs None or (N, 2) float64 -> (logp (N,), entropy (N,) or (0,),
+    stats (2, N)), fp32."""
+    cuts = None if cutoffs is None else cut_points(cutoffs, logits.shape[-1])
+    return stats_over(logits_chunks((logits,), temperature, chunk_rows), targets, want_entropy, ignore_index, cuts)
 
 
 def backward(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature: float,
-             ignore_index: int, chunk_rows: int | None = None) -> torch.Tensor:
+             ignore_index: int, chunk_rows: int | None = None, cutoffs: torch.Tensor | None = None) -> torch.Tensor:
     """Returns d(logits), same shape and dtype as logits."""
+    cuts = None if cutoffs is None else cut_points(cutoffs, logits.shape[-1])
     grad = torch.empty_like(logits)
     for rows, dz in grads_over(logits_chunks((logits,), temperature, chunk_rows), targets, stats, entropy,
-                               grad_logp, grad_entropy, ignore_index, temperature):
+                               grad_logp, grad_entropy, ignore_index, temperature, cuts):
         grad[rows] = dz
     return grad
 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, temperature, want_entropy, ignore_index):
-        logp, entropy, stats = forward(logits, targets, temperature, want_entropy, ignore_index)
-        ctx.save_for_backward(logits, targets, stats, entropy)
+    def forward(ctx, logits, targets, temperature, want_entropy, ignore_index, cutoffs):
+        logp, entropy, stats = forward(logits, targets, temperature, want_entropy, ignore_index, cutoffs=cutoffs)
+        ctx.save_for_backward(logits, targets, stats, entropy, cutoffs)
         ctx.temperature, ctx.ignore_index, ctx.want_entropy = temperature, ignore_index, want_entropy
         ctx.mark_non_differentiable(stats)
         return logp, entropy, stats
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_stats):
-        logits, targets, stats, entropy = ctx.saved_tensors
+        logits, targets, stats, entropy, cutoffs = ctx.saved_tensors
         if not ctx.want_entropy:
             grad_entropy = None
         grad = backward(grad_logp, grad_entropy, logits, targets, stats, entropy, ctx.temperature,
-                        ctx.ignore_index)
-        return grad, None, None, None, None
+                        ctx.ignore_index, cutoffs=cutoffs)
+        return grad, None, None, None, None, None
 
 
-def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, ignore_index=-100):
+def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, ignore_index=-100, cutoffs=None):
     """Reference twin of rlhf_fast.token_logprobs (see its docstring for the contract)."""
-    validate(logits, targets, temperature, ignore_index)
+    validate(logits, targets, temperature, ignore_index, cutoffs=cutoffs)
     vocab = logits.shape[-1]
     check_targets_in_range(targets, vocab, ignore_index)
     lead = logits.shape[:-1]
+    flat_cutoffs = None if cutoffs is None else cutoffs.reshape(-1, 2)
     logp, entropy, _ = _TokenLogprobs.apply(logits.reshape(-1, vocab), targets.reshape(-1),
-                                            float(temperature), bool(return_entropy), ignore_index)
+                                            float(temperature), bool(return_entropy), ignore_index, flat_cutoffs)
+    if cutoffs is not None:
+        check_targets_kept(logp, targets.reshape(-1), ignore_index)
     if return_entropy:
         return logp.reshape(lead), entropy.reshape(lead)
     return logp.reshape(lead)

@@ -127,8 +127,12 @@ def validate(cfg: Config) -> Config:
     if not all(keys) or len(set(keys)) < len(keys):
         raise ValueError(f"data.prompt_key, response_key, chosen_key and rejected_key must be non-empty and "
                          f"distinct, got {keys}")
-    if not 0 < cfg.ppo.top_p <= 1:
-        raise ValueError(f"ppo.top_p must be in (0, 1], got {cfg.ppo.top_p}")
+    for section in ("ppo", "rl"):
+        c = getattr(cfg, section)
+        if not 0 < c.top_p <= 1:
+            raise ValueError(f"{section}.top_p must be in (0, 1], got {c.top_p}")
+        if not 0 <= c.min_p < 1:
+            raise ValueError(f"{section}.min_p must be in [0, 1), got {c.min_p}")
     if cfg.ppo.minibatch_size > cfg.ppo.rollout_batch_size:
         raise ValueError(f"ppo.minibatch_size ({cfg.ppo.minibatch_size}) must be <= ppo.rollout_batch_size "
                          f"({cfg.ppo.rollout_batch_size})")
@@ -227,8 +231,6 @@ def validate_rl(c: RLConfig) -> None:
     """The rl section's constraints across fields (the per-field ranges are checked by name in validate)."""
     if c.group_size < 1 or (c.algo in ("grpo", "dr_grpo", "rloo") and c.group_size < 2):
         raise ValueError(f"rl.group_size must be >= 2 for rl.algo={c.algo!r} (>= 1 otherwise), got {c.group_size}")
-    if not 0 < c.top_p <= 1:
-        raise ValueError(f"rl.top_p must be in (0, 1], got {c.top_p}")
     if c.clip_range <= 0 or c.clip_range_high < 0:
         raise ValueError(f"rl.clip_range must be > 0 and rl.clip_range_high >= 0, got {c.clip_range}, "
                          f"{c.clip_range_high}")

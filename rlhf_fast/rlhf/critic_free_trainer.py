@@ -21,7 +21,10 @@ from .critic_free import aggregate_loss, group_advantages, reinforce_pp_advantag
 from .data import BatchSampler
 from .ppo import UpdateStats, chunk_seed, minibatch_rows
 from .ppo_math import masked_mean, per_token_rewards, policy_loss
-from .rollout import Rollout, decode_rows, gather_rollout, kl_per_token, left_pad, response_logprobs
+from .policy_space import (drop_left_kept, filters_on, no_cutoffs, reference_hidden, response_terms,
+                           score_logprobs, training_cutoffs)
+from .rollout import (Rollout, decode_rows, gather_rollout, kl_per_token, left_pad, response_logprobs,
+                      response_targets)
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, make_optimizer, model_state,
                       optimizer_state, resume_training, save_checkpoint, unwrap)
 
@@ -51,22 +54,23 @@ def make_group_rollout(models: dict, prompts: list[list[int]], fields: list[dict
     """Sample and score G responses for each prompt of one chunk -> a Rollout of len(prompts) * G rows.
 
     ``scores`` is NaN for a response a reward function could not score; ``values`` are zeros (no critic);
-    ``ref_logprobs`` are the behaviour logprobs when there is no reference model (KL 0).
+    ``ref_logprobs`` are the behaviour logprobs when there is no reference model (KL 0). Which distribution
+    the logprobs are taken under with sampling filters on: ``rl.logprob_space`` (policy_space.py).
     """
     G = c.group_size
     idx, pmask = left_pad(prompts, prompt_len, tok.pad_id)
     idx, pmask = idx.to(device), pmask.to(device)
     stop = tok.stop_ids[0] if len(tok.stop_ids) == 1 else list(tok.stop_ids)  # EOS, and a chat's end of turn
+    kw = {"return_cutoffs": True} if filters_on(c) else {}
     gen = unwrap(models["policy"]).generate(idx, c.max_new_tokens, attention_mask=pmask, temperature=c.temperature,
-                                            top_k=c.top_k, top_p=c.top_p, eos_token_id=stop,
-                                            pad_token_id=tok.pad_id, seed=seed, group_size=G)
+                                            top_k=c.top_k, top_p=c.top_p, min_p=c.min_p, eos_token_id=stop,
+                                            pad_token_id=tok.pad_id, seed=seed, group_size=G, **kw)
     seqs = torch.cat((idx.repeat_interleave(G, 0), gen.tokens), 1)
     amask = torch.cat((pmask.repeat_interleave(G, 0), gen.mask), 1)
-    mask, logprobs = gen.mask.float(), gen.logprobs.float()
-    if models.get("ref") is not None:
-        ref_logprobs = response_logprobs(models["ref"], seqs, amask, mask, prompt_len, c.temperature)[0].float()
-    else:
-        ref_logprobs = logprobs.clone()
+    mask = gen.mask.float()
+    cutoffs = gen.cutoffs if kw else no_cutoffs(*mask.shape, device)
+    logprobs, ref_logprobs, kl = score_logprobs(models["policy"], models.get("ref"), seqs, amask, mask, prompt_len,
+                                                c, gen.logprobs, cutoffs, c.kl_kind)
     has_eos = (torch.isin(gen.tokens, torch.tensor(tok.stop_ids, device=device)) & (gen.mask > 0)).any(1).float()
     prompt_texts, responses = decode_rows(tok, seqs, mask, prompt_len)
     if rewards is not None:
@@ -77,7 +81,8 @@ def make_group_rollout(models: dict, prompts: list[list[int]], fields: list[dict
     scores = scores - c.missing_eos_penalty * (1.0 - has_eos)
     task = (torch.tensor(scorer(prompt_texts, responses), device=device, dtype=torch.float32) if scorer is not None
             else torch.full((len(responses),), float("nan"), device=device))
-    return Rollout(seqs, amask, mask, logprobs, ref_logprobs, torch.zeros_like(mask), scores, task, has_eos)
+    return Rollout(seqs, amask, mask, logprobs, ref_logprobs, torch.zeros_like(mask), scores, task, has_eos, cutoffs,
+                   kl)
 
 
 def collect_group_rollout(models: dict, prompts: list[list[int]], fields: list[dict], prompt_len: int, tok, cfg,
@@ -118,6 +123,8 @@ def policy_update(models: dict, opt, b: Rollout, adv: torch.Tensor, prompt_len: 
     kl_loss_coef = c.kl_coef if preset["kl_in"] == "loss" and models.get("ref") is not None else 0.0
     clip_kw = dict(clip_range_high=c.clip_range_high or None, dual_clip=c.dual_clip or None, loss_agg=agg,
                    max_len=c.max_new_tokens)
+    exact_kl = kl_loss_coef > 0 and c.kl_kind == "full"
+    width = b.sequences.shape[1]
     out = UpdateStats(rt)
     for rows in minibatch_rows(B, c.minibatch_size, c.epochs, cfg.run.seed, step, rt, b.mask.device):
         mb, mb_adv = b.index(rows), adv[rows]
@@ -127,15 +134,28 @@ def policy_update(models: dict, opt, b: Rollout, adv: torch.Tensor, prompt_len: 
         n_local = n_tokens if agg == "token_mean" else mb.mask.new_tensor(float(len(rows)))
         n_local_global = rt.all_reduce_sum(n_local)
         scale = n_local * rt.world / n_local_global
+        kept = training_cutoffs(c, mb.cutoffs, prompt_len, width)
         with autocast(cfg, rt.device):
-            logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
-                                                  prompt_len, c.temperature, return_entropy=True)
+            if exact_kl:  # the reference's hidden states again (not kept from scoring: (B, T, C) each)
+                reference = reference_hidden(models["ref"], mb.sequences, mb.attention_mask)
+                logprobs, entropy, kl, _ = response_terms(
+                    models["policy"], reference, mb.sequences, mb.attention_mask,
+                    response_targets(mb.sequences, mb.mask, prompt_len), kept, prompt_len, mb.mask.shape[1],
+                    c.temperature, return_entropy=True, check_kept=False)
+            else:
+                logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
+                                                      prompt_len, c.temperature, return_entropy=True, cutoffs=kept,
+                                                      check_kept=False)
             logprobs = logprobs.float()
-            pg_loss, stats = policy_loss(logprobs, mb.logprobs, mb_adv, mb.mask, c.clip_range, **clip_kw)
+            loss_mask, left = drop_left_kept(logprobs, mb.mask)
+            pg_loss, stats = policy_loss(logprobs, mb.logprobs, mb_adv, loss_mask, c.clip_range, **clip_kw)
+            if kept is not None:
+                stats["left_kept_set"] = left
             loss = pg_loss
             if kl_loss_coef > 0:
-                kl_loss = aggregate_loss(rlhf_fast.kl_penalty(logprobs, mb.ref_logprobs, "k3"), mb.mask, agg,
-                                         max_len=c.max_new_tokens)
+                seen = torch.where(loss_mask > 0, logprobs, mb.ref_logprobs)  # no -inf into k3's exp
+                per_token = kl.float() if exact_kl else rlhf_fast.kl_penalty(seen, mb.ref_logprobs, "k3")
+                kl_loss = aggregate_loss(per_token, loss_mask, agg, max_len=c.max_new_tokens)
                 loss = loss + kl_loss_coef * kl_loss
                 stats["kl_loss"] = kl_loss.detach()
         check_finite("rl", step, loss=loss)

@@ -12,7 +12,8 @@ EVAL_SEED = 99_991  # fixed, so every evaluation of a run sees the same sampling
 
 @torch.no_grad()
 def task_score(policy, prompts: list[list[int]], prompt_len: int, tok, scorer, rt: Runtime, *, chunk: int,
-               max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> float:
+               max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               min_p: float = 0.0) -> float:
     """Mean of `scorer(prompt_texts, response_texts)` over `prompts`, sampled at `temperature`.
 
     Chunk j of `chunk` prompts runs on rank j % world with seed (seed, j), so the score does not depend
@@ -26,7 +27,8 @@ def task_score(policy, prompts: list[list[int]], prompt_len: int, tok, scorer, r
         start = (j if j < n_chunks else 0) * chunk
         seqs, _, mask, _ = generate_chunk(policy, prompts[start:start + chunk], prompt_len, tok,
                                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                          top_p=top_p, seed=EVAL_SEED + 1009 * seed + j, device=rt.device)
+                                          top_p=top_p, min_p=min_p, seed=EVAL_SEED + 1009 * seed + j,
+                                          device=rt.device)
         if j >= n_chunks:  # a filler call, only there to keep the ranks in step
             continue
         scores = call_reward_fn(scorer, *decode_rows(tok, seqs, mask, prompt_len))

@@ -111,7 +111,7 @@ def _eval_fn(cfg: Config, rt: Runtime, tok, policy, eval_prompts, prompt_len: in
     c = cfg.ppo
     return lambda step: task_score(policy, eval_prompts, prompt_len, tok, scorer, rt, chunk=c.gen_batch_size,
                                    max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
-                                   top_p=c.top_p, seed=cfg.run.seed)
+                                   top_p=c.top_p, min_p=c.min_p, seed=cfg.run.seed)
 
 
 def _builtin(cfg: Config, rt: Runtime, out: Path, name: str) -> Path:
@@ -191,6 +191,7 @@ def _sft_samples(cfg: Config, rt: Runtime, tok, policy_ckpt: str, pairs_path) ->
         chunk = prompts[start:start + cfg.ppo.gen_batch_size]
         s, amask, _, _ = generate_chunk(policy, chunk, width, tok, max_new_tokens=cfg.ppo.max_new_tokens,
                                         temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p,
+                                        min_p=cfg.ppo.min_p,
                                         seed=cfg.run.seed * 7919 + j, device=rt.device)
         seqs += [row[m.bool()].tolist() for row, m in zip(s.cpu(), amask.cpu())]
     return seqs

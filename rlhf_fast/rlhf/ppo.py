@@ -5,7 +5,9 @@ the sampler), score it (frozen SFT reference logprobs, value model, reward model
 minus ``missing_eos_penalty`` for responses without EOS), turn score and per-token KL into per-token
 rewards, GAE, whiten the advantages, then ``ppo_epochs`` passes of clipped policy and value updates
 over shuffled minibatches, with separate optimizers and gradient clipping. Every logprob and entropy
-goes through the fused linear-logprob op (logits / temperature), the KL through ``kl_penalty``.
+goes through the fused linear-logprob op (logits / temperature), the KL through ``kl_penalty`` or, with
+``kl_kind=full``, exactly through ``fused_linear_kl_divergence``. With sampling filters on, which
+distribution every logprob, entropy and KL is taken under is ``logprob_space`` (policy_space.py).
 
 Distributed: every rank generates and scores its chunks, the rollout is all-gathered so every rank
 computes the same advantages, and each minibatch is split across ranks. Losses are scaled by
@@ -19,6 +21,7 @@ from .ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, exp
                        masked_whiten, per_token_rewards, policy_loss, value_loss)
 from . import checkpoint
 from .data import BatchSampler
+from .policy_space import drop_left_kept, training_cutoffs
 from .rollout import Rollout, gather_rollout, kl_per_token, make_rollout, response_logprobs, response_values
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, make_optimizer, model_state,
                       optimizer_state, resume_training, save_checkpoint, unwrap)
@@ -96,6 +99,7 @@ def ppo_update(models: dict, opts: dict, b: Rollout, advantages, returns, prompt
     """`ppo_epochs` passes over the rollout in minibatches; returns the token-weighted mean stats."""
     c = cfg.ppo
     B, T = b.mask.shape
+    width = b.sequences.shape[1]
     out = UpdateStats(rt)
     for rows in minibatch_rows(B, c.minibatch_size, c.ppo_epochs, cfg.run.seed, step, rt, b.mask.device):
         mb = b.index(rows)
@@ -104,9 +108,14 @@ def ppo_update(models: dict, opts: dict, b: Rollout, advantages, returns, prompt
         n_global = rt.all_reduce_sum(n_local)
         scale = n_local * rt.world / n_global
         with autocast(cfg, rt.device):
+            kept = training_cutoffs(c, mb.cutoffs, prompt_len, width)
             logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
-                                                  prompt_len, c.temperature, return_entropy=True)
-            pg_loss, pg_stats = policy_loss(logprobs.float(), mb.logprobs, mb_adv, mb.mask, c.clip_range)
+                                                  prompt_len, c.temperature, return_entropy=True, cutoffs=kept,
+                                                  check_kept=False)
+            loss_mask, left = drop_left_kept(logprobs, mb.mask)
+            pg_loss, pg_stats = policy_loss(logprobs.float(), mb.logprobs, mb_adv, loss_mask, c.clip_range)
+            if kept is not None:
+                pg_stats["left_kept_set"] = left
         check_finite("ppo", step, pg_loss=pg_loss)
         (pg_loss * scale).backward()
         clip_and_step(models["policy"], opts["policy"], c.grad_clip, "ppo", step)

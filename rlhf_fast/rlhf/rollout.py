@@ -17,6 +17,7 @@ import torch
 import rlhf_fast
 
 from .data import IGNORE_INDEX
+from .policy_space import no_cutoffs, score_logprobs
 from .reward_fns import call_reward_fn
 from .runtime import Runtime, unwrap
 
@@ -26,12 +27,20 @@ class Rollout:
     sequences: torch.Tensor  # (B, P + T) int64
     attention_mask: torch.Tensor  # (B, P + T) int64
     mask: torch.Tensor  # (B, T) float: 1 on response tokens (EOS included)
-    logprobs: torch.Tensor  # (B, T) behaviour logprobs from the sampler
-    ref_logprobs: torch.Tensor  # (B, T) under the frozen SFT reference, same temperature
+    logprobs: torch.Tensor  # (B, T) behaviour logprobs (policy_space.py: the sampler's, or recomputed)
+    ref_logprobs: torch.Tensor  # (B, T) under the frozen SFT reference, same temperature and space
     values: torch.Tensor  # (B, T) V(s_t) of the value model
     scores: torch.Tensor  # (B,) reward-model (and/or reward_fn) score, EOS penalty applied
     task_scores: torch.Tensor  # (B,) hidden task score (NaN when there is no scorer)
     has_eos: torch.Tensor  # (B,) float
+    cutoffs: torch.Tensor | None = None  # (B, T, 2) float64 the sampler's kept set per token; None: no filter
+    kl: torch.Tensor | None = None  # (B, T) exact KL(pi || pi_ref) per position (kl_kind=full); None: NaN
+
+    def __post_init__(self):  # a rollout sampled without filters (or built by hand) keeps every token
+        if self.cutoffs is None:
+            self.cutoffs = no_cutoffs(*self.mask.shape, self.mask.device)
+        if self.kl is None:
+            self.kl = torch.full(self.mask.shape, float("nan"), device=self.mask.device)
 
     def index(self, rows: torch.Tensor) -> "Rollout":
         return Rollout(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
@@ -51,13 +60,15 @@ def response_targets(sequences: torch.Tensor, mask: torch.Tensor, prompt_len: in
 
 
 def response_logprobs(policy, sequences, attention_mask, mask, prompt_len: int, temperature: float,
-                      return_entropy: bool = False):
+                      return_entropy: bool = False, cutoffs: torch.Tensor | None = None, check_kept: bool = True):
     """Per-token logprobs (B, T) (and entropy) of the response under `policy`, logits / temperature,
-    through the fused linear-logprob op inside the model (no (B, T, V) logits)."""
+    through the fused linear-logprob op inside the model (no (B, T, V) logits); over each position's
+    kept set when `cutoffs` (B, P + T, 2) is given (policy_space.training_cutoffs), where a token off
+    its set raises, or with check_kept=False gets -inf (policy_space.drop_left_kept)."""
     T = mask.shape[1]
     targets = response_targets(sequences, mask, prompt_len)
     logprobs, entropy = policy(sequences, targets, attention_mask=attention_mask, temperature=temperature,
-                               return_entropy=return_entropy)
+                               return_entropy=return_entropy, cutoffs=cutoffs, check_kept=check_kept)
     cols = slice(prompt_len - 1, prompt_len - 1 + T)
     return logprobs[:, cols], (entropy[:, cols] if entropy is not None else None)
 
@@ -92,8 +103,11 @@ def _stop_at_eos(tokens: torch.Tensor, logprobs: torch.Tensor, stop_ids, pad_id:
 
 @torch.no_grad()
 def generate_chunk(policy, prompts: list[list[int]], prompt_len: int, tok, *, max_new_tokens: int,
-                   temperature: float, top_k: int, top_p: float, seed: int, device):
-    """Sample one chunk -> (sequences, attention_mask, response mask (float), behaviour logprobs).
+                   temperature: float, top_k: int, top_p: float, seed: int, device, min_p: float = 0.0,
+                   return_cutoffs: bool = False):
+    """Sample one chunk -> (sequences, attention_mask, response mask (float), behaviour logprobs), and the
+    sampler's cutoffs (B, T, 2) when `return_cutoffs` ((-inf, 0) everywhere, not asked of the sampler, when
+    no filter is on).
 
     An FSDP-sharded policy has its root parameters gathered for the whole call (generation calls the
     blocks, whose hooks gather their own, but not the root's forward), and samples every row for
@@ -106,15 +120,21 @@ def generate_chunk(policy, prompts: list[list[int]], prompt_len: int, tok, *, ma
     fsdp = _is_fsdp(model)
     if fsdp:
         model.unshard()
+    filtered = top_k > 0 or top_p < 1.0 or min_p > 0.0
+    kw = {"return_cutoffs": True} if return_cutoffs and filtered else {}
     gen = model.generate(idx.to(device), max_new_tokens, attention_mask=pmask.to(device), temperature=temperature,
-                         top_k=top_k, top_p=top_p, eos_token_id=None if fsdp else stop,
-                         pad_token_id=tok.pad_id, seed=seed)
+                         top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=None if fsdp else stop,
+                         pad_token_id=tok.pad_id, seed=seed, **kw)
     tokens, logprobs, mask = gen.tokens, gen.logprobs, gen.mask
+    cutoffs = gen.cutoffs if kw else no_cutoffs(*tokens.shape, tokens.device)
     if fsdp:
         model.reshard()
         tokens, logprobs, mask = _stop_at_eos(tokens, logprobs, tok.stop_ids, tok.pad_id)
+        cutoffs = torch.where(mask[..., None] > 0, cutoffs, no_cutoffs(*mask.shape, mask.device))
     sequences = torch.cat((idx.to(device), tokens), 1)
     attention_mask = torch.cat((pmask.to(device), mask), 1)
+    if return_cutoffs:
+        return sequences, attention_mask, mask.float(), logprobs, cutoffs
     return sequences, attention_mask, mask.float(), logprobs
 
 
@@ -134,10 +154,11 @@ def make_rollout(policy, ref_policy, value_model, reward_model, prompts: list[li
                  cfg, seed: int, device, reward_fn=None, scorer=None) -> Rollout:
     """Generate and score one chunk of prompts on this rank."""
     c = cfg.ppo
-    seqs, amask, mask, logprobs = generate_chunk(policy, prompts, prompt_len, tok, max_new_tokens=c.max_new_tokens,
-                                                 temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                                                 seed=seed, device=device)
-    ref_logprobs, _ = response_logprobs(ref_policy, seqs, amask, mask, prompt_len, c.temperature)
+    seqs, amask, mask, logprobs, cutoffs = generate_chunk(
+        policy, prompts, prompt_len, tok, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+        top_k=c.top_k, top_p=c.top_p, min_p=c.min_p, seed=seed, device=device, return_cutoffs=True)
+    logprobs, ref_logprobs, kl = score_logprobs(policy, ref_policy, seqs, amask, mask, prompt_len, c, logprobs,
+                                                cutoffs, c.kl_kind)
     values = response_values(value_model, seqs, amask, prompt_len, mask.shape[1])
     stop = torch.tensor(tok.stop_ids, device=seqs.device)
     has_eos = (torch.isin(seqs[:, prompt_len:], stop) & (mask > 0)).any(1).float()
@@ -150,11 +171,15 @@ def make_rollout(policy, ref_policy, value_model, reward_model, prompts: list[li
     scores -= c.missing_eos_penalty * (1.0 - has_eos)
     task = (call_reward_fn(scorer, *texts).to(device=device, dtype=torch.float32) if scorer is not None
             else torch.full((len(prompts),), float("nan"), device=device))
-    return Rollout(seqs, amask, mask, logprobs.float(), ref_logprobs.float(), values.float(), scores, task, has_eos)
+    return Rollout(seqs, amask, mask, logprobs.float(), ref_logprobs.float(), values.float(), scores, task, has_eos,
+                   cutoffs, kl)
 
 
 def kl_per_token(rollout: Rollout, kind: str) -> torch.Tensor:
-    """(B, T) KL penalty estimate of the behaviour policy against the reference, 0 on padding."""
+    """(B, T) KL penalty of the behaviour policy against the reference, 0 on padding: a sampled estimate
+    (k1, k2, k3), or with kind "full" the exact per-position KL taken at scoring time."""
+    if kind == "full":
+        return torch.where(rollout.mask > 0, rollout.kl, 0.0)
     kl = rlhf_fast.kl_penalty(rollout.logprobs, rollout.ref_logprobs, kind)
     return kl * rollout.mask
 

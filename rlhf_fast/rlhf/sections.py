@@ -190,6 +190,12 @@ class RolloutConfig:
     """top-k filter for rollouts (0 = off)"""
     top_p: float = 1.0
     """top-p filter for rollouts (1 = off)"""
+    min_p: float = 0.0
+    """min-p filter for rollouts (0 = off): keeps tokens with probability >= min_p * the largest"""
+    logprob_space: Literal["filtered", "full"] = "filtered"
+    """the policy that trains when a filter is on (policy_space.py): 'filtered' = the policy that samples
+    (tempered, renormalized over each position's kept set, fixed at its rollout value) for every logprob,
+    entropy and KL; 'full' = the unfiltered tempered softmax everywhere (behaviour logprobs recomputed)"""
     eval_every: int = 5
     """iterations between task-score evaluations (and at the end)"""
     ckpt_every: int = 10
@@ -234,8 +240,9 @@ class PPOConfig(RolloutConfig):
     """policy ratio clip"""
     value_clip_range: float = 0.2
     """value prediction clip around the rollout values"""
-    kl_kind: Literal["k1", "k2", "k3"] = "k1"
-    """per-token KL estimator of the penalty against the SFT reference"""
+    kl_kind: Literal["k1", "k2", "k3", "full"] = "k1"
+    """per-token KL estimator of the penalty against the SFT reference (k1, k2, k3), or 'full' = the exact KL
+    over the vocabulary (or the kept set) at every position (fused, no logits in memory)"""
     kl_coef: float = 0.2
     """KL penalty coefficient (initial value when adaptive_kl)"""
     adaptive_kl: bool = False
@@ -293,10 +300,11 @@ class RLConfig(RolloutConfig):
     kl_coef: float = 0.04
     """beta of the KL to the reference; 0 loads no reference model"""
     kl_in: Literal["auto", "reward", "loss"] = "auto"
-    """'reward': -beta * KL shapes the reward (PPO style); 'loss': beta * k3 per token in the loss (GRPO);
-    'auto' = the algorithm's own"""
-    kl_kind: Literal["k1", "k2", "k3"] = "k1"
-    """KL estimator when kl_in='reward'"""
+    """'reward': -beta * KL shapes the reward (PPO style); 'loss': beta * KL per token in the loss (GRPO:
+    k3, or the exact KL with kl_kind='full'); 'auto' = the algorithm's own"""
+    kl_kind: Literal["k1", "k2", "k3", "full"] = "k1"
+    """KL estimator when kl_in='reward'; 'full' = the exact KL over the vocabulary (or the kept set) at every
+    position, in the reward or (differentiable) in the loss"""
     scale: Literal["auto", "group", "batch", "none"] = "auto"
     """advantage scale: group std (GRPO), batch std, or none (Dr. GRPO, RLOO); 'auto' = the algorithm's
     (reinforce_pp always whitens its per-token returns over the batch)"""

@@ -101,7 +101,7 @@ def test_config_file_overrides_and_errors(tmp_path):
     cases = [
         ({"ppo.kl_coeff": 1}, r"unknown config field 'ppo.kl_coeff'; ppo has fields \[.*'kl_coef'"),
         ({"ppx.lr": 1}, r"unknown config key 'ppx.lr'.*'ppo'"),
-        ({"ppo.kl_kind": "k4"}, r"ppo.kl_kind must be one of \['k1', 'k2', 'k3'\]"),
+        ({"ppo.kl_kind": "k4"}, r"ppo.kl_kind must be one of \['k1', 'k2', 'k3', 'full'\]"),
         ({"ppo.steps": "many"}, "ppo.steps must be an integer"),
         ({"ppo.steps": 0}, r"ppo.steps must be > 0"),
         ({"ppo.adaptive_kl": "maybe"}, "ppo.adaptive_kl must be a boolean"),

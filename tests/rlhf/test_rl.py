@@ -429,8 +429,8 @@ def test_group_rollout_stops_at_a_chat_templates_end_of_turn():
                                     torch.ones(2, idx.shape[1], dtype=torch.long))
 
     tok = types.SimpleNamespace(pad_id=0, eos_id=2, bos_id=1, stop_ids=(2, 3), decode=lambda ids: str(ids))
-    c = types.SimpleNamespace(group_size=2, max_new_tokens=3, temperature=1.0, top_k=0, top_p=1.0,
-                              missing_eos_penalty=1.0)
+    c = types.SimpleNamespace(group_size=2, max_new_tokens=3, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                              logprob_space="filtered", kl_kind="k1", missing_eos_penalty=1.0)
     rewards = lambda prompts, responses, rows: torch.zeros(len(responses))  # noqa: E731
     b = make_group_rollout({"policy": Policy(), "ref": None}, [[1, 4]], [{"prompt": "p"}], 2, tok, c, 0,
                            torch.device("cpu"), rewards=rewards)

@@ -4,9 +4,11 @@
 // 3 per active threshold search (top-k counts, top-p masses), 1 for the kept mass Z, and the draw,
 // which stops at the tile where the cumulative mass crosses u * Z. When top-k keeps at most
 // kCandidates tokens, one more pass gathers them (in index order) into shared memory and top-p, Z and
-// the draw run there: top-k + top-p reads the row 5 times, top-p alone at most 6. Histograms are 2048 bins in shared
-// memory, accumulated as integers (masses in 2^-40 fixed point) so the result never depends on the
-// order of atomics: the same (seed, offset) gives the same tokens on every run.
+// the draw run there: top-k + top-p reads the row 5 times, top-p alone at most 6. Cutoffs (step 6),
+// when asked for, add no pass unless top-p splits a tie: then one ranks the tied tokens again.
+// Histograms are 2048 bins in shared memory, accumulated as integers (masses in 2^-40 fixed point) so
+// the result never depends on the order of atomics: the same (seed, offset) gives the same tokens on
+// every run.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -47,6 +49,10 @@ struct ArgMaxOp {
 
 struct MaxOp {
   __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a > b ? a : b; }
+};
+
+struct MinOp {
+  __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a < b ? a : b; }
 };
 
 // The row in global memory. Element i belongs to thread (i / kVec) % kThreads within tile
@@ -163,6 +169,7 @@ struct SharedState {
   int64_t argmax;
   int64_t position;
   int64_t last_positive;
+  int64_t tie_index;  // step 6: the first token top-p keeps of those tied at its threshold
   unsigned long long below;
   unsigned long long at;
   unsigned int chosen;
@@ -283,11 +290,20 @@ __device__ __forceinline__ int number_matches(const float* x, int lanes, int64_t
 }
 
 // Copies the tokens with key >= threshold into shared memory, in index order (an ordered stream
-// compaction, tile by tile). The caller guarantees they fit.
+// compaction, tile by tile). The caller guarantees they fit. With highest_below, also the highest key
+// below threshold there (0 if none; thread 0's value is the block's, the others' their own part).
 template <typename View>
-__device__ int64_t gather_candidates(const View& view, uint32_t threshold, SharedState& s) {
-  int64_t count = 0;
+__device__ int64_t gather_candidates(const View& view, uint32_t threshold, SharedState& s,
+                                     int64_t* highest_below) {
+  int64_t count = 0, highest = 0;
   for_each_tile(view, [&](const float* x, int64_t first, int lanes) {
+    if (highest_below != nullptr) {
+#pragma unroll
+      for (int j = 0; j < View::kLanes; ++j) {
+        const int64_t key = j < lanes ? static_cast<int64_t>(order_key(x[j])) : 0;
+        if (key < threshold && key > highest) highest = key;
+      }
+    }
     count += number_matches<View::kLanes>(
         x, lanes, count, [&](float v) { return order_key(v) >= threshold; },
         [&](int j, int64_t slot) {
@@ -297,14 +313,37 @@ __device__ int64_t gather_candidates(const View& view, uint32_t threshold, Share
         s);
     return true;
   });
+  if (highest_below != nullptr) {
+    *highest_below = cub::BlockReduce<int64_t, kThreads>(s.cub.index).Reduce(highest, MaxOp());
+    if (threadIdx.x != 0) *highest_below = highest;
+    __syncthreads();
+  }
   return count;
 }
 
+// The token of rank `rank` (0-based, index order) among those of `view` with key `key` (step 6's
+// tie index; the caller guarantees it exists): read by every thread. Scans tiles until it is found.
+template <typename View>
+__device__ int64_t nth_token_with_key(const View& view, uint32_t key, int64_t rank, SharedState& s) {
+  int64_t seen = 0;
+  for_each_tile(view, [&](const float* x, int64_t first, int lanes) {
+    seen += number_matches<View::kLanes>(
+        x, lanes, seen, [&](float v) { return order_key(v) == key; },
+        [&](int j, int64_t r) {
+          if (r == rank) s.tie_index = view.token_at(first + j);
+        },
+        s);
+    return seen <= rank;
+  });
+  return s.tie_index;  // number_matches ended with a barrier
+}
+
 // Top-p over `view` (tokens with key >= threshold), then min-p, Z and the inverse-CDF draw; writes
-// the row's token and logprob.
+// the row's token and logprob, and its cutoff (step 6) when args.cutoffs is set, for which
+// removed_outside is the highest key of the row's tokens that `view` leaves out (0: none).
 template <typename View>
 __device__ void filter_and_draw(const View& view, uint32_t threshold, const RowParams& p, float x_max,
-                                const SampleArgs& args, int64_t row, SharedState& s) {
+                                const SampleArgs& args, int64_t row, SharedState& s, int64_t removed_outside) {
   const float min_p = p.min_p;
   const double remove_bound = top_p_remove_bound(p.top_p);
   // The first tie_removed tokens (in index order) with key tie_key, tied at the top-p threshold, go.
@@ -330,17 +369,35 @@ __device__ void filter_and_draw(const View& view, uint32_t threshold, const RowP
   // Z and the last position with positive kept mass (the draw's fallback when rounding overshoots).
   // Z and the running CDF accumulate in double: float sums over 10^5 tokens drift by ~1e-5, which
   // would show in the returned logprob.
+  // With cutoffs, also step 6's lowest kept and highest removed keys (the removed tied tokens: below).
+  const bool want_cutoff = args.cutoffs != nullptr;
   double z_part = 0.0;
   int64_t last = -1;
+  int64_t lowest_kept = 0xFFFFFFFFll, highest_removed = removed_outside;
   view.for_each([&](int64_t i, float x) {
     const float e = kept_mass(x);
     z_part += static_cast<double>(e);
     if (e > 0.0f) last = i > last ? i : last;
+    if (want_cutoff) {
+      const int64_t key = order_key(x);
+      if (key >= threshold && exp_nonpositive(x - x_max) >= min_p) {
+        lowest_kept = key < lowest_kept ? key : lowest_kept;
+      } else {
+        highest_removed = key > highest_removed ? key : highest_removed;
+      }
+    }
   });
   const double z = cub::BlockReduce<double, kThreads>(s.cub.sum).Sum(z_part) -
                    static_cast<double>(tie_removed) * static_cast<double>(tie_mass);
   __syncthreads();
   const int64_t last_all = cub::BlockReduce<int64_t, kThreads>(s.cub.index).Reduce(last, MaxOp());
+  if (want_cutoff) {  // the results are thread 0's
+    __syncthreads();
+    lowest_kept = cub::BlockReduce<int64_t, kThreads>(s.cub.index).Reduce(lowest_kept, MinOp());
+    __syncthreads();
+    highest_removed = cub::BlockReduce<int64_t, kThreads>(s.cub.index).Reduce(highest_removed, MaxOp());
+    if (tie_removed > 0 && highest_removed < static_cast<int64_t>(tie_key)) highest_removed = tie_key;
+  }
   if (threadIdx.x == 0) {
     s.z = z;
     s.last_positive = last_all;
@@ -389,6 +446,15 @@ __device__ void filter_and_draw(const View& view, uint32_t threshold, const RowP
     args.tokens[row] = view.token_at(position);
     args.logprobs[row] = drawn_logprob(view.x_at(position), x_max, z_row);
   }
+  if (want_cutoff) {
+    // the tie index is needed only when the top-p cut split a tie whose kept part min-p kept too
+    const int64_t tie_index = tie_removed > 0 ? nth_token_with_key(view, tie_key, tie_removed, s) : 0;
+    if (threadIdx.x == 0) {
+      const Cutoff cut = gap_cutoff(static_cast<uint32_t>(highest_removed), static_cast<uint32_t>(lowest_kept),
+                                    tie_index);
+      write_cutoff(args, row, cut.value, cut.index);
+    }
+  }
 }
 
 template <typename T, int kVec>
@@ -417,6 +483,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     if (threadIdx.x == 0) {
       args.tokens[row] = s.bad ? -1 : s.argmax;
       args.logprobs[row] = s.bad ? NAN : 0.0f;
+      write_cutoff(args, row, s.bad ? NAN : s.x_max, s.bad ? 0 : s.argmax);
     }
     return;
   }
@@ -427,14 +494,17 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     const uint32_t threshold = cut.key;
     const int64_t kept = args.vocab - static_cast<int64_t>(cut.below);
     if (kept <= kCandidates) {
-      const int64_t count = gather_candidates(view, threshold, s);
-      filter_and_draw(CandidateView{s.candidate_x, s.candidate_index, count}, threshold, p, x_max, args, row, s);
+      int64_t removed_by_top_k = 0;
+      const int64_t count =
+          gather_candidates(view, threshold, s, args.cutoffs != nullptr ? &removed_by_top_k : nullptr);
+      filter_and_draw(CandidateView{s.candidate_x, s.candidate_index, count}, threshold, p, x_max, args, row, s,
+                      removed_by_top_k);
       return;
     }
-    filter_and_draw(view, threshold, p, x_max, args, row, s);
+    filter_and_draw(view, threshold, p, x_max, args, row, s, 0);
     return;
   }
-  filter_and_draw(view, 0u, p, x_max, args, row, s);
+  filter_and_draw(view, 0u, p, x_max, args, row, s, 0);
 }
 
 template <typename T>

@@ -16,7 +16,13 @@
 //   4. min-p: keep e >= min_p (p >= min_p * p_max, as e_max = 1).
 //   5. Z = sum of kept e; the token is the first index whose cumulative kept e exceeds u * Z, with u the
 //      row's Philox uniform; logprob = (x - max) - log Z.
-// A row whose input or parameters are invalid gets token -1 and logprob NaN.
+//   6. Only when the caller asks (SampleArgs::cutoffs): the row's kept set as a cutoff (t, i), token v
+//      kept <=> x_v > t or (x_v == t and v >= i). Each filter keeps an upper set in (x, index) order,
+//      so the kept set is one; t lies in its gap, between the highest removed and the lowest kept x
+//      (a min and a max over the keys), i = 0; when top-p's r > 0 removed part of a tie, t is the
+//      tied value and i the index of tied token r + 1 (gap_cutoff). Nothing removed: (-inf, 0);
+//      greedy rows (x_max, argmax).
+// A row whose input or parameters are invalid gets token -1, logprob NaN and cutoff (NaN, 0).
 #pragma once
 
 #include <cmath>
@@ -42,6 +48,7 @@ struct SampleArgs {
   const int64_t* offset = nullptr;
   int64_t* tokens = nullptr;           // (rows,) output
   float* logprobs = nullptr;           // (rows,) output
+  double* cutoffs = nullptr;           // (rows, 2) output (t, i) of step 6; nullptr: not computed
 };
 
 // One row's parameters (meanings and "off" values as in SampleArgs).
@@ -75,6 +82,13 @@ RLHF_FAST_HOST_DEVICE float row_uniform(const SampleArgs& args, int64_t row) {
 // logprob of the drawn token (step 5): (x - x_max) - log z, rounded to float32 once.
 RLHF_FAST_HOST_DEVICE float drawn_logprob(float x, float x_max, double z) {
   return static_cast<float>(static_cast<double>(x - x_max) - std::log(z));
+}
+
+// Step 6: writes the row's cutoff (value, index) when the caller asked for cutoffs.
+RLHF_FAST_HOST_DEVICE void write_cutoff(const SampleArgs& args, int64_t row, float value, int64_t index) {
+  if (args.cutoffs == nullptr) return;
+  args.cutoffs[2 * row] = static_cast<double>(value);
+  args.cutoffs[2 * row + 1] = static_cast<double>(index);
 }
 
 // The input's element type. The CPU and CUDA paths store 16-bit floats in their own types, named by
@@ -121,6 +135,24 @@ RLHF_FAST_HOST_DEVICE uint32_t order_key(float f) {
 // The float whose order_key is `key` (+0 for the key of zero).
 RLHF_FAST_HOST_DEVICE float key_to_float(uint32_t key) {
   return bit_cast<float>((key & 0x80000000u) ? (key ^ 0x80000000u) : ~key);
+}
+
+// Step 6's cutoff of a sampled row from the keys of its highest removed token (0: none removed) and
+// its lowest kept one: t in the gap between them, their midpoint rounded to float32 (lo when that
+// rounds down to hi), so logits recomputed within half the gap keep the same set; i = 0. When the
+// two are equal (the top-p cut split a tie), t = that value and i = tie_index, the first tied token
+// kept. Nothing removed but -inf: (-inf, 0), every token.
+struct Cutoff {
+  float value;
+  int64_t index;
+};
+RLHF_FAST_HOST_DEVICE Cutoff gap_cutoff(uint32_t highest_removed_key, uint32_t lowest_kept_key, int64_t tie_index) {
+  const float hi = highest_removed_key == 0u ? -INFINITY : key_to_float(highest_removed_key);
+  if (hi == -INFINITY) return Cutoff{-INFINITY, 0};
+  const float lo = key_to_float(lowest_kept_key);
+  if (highest_removed_key == lowest_kept_key) return Cutoff{lo, tie_index};
+  const float mid = static_cast<float>((static_cast<double>(hi) + static_cast<double>(lo)) * 0.5);
+  return Cutoff{mid > hi ? mid : lo, 0};
 }
 
 // Float multiply, add and subtract each rounded on its own, never fused into an FMA: nvcc fuses a * b + c

@@ -156,11 +156,13 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
   if (!p.can_sample(x_max, nans > 0)) {
     a.tokens[row] = -1;
     a.logprobs[row] = std::numeric_limits<float>::quiet_NaN();
+    write_cutoff(a, row, std::numeric_limits<float>::quiet_NaN(), 0);
     return;
   }
   if (p.greedy()) {
     a.tokens[row] = std::find(x, x + V, x_max) - x;
     a.logprobs[row] = 0.0f;
+    write_cutoff(a, row, x_max, a.tokens[row]);
     return;
   }
   float* mass = s.mass.data();
@@ -189,6 +191,19 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
 #pragma omp simd
   for (int64_t i = 0; i < V; ++i) {
     mass_bits[i] &= 0u - static_cast<uint32_t>((key[i] >= threshold) & (mass_bits[i] >= min_p_bits));
+  }
+  if (a.cutoffs != nullptr) {
+    // step 6 on the kept set as step 4 leaves it (the removed tied tokens, key == threshold, still in)
+    uint32_t lowest_kept = 0xFFFFFFFFu, highest_removed = 0u;
+#pragma omp simd reduction(min : lowest_kept) reduction(max : highest_removed)
+    for (int64_t i = 0; i < V; ++i) {
+      const bool kept = (key[i] >= threshold) & (mass_bits[i] >= min_p_bits);
+      lowest_kept = std::min(lowest_kept, kept ? key[i] : 0xFFFFFFFFu);
+      highest_removed = std::max(highest_removed, kept ? 0u : key[i]);
+    }
+    if (tie_removed > 0) highest_removed = std::max(highest_removed, threshold);
+    const Cutoff cut = gap_cutoff(highest_removed, lowest_kept, tie_removed > 0 ? s.cand[tie_removed] : 0);
+    write_cutoff(a, row, cut.value, cut.index);
   }
   for (int64_t c = 0; c < tie_removed; ++c) mass[s.cand[c]] = 0.0f;
   // Z and the running CDF: float sums of 64-token blocks (vectorized), accumulated in double. A float
