@@ -77,7 +77,7 @@ def test_cuda_graph_cutoffs_equal_eager(device):
     if device.type != "cuda":
         pytest.skip("needs --device=cuda")
     need_backend("cuda", device)
-    model = make_model(device, backend="triton")
+    model = make_model(device, backend="auto")
     kw = dict(seed=11, eos_token_id=7, return_cutoffs=True, **FILTERS)
     eager = generate(model, prompts(device), 24, **kw)
     graphed = generate(model, prompts(device), 24, cuda_graph=True, **kw)

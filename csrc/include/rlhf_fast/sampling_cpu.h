@@ -188,16 +188,19 @@ void sample_row(const T* in, int64_t row, const SampleArgs& a, RowScratch& s) {
   // selects vectorize where float compares (which may trap) do not.
   const uint32_t min_p_bits = bit_cast<uint32_t>(p.min_p);
   uint32_t* mass_bits = reinterpret_cast<uint32_t*>(mass);
+  if (a.cutoffs == nullptr) {
 #pragma omp simd
-  for (int64_t i = 0; i < V; ++i) {
-    mass_bits[i] &= 0u - static_cast<uint32_t>((key[i] >= threshold) & (mass_bits[i] >= min_p_bits));
-  }
-  if (a.cutoffs != nullptr) {
-    // step 6 on the kept set as step 4 leaves it (the removed tied tokens, key == threshold, still in)
+    for (int64_t i = 0; i < V; ++i) {
+      mass_bits[i] &= 0u - static_cast<uint32_t>((key[i] >= threshold) & (mass_bits[i] >= min_p_bits));
+    }
+  } else {
+    // the same mask, and step 6's lowest kept and highest removed keys in the same pass (the tied
+    // tokens top-p removes, key == threshold, are still in: counted below)
     uint32_t lowest_kept = 0xFFFFFFFFu, highest_removed = 0u;
 #pragma omp simd reduction(min : lowest_kept) reduction(max : highest_removed)
     for (int64_t i = 0; i < V; ++i) {
-      const bool kept = (key[i] >= threshold) & (mass_bits[i] >= min_p_bits);
+      const uint32_t kept = static_cast<uint32_t>((key[i] >= threshold) & (mass_bits[i] >= min_p_bits));
+      mass_bits[i] &= 0u - kept;
       lowest_kept = std::min(lowest_kept, kept ? key[i] : 0xFFFFFFFFu);
       highest_removed = std::max(highest_removed, kept ? 0u : key[i]);
     }
