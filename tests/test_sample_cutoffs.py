@@ -5,6 +5,8 @@ The oracle is the reference's `processed_log_probs` (transformers' warpers with 
 checked against transformers itself in test_sample.py): its finite entries are the kept set. Half of
 each batch is rounded to multiples of 1/4, so values tie all over the row and the top-k and top-p cuts
 often fall inside a tie (each test asserts it did, so the tie rule is exercised, not assumed).
+Backend "cuda" is the C++ port on CPU tensors and the CUDA kernel under --device=cuda
+(benchmarks/gpu_check.sh), where test_cuda_kernel_cutoffs_equal_the_cpu_port also runs.
 """
 import pytest
 import torch

@@ -10,6 +10,9 @@ MinPLogitsWarper (min_tokens_to_keep=1), applied in that order, in float32. Ties
 token tied with the k-th value; top-p sorts with a stable sort, so when a tie straddles its cut the
 lowest-index tied tokens are the ones removed (TopPLogitsWarper's own torch.sort is unstable on CPU
 for rows over 16 tokens: it removes as many tied tokens, but which ones is arbitrary).
+
+With want_cutoffs / return_cutoffs it also reports each row's kept set as a cutoff (t, i)
+(`warp_with_cutoffs`), the value the C++ and CUDA samplers write in step 6 of sampling_common.h.
 """
 from __future__ import annotations
 
