@@ -10,6 +10,7 @@ build time (`pip install --no-build-isolation .`); otherwise it is JIT-compiled 
 """
 import os
 import shutil
+from pathlib import Path
 
 from setuptools import setup
 
@@ -19,6 +20,16 @@ PACKAGES = [
 ]
 PACKAGE_DIR = {"rlhf_fast.kernels": "kernels", "rlhf_fast._csrc": "csrc"}
 PACKAGE_DATA = {"rlhf_fast._csrc": ["*.cpp", "*.cu", "*.h", "include/rlhf_fast/*.h", "include/rlhf_fast/*.cuh"]}
+
+
+def _source_digest(csrc: str) -> str:
+    """rlhf_fast._extension.source_digest of the csrc tree (the loader compares the build's with it)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "_rlhf_fast_extension", os.path.join(os.path.dirname(os.path.abspath(__file__)), "rlhf_fast", "_extension.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_digest(Path(csrc))
 
 
 def _extension_build():
@@ -40,16 +51,17 @@ def _extension_build():
         return [], {}
     include = [os.path.join(here, "csrc", "include")]
     cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    digest = [("RLHF_FAST_SOURCE_DIGEST", _source_digest(csrc))]
     use_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if use_cuda:
         ext = cpp_extension.CUDAExtension(
             "rlhf_fast._C", cpp + cu, include_dirs=include,
-            define_macros=[("RLHF_FAST_WITH_CUDA", "1")],
+            define_macros=[("RLHF_FAST_WITH_CUDA", "1")] + digest,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"])
     else:
         ext = cpp_extension.CppExtension(
-            "rlhf_fast._C", cpp, include_dirs=include, extra_compile_args=cxx,
+            "rlhf_fast._C", cpp, include_dirs=include, extra_compile_args=cxx, define_macros=digest,
             extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

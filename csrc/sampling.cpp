@@ -121,6 +121,16 @@ bool has_cuda() {
 
 }  // namespace
 
+// setup.py's ahead-of-time build defines RLHF_FAST_SOURCE_DIGEST (an identifier: "h" + hex digest of the
+// csrc sources); the loader compares it with the sources next to the package and ignores a stale build.
+#define RLHF_FAST_STR_(x) #x
+#define RLHF_FAST_STR(x) RLHF_FAST_STR_(x)
+#ifdef RLHF_FAST_SOURCE_DIGEST
+static const char* kSourceDigest = RLHF_FAST_STR(RLHF_FAST_SOURCE_DIGEST);
+#else
+static const char* kSourceDigest = "";
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rlhf_fast csrc extension: sort-free temperature / top-k / top-p / min-p sampling";
   m.def("sample", &sample,
@@ -130,4 +140,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("input"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
         py::arg("seed"), py::arg("offset"), py::arg("from_probs"), py::arg("want_cutoffs") = false);
   m.def("has_cuda", &has_cuda, "True when the module was built with the CUDA kernels");
+  m.attr("source_digest") = kSourceDigest;
 }

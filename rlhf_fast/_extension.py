@@ -49,12 +49,19 @@ def build_flags(with_cuda: bool) -> dict:
             "extra_cuda_cflags": ["-O3", "-std=c++17", "-DRLHF_FAST_WITH_CUDA=1"], "extra_ldflags": ["-fopenmp"]}
 
 
-def cache_key(src: Path, flags: dict, torch_version: str | None = None) -> str:
-    """Hash of the source tree's files (relative paths and bytes), the torch and CUDA versions, the
-    compiler, the flags and TORCH_CUDA_ARCH_LIST: equal keys build equal binaries."""
+def source_digest(src: Path) -> str:
+    """"h" + 16 hex digits of the source tree's files (relative paths and bytes). setup.py compiles it
+    into the ahead-of-time build (RLHF_FAST_SOURCE_DIGEST) so that a stale build is recognised."""
     digest = hashlib.sha256()
     for f in sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in _SOURCE_SUFFIXES):
         digest.update(f.relative_to(src).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return "h" + digest.hexdigest()[:16]
+
+
+def cache_key(src: Path, flags: dict, torch_version: str | None = None) -> str:
+    """Hash of the source tree's files (relative paths and bytes), the torch and CUDA versions, the
+    compiler, the flags and TORCH_CUDA_ARCH_LIST: equal keys build equal binaries."""
+    digest = hashlib.sha256(source_digest(src).encode())
     env = [torch_version or torch.__version__, str(torch.version.cuda), os.environ.get("CXX", "c++"),
            os.environ.get("TORCH_CUDA_ARCH_LIST", ""), repr(sorted(flags.items()))]
     digest.update("\0".join(env).encode())
@@ -79,12 +86,26 @@ def _stage_sources(src: Path, dest: Path) -> None:
 
 
 def _prebuilt():
-    """The extension setup.py built ahead of time, or None."""
+    """The extension setup.py built ahead of time, or None (also when it was built from other sources
+    than the csrc/ next to the package: an editable install after a `git pull` holds a stale binary
+    whose functions may take other arguments; the JIT build is used then, and that is said once)."""
     try:
         from . import _C  # type: ignore[attr-defined]
-        return _C
     except ImportError:
         return None
+    built = getattr(_C, "source_digest", "")
+    try:
+        current = source_digest(source_dir())
+    except FileNotFoundError:
+        return _C
+    if built == current:
+        return _C
+    if not _state.get("stale_said"):
+        _state["stale_said"] = True
+        print(f"rlhf_fast: ignoring the prebuilt csrc extension {Path(_C.__file__).name}: it was built from other "
+              f"sources ({built or 'unrecorded'}) than {source_dir()} holds ({current}); rebuild with "
+              "`pip install -e .`, a JIT build is used meanwhile", file=sys.stderr, flush=True)
+    return None
 
 
 def _jit_build():

@@ -109,3 +109,33 @@ def test_cache_key_follows_code_and_toolchain_not_location(tmp_path):
     header = next(b.rglob("*.h"))
     header.write_text(header.read_text() + "\n// changed\n")
     assert ext.cache_key(b, flags) != key
+
+
+@pytest.mark.parametrize("recorded", ["h0000000000000000", ""], ids=["other-sources", "unrecorded"])
+def test_stale_prebuilt_extension_is_ignored_and_said_once(recorded, monkeypatch, capsys):
+    """A prebuilt module compiled from other sources than csrc/ now holds (pip install -e, then git pull)
+    is not loaded: its functions may take other arguments. One line on stderr says so."""
+    import sys
+    import types
+    from rlhf_fast import _extension
+    monkeypatch.setattr(_extension, "_state", {})
+    stale = types.ModuleType("rlhf_fast._C")
+    stale.__file__ = "_C.so"
+    if recorded:
+        stale.source_digest = recorded
+    monkeypatch.setitem(sys.modules, "rlhf_fast._C", stale)
+    assert _extension._prebuilt() is None and _extension._prebuilt() is None
+    err = capsys.readouterr().err
+    assert err.count("ignoring the prebuilt csrc extension") == 1 and "pip install -e ." in err
+    stale.source_digest = _extension.source_digest(_extension.source_dir())
+    assert _extension._prebuilt() is stale
+
+
+def test_ahead_of_time_build_records_its_sources():
+    """The installed extension (setup.py's build, when there is one) carries the digest of its sources."""
+    from rlhf_fast import _extension
+    try:
+        from rlhf_fast import _C
+    except ImportError:
+        pytest.skip("no ahead-of-time build installed")
+    assert _C.source_digest == _extension.source_digest(_extension.source_dir())
