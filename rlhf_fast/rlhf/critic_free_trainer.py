@@ -19,6 +19,7 @@ import rlhf_fast
 from . import checkpoint
 from .critic_free import aggregate_loss, group_advantages, reinforce_pp_advantages
 from .data import BatchSampler
+from .microbatch import check_stage_accum, micro_batches
 from .ppo import UpdateStats, chunk_seed, minibatch_rows
 from .ppo_math import masked_mean, per_token_rewards, policy_loss
 from .rollout import Rollout, decode_rows, gather_rollout, kl_per_token, left_pad, response_logprobs
@@ -120,29 +121,30 @@ def policy_update(models: dict, opt, b: Rollout, adv: torch.Tensor, prompt_len: 
                    max_len=c.max_new_tokens)
     out = UpdateStats(rt)
     for rows in minibatch_rows(B, c.minibatch_size, c.epochs, cfg.run.seed, step, rt, b.mask.device):
-        mb, mb_adv = b.index(rows), adv[rows]
-        n_tokens = mb.mask.sum()
-        n_tokens_global = rt.all_reduce_sum(n_tokens)
-        # the loss's own denominator over ranks: tokens for token_mean, sequences otherwise
-        n_local = n_tokens if agg == "token_mean" else mb.mask.new_tensor(float(len(rows)))
-        n_local_global = rt.all_reduce_sum(n_local)
-        scale = n_local * rt.world / n_local_global
-        with autocast(cfg, rt.device):
-            logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
-                                                  prompt_len, c.temperature, return_entropy=True)
-            logprobs = logprobs.float()
-            pg_loss, stats = policy_loss(logprobs, mb.logprobs, mb_adv, mb.mask, c.clip_range, **clip_kw)
-            loss = pg_loss
-            if kl_loss_coef > 0:
-                kl_loss = aggregate_loss(rlhf_fast.kl_penalty(logprobs, mb.ref_logprobs, "k3"), mb.mask, agg,
-                                         max_len=c.max_new_tokens)
-                loss = loss + kl_loss_coef * kl_loss
-                stats["kl_loss"] = kl_loss.detach()
-        check_finite("rl", step, loss=loss)
-        (loss * scale).backward()
+        # the loss's own denominator: tokens for token_mean, sequences otherwise
+        denominator = (lambda m: m.sum()) if agg == "token_mean" else (lambda m: m.new_tensor(float(len(m))))
+        n_tokens_global = rt.all_reduce_sum(b.mask[rows].sum())
+        n_local_global = rt.all_reduce_sum(denominator(b.mask[rows]))
+        for i, micro in enumerate(micro_batches(rows, cfg.train.grad_accum)):
+            mb, mb_adv = b.index(micro), adv[micro]
+            n_tokens, n_local = mb.mask.sum(), denominator(mb.mask)
+            scale = n_local * rt.world / n_local_global  # this micro-batch's share of the minibatch's loss
+            with autocast(cfg, rt.device):
+                logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
+                                                      prompt_len, c.temperature, return_entropy=True)
+                logprobs = logprobs.float()
+                pg_loss, stats = policy_loss(logprobs, mb.logprobs, mb_adv, mb.mask, c.clip_range, **clip_kw)
+                loss = pg_loss
+                if kl_loss_coef > 0:
+                    kl_loss = aggregate_loss(rlhf_fast.kl_penalty(logprobs, mb.ref_logprobs, "k3"), mb.mask, agg,
+                                             max_len=c.max_new_tokens)
+                    loss = loss + kl_loss_coef * kl_loss
+                    stats["kl_loss"] = kl_loss.detach()
+            check_finite("rl", step, loss=loss)
+            (loss * scale).backward()
+            out.add({"pg_loss": pg_loss.detach(), "entropy": masked_mean(entropy.detach().float(), mb.mask),
+                     **stats}, n_tokens, n_tokens_global, loss_n=(n_local, n_local_global), new_update=i == 0)
         clip_and_step(models["policy"], opt, c.grad_clip, "rl", step)
-        out.add({"pg_loss": pg_loss.detach(), "entropy": masked_mean(entropy.detach().float(), mb.mask), **stats},
-                n_tokens, n_tokens_global, loss_n=(n_local, n_local_global))
     return out.means()
 
 
@@ -180,6 +182,7 @@ def train_critic_free(cfg, rt: Runtime, tok, models: dict, prompts: list[list[in
     if c.minibatch_size % rt.world or c.rollout_batch_size % (c.gen_batch_size * rt.world):
         raise ValueError(f"with {rt.world} ranks, rl.minibatch_size must be a multiple of {rt.world} and "
                          f"rl.rollout_batch_size a multiple of gen_batch_size * {rt.world}")
+    check_stage_accum(cfg, "rl", rt.world)
     opt = make_optimizer(models["policy"], c.lr, 0.0)
     sampler = BatchSampler(len(prompts), c.rollout_batch_size, cfg.run.seed)
     ckpt_path = stage_dir / checkpoint.NAME

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .config import Config
 from .data import RM_KEYS, BatchSampler, data_format, read_jsonl, sequence_batch, tokenize_pairs
+from .microbatch import check_stage_accum, micro_batches
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, load_checkpoint, lr_at,
                       make_optimizer, model_state, optimizer_state, resume_training, save_checkpoint, stage_model,
                       wrap_model)
@@ -75,7 +76,8 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
 
     norm_sequences: callable returning SFT-policy samples (token lists) to normalize on, or None.
     """
-    c = cfg.rm
+    c, accum = cfg.rm, cfg.train.grad_accum
+    check_stage_accum(cfg, "rm", rt.world)
     pairs, eval_pairs = (tokenize_pairs(read_jsonl(p, RM_KEYS, **data_format(cfg, p)), tok, cfg.model.block_size)
                          for p in (train_path, eval_path))
     sampler = BatchSampler(len(pairs), c.batch_size, cfg.run.seed + 1)
@@ -97,15 +99,18 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
         lr = lr_at(step - 1, c.steps, c.lr, c.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        with autocast(cfg, rt.device):
-            rc, rr = pair_rewards(wrapped, mine, tok.pad_id, rt.device)
-        margin = (rc - rr).float()
-        losses = -F.logsigmoid(margin)
         n_global = c.batch_size
-        loss = float(rt.all_reduce_sum(losses.sum().detach())) / n_global
-        train_acc = float(rt.all_reduce_sum((margin > 0).sum().float())) / n_global
+        loss_sum = hits = 0.0
+        for micro in micro_batches(mine, accum):
+            with autocast(cfg, rt.device):
+                rc, rr = pair_rewards(wrapped, micro, tok.pad_id, rt.device)
+            margin = (rc - rr).float()
+            losses = -F.logsigmoid(margin)
+            (losses.sum() / n_global * rt.world).backward()  # a non-finite loss is refused below, before the step
+            loss_sum, hits = loss_sum + losses.sum().detach(), hits + (margin > 0).sum().float()
+        loss = float(rt.all_reduce_sum(loss_sum)) / n_global
+        train_acc = float(rt.all_reduce_sum(hits)) / n_global
         check_finite("rm", step, loss=loss)
-        (losses.sum() / n_global * rt.world).backward()
         grad_norm = clip_and_step(wrapped, opt, c.grad_clip, "rm", step)
         record = {"loss": loss, "train_accuracy": train_acc, "lr": lr, "grad_norm": grad_norm}
         if step % c.ckpt_every == 0 or step == c.steps:

@@ -233,7 +233,7 @@ def preflight(cfg: Config, stage: str, resume: bool, overwrite: bool, earlier: t
     if resume and overwrite:
         raise ValueError("--resume continues a run and --overwrite starts it again: pass one of them")
     out = Path(cfg.run.out)
-    mode = check_runtime(cfg)[1]
+    _, mode, world = check_runtime(cfg)
     if stage == "rl" and mode == "fsdp":
         raise ValueError(f"rl.algo={cfg.rl.algo!r} runs with run.distributed 'none' or 'ddp', not 'fsdp'")
     _check_writable(out)
@@ -260,6 +260,8 @@ def preflight(cfg: Config, stage: str, resume: bool, overwrite: bool, earlier: t
         if i == 0:  # the model the stage trains (PPO: the policy)
             cfg = adopt_architecture(cfg, config)
     _check_data(cfg, stage, tok)
+    from .microbatch import check_stage_accum
+    check_stage_accum(cfg, stage, world)
     if resume:
         own = checkpoint.stage_checkpoint(stage_dir)
         if own.is_file():

@@ -321,6 +321,28 @@ class LoRASection:
 
 
 @dataclass
+class TrainConfig:
+    """Memory switches every stage takes: accumulation, recomputation, the dtype of frozen models, the
+    scoring batch, the memory plan printed (and checked) before any model is loaded."""
+    grad_accum: int = 1
+    """micro-batches per optimizer step: each rank's share of a batch (minibatch) is split in this many
+    forward/backward passes whose gradients add up to the whole batch's; must divide that share"""
+    grad_checkpointing: bool = False
+    """recompute each block in backward (less activation memory, about a third more compute) in every
+    model a stage trains, whatever its init"""
+    frozen_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the weights nobody trains: the reference and reward models and, with LoRA, the policy's
+    frozen base (adapters stay float32)"""
+    score_batch_size: int = 0
+    """rows per forward when a rollout is scored by the frozen models and the value model (0 = the
+    generation chunk, ppo/rl.gen_batch_size)"""
+    memory_limit_gib: float = 0.0
+    """memory the plan must fit in (0 = the device's free memory; on CPU the available RAM)"""
+    memory_check: bool = True
+    """stop before loading anything when the memory plan does not fit (false: print it and go on)"""
+
+
+@dataclass
 class DataConfig:
     """How the stages read your JSONL data files (the built-in task's files keep the default keys)."""
     prompt_key: str = "prompt"
