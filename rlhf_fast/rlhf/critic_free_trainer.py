@@ -19,7 +19,7 @@ import rlhf_fast
 from . import checkpoint
 from .critic_free import aggregate_loss, group_advantages, reinforce_pp_advantages
 from .data import BatchSampler
-from .microbatch import check_stage_accum, micro_batches
+from .microbatch import check_stage_accum, in_chunks, micro_batches
 from .ppo import UpdateStats, chunk_seed, minibatch_rows
 from .ppo_math import masked_mean, per_token_rewards, policy_loss
 from .rollout import Rollout, decode_rows, gather_rollout, kl_per_token, left_pad, response_logprobs
@@ -48,7 +48,7 @@ def resolve(c) -> dict:
 
 @torch.no_grad()
 def make_group_rollout(models: dict, prompts: list[list[int]], fields: list[dict], prompt_len: int, tok, c,
-                       seed: int, device, rewards=None, scorer=None) -> Rollout:
+                       seed: int, device, rewards=None, scorer=None, score_batch_size: int = 0) -> Rollout:
     """Sample and score G responses for each prompt of one chunk -> a Rollout of len(prompts) * G rows.
 
     ``scores`` is NaN for a response a reward function could not score; ``values`` are zeros (no critic);
@@ -65,7 +65,9 @@ def make_group_rollout(models: dict, prompts: list[list[int]], fields: list[dict
     amask = torch.cat((pmask.repeat_interleave(G, 0), gen.mask), 1)
     mask, logprobs = gen.mask.float(), gen.logprobs.float()
     if models.get("ref") is not None:
-        ref_logprobs = response_logprobs(models["ref"], seqs, amask, mask, prompt_len, c.temperature)[0].float()
+        ref = models["ref"]
+        ref_logprobs = in_chunks(lambda s, a, m: response_logprobs(ref, s, a, m, prompt_len, c.temperature)[0],
+                                 score_batch_size, seqs, amask, mask).float()
     else:
         ref_logprobs = logprobs.clone()
     has_eos = (torch.isin(gen.tokens, torch.tensor(tok.stop_ids, device=device)) & (gen.mask > 0)).any(1).float()
@@ -74,7 +76,7 @@ def make_group_rollout(models: dict, prompts: list[list[int]], fields: list[dict
         rows = [f for f in fields for _ in range(G)]
         scores = rewards([f["prompt"] for f in rows], responses, rows).to(device, torch.float32)
     else:
-        scores = models["reward"](seqs, attention_mask=amask).float()
+        scores = in_chunks(lambda s, a: models["reward"](s, attention_mask=a), score_batch_size, seqs, amask).float()
     scores = scores - c.missing_eos_penalty * (1.0 - has_eos)
     task = (torch.tensor(scorer(prompt_texts, responses), device=device, dtype=torch.float32) if scorer is not None
             else torch.full((len(responses),), float("nan"), device=device))
@@ -91,7 +93,8 @@ def collect_group_rollout(models: dict, prompts: list[list[int]], fields: list[d
             continue
         with autocast(cfg, rt.device):
             parts.append(make_group_rollout(models, prompts[start:start + g], fields[start:start + g], prompt_len,
-                                            tok, c, chunk_seed(cfg.run.seed, step, j), rt.device, rewards, scorer))
+                                            tok, c, chunk_seed(cfg.run.seed, step, j), rt.device, rewards, scorer,
+                                            cfg.train.score_batch_size))
     return gather_rollout(rt, Rollout.cat(parts), g * c.group_size)
 
 

@@ -16,6 +16,7 @@ from .config import Config
 from .data import (IGNORE_INDEX, SFT_KEYS, BatchSampler, data_format, read_jsonl, sft_batch, sft_padded_batch,
                    tokenize_sft)
 from .lora_stage import apply_run_lora
+from .memory_switches import trained
 from .microbatch import check_stage_accum, micro_batches
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, load_checkpoint, lr_at,
                       make_optimizer, model_state, optimizer_state, resume_training, save_checkpoint, stage_model,
@@ -49,6 +50,7 @@ def train_sft(cfg: Config, rt: Runtime, tok, data_path: str | Path, stage_dir: P
     model = stage_model(cfg, rt, tok.vocab_size, "lm", state, c.init or cfg.model.init)
     if state is None:  # a resumed LoRA model has its adapters from the checkpoint
         apply_run_lora(cfg, model)
+    trained(cfg, model)
     wrapped = wrap_model(model, rt)
     opt = make_optimizer(wrapped, c.lr, c.weight_decay)
     start, loss = 0, float("nan")
