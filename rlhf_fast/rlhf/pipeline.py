@@ -51,6 +51,8 @@ def _begin(cfg: Config, stage: str, resume: bool, overwrite: bool) -> tuple[Plan
                 remove_stale_temps(d)
         return plan, None
     rt = setup_runtime(plan.cfg)
+    if rt.is_main and plan.memory:
+        print(plan.memory, flush=True)
     claim(plan, rt.is_main)
     rt.barrier()
     return plan, rt
