@@ -149,6 +149,8 @@ def validate(cfg: Config) -> Config:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.run.device):
         raise ValueError(f"run.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.run.device!r}")
     validate_rl(cfg.rl)
+    from .trackers import parse_report_to
+    parse_report_to(cfg.run.report_to)
     if cfg.lora.r < 0 or not cfg.lora.alpha > 0 or not 0 <= cfg.lora.dropout < 1:
         raise ValueError(f"lora.r must be >= 0, lora.alpha > 0 and lora.dropout in [0, 1), got r={cfg.lora.r}, "
                          f"alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}")

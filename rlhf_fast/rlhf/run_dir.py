@@ -248,6 +248,8 @@ def preflight(cfg: Config, stage: str, resume: bool, overwrite: bool, earlier: t
     if finished:
         return Plan(cfg, out, stage, resume, True, [])
     tok = check_tokenizer(cfg.run.tokenizer)
+    from .trackers import check_installed
+    check_installed(cfg.run.report_to)
     _check_rewards(cfg, stage)
     inits = []  # GPTConfig dicts of the inits (None: made by an earlier stage of this command)
     for i, (key, path, made_by, head, need_head) in enumerate(_inits(cfg, out, stage)):

@@ -29,6 +29,9 @@ class RunConfig:
     """write PNG plots of each stage's metrics (matplotlib) into <out>/<stage>/plots"""
     threads: int = 1
     """torch CPU threads per process (0 = torch's default); small models run fastest on one"""
+    report_to: str = ""
+    """experiment trackers receiving every metric too: '' or comma-separated tensorboard, wandb (optional
+    extras; wandb follows WANDB_MODE / WANDB_PROJECT); metrics.jsonl stays the source of truth"""
 
 
 @dataclass
