@@ -25,7 +25,7 @@ from pathlib import Path
 STAGES = {
     "sft": ("supervised fine-tuning on prompt -> response demonstrations",
             ("run", "model", "task", "sft", "lora", "train")),
-    "rm": ("reward model on preference pairs (Bradley-Terry loss)", ("run", "model", "task", "rm", "train")),
+    "rm": ("reward model on preference pairs (Bradley-Terry loss)", ("run", "model", "task", "rm", "lora", "train")),
     "ppo": ("PPO against the reward model with a KL penalty to the SFT policy",
             ("run", "model", "task", "ppo", "lora", "train")),
     "demo": ("the whole pipeline on the built-in sorting task",

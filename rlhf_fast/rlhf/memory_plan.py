@@ -139,7 +139,7 @@ def stage_plan(cfg, stage: str, policy: dict, reward: dict | None = None, *, wor
     act_bytes = 2 if cfg.run.dtype == "bfloat16" else 4
     frozen_bytes = 2 if t.frozen_dtype == "bfloat16" else 4
     dense = device_type == "cpu" or cfg.run.backend == "reference"
-    lora = (cfg.lora.r, cfg.lora.alpha, cfg.lora.targets) if cfg.lora.r > 0 and stage != "rm" else None
+    lora = (cfg.lora.r, cfg.lora.alpha, cfg.lora.targets) if cfg.lora.r > 0 else None
 
     def model(name: str, config: dict, head: str, rows: int, trained: bool, adapters=None) -> ModelMemory:
         params, trainable = count_parameters(config, head, adapters)
@@ -169,7 +169,11 @@ def stage_plan(cfg, stage: str, policy: dict, reward: dict | None = None, *, wor
             models.append(ModelMemory("reference (=policy)", 0, 0, 0, 0))
         else:
             models.append(model("reference", policy, "lm", score_rows, False))
-    if c is cfg.ppo:
+    if c is cfg.ppo and lora is not None:  # adapters and a head on the reward model's backbone
+        shared = model("value (reward's base)", reward, "value", train_rows, True, lora)
+        models.append(ModelMemory(shared.name, shared.trainable, shared.trainable, 4 * shared.trainable,
+                                  shared.activation_bytes))
+    elif c is cfg.ppo:
         models.append(model("value", reward, "value", train_rows, True))
     if reward is not None:
         models.append(model("reward", reward, "reward", score_rows, False))

@@ -26,7 +26,7 @@ from .checkpoint import stage_checkpoint
 from .model_init import init_model_state
 from .reward_fns import load_function
 from .run_dir import Plan, claim, finish, preflight, preflight_stages, stage_init
-from .lora_stage import apply_run_lora, reference_policy
+from .lora_stage import apply_run_lora, reference_policy, value_on_reward_backbone
 from .memory_switches import frozen, trained
 from .runtime import Runtime, load_checkpoint, load_model, setup_runtime, wrap_model
 from .task import task_reward, write_task_data
@@ -217,13 +217,21 @@ def run_ppo(cfg: Config, resume: bool = False, on_step=None, overwrite: bool = F
                                 backend=cfg.run.backend)
     ckpt = stage_checkpoint(out / "ppo")
     state = load_checkpoint(ckpt) if resume and ckpt.is_file() else None
-    reward = load_model(rm_state, rt.device).eval()
+    reward = load_model(rm_state, rt.device, merge=True).eval()  # a LoRA reward model: its adapters folded in
+    shared = cfg.lora.r > 0 and rt.mode != "fsdp"  # LoRA: the value model is adapters on the reward's backbone
     if state is not None:
-        policy, value = load_model(state["policy"], rt.device), load_model(state["value"], rt.device)
+        policy = load_model(state["policy"], rt.device)
+        if shared:
+            value, reward = value_on_reward_backbone(cfg, reward, state["value"])
+        else:
+            value = load_model(state["value"], rt.device)
     else:
         policy = apply_run_lora(cfg, load_model(sft_state, rt.device, merge=True))
-        value = load_model(rm_state, rt.device, head="value")  # critic initialized from the reward model
-        value.score.load_state_dict(reward.score.state_dict())
+        if shared:
+            value, reward = value_on_reward_backbone(cfg, reward)
+        else:
+            value = load_model(rm_state, rt.device, head="value")  # critic initialized from the reward model
+            value.score.load_state_dict(reward.score.state_dict())
     policy, value = trained(cfg, policy), trained(cfg, value)
     ref = frozen(cfg, reference_policy(cfg, policy, sft_state, rt.device))  # LoRA: the policy, adapters off
     reward = frozen(cfg, reward)

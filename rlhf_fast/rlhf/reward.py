@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .config import Config
 from .data import RM_KEYS, BatchSampler, data_format, read_jsonl, sequence_batch, tokenize_pairs
+from .lora_stage import apply_run_lora
 from .memory_switches import trained
 from .microbatch import check_stage_accum, micro_batches
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, load_checkpoint, lr_at,
@@ -85,7 +86,10 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
     ckpt_path = stage_dir / checkpoint.NAME
     saved = checkpoint.stage_checkpoint(stage_dir)
     state = load_checkpoint(saved) if resume and saved.is_file() else None
-    model = trained(cfg, stage_model(cfg, rt, tok.vocab_size, "reward", state, init))
+    model = stage_model(cfg, rt, tok.vocab_size, "reward", state, init)
+    if state is None:  # a resumed LoRA model has its adapters from the checkpoint
+        apply_run_lora(cfg, model)
+    trained(cfg, model)
     wrapped = wrap_model(model, rt)
     opt = make_optimizer(wrapped, c.lr, c.weight_decay)
     start = 0

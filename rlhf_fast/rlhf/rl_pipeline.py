@@ -92,7 +92,7 @@ def run_rl(cfg: Config, resume: bool = False, on_step=None, overwrite: bool = Fa
     if rewards is None:
         rm = init_model_state(stage_init(c.reward_init, out, "rm"), head="reward", need_head=True,
                               backend=cfg.run.backend)
-        models["reward"] = frozen(cfg, load_model(rm, rt.device))
+        models["reward"] = frozen(cfg, load_model(rm, rt.device, merge=True))
     eval_fn = None
     if eval_prompts:
         def eval_fn(step):  # noqa: ARG001 - a fixed seed: every evaluation sees the same sampling noise

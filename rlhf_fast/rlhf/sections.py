@@ -311,8 +311,9 @@ class RLConfig(RolloutConfig):
 
 @dataclass
 class LoRASection:
-    """Low-rank adapters on the policy (sft, ppo, rl stages); base weights frozen, the reference policy is
-    the policy with its adapters switched off (no second copy of the weights)."""
+    """Low-rank adapters on the model a stage trains (sft, rm, ppo, rl); base weights frozen. The reference
+    policy is the policy with its adapters switched off, and PPO's value model is adapters (and a value
+    head) on the reward model's backbone: no second copy of either's weights."""
     r: int = 0
     """rank of every adapter; 0 = LoRA off (full fine-tuning)"""
     alpha: float = 16.0

@@ -1,6 +1,7 @@
 """Issue 15's end-to-end check: a LoRA PPO run from tiny Hugging Face Llama folders (a *ForCausalLM policy,
 a *ForSequenceClassification reward model) trains, holds one copy of the policy's base weights (the
-reference is the policy with its adapters off), resumes to identical metrics, and exports PEFT adapters
+reference is the policy with its adapters off) and one of the reward model's (the value model is adapters
+on it), resumes to identical metrics, and exports PEFT adapters
 that peft + transformers load with the logits of the trained policy."""
 import shutil
 
@@ -51,13 +52,14 @@ def test_lora_ppo_from_hf_llama_folders(folders, tmp_path, device, monkeypatch):
     def spy(cfg, rt, tok, models, *args, **kwargs):
         counted["elements"] = _storages(models)
         counted["policy"] = sum(p.numel() for p in unwrap(models["policy"]).parameters())
-        counted["value"] = sum(p.numel() for p in unwrap(models["value"]).parameters())
-        counted["reward"] = sum(p.numel() for p in models["reward"].parameters())
+        counted["value"] = sum(p.numel() for p in unwrap(models["value"]).parameters() if p.requires_grad)
+        counted["reward"] = sum(p.numel() for p in models["reward"].policy.parameters() if not p.requires_grad)
         return real(cfg, rt, tok, models, *args, **kwargs)
     with monkeypatch.context() as m:
         m.setattr(ppo, "train_ppo", spy)
         pipeline.run_ppo(_cfg(full, device, folders))
-    # one copy of the policy's base: the reference adds no storage (value and reward: their own)
+    # one copy of each base: the reference is the policy with adapters off, the value model is adapters and
+    # a head on the reward model's backbone (its trainable parameters are all it adds)
     assert counted["elements"] == counted["policy"] + counted["value"] + counted["reward"]
 
     rows = read_metrics(full / "ppo" / "metrics.jsonl")

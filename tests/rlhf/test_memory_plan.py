@@ -70,8 +70,10 @@ def test_ppo_plan_rows_follow_the_switches():
     assert full.total_bytes == static + policy.activation_bytes + full.extra["generation KV cache"]
 
     lora = stage_plan(_cfg(**{"lora.r": 4, "train.frozen_dtype": "bfloat16"}), "ppo", LLAMA, GPT2)
-    policy, ref, _, reward = lora.models
+    policy, ref, value, reward = lora.models
     assert ref.weight_bytes == 0  # the policy with its adapters off
+    value_trainable = count_parameters(GPT2, "value", (4, 16.0, "all"))[1]  # adapters and head on the reward's base
+    assert value.trainable == value_trainable and value.weight_bytes == 4 * value_trainable
     adapters = count_parameters(LLAMA, "lm", (4, 16.0, "all"))[1]
     assert policy.trainable == adapters and policy.weight_bytes == 4 * adapters + 2 * n
     assert reward.weight_bytes == 2 * count_parameters(GPT2, "reward")[0]

@@ -58,7 +58,7 @@ def test_bf16_frozen_models_with_lora_ppo_train_and_resume_exactly(lora_sft, tmp
     monkeypatch.setattr(ppo, "train_ppo", spy)
     pipeline.run_ppo(_cfg(full, device, **extra))
     assert seen["reward"] == seen["ref"] == seen["policy"] == {torch.bfloat16}  # ref: the policy's own base
-    assert seen["adapters"] == {torch.float32} and seen["value"] == set()  # the value model trains in fp32
+    assert seen["adapters"] == {torch.float32} and seen["value"] == {torch.bfloat16}  # the reward's base
     with pytest.raises(Stop):
         pipeline.run_ppo(_cfg(killed, device, **extra), on_step=stop_after(2))
     pipeline.run_ppo(_cfg(killed, device, **extra), resume=True)
