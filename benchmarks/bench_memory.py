@@ -3,6 +3,7 @@ gradient checkpointing and accumulation, against the memory plan's estimate (rlh
 
     python -m benchmarks.bench_memory            # 125M-class GPT-2 and Llama-shaped configs (CPU: minutes)
     python -m benchmarks.bench_memory --quick    # tiny configs, a smoke test (seconds)
+    python -m benchmarks.bench_memory --fits     # the README's what-fits table, computed by the plan
 
 A step is what the stages run per iteration: generate and score a rollout (collect_rollout /
 collect_group_rollout), then one epoch of updates (ppo_update: policy and value; policy_update: GRPO),
@@ -132,12 +133,53 @@ def run_case(name: str, model: dict, algo: str, variant: str, device: str) -> di
             "step_s": seconds, "threads": torch.get_num_threads()}
 
 
+FITS_MODELS = {  # the shapes of Qwen2.5-0.5B, Qwen2.5-1.5B, Llama-2-7B and Qwen2.5-7B (GPTConfig fields)
+    "Qwen2.5-0.5B": dict(n_layer=24, n_head=14, n_kv_head=2, n_embd=896, n_inner=4864, vocab_size=151936),
+    "Qwen2.5-1.5B": dict(n_layer=28, n_head=12, n_kv_head=2, n_embd=1536, n_inner=8960, vocab_size=151936),
+    "Llama-2-7B": dict(n_layer=32, n_head=32, n_kv_head=32, n_embd=4096, n_inner=11008, vocab_size=32000,
+                       tie_word_embeddings=False),
+    "Qwen2.5-7B": dict(n_layer=28, n_head=28, n_kv_head=4, n_embd=3584, n_inner=18944, vocab_size=152064,
+                       tie_word_embeddings=False),
+}
+GPUS_GB = (24, 80, 141)
+
+
+def fits_table() -> str:
+    """Markdown: the memory plan of PPO and GRPO for each of FITS_MODELS (policy = reward model shape), on
+    one GPU, bf16 autocast, fused attention, 1024-token sequences (512 + 512), 8 sequences per micro-batch,
+    32 generated together, frozen models in bf16, gradient checkpointing; full fine-tuning vs LoRA r=16.
+    The model keeps fp32 master weights and AdamW state for what it trains."""
+    from rlhf_fast.model import GPTConfig
+    from rlhf_fast.rlhf.config import build_config
+    from rlhf_fast.rlhf.memory_plan import GIB, stage_plan
+    lines = ["| model | stage | fine-tuning | plan (GiB) | " + " | ".join(f"{g} GB" for g in GPUS_GB) + " |",
+             "|---|---|---|---:|" + "---|" * len(GPUS_GB)]
+    for name, shape in FITS_MODELS.items():
+        model = GPTConfig(**{**shape, "block_size": 1024, "norm": "rmsnorm", "mlp": "swiglu", "pos_emb": "rope",
+                             "bias": False, "qkv_bias": name.startswith("Qwen")}).to_dict()
+        for stage, algo in (("ppo", "ppo"), ("rl", "grpo")):
+            for label, r in (("full", 0), ("LoRA r=16", 16)):
+                cfg = build_config(None, {
+                    "run.dtype": "bfloat16", "model.block_size": 1024, "lora.r": r, "train.frozen_dtype": "bfloat16",
+                    "train.grad_checkpointing": "true", "ppo.minibatch_size": 64, "ppo.rollout_batch_size": 64,
+                    "ppo.gen_batch_size": 32, "rl.algo": algo, "rl.group_size": 8, "rl.rollout_batch_size": 8,
+                    "rl.gen_batch_size": 4, "rl.minibatch_size": 64, "train.grad_accum": 8})
+                total = stage_plan(cfg, stage, model, model if stage == "ppo" else None, device_type="cuda").total_bytes
+                cells = ["yes" if total <= g * 1e9 else "no" for g in GPUS_GB]
+                lines.append(f"| {name} | {algo} | {label} | {total / GIB:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny configs: a smoke test")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of each case")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads of each case")
+    parser.add_argument("--fits", action="store_true", help="print the README's what-fits table (computed, no run)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # config:algo:variant, run by the parent process
     args = parser.parse_args(argv)
+    if args.fits:
+        print(fits_table())
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     configs = QUICK if args.quick or os.environ.get("RLHF_FAST_BENCH_QUICK") == "1" else CONFIGS
     if args.case:
