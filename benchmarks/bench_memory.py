@@ -72,7 +72,7 @@ def _cfg(model: dict, algo: str, variant: str, device: str):
 def _setup(cfg, model: dict, algo: str, device: str):
     """The stage's models for `cfg` on random weights, and step(i): one iteration (rollout + update)."""
     from rlhf_fast.rlhf import critic_free_trainer as cf
-    from rlhf_fast.rlhf.lora_stage import apply_run_lora, reference_policy
+    from rlhf_fast.rlhf.lora_stage import apply_run_lora, reference_policy, value_on_reward_backbone
     from rlhf_fast.rlhf.memory_switches import frozen, trained
     from rlhf_fast.rlhf.ppo import advantages_and_returns, collect_rollout, ppo_update
     from rlhf_fast.rlhf.runtime import Runtime, build_model, make_optimizer
@@ -81,10 +81,14 @@ def _setup(cfg, model: dict, algo: str, device: str):
     torch.manual_seed(0)
     policy = trained(cfg, apply_run_lora(cfg, build_model(cfg, V).to(device)))
     ref = frozen(cfg, reference_policy(cfg, policy, None, rt.device) if cfg.lora.r else build_model(cfg, V).to(device))
-    reward = frozen(cfg, build_model(cfg, V, head="reward").to(device))
-    models = {"policy": policy.eval(), "ref": ref, "reward": reward}
-    if algo == "ppo":
+    reward = build_model(cfg, V, head="reward").to(device)
+    models = {"policy": policy.eval(), "ref": ref, "reward": reward if algo == "ppo" and cfg.lora.r else frozen(cfg, reward)}
+    if algo == "ppo" and cfg.lora.r:  # as the ppo stage: adapters and a value head on the reward's backbone
+        value, models["reward"] = value_on_reward_backbone(cfg, reward)
+        models["value"] = trained(cfg, value).eval()
+    elif algo == "ppo":
         models["value"] = trained(cfg, build_model(cfg, V, head="value").to(device)).eval()
+    if algo == "ppo":
         opts = {k: make_optimizer(models[k], 1e-5, 0.0) for k in ("policy", "value")}
     else:
         opt, preset = make_optimizer(policy, 1e-5, 0.0), cf.resolve(cfg.rl)
@@ -127,7 +131,7 @@ def run_case(name: str, model: dict, algo: str, variant: str, device: str) -> di
     seconds = time.perf_counter() - t0
     measured = (_rss_kib("VmHWM") - base) * 1024 if device == "cpu" else torch.cuda.max_memory_allocated()
     plan = stage_plan(cfg, "ppo" if algo == "ppo" else "rl", models["policy"].config.to_dict(),
-                      models["reward"].config.to_dict(), device_type=device, seq_len=PROMPT + NEW)
+                      models["policy"].config.to_dict(), device_type=device, seq_len=PROMPT + NEW)
     return {"config": name, "algo": algo, "variant": variant, "measured_gib": measured / GIB,
             "estimate_gib": plan.total_bytes / GIB, "error": plan.total_bytes / measured - 1,
             "step_s": seconds, "threads": torch.get_num_threads()}
@@ -199,12 +203,12 @@ def main(argv=None) -> None:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 rows.append(json.loads(out.strip().splitlines()[-1]))
                 print(markdown_table(rows[-1:]), flush=True)
-    info = machine()
-    print(info)
+                path = write_results("memory" + ("-quick" if configs is QUICK else ""), rows,  # after each case
+                                     {"threads": args.threads, "device": device})
+    print(machine())
     print(markdown_table(rows, ["config", "algo", "variant", "measured_gib", "estimate_gib", "error", "step_s",
                                 "threads"]))
-    print(write_results("memory" + ("-quick" if configs is QUICK else ""), rows,
-                        {"threads": rows[0]["threads"] if rows else None, "device": device}))
+    print(path)
 
 
 if __name__ == "__main__":

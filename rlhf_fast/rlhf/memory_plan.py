@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..reference._chunks import CHUNK_ELEMENTS
+
 GIB = 1024 ** 3
 
 
@@ -91,21 +93,26 @@ def _dims(config: dict) -> tuple[int, int, int, int]:
 
 
 def activation_bytes(config: dict, rows: int, seq_len: int, *, checkpointing: bool = False,
-                     dense_attention: bool = True, elem_bytes: int = 4, training: bool = True) -> int:
+                     dense_attention: bool = True, elem_bytes: int = 4, training: bool = True,
+                     lm_head: bool = True) -> int:
     """Estimated peak bytes autograd holds for one forward + backward of `rows` sequences of `seq_len`
-    tokens (training=False: one forward under no_grad, which holds about one block's tensors)."""
+    tokens (training=False: one forward under no_grad, which holds about one block's tensors), plus, with
+    lm_head, the fused logprob op's transient logits chunk (value and reward heads have none)."""
     C, Q, F, H = _dims(config)
     swiglu = config.get("mlp", "gelu") == "swiglu"
     per_block = 4 * C + 4 * Q + (H * seq_len if dense_attention else 0) + (4 if swiglu else 2) * F  # per token
     tokens = rows * seq_len
+    vocab = config["vocab_size"]
+    # the LM head's logits chunk (fp32; with its softmax and gradient in backward); value/reward heads: none
+    head = min(tokens * vocab, max(vocab, CHUNK_ELEMENTS)) * 4 * (3 if training else 1) if lm_head else 0
     if not training:
-        return tokens * per_block * elem_bytes
+        return tokens * per_block * elem_bytes + head
     layers = config["n_layer"]
     if checkpointing:
         held = layers * C + per_block  # block inputs, and one block recomputed in backward
     else:
         held = layers * per_block
-    return (tokens * (held + 2 * C)) * elem_bytes  # + embeddings and the final norm
+    return (tokens * (held + 2 * C)) * elem_bytes + head  # + embeddings and the final norm
 
 
 def kv_cache_bytes(config: dict, rows: int, seq_len: int, elem_bytes: int = 4) -> int:
@@ -147,7 +154,8 @@ def stage_plan(cfg, stage: str, policy: dict, reward: dict | None = None, *, wor
         base_bytes = 4 if trained and adapters is None else frozen_bytes
         return ModelMemory(name, params, trainable, 4 * trainable + base_bytes * (params - trainable),
                            activation_bytes(config, rows, T, checkpointing=t.grad_checkpointing,
-                                            dense_attention=dense, elem_bytes=act_bytes, training=trained))
+                                            dense_attention=dense, elem_bytes=act_bytes, training=trained,
+                                            lm_head=head == "lm"))
 
     def share(batch: int) -> int:  # rows of one micro-batch on one rank
         if batch % (world * t.grad_accum):
