@@ -19,7 +19,7 @@ import rlhf_fast
 from . import checkpoint
 from .critic_free import aggregate_loss, group_advantages, reinforce_pp_advantages
 from .data import BatchSampler
-from .microbatch import check_stage_accum, in_chunks, micro_batches
+from .microbatch import check_stage_accum, grad_sync, in_chunks, micro_batches
 from .ppo import UpdateStats, chunk_seed, minibatch_rows
 from .ppo_math import masked_mean, per_token_rewards, policy_loss
 from .rollout import Rollout, decode_rows, gather_rollout, kl_per_token, left_pad, response_logprobs
@@ -132,19 +132,20 @@ def policy_update(models: dict, opt, b: Rollout, adv: torch.Tensor, prompt_len: 
             mb, mb_adv = b.index(micro), adv[micro]
             n_tokens, n_local = mb.mask.sum(), denominator(mb.mask)
             scale = n_local * rt.world / n_local_global  # this micro-batch's share of the minibatch's loss
-            with autocast(cfg, rt.device):
-                logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
-                                                      prompt_len, c.temperature, return_entropy=True)
-                logprobs = logprobs.float()
-                pg_loss, stats = policy_loss(logprobs, mb.logprobs, mb_adv, mb.mask, c.clip_range, **clip_kw)
-                loss = pg_loss
-                if kl_loss_coef > 0:
-                    kl_loss = aggregate_loss(rlhf_fast.kl_penalty(logprobs, mb.ref_logprobs, "k3"), mb.mask, agg,
-                                             max_len=c.max_new_tokens)
-                    loss = loss + kl_loss_coef * kl_loss
-                    stats["kl_loss"] = kl_loss.detach()
-            check_finite("rl", step, loss=loss)
-            (loss * scale).backward()
+            with grad_sync(i == cfg.train.grad_accum - 1, models["policy"]):
+                with autocast(cfg, rt.device):
+                    logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask,
+                                                          mb.mask, prompt_len, c.temperature, return_entropy=True)
+                    logprobs = logprobs.float()
+                    pg_loss, stats = policy_loss(logprobs, mb.logprobs, mb_adv, mb.mask, c.clip_range, **clip_kw)
+                    loss = pg_loss
+                    if kl_loss_coef > 0:
+                        kl_loss = aggregate_loss(rlhf_fast.kl_penalty(logprobs, mb.ref_logprobs, "k3"), mb.mask,
+                                                 agg, max_len=c.max_new_tokens)
+                        loss = loss + kl_loss_coef * kl_loss
+                        stats["kl_loss"] = kl_loss.detach()
+                check_finite("rl", step, loss=loss)
+                (loss * scale).backward()
             out.add({"pg_loss": pg_loss.detach(), "entropy": masked_mean(entropy.detach().float(), mb.mask),
                      **stats}, n_tokens, n_tokens_global, loss_n=(n_local, n_local_global), new_update=i == 0)
         clip_and_step(models["policy"], opt, c.grad_clip, "rl", step)

@@ -9,6 +9,7 @@ share of the *whole* batch's denominator, and the gradients of the micro-batches
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence, TypeVar
 
 import torch
@@ -40,6 +41,17 @@ def micro_batches(rows: Sequence[T] | torch.Tensor, grad_accum: int) -> list:
     consecutive micro-batches of equal size, in order (check_grad_accum has checked that they divide)."""
     k = len(rows) // grad_accum
     return [rows[i * k:(i + 1) * k] for i in range(grad_accum)]
+
+
+def grad_sync(last: bool, *models):
+    """Context for one micro-batch's forward and backward: DDP all-reduces gradients only in the last
+    micro-batch's backward (the earlier ones add up locally first, as no_sync documents); FSDP and one
+    process are left as they are (FSDP reduces every micro-batch: correct, not the fastest)."""
+    stack = contextlib.ExitStack()
+    for model in models:
+        if not last and hasattr(model, "no_sync"):
+            stack.enter_context(model.no_sync())
+    return stack
 
 
 def in_chunks(fn: Callable[..., torch.Tensor], size: int, *tensors: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -19,7 +19,7 @@ from .ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, exp
                        masked_whiten, per_token_rewards, policy_loss, value_loss)
 from . import checkpoint
 from .data import BatchSampler
-from .microbatch import check_stage_accum, micro_batches
+from .microbatch import check_stage_accum, grad_sync, micro_batches
 from .rollout import Rollout, gather_rollout, kl_per_token, make_rollout, response_logprobs, response_values
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, make_optimizer, model_state,
                       optimizer_state, resume_training, save_checkpoint, unwrap)
@@ -107,17 +107,18 @@ def ppo_update(models: dict, opts: dict, b: Rollout, advantages, returns, prompt
             mb_adv, mb_ret = advantages[micro], returns[micro]
             n_local = mb.mask.sum()
             scale = n_local * rt.world / n_global  # this micro-batch's share of the minibatch's token mean
-            with autocast(cfg, rt.device):
-                logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
-                                                      prompt_len, c.temperature, return_entropy=True)
-                pg_loss, pg_stats = policy_loss(logprobs.float(), mb.logprobs, mb_adv, mb.mask, c.clip_range)
-            check_finite("ppo", step, pg_loss=pg_loss)
-            (pg_loss * scale).backward()
-            with autocast(cfg, rt.device):  # the value model is separate: its loss does not see the policy step
-                vpred = response_values(models["value"], mb.sequences, mb.attention_mask, prompt_len, T)
-                vf_loss, vf_stats = value_loss(vpred.float(), mb.values, mb_ret, mb.mask, c.value_clip_range)
-            check_finite("ppo", step, vf_loss=vf_loss)
-            (vf_loss * scale).backward()
+            with grad_sync(i == cfg.train.grad_accum - 1, models["policy"], models["value"]):
+                with autocast(cfg, rt.device):
+                    logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask,
+                                                          mb.mask, prompt_len, c.temperature, return_entropy=True)
+                    pg_loss, pg_stats = policy_loss(logprobs.float(), mb.logprobs, mb_adv, mb.mask, c.clip_range)
+                check_finite("ppo", step, pg_loss=pg_loss)
+                (pg_loss * scale).backward()
+                with autocast(cfg, rt.device):  # a separate model: its loss does not see the policy step
+                    vpred = response_values(models["value"], mb.sequences, mb.attention_mask, prompt_len, T)
+                    vf_loss, vf_stats = value_loss(vpred.float(), mb.values, mb_ret, mb.mask, c.value_clip_range)
+                check_finite("ppo", step, vf_loss=vf_loss)
+                (vf_loss * scale).backward()
             out.add({"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
                      "entropy": masked_mean(entropy.detach().float(), mb.mask), **pg_stats, **vf_stats},
                     n_local, n_global, new_update=i == 0)

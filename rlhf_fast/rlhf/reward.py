@@ -18,7 +18,7 @@ from .config import Config
 from .data import RM_KEYS, BatchSampler, data_format, read_jsonl, sequence_batch, tokenize_pairs
 from .lora_stage import apply_run_lora
 from .memory_switches import trained
-from .microbatch import check_stage_accum, micro_batches
+from .microbatch import check_stage_accum, grad_sync, micro_batches
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, load_checkpoint, lr_at,
                       make_optimizer, model_state, optimizer_state, resume_training, save_checkpoint, stage_model,
                       wrap_model)
@@ -106,12 +106,13 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
             group["lr"] = lr
         n_global = c.batch_size
         loss_sum = hits = 0.0
-        for micro in micro_batches(mine, accum):
-            with autocast(cfg, rt.device):
-                rc, rr = pair_rewards(wrapped, micro, tok.pad_id, rt.device)
-            margin = (rc - rr).float()
-            losses = -F.logsigmoid(margin)
-            (losses.sum() / n_global * rt.world).backward()  # a non-finite loss is refused below, before the step
+        for i, micro in enumerate(micro_batches(mine, accum)):
+            with grad_sync(i == accum - 1, wrapped):
+                with autocast(cfg, rt.device):
+                    rc, rr = pair_rewards(wrapped, micro, tok.pad_id, rt.device)
+                margin = (rc - rr).float()
+                losses = -F.logsigmoid(margin)
+                (losses.sum() / n_global * rt.world).backward()  # a non-finite loss is refused below
             loss_sum, hits = loss_sum + losses.sum().detach(), hits + (margin > 0).sum().float()
         loss = float(rt.all_reduce_sum(loss_sum)) / n_global
         train_acc = float(rt.all_reduce_sum(hits)) / n_global

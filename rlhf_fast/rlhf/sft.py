@@ -17,7 +17,7 @@ from .data import (IGNORE_INDEX, SFT_KEYS, BatchSampler, data_format, read_jsonl
                    tokenize_sft)
 from .lora_stage import apply_run_lora
 from .memory_switches import trained
-from .microbatch import check_stage_accum, micro_batches
+from .microbatch import check_stage_accum, grad_sync, micro_batches
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, load_checkpoint, lr_at,
                       make_optimizer, model_state, optimizer_state, resume_training, save_checkpoint, stage_model,
                       unwrap, wrap_model)
@@ -70,10 +70,11 @@ def train_sft(cfg: Config, rt: Runtime, tok, data_path: str | Path, stage_dir: P
         for group in opt.param_groups:
             group["lr"] = lr
         nll = 0.0
-        for batch in batches:
-            with autocast(cfg, rt.device):
-                local_loss, micro_nll = sft_loss(wrapped, batch, n_global, rt.world)
-            local_loss.backward()  # a non-finite loss is refused below, before the step
+        for i, batch in enumerate(batches):
+            with grad_sync(i == len(batches) - 1, wrapped):
+                with autocast(cfg, rt.device):
+                    local_loss, micro_nll = sft_loss(wrapped, batch, n_global, rt.world)
+                local_loss.backward()  # a non-finite loss is refused below, before the step
             nll = nll + micro_nll
         loss = float(rt.all_reduce_sum(nll) / n_global)
         check_finite("sft", step, loss=loss)

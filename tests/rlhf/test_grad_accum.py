@@ -117,3 +117,16 @@ def test_grad_accum_that_does_not_divide_the_batch_is_refused_naming_the_key(tmp
         pipeline.run_sft(tiny(tmp_path / "x", device, **{"train.grad_accum": 3}))
     with pytest.raises(ValueError, match="train.grad_accum must be > 0"):
         tiny(tmp_path / "y", device, **{"train.grad_accum": 0})
+
+
+def test_two_gloo_processes_accumulating_match_one_process_that_does_not(sft_rm_run, tmp_path, device):
+    """DDP reduces gradients in the last micro-batch only (no_sync before): the sum is the same."""
+    if device.type != "cpu":
+        pytest.skip("the gloo equivalence tests run on CPU")
+    from .test_distributed import CLI, _torchrun
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out in (one, two):
+        shutil.copytree(sft_rm_run, out)
+    pipeline.run_ppo(tiny(one, device))
+    _torchrun(CLI, "ppo", two, device, "--train.grad_accum=2")
+    _same_metrics(one, two, "ppo")
