@@ -38,14 +38,16 @@ class ModelMemory:
     trainable: int  # parameters AdamW updates
     weight_bytes: int
     activation_bytes: int  # peak of one training forward + backward (frozen models: one scoring forward)
+    shards: int = 1  # FSDP: ranks its gradients and optimizer state are sharded over (weights are gathered
+    # whole for generation, so they are counted whole)
 
     @property
     def grad_bytes(self) -> int:
-        return 4 * self.trainable
+        return 4 * self.trainable // self.shards
 
     @property
     def optimizer_bytes(self) -> int:
-        return 8 * self.trainable  # AdamW: two fp32 moments
+        return 8 * self.trainable // self.shards  # AdamW: two fp32 moments
 
 
 @dataclass
@@ -137,11 +139,12 @@ def available_bytes(device: torch.device | str, limit_gib: float = 0.0) -> int:
 
 
 def stage_plan(cfg, stage: str, policy: dict, reward: dict | None = None, *, world: int = 1,
-               device_type: str = "cpu", seq_len: int | None = None) -> MemoryPlan:
+               device_type: str = "cpu", seq_len: int | None = None, sharded: bool = False) -> MemoryPlan:
     """The plan of `stage` ('sft', 'rm', 'ppo', 'rl') under `cfg` (a Config) on `world` ranks of
     `device_type`. policy: GPTConfig dict of the model the stage trains (rm: the reward model); reward:
     that of the reward model (ppo, and rl when it scores with one). seq_len: tokens per sequence
-    (default model.block_size, the longest a stage allows)."""
+    (default model.block_size, the longest a stage allows); sharded: FSDP (gradients and AdamW state of
+    the trained models split over the ranks)."""
     t, T = cfg.train, seq_len or cfg.model.block_size
     act_bytes = 2 if cfg.run.dtype == "bfloat16" else 4
     frozen_bytes = 2 if t.frozen_dtype == "bfloat16" else 4
@@ -155,7 +158,7 @@ def stage_plan(cfg, stage: str, policy: dict, reward: dict | None = None, *, wor
         return ModelMemory(name, params, trainable, 4 * trainable + base_bytes * (params - trainable),
                            activation_bytes(config, rows, T, checkpointing=t.grad_checkpointing,
                                             dense_attention=dense, elem_bytes=act_bytes, training=trained,
-                                            lm_head=head == "lm"))
+                                            lm_head=head == "lm"), world if sharded else 1)
 
     def share(batch: int) -> int:  # rows of one micro-batch on one rank
         if batch % (world * t.grad_accum):
@@ -180,7 +183,7 @@ def stage_plan(cfg, stage: str, policy: dict, reward: dict | None = None, *, wor
     if c is cfg.ppo and lora is not None:  # adapters and a head on the reward model's backbone
         shared = model("value (reward's base)", reward, "value", train_rows, True, lora)
         models.append(ModelMemory(shared.name, shared.trainable, shared.trainable, 4 * shared.trainable,
-                                  shared.activation_bytes))
+                                  shared.activation_bytes, shared.shards))
     elif c is cfg.ppo:
         models.append(model("value", reward, "value", train_rows, True))
     if reward is not None:
@@ -245,7 +248,7 @@ def check_plan(cfg, plan: MemoryPlan, plan_of, available: int, where: str) -> No
 
 
 def preflight_plan(cfg, stage: str, inits: list[dict | None], vocab_size: int, world: int,
-                   device: str) -> str:
+                   device: str, mode: str = "none") -> str:
     """The stage's plan as a table against the memory free on `device`, checked (check_plan); '' when an
     init's architecture is not known yet (a checkpoint an earlier stage of the same command will write).
     inits: the GPTConfig dicts of the stage's inits in run_dir's order (the trained model's first)."""
@@ -257,7 +260,7 @@ def preflight_plan(cfg, stage: str, inits: list[dict | None], vocab_size: int, w
     device_type = torch.device(device).type
 
     def plan_of(c):
-        return stage_plan(c, stage, policy, reward, world=world, device_type=device_type)
+        return stage_plan(c, stage, policy, reward, world=world, device_type=device_type, sharded=mode == "fsdp")
     plan, available = plan_of(cfg), available_bytes(device, cfg.train.memory_limit_gib)
     check_plan(cfg, plan, plan_of, available, device)
     return plan.table(available)

@@ -269,7 +269,7 @@ def preflight(cfg: Config, stage: str, resume: bool, overwrite: bool, earlier: t
     from .microbatch import check_stage_accum
     check_stage_accum(cfg, stage, world)
     from .memory_plan import preflight_plan
-    memory = preflight_plan(cfg, stage, inits, tok.vocab_size, world, device)  # stops here if it cannot fit
+    memory = preflight_plan(cfg, stage, inits, tok.vocab_size, world, device, mode)  # stops here if it cannot fit
     if resume:
         own = checkpoint.stage_checkpoint(stage_dir)
         if own.is_file():

@@ -80,6 +80,8 @@ def test_ppo_plan_rows_follow_the_switches():
     assert policy.trainable == adapters and policy.weight_bytes == 4 * adapters + 2 * n
     assert reward.weight_bytes == 2 * count_parameters(GPT2, "reward")[0]
 
+    fsdp = stage_plan(_cfg(), "ppo", LLAMA, GPT2, world=2, sharded=True).models[0]
+    assert (fsdp.weight_bytes, fsdp.grad_bytes, fsdp.optimizer_bytes) == (4 * n, 2 * n, 4 * n)  # over 2 ranks
     accum = stage_plan(_cfg(**{"train.grad_accum": 4}), "ppo", LLAMA, GPT2)
     assert accum.models[0].activation_bytes == pytest.approx(full.models[0].activation_bytes / 4, rel=1e-9)
     with pytest.raises(ValueError, match="grad_accum=3"):
