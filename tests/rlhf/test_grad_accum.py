@@ -4,7 +4,10 @@ logs the metrics of the run that was never stopped.
 
 The gradients are compared where each optimizer step takes them (the stage's clip_and_step), step by
 step: both runs sum the same per-token terms, grouped differently, so they agree to fp32 rounding of those
-sums. Adam would hide a wrongly scaled gradient (its update is nearly scale-free), the gradient does not.
+sums. Adam would hide a wrongly scaled gradient (its update is nearly scale-free), the gradient does not;
+and the parameters after AdamW differ by more than rounding where a gradient element is itself at rounding
+level (its update g / (|g| + eps) then flips): measured, at most 2.6e-5 after the RM's two warmup steps
+(lr 5e-5 and 1e-4), below 3e-7 elsewhere. So the gradients are what is compared, step by step.
 """
 import shutil
 
