@@ -96,6 +96,9 @@ setup(
         "tokenizers": ["tiktoken", "transformers"],
         # data files in Parquet (*.parquet) or a datasets save_to_disk folder (hf:DIR)
         "data": ["pyarrow", "datasets"],
+        # run.report_to=tensorboard / wandb: copies of metrics.jsonl in an experiment tracker
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["rlhf-fast = rlhf_fast.cli:main"]},
     ext_modules=ext_modules,

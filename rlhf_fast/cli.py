@@ -23,14 +23,15 @@ import typing
 from pathlib import Path
 
 STAGES = {
-    "sft": ("supervised fine-tuning on prompt -> response demonstrations", ("run", "model", "task", "sft", "lora")),
-    "rm": ("reward model on preference pairs (Bradley-Terry loss)", ("run", "model", "task", "rm")),
+    "sft": ("supervised fine-tuning on prompt -> response demonstrations",
+            ("run", "model", "task", "sft", "lora", "train")),
+    "rm": ("reward model on preference pairs (Bradley-Terry loss)", ("run", "model", "task", "rm", "lora", "train")),
     "ppo": ("PPO against the reward model with a KL penalty to the SFT policy",
-            ("run", "model", "task", "ppo", "lora")),
+            ("run", "model", "task", "ppo", "lora", "train")),
     "demo": ("the whole pipeline on the built-in sorting task",
-             ("run", "model", "task", "sft", "rm", "ppo", "rl", "lora")),
+             ("run", "model", "task", "sft", "rm", "ppo", "rl", "lora", "train")),
     "rl": ("RL by --rl.algo: ppo (the ppo stage), or critic-free grpo, dr_grpo, rloo, reinforce_pp",
-           ("run", "model", "task", "ppo", "rl", "lora")),
+           ("run", "model", "task", "ppo", "rl", "lora", "train")),
 }
 
 

@@ -176,6 +176,8 @@ class GPT(nn.Module):
     def _head(self, x, last, targets, temperature, return_entropy, ignore_index, cutoffs=None, reference=None,
               return_hidden=False, check_kept=True):
         """x (..., C) final hidden; last: index into dim -2 of x (or dim 0 when packed) of each sequence's end."""
+        if self.head != "lm":  # a trainable fp32 head over a frozen bf16 backbone (LoRA value model) reads fp32
+            x = x.to(self.score.weight.dtype)
         if self.head == "value":
             return self.score(x).squeeze(-1).float()  # (...,)
         if self.head == "reward":

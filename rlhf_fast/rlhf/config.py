@@ -21,7 +21,7 @@ from typing import Literal
 
 # the sections live in sections.py; importing them from here keeps working
 from .sections import (DataConfig, LoRASection, ModelConfig, OptimConfig, PPOConfig, RLConfig,  # noqa: F401
-                       RMConfig, RolloutConfig, RunConfig, SFTConfig, TaskConfig)
+                       RMConfig, RolloutConfig, RunConfig, SFTConfig, TaskConfig, TrainConfig)
 
 
 @dataclass
@@ -35,6 +35,7 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRASection = field(default_factory=LoRASection)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -45,9 +46,10 @@ SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 _POSITIVE = {"steps", "batch_size", "rollout_batch_size", "gen_batch_size", "minibatch_size", "ppo_epochs",
              "lr", "value_lr", "max_new_tokens", "n_layer", "n_head", "n_embd", "block_size", "n_sft",
              "n_pairs", "n_eval_pairs", "n_prompts", "n_eval_prompts", "ckpt_every", "eval_every",
-             "kl_horizon", "target_kl", "temperature", "group_size", "epochs"}
+             "kl_horizon", "target_kl", "temperature", "group_size", "epochs", "grad_accum"}
 _NONNEGATIVE = {"warmup_steps", "weight_decay", "grad_clip", "norm_samples", "kl_coef",
-                "top_k", "missing_eos_penalty", "seed", "threads"}
+                "top_k", "missing_eos_penalty", "seed", "threads", "score_batch_size",
+                "memory_limit_gib"}
 _UNIT = {"demo_error_rate", "label_noise", "gamma", "lam"}
 
 
@@ -151,6 +153,8 @@ def validate(cfg: Config) -> Config:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.run.device):
         raise ValueError(f"run.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.run.device!r}")
     validate_rl(cfg.rl)
+    from .trackers import parse_report_to
+    parse_report_to(cfg.run.report_to)
     if cfg.lora.r < 0 or not cfg.lora.alpha > 0 or not 0 <= cfg.lora.dropout < 1:
         raise ValueError(f"lora.r must be >= 0, lora.alpha > 0 and lora.dropout in [0, 1), got r={cfg.lora.r}, "
                          f"alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}")

@@ -19,6 +19,7 @@ import rlhf_fast
 from . import checkpoint
 from .critic_free import aggregate_loss, group_advantages, reinforce_pp_advantages
 from .data import BatchSampler
+from .microbatch import check_stage_accum, grad_sync, in_chunks, micro_batches
 from .ppo import UpdateStats, chunk_seed, minibatch_rows
 from .ppo_math import masked_mean, per_token_rewards, policy_loss
 from .policy_space import (drop_left_kept, filters_on, no_cutoffs, reference_hidden, response_terms,
@@ -50,7 +51,7 @@ def resolve(c) -> dict:
 
 @torch.no_grad()
 def make_group_rollout(models: dict, prompts: list[list[int]], fields: list[dict], prompt_len: int, tok, c,
-                       seed: int, device, rewards=None, scorer=None) -> Rollout:
+                       seed: int, device, rewards=None, scorer=None, score_batch_size: int = 0) -> Rollout:
     """Sample and score G responses for each prompt of one chunk -> a Rollout of len(prompts) * G rows.
 
     ``scores`` is NaN for a response a reward function could not score; ``values`` are zeros (no critic);
@@ -69,15 +70,17 @@ def make_group_rollout(models: dict, prompts: list[list[int]], fields: list[dict
     amask = torch.cat((pmask.repeat_interleave(G, 0), gen.mask), 1)
     mask = gen.mask.float()
     cutoffs = gen.cutoffs if kw else no_cutoffs(*mask.shape, device)
-    logprobs, ref_logprobs, kl = score_logprobs(models["policy"], models.get("ref"), seqs, amask, mask, prompt_len,
-                                                c, gen.logprobs, cutoffs, c.kl_kind)
+    logprobs, ref_logprobs, kl = in_chunks(
+        lambda s, a, m, lp, cut: score_logprobs(models["policy"], models.get("ref"), s, a, m, prompt_len, c, lp, cut,
+                                                c.kl_kind),
+        score_batch_size, seqs, amask, mask, gen.logprobs, cutoffs)
     has_eos = (torch.isin(gen.tokens, torch.tensor(tok.stop_ids, device=device)) & (gen.mask > 0)).any(1).float()
     prompt_texts, responses = decode_rows(tok, seqs, mask, prompt_len)
     if rewards is not None:
         rows = [f for f in fields for _ in range(G)]
         scores = rewards([f["prompt"] for f in rows], responses, rows).to(device, torch.float32)
     else:
-        scores = models["reward"](seqs, attention_mask=amask).float()
+        scores = in_chunks(lambda s, a: models["reward"](s, attention_mask=a), score_batch_size, seqs, amask).float()
     scores = scores - c.missing_eos_penalty * (1.0 - has_eos)
     task = (torch.tensor(scorer(prompt_texts, responses), device=device, dtype=torch.float32) if scorer is not None
             else torch.full((len(responses),), float("nan"), device=device))
@@ -95,7 +98,8 @@ def collect_group_rollout(models: dict, prompts: list[list[int]], fields: list[d
             continue
         with autocast(cfg, rt.device):
             parts.append(make_group_rollout(models, prompts[start:start + g], fields[start:start + g], prompt_len,
-                                            tok, c, chunk_seed(cfg.run.seed, step, j), rt.device, rewards, scorer))
+                                            tok, c, chunk_seed(cfg.run.seed, step, j), rt.device, rewards, scorer,
+                                            cfg.train.score_batch_size))
     return gather_rollout(rt, Rollout.cat(parts), g * c.group_size)
 
 
@@ -127,42 +131,44 @@ def policy_update(models: dict, opt, b: Rollout, adv: torch.Tensor, prompt_len: 
     width = b.sequences.shape[1]
     out = UpdateStats(rt)
     for rows in minibatch_rows(B, c.minibatch_size, c.epochs, cfg.run.seed, step, rt, b.mask.device):
-        mb, mb_adv = b.index(rows), adv[rows]
-        n_tokens = mb.mask.sum()
-        n_tokens_global = rt.all_reduce_sum(n_tokens)
-        # the loss's own denominator over ranks: tokens for token_mean, sequences otherwise
-        n_local = n_tokens if agg == "token_mean" else mb.mask.new_tensor(float(len(rows)))
-        n_local_global = rt.all_reduce_sum(n_local)
-        scale = n_local * rt.world / n_local_global
-        kept = training_cutoffs(c, mb.cutoffs, prompt_len, width)
-        with autocast(cfg, rt.device):
-            if exact_kl:  # the reference's hidden states again (not kept from scoring: (B, T, C) each)
-                reference = reference_hidden(models["ref"], mb.sequences, mb.attention_mask)
-                logprobs, entropy, kl, _ = response_terms(
-                    models["policy"], reference, mb.sequences, mb.attention_mask,
-                    response_targets(mb.sequences, mb.mask, prompt_len), kept, prompt_len, mb.mask.shape[1],
-                    c.temperature, return_entropy=True, check_kept=False)
-            else:
-                logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
-                                                      prompt_len, c.temperature, return_entropy=True, cutoffs=kept,
-                                                      check_kept=False)
-            logprobs = logprobs.float()
-            loss_mask, left = drop_left_kept(logprobs, mb.mask)
-            pg_loss, stats = policy_loss(logprobs, mb.logprobs, mb_adv, loss_mask, c.clip_range, **clip_kw)
-            if kept is not None:
-                stats["left_kept_set"] = left
-            loss = pg_loss
-            if kl_loss_coef > 0:
-                seen = torch.where(loss_mask > 0, logprobs, mb.ref_logprobs)  # no -inf into k3's exp
-                per_token = kl.float() if exact_kl else rlhf_fast.kl_penalty(seen, mb.ref_logprobs, "k3")
-                kl_loss = aggregate_loss(per_token, loss_mask, agg, max_len=c.max_new_tokens)
-                loss = loss + kl_loss_coef * kl_loss
-                stats["kl_loss"] = kl_loss.detach()
-        check_finite("rl", step, loss=loss)
-        (loss * scale).backward()
+        # the loss's own denominator: tokens for token_mean, sequences otherwise
+        denominator = (lambda m: m.sum()) if agg == "token_mean" else (lambda m: m.new_tensor(float(len(m))))
+        n_tokens_global = rt.all_reduce_sum(b.mask[rows].sum())
+        n_local_global = rt.all_reduce_sum(denominator(b.mask[rows]))
+        for i, micro in enumerate(micro_batches(rows, cfg.train.grad_accum)):
+            mb, mb_adv = b.index(micro), adv[micro]
+            n_tokens, n_local = mb.mask.sum(), denominator(mb.mask)
+            scale = n_local * rt.world / n_local_global  # this micro-batch's share of the minibatch's loss
+            kept = training_cutoffs(c, mb.cutoffs, prompt_len, width)
+            with grad_sync(i == cfg.train.grad_accum - 1, models["policy"]):
+                with autocast(cfg, rt.device):
+                    if exact_kl:  # the reference's hidden states again (not kept from scoring: (B, T, C) each)
+                        reference = reference_hidden(models["ref"], mb.sequences, mb.attention_mask)
+                        logprobs, entropy, kl, _ = response_terms(
+                            models["policy"], reference, mb.sequences, mb.attention_mask,
+                            response_targets(mb.sequences, mb.mask, prompt_len), kept, prompt_len, mb.mask.shape[1],
+                            c.temperature, return_entropy=True, check_kept=False)
+                    else:
+                        logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask,
+                                                              mb.mask, prompt_len, c.temperature, return_entropy=True,
+                                                              cutoffs=kept, check_kept=False)
+                    logprobs = logprobs.float()
+                    loss_mask, left = drop_left_kept(logprobs, mb.mask)
+                    pg_loss, stats = policy_loss(logprobs, mb.logprobs, mb_adv, loss_mask, c.clip_range, **clip_kw)
+                    if kept is not None:
+                        stats["left_kept_set"] = left
+                    loss = pg_loss
+                    if kl_loss_coef > 0:
+                        seen = torch.where(loss_mask > 0, logprobs, mb.ref_logprobs)  # no -inf into k3's exp
+                        per_token = kl.float() if exact_kl else rlhf_fast.kl_penalty(seen, mb.ref_logprobs, "k3")
+                        kl_loss = aggregate_loss(per_token, loss_mask, agg, max_len=c.max_new_tokens)
+                        loss = loss + kl_loss_coef * kl_loss
+                        stats["kl_loss"] = kl_loss.detach()
+                check_finite("rl", step, loss=loss)
+                (loss * scale).backward()
+            out.add({"pg_loss": pg_loss.detach(), "entropy": masked_mean(entropy.detach().float(), mb.mask),
+                     **stats}, n_tokens, n_tokens_global, loss_n=(n_local, n_local_global), new_update=i == 0)
         clip_and_step(models["policy"], opt, c.grad_clip, "rl", step)
-        out.add({"pg_loss": pg_loss.detach(), "entropy": masked_mean(entropy.detach().float(), mb.mask), **stats},
-                n_tokens, n_tokens_global, loss_n=(n_local, n_local_global))
     return out.means()
 
 
@@ -200,6 +206,7 @@ def train_critic_free(cfg, rt: Runtime, tok, models: dict, prompts: list[list[in
     if c.minibatch_size % rt.world or c.rollout_batch_size % (c.gen_batch_size * rt.world):
         raise ValueError(f"with {rt.world} ranks, rl.minibatch_size must be a multiple of {rt.world} and "
                          f"rl.rollout_batch_size a multiple of gen_batch_size * {rt.world}")
+    check_stage_accum(cfg, "rl", rt.world)
     opt = make_optimizer(models["policy"], c.lr, 0.0)
     sampler = BatchSampler(len(prompts), c.rollout_batch_size, cfg.run.seed)
     ckpt_path = stage_dir / checkpoint.NAME

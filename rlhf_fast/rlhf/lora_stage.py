@@ -1,5 +1,6 @@
-"""The `lora` config section in the stages: adapters on a freshly started policy, and the reference policy
-as that same policy with its adapters switched off (no second copy of the weights is loaded).
+"""The `lora` config section in the stages: adapters on a freshly started policy (or reward model), the
+reference policy as that same policy with its adapters switched off (no second copy of the weights is
+loaded), and PPO's value model as adapters on the reward model's backbone (one copy for both).
 
 A stage that resumes gets its adapters back from its checkpoint (runtime.load_model); a stage starting
 from an earlier stage's LoRA model starts from the merged weights (load_model(..., merge=True)), so the
@@ -51,3 +52,27 @@ def reference_policy(cfg: Config, policy: nn.Module, init_state: dict | None, de
     if cfg.lora.r > 0:
         return AdaptersOff(policy)
     return load_model(init_state, device, merge=True).eval().requires_grad_(False)
+
+
+def value_on_reward_backbone(cfg: Config, reward: nn.Module, saved: dict | None = None):
+    """(value model, reward model) sharing one copy of the reward model's backbone, with LoRA on: the
+    value model is that backbone, frozen, with cfg.lora's adapters and a value head started from the
+    reward head; the reward model scores through the same backbone with those adapters switched off
+    (`AdaptersOff`), so it computes exactly what it did. `reward` is the plain reward model as loaded;
+    it is frozen here (train.frozen_dtype) before the adapters are added, which stay fp32. `saved`: the
+    value model's checkpoint entry when resuming (its adapters and head; its base is the reward's)."""
+    import copy
+
+    from ..model import GPT, apply_lora
+    from .memory_switches import frozen
+    score = copy.deepcopy(reward.score).float().requires_grad_(True)
+    reward = frozen(cfg, reward)
+    with torch.device("meta"):  # only the module tree: the backbone and head are the reward's / the copy
+        value = GPT(copy.deepcopy(reward.config), head="value")
+    value.transformer, value.score = reward.transformer, score
+    c = saved["lora"] if saved is not None else {"r": cfg.lora.r, "alpha": cfg.lora.alpha,
+                                                   "dropout": cfg.lora.dropout, "targets": cfg.lora.targets}
+    apply_lora(value, c["r"], c["alpha"], c["dropout"], c["targets"])
+    if saved is not None:
+        value.load_state_dict(saved["weights"])  # the base it holds is the reward's, value for value
+    return value.train(), AdaptersOff(reward)

@@ -26,7 +26,8 @@ from .checkpoint import stage_checkpoint
 from .model_init import init_model_state
 from .reward_fns import load_function
 from .run_dir import Plan, claim, finish, preflight, preflight_stages, stage_init
-from .lora_stage import apply_run_lora, reference_policy
+from .lora_stage import apply_run_lora, reference_policy, value_on_reward_backbone
+from .memory_switches import frozen, trained
 from .runtime import Runtime, load_checkpoint, load_model, setup_runtime, wrap_model
 from .task import task_reward, write_task_data
 from .tokenizer import get_tokenizer
@@ -50,6 +51,8 @@ def _begin(cfg: Config, stage: str, resume: bool, overwrite: bool) -> tuple[Plan
                 remove_stale_temps(d)
         return plan, None
     rt = setup_runtime(plan.cfg)
+    if rt.is_main and plan.memory:
+        print(plan.memory, flush=True)
     claim(plan, rt.is_main)
     rt.barrier()
     return plan, rt
@@ -215,17 +218,25 @@ def run_ppo(cfg: Config, resume: bool = False, on_step=None, overwrite: bool = F
                                 backend=cfg.run.backend)
     ckpt = stage_checkpoint(out / "ppo")
     state = load_checkpoint(ckpt) if resume and ckpt.is_file() else None
-    reward = load_model(rm_state, rt.device).eval()
+    reward = load_model(rm_state, rt.device, merge=True).eval()  # a LoRA reward model: its adapters folded in
+    shared = cfg.lora.r > 0 and rt.mode != "fsdp"  # LoRA: the value model is adapters on the reward's backbone
     if state is not None:
-        policy, value = load_model(state["policy"], rt.device), load_model(state["value"], rt.device)
+        policy = load_model(state["policy"], rt.device)
+        if shared:
+            value, reward = value_on_reward_backbone(cfg, reward, state["value"])
+        else:
+            value = load_model(state["value"], rt.device)
     else:
         policy = apply_run_lora(cfg, load_model(sft_state, rt.device, merge=True))
-        value = load_model(rm_state, rt.device, head="value")  # critic initialized from the reward model
-        value.score.load_state_dict(reward.score.state_dict())
-    ref = reference_policy(cfg, policy, sft_state, rt.device)  # LoRA: the policy, adapters off
+        if shared:
+            value, reward = value_on_reward_backbone(cfg, reward)
+        else:
+            value = load_model(rm_state, rt.device, head="value")  # critic initialized from the reward model
+            value.score.load_state_dict(reward.score.state_dict())
+    policy, value = trained(cfg, policy), trained(cfg, value)
+    ref = frozen(cfg, reference_policy(cfg, policy, sft_state, rt.device))  # LoRA: the policy, adapters off
+    reward = frozen(cfg, reward)
     del sft_state, rm_state  # the host copies of the weights: every model now holds its own
-    for frozen in (ref, reward):
-        frozen.requires_grad_(False)
     models = {"policy": wrap_model(policy, rt), "value": wrap_model(value, rt), "ref": ref, "reward": reward}
     reward_fn = load_function(cfg.ppo.reward_fn, "ppo.reward_fn") if cfg.ppo.reward_fn else None
     eval_fn = _eval_fn(cfg, rt, tok, policy, eval_prompts, prompt_len, scorer) if eval_prompts else None

@@ -21,6 +21,7 @@ from .ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, exp
                        masked_whiten, per_token_rewards, policy_loss, value_loss)
 from . import checkpoint
 from .data import BatchSampler
+from .microbatch import check_stage_accum, grad_sync, micro_batches
 from .policy_space import drop_left_kept, training_cutoffs
 from .rollout import Rollout, gather_rollout, kl_per_token, make_rollout, response_logprobs, response_values
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, make_optimizer, model_state,
@@ -59,11 +60,13 @@ class UpdateStats:
         self.rt, self.sums, self.n_updates = rt, {}, 0
 
     def add(self, stats: dict, n_tokens: torch.Tensor, n_tokens_global: torch.Tensor,
-            loss_n: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+            loss_n: tuple[torch.Tensor, torch.Tensor] | None = None, new_update: bool = True) -> None:
+        """One minibatch's stats; with gradient accumulation, one micro-batch's (its own denominators, the
+        minibatch's global ones): new_update=False adds to the update the previous call started."""
         for k, v in stats.items():
             n, n_global = loss_n if loss_n is not None and k in self.LOSSES else (n_tokens, n_tokens_global)
             self.sums[k] = self.sums.get(k, 0.0) + self.rt.all_reduce_sum(v.float() * n) / n_global
-        self.n_updates += 1
+        self.n_updates += int(new_update)
 
     def means(self) -> dict:
         return {k: float(v / self.n_updates) for k, v in self.sums.items()}
@@ -102,31 +105,34 @@ def ppo_update(models: dict, opts: dict, b: Rollout, advantages, returns, prompt
     width = b.sequences.shape[1]
     out = UpdateStats(rt)
     for rows in minibatch_rows(B, c.minibatch_size, c.ppo_epochs, cfg.run.seed, step, rt, b.mask.device):
-        mb = b.index(rows)
-        mb_adv, mb_ret = advantages[rows], returns[rows]
-        n_local = mb.mask.sum()
-        n_global = rt.all_reduce_sum(n_local)
-        scale = n_local * rt.world / n_global
-        with autocast(cfg, rt.device):
-            kept = training_cutoffs(c, mb.cutoffs, prompt_len, width)
-            logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask, mb.mask,
-                                                  prompt_len, c.temperature, return_entropy=True, cutoffs=kept,
-                                                  check_kept=False)
-            loss_mask, left = drop_left_kept(logprobs, mb.mask)
-            pg_loss, pg_stats = policy_loss(logprobs.float(), mb.logprobs, mb_adv, loss_mask, c.clip_range)
-            if kept is not None:
-                pg_stats["left_kept_set"] = left
-        check_finite("ppo", step, pg_loss=pg_loss)
-        (pg_loss * scale).backward()
+        n_global = rt.all_reduce_sum(b.mask[rows].sum())
+        for i, micro in enumerate(micro_batches(rows, cfg.train.grad_accum)):
+            mb = b.index(micro)
+            mb_adv, mb_ret = advantages[micro], returns[micro]
+            n_local = mb.mask.sum()
+            scale = n_local * rt.world / n_global  # this micro-batch's share of the minibatch's token mean
+            with grad_sync(i == cfg.train.grad_accum - 1, models["policy"], models["value"]):
+                with autocast(cfg, rt.device):
+                    kept = training_cutoffs(c, mb.cutoffs, prompt_len, width)
+                    logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask,
+                                                          mb.mask, prompt_len, c.temperature, return_entropy=True,
+                                                          cutoffs=kept, check_kept=False)
+                    loss_mask, left = drop_left_kept(logprobs, mb.mask)
+                    pg_loss, pg_stats = policy_loss(logprobs.float(), mb.logprobs, mb_adv, loss_mask, c.clip_range)
+                    if kept is not None:
+                        pg_stats["left_kept_set"] = left
+                check_finite("ppo", step, pg_loss=pg_loss)
+                (pg_loss * scale).backward()
+                with autocast(cfg, rt.device):  # a separate model: its loss does not see the policy step
+                    vpred = response_values(models["value"], mb.sequences, mb.attention_mask, prompt_len, T)
+                    vf_loss, vf_stats = value_loss(vpred.float(), mb.values, mb_ret, mb.mask, c.value_clip_range)
+                check_finite("ppo", step, vf_loss=vf_loss)
+                (vf_loss * scale).backward()
+            out.add({"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
+                     "entropy": masked_mean(entropy.detach().float(), mb.mask), **pg_stats, **vf_stats},
+                    n_local, n_global, new_update=i == 0)
         clip_and_step(models["policy"], opts["policy"], c.grad_clip, "ppo", step)
-        with autocast(cfg, rt.device):
-            vpred = response_values(models["value"], mb.sequences, mb.attention_mask, prompt_len, T)
-            vf_loss, vf_stats = value_loss(vpred.float(), mb.values, mb_ret, mb.mask, c.value_clip_range)
-        check_finite("ppo", step, vf_loss=vf_loss)
-        (vf_loss * scale).backward()
         clip_and_step(models["value"], opts["value"], c.grad_clip, "ppo", step)
-        out.add({"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
-                 "entropy": masked_mean(entropy.detach().float(), mb.mask), **pg_stats, **vf_stats}, n_local, n_global)
     return out.means()
 
 
@@ -154,6 +160,7 @@ def train_ppo(cfg, rt: Runtime, tok, models: dict, prompts: list[list[int]], pro
     if c.minibatch_size % rt.world or c.rollout_batch_size % (c.gen_batch_size * rt.world):
         raise ValueError(f"with {rt.world} ranks, ppo.minibatch_size must be a multiple of {rt.world} and "
                          f"ppo.rollout_batch_size a multiple of gen_batch_size * {rt.world}")
+    check_stage_accum(cfg, "ppo", rt.world)
     opts = {"policy": make_optimizer(models["policy"], c.lr, 0.0),
             "value": make_optimizer(models["value"], c.value_lr, 0.0)}
     sampler = BatchSampler(len(prompts), c.rollout_batch_size, cfg.run.seed)

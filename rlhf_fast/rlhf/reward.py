@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from . import checkpoint
 from .config import Config
 from .data import RM_KEYS, BatchSampler, data_format, read_jsonl, sequence_batch, tokenize_pairs
+from .lora_stage import apply_run_lora
+from .memory_switches import trained
+from .microbatch import check_stage_accum, grad_sync, micro_batches
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, load_checkpoint, lr_at,
                       make_optimizer, model_state, optimizer_state, resume_training, save_checkpoint, stage_model,
                       wrap_model)
@@ -75,7 +78,8 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
 
     norm_sequences: callable returning SFT-policy samples (token lists) to normalize on, or None.
     """
-    c = cfg.rm
+    c, accum = cfg.rm, cfg.train.grad_accum
+    check_stage_accum(cfg, "rm", rt.world)
     pairs, eval_pairs = (tokenize_pairs(read_jsonl(p, RM_KEYS, **data_format(cfg, p)), tok, cfg.model.block_size)
                          for p in (train_path, eval_path))
     sampler = BatchSampler(len(pairs), c.batch_size, cfg.run.seed + 1)
@@ -83,6 +87,9 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
     saved = checkpoint.stage_checkpoint(stage_dir)
     state = load_checkpoint(saved) if resume and saved.is_file() else None
     model = stage_model(cfg, rt, tok.vocab_size, "reward", state, init)
+    if state is None:  # a resumed LoRA model has its adapters from the checkpoint
+        apply_run_lora(cfg, model)
+    trained(cfg, model)
     wrapped = wrap_model(model, rt)
     opt = make_optimizer(wrapped, c.lr, c.weight_decay)
     start = 0
@@ -97,15 +104,19 @@ def train_rm(cfg: Config, rt: Runtime, tok, train_path, eval_path, init: str | P
         lr = lr_at(step - 1, c.steps, c.lr, c.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        with autocast(cfg, rt.device):
-            rc, rr = pair_rewards(wrapped, mine, tok.pad_id, rt.device)
-        margin = (rc - rr).float()
-        losses = -F.logsigmoid(margin)
         n_global = c.batch_size
-        loss = float(rt.all_reduce_sum(losses.sum().detach())) / n_global
-        train_acc = float(rt.all_reduce_sum((margin > 0).sum().float())) / n_global
+        loss_sum = hits = 0.0
+        for i, micro in enumerate(micro_batches(mine, accum)):
+            with grad_sync(i == accum - 1, wrapped):
+                with autocast(cfg, rt.device):
+                    rc, rr = pair_rewards(wrapped, micro, tok.pad_id, rt.device)
+                margin = (rc - rr).float()
+                losses = -F.logsigmoid(margin)
+                (losses.sum() / n_global * rt.world).backward()  # a non-finite loss is refused below
+            loss_sum, hits = loss_sum + losses.sum().detach(), hits + (margin > 0).sum().float()
+        loss = float(rt.all_reduce_sum(loss_sum)) / n_global
+        train_acc = float(rt.all_reduce_sum(hits)) / n_global
         check_finite("rm", step, loss=loss)
-        (losses.sum() / n_global * rt.world).backward()
         grad_norm = clip_and_step(wrapped, opt, c.grad_clip, "rm", step)
         record = {"loss": loss, "train_accuracy": train_acc, "lr": lr, "grad_norm": grad_norm}
         if step % c.ckpt_every == 0 or step == c.steps:

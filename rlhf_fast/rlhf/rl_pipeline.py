@@ -25,6 +25,7 @@ from .reward_fns import RewardFunctions, read_prompt_records, rl_rewards
 from .run_dir import preflight_stages, stage_init
 from .run_io import read_metrics
 from .lora_stage import apply_run_lora, reference_policy
+from .memory_switches import frozen, trained
 from .runtime import load_checkpoint, load_model, wrap_model
 from .task import task_reward
 from .tokenizer import get_tokenizer
@@ -84,14 +85,14 @@ def run_rl(cfg: Config, resume: bool = False, on_step=None, overwrite: bool = Fa
         policy = load_model(state["policy"], rt.device)
     else:
         policy = apply_run_lora(cfg, load_model(sft_state, rt.device, merge=True))
-    models = {"policy": wrap_model(policy, rt), "ref": None, "reward": None}
+    models = {"policy": wrap_model(trained(cfg, policy), rt), "ref": None, "reward": None}
     if c.kl_coef > 0:  # LoRA: the policy with its adapters off, no second copy of the weights
-        models["ref"] = reference_policy(cfg, policy, sft_state, rt.device).requires_grad_(False)
+        models["ref"] = frozen(cfg, reference_policy(cfg, policy, sft_state, rt.device))
     del sft_state  # the host copy of the weights: the models hold their own
     if rewards is None:
         rm = init_model_state(stage_init(c.reward_init, out, "rm"), head="reward", need_head=True,
                               backend=cfg.run.backend)
-        models["reward"] = load_model(rm, rt.device).eval().requires_grad_(False)
+        models["reward"] = frozen(cfg, load_model(rm, rt.device, merge=True))
     eval_fn = None
     if eval_prompts:
         def eval_fn(step):  # noqa: ARG001 - a fixed seed: every evaluation sees the same sampling noise

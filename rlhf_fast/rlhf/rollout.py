@@ -17,6 +17,7 @@ import torch
 import rlhf_fast
 
 from .data import IGNORE_INDEX
+from .microbatch import in_chunks
 from .policy_space import no_cutoffs, score_logprobs
 from .reward_fns import call_reward_fn
 from .runtime import Runtime, unwrap
@@ -157,15 +158,17 @@ def make_rollout(policy, ref_policy, value_model, reward_model, prompts: list[li
     seqs, amask, mask, logprobs, cutoffs = generate_chunk(
         policy, prompts, prompt_len, tok, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
         top_k=c.top_k, top_p=c.top_p, min_p=c.min_p, seed=seed, device=device, return_cutoffs=True)
-    logprobs, ref_logprobs, kl = score_logprobs(policy, ref_policy, seqs, amask, mask, prompt_len, c, logprobs,
-                                                cutoffs, c.kl_kind)
-    values = response_values(value_model, seqs, amask, prompt_len, mask.shape[1])
+    size = cfg.train.score_batch_size  # scoring forwards of at most this many rows (0: the whole chunk)
+    logprobs, ref_logprobs, kl = in_chunks(
+        lambda s, a, m, lp, cut: score_logprobs(policy, ref_policy, s, a, m, prompt_len, c, lp, cut, c.kl_kind),
+        size, seqs, amask, mask, logprobs, cutoffs)
+    values = in_chunks(lambda s, a: response_values(value_model, s, a, prompt_len, mask.shape[1]), size, seqs, amask)
     stop = torch.tensor(tok.stop_ids, device=seqs.device)
     has_eos = (torch.isin(seqs[:, prompt_len:], stop) & (mask > 0)).any(1).float()
     texts = decode_rows(tok, seqs, mask, prompt_len) if (reward_fn is not None or scorer is not None) else None
     scores = torch.zeros(len(prompts), device=device)
     if c.reward_mode in ("model", "sum"):
-        scores += reward_model(seqs, attention_mask=amask).float()
+        scores += in_chunks(lambda s, a: reward_model(s, attention_mask=a), size, seqs, amask).float()
     if c.reward_mode in ("fn", "sum"):
         scores += call_reward_fn(reward_fn, *texts).to(device=device, dtype=scores.dtype)
     scores -= c.missing_eos_penalty * (1.0 - has_eos)

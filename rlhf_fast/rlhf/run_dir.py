@@ -41,6 +41,7 @@ class Plan:
     resume: bool
     finished: bool  # resume of a finished stage: nothing to do
     remove: list[Path]  # what --overwrite removes: this stage's folder and the later stages'
+    memory: str = ""  # the memory plan's table, printed when the stage starts ('' when not known yet)
 
 
 def stage_results(stage_dir: Path) -> list[Path]:
@@ -233,7 +234,7 @@ def preflight(cfg: Config, stage: str, resume: bool, overwrite: bool, earlier: t
     if resume and overwrite:
         raise ValueError("--resume continues a run and --overwrite starts it again: pass one of them")
     out = Path(cfg.run.out)
-    mode = check_runtime(cfg)[1]
+    device, mode, world = check_runtime(cfg)
     if stage == "rl" and mode == "fsdp":
         raise ValueError(f"rl.algo={cfg.rl.algo!r} runs with run.distributed 'none' or 'ddp', not 'fsdp'")
     _check_writable(out)
@@ -247,8 +248,12 @@ def preflight(cfg: Config, stage: str, resume: bool, overwrite: bool, earlier: t
     if finished:
         return Plan(cfg, out, stage, resume, True, [])
     tok = check_tokenizer(cfg.run.tokenizer)
+    from .trackers import check_installed
+    check_installed(cfg.run.report_to)
     _check_rewards(cfg, stage)
+    inits = []  # GPTConfig dicts of the inits (None: made by an earlier stage of this command)
     for i, (key, path, made_by, head, need_head) in enumerate(_inits(cfg, out, stage)):
+        inits.append(None)
         if made_by in earlier:
             continue
         if made_by and not Path(path).is_file():
@@ -257,15 +262,20 @@ def preflight(cfg: Config, stage: str, resume: bool, overwrite: bool, earlier: t
         if made_by == "" and not Path(path).exists():
             raise ValueError(f"{key}={path!r} does not exist (a checkpoint file or a Hugging Face model folder)")
         config = _check_init(cfg, key, path, head, need_head, tok)
+        inits[-1] = config
         if i == 0:  # the model the stage trains (PPO: the policy)
             cfg = adopt_architecture(cfg, config)
     _check_data(cfg, stage, tok)
+    from .microbatch import check_stage_accum
+    check_stage_accum(cfg, stage, world)
+    from .memory_plan import preflight_plan
+    memory = preflight_plan(cfg, stage, inits, tok.vocab_size, world, device, mode)  # stops here if it cannot fit
     if resume:
         own = checkpoint.stage_checkpoint(stage_dir)
         if own.is_file():
             checkpoint.read_meta(own)
     later = built_on(out, stage) if overwrite else ()
-    return Plan(cfg, out, stage, resume, False, [out / s for s in later if (out / s).exists()])
+    return Plan(cfg, out, stage, resume, False, [out / s for s in later if (out / s).exists()], memory)
 
 
 def preflight_stages(cfg: Config, stages: tuple[str, ...], resume: bool, overwrite: bool) -> bool:

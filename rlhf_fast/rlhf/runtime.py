@@ -316,11 +316,17 @@ class StageLog:
         if start == 0 and rt.is_main:
             path.unlink(missing_ok=True)
         self.logger = MetricsLogger(path, resume_step=start) if rt.is_main else None
+        self.trackers = []  # run.report_to: copies of every record (tensorboard, wandb)
+        if rt.is_main and cfg.run.report_to:
+            from .trackers import open_trackers
+            self.trackers = open_trackers(cfg.run.report_to, stage_dir, stage, cfg.to_dict(), start)
         self.bar = progress(cfg, rt, total, start, stage)
 
     def log(self, step: int, **record) -> None:
         if self.logger is not None:
-            self.logger.log(step, **record)
+            logged = self.logger.log(step, **record)
+            for tracker in self.trackers:
+                tracker.log(step, logged)
 
     def step(self, step: int, record: dict, **postfix: str) -> None:
         """Log `record` for `step` and advance the bar, showing `postfix`."""
@@ -332,6 +338,8 @@ class StageLog:
         self.bar.close()
         if self.logger is not None:
             self.logger.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 class _NoBar:

@@ -29,6 +29,9 @@ class RunConfig:
     """write PNG plots of each stage's metrics (matplotlib) into <out>/<stage>/plots"""
     threads: int = 1
     """torch CPU threads per process (0 = torch's default); small models run fastest on one"""
+    report_to: str = ""
+    """experiment trackers receiving every metric too: '' or comma-separated tensorboard, wandb (optional
+    extras; wandb follows WANDB_MODE / WANDB_PROJECT); metrics.jsonl stays the source of truth"""
 
 
 @dataclass
@@ -316,8 +319,9 @@ class RLConfig(RolloutConfig):
 
 @dataclass
 class LoRASection:
-    """Low-rank adapters on the policy (sft, ppo, rl stages); base weights frozen, the reference policy is
-    the policy with its adapters switched off (no second copy of the weights)."""
+    """Low-rank adapters on the model a stage trains (sft, rm, ppo, rl); base weights frozen. The reference
+    policy is the policy with its adapters switched off, and PPO's value model is adapters (and a value
+    head) on the reward model's backbone: no second copy of either's weights."""
     r: int = 0
     """rank of every adapter; 0 = LoRA off (full fine-tuning)"""
     alpha: float = 16.0
@@ -326,6 +330,28 @@ class LoRASection:
     """dropout on each adapter's input"""
     targets: str = "all"
     """'all' or comma-separated projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"""
+
+
+@dataclass
+class TrainConfig:
+    """Memory switches every stage takes: accumulation, recomputation, the dtype of frozen models, the
+    scoring batch, the memory plan printed (and checked) before any model is loaded."""
+    grad_accum: int = 1
+    """micro-batches per optimizer step: each rank's share of a batch (minibatch) is split in this many
+    forward/backward passes whose gradients add up to the whole batch's; must divide that share"""
+    grad_checkpointing: bool = False
+    """recompute each block in backward (less activation memory, about a third more compute) in every
+    model a stage trains, whatever its init"""
+    frozen_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the weights nobody trains: the reference and reward models and, with LoRA, the policy's
+    frozen base (adapters stay float32)"""
+    score_batch_size: int = 0
+    """rows per forward when a rollout is scored by the frozen models and the value model (0 = the
+    generation chunk, ppo/rl.gen_batch_size)"""
+    memory_limit_gib: float = 0.0
+    """memory the plan must fit in (0 = the device's free memory; on CPU the available RAM)"""
+    memory_check: bool = True
+    """stop before loading anything when the memory plan does not fit (false: print it and go on)"""
 
 
 @dataclass

@@ -109,16 +109,19 @@ def test_ppo_with_lora_takes_its_reference_from_the_policy(lora_sft, tmp_path, d
     out = tmp_path / "ppo"
     shutil.copytree(lora_sft, out)
     cfg = _cfg(out, device, **{"ppo.steps": 2, "ppo.eval_every": 2})
-    pipeline.run_rm(cfg)  # from the LoRA SFT model: merged, new head, every weight trained
-    rm = checkpoint.load(out / "rm" / checkpoint.NAME)["model"]
-    assert "lora" not in rm and not any(".lora_" in n for n in rm["weights"])
+    pipeline.run_rm(cfg)  # from the LoRA SFT model merged, a new head, and fresh adapters
+    rm_state = checkpoint.load(out / "rm" / checkpoint.NAME)
+    rm = rm_state["model"]
+    adapters = {n for n in rm["weights"] if ".lora_" in n}
+    assert rm["lora"]["r"] == 2 and len(adapters) == 2 * 7
+    assert set(rm_state["optimizer"]["state"]) == adapters | {"score.weight", "score.bias"}  # and the head
     loads = []
     real = pipeline.load_model
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
     pipeline.run_ppo(cfg)
-    assert len(loads) == 3  # reward, policy, value: no reference copy
+    assert len(loads) == 2  # reward, policy: no reference copy, the value model is on the reward's backbone
     state = checkpoint.load(out / "ppo" / checkpoint.NAME)
-    assert state["policy"]["lora"]["r"] == 2 and "lora" not in state["value"]
+    assert state["policy"]["lora"]["r"] == state["value"]["lora"]["r"] == 2
     rows = read_metrics(out / "ppo" / "metrics.jsonl")
     assert abs(rows[1]["kl"]) < 1e-5 and len(rows) == 3  # the reference is the merged SFT policy (sampling's
     # logprobs come from generate, not the scoring pass: fp32 rounding apart)
