@@ -175,12 +175,15 @@ def stats_over(chunks, targets, want_entropy: bool, ignore_index: int, cuts=None
     entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=dev)
     stats = torch.empty(2, n, dtype=torch.float32, device=dev)
     for rows, (z,) in chunks:
-        mask_chunk_(z, cuts, rows)
-        lp, ent, st = row_stats(z, targets[rows], ignore_index, want_entropy)
+        off_set = None
         if cuts is not None:
-            t = targets[rows]
+            mask_chunk_(z, cuts, rows)
+            t = targets[rows]  # targets off the kept set, read before row_stats may reuse z
             z_t = z.gather(-1, torch.where(t != ignore_index, t, 0).long()[:, None]).squeeze(-1)
-            lp = lp.masked_fill_((t != ignore_index) & z_t.isneginf(), float("-inf"))  # also when no token is kept
+            off_set = (t != ignore_index) & z_t.isneginf()
+        lp, ent, st = row_stats(z, targets[rows], ignore_index, want_entropy)
+        if off_set is not None:
+            lp = lp.masked_fill_(off_set, float("-inf"))  # also in a row that keeps nothing
         logp[rows], stats[:, rows] = lp, st
         if want_entropy:
             entropy[rows] = ent
