@@ -43,7 +43,7 @@ def backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, st
              temperature: float, chunk_rows: int | None = None, need=(True, True, True)):
     """Returns (d hidden, d weight, d bias), None where not needed."""
     chunks = lm_head_chunks(((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias)), temperature, chunk_rows)
-    grads = ((rows, dz) for rows, dz, _ in kld.grads_over(chunks, stats, kl, grad_kl, temperature, False))
+    grads = kld.grads_over(chunks, stats, kl, grad_kl, temperature)
     return lm_head_backward(grads, hidden, weight, bias, need)
 
 
