@@ -77,9 +77,11 @@ def step_fn(op: str, provider: str):
     import rlhf_fast
     if op == "fused_linear_logprobs":
         if provider == "rlhf_fast":
-            return lambda h, w, t, g: (rlhf_fast.fused_linear_logprobs(h, w, t, backend="reference") * g).sum().backward()
+            return lambda h, w, t, g: (rlhf_fast.fused_linear_logprobs(h, w, t, backend="reference") * g
+                                       ).sum().backward()
         if provider == "naive":
-            return lambda h, w, t, g: ((h @ w.T).log_softmax(-1).gather(-1, t[:, None]).squeeze(-1) * g).sum().backward()
+            return lambda h, w, t, g: ((h @ w.T).log_softmax(-1).gather(-1, t[:, None]).squeeze(-1) * g
+                                       ).sum().backward()
         from cut_cross_entropy import linear_cross_entropy
         return lambda h, w, t, g: (-linear_cross_entropy(h, w, t, reduction="none", impl="torch_compile") * g
                                    ).sum().backward()
