@@ -42,11 +42,18 @@ def row_chunks(n: int, vocab: int, chunk_rows: int | None = None) -> list[slice]
 
 def logits_chunks(logits: Sequence[torch.Tensor], temperature: float,
                   chunk_rows: int | None = None) -> Iterator[Chunk]:
-    """Chunks of (N, V) logits tensors: zs[i] = logits[i][rows] as a fresh fp32 tensor / T (callers may
-    overwrite it)."""
+    """Chunks of (N, V) logits tensors: zs[i] = logits[i][rows] / T in fp32, in a buffer that the next chunk
+    overwrites (callers may overwrite it too)."""
     n, vocab = logits[0].shape
-    for rows in row_chunks(n, vocab, chunk_rows):
-        yield rows, [x[rows].to(torch.float32, copy=True).div_(temperature) for x in logits]
+    chunks = row_chunks(n, vocab, chunk_rows)
+    if not chunks:
+        return
+    # one buffer per input, reused by every chunk: a fresh (rows, V) tensor per chunk costs its page faults
+    bufs = torch.empty(len(logits), chunks[0].stop - chunks[0].start, vocab, dtype=torch.float32,
+                       device=logits[0].device)
+    for rows in chunks:
+        zs = [buf[: rows.stop - rows.start].copy_(x[rows]) for x, buf in zip(logits, bufs)]
+        yield rows, zs if temperature == 1.0 else [z.div_(temperature) for z in zs]
 
 
 def lm_head_chunks(heads: Sequence[tuple], temperature: float, chunk_rows: int | None = None) -> Iterator[Chunk]:
