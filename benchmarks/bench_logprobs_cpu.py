@@ -151,9 +151,11 @@ def _spawn(op, provider, shape, threads, reps) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(threads: int, reps: int, quick: bool) -> tuple[list[dict], list[str]]:
+def run(threads: int, reps: int, quick: bool, ops: list[str]) -> tuple[list[dict], list[str]]:
     rows, notes = [], []
     for op, shapes in (QUICK_SHAPES if quick else SHAPES).items():
+        if op not in ops:
+            continue
         for shape in shapes:
             n, h, vocab = shape
             res = {}
@@ -188,13 +190,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch/MKL/OpenMP threads (default 1)")
     parser.add_argument("--reps", type=int, default=2, help="timed steps per provider after the memory step")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: check that every provider runs")
+    parser.add_argument("--ops", nargs="+", choices=list(SHAPES), default=list(SHAPES),
+                        help="ops to run (default all); a subset writes its own results file")
     parser.add_argument("--worker", nargs=3, metavar=("OP", "PROVIDER", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         op, provider, shape = args.worker
         print(json.dumps(worker(op, provider, tuple(int(x) for x in shape.split(",")), args.threads, args.reps)))
         return
-    rows, notes = run(args.threads, args.reps, args.quick)
+    rows, notes = run(args.threads, args.reps, args.quick, args.ops)
     model = cpu_model()
     table = markdown_table(rows, COLUMNS)
     header = (f"CPU: {model} ({os.cpu_count()} logical CPUs), {args.threads} thread(s), fp32, forward + backward, "
@@ -203,7 +207,8 @@ def main() -> None:
     print(table)
     for note in notes:
         print(note)
-    suite = f"logprobs_cpu_t{args.threads}" + ("_quick" if args.quick else "")
+    suite = (f"logprobs_cpu_t{args.threads}" + ("_quick" if args.quick else "")
+             + ("" if args.ops == list(SHAPES) else "_" + "_".join(args.ops)))
     path = write_results(suite, rows, extra={"cpu_model": model, "threads": args.threads, "notes": notes})
     md = RESULTS_DIR / f"{suite}-{machine_tag()}.md"
     md.write_text(f"# {suite}\n\n{header}; {machine()['date']}, torch {torch.__version__}\n\n{table}\n\n"
