@@ -12,14 +12,26 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-# Elements of the largest fp32 temporary: (rows_per_chunk, V). 2**22 * 4 bytes = 16 MiB.
-CHUNK_ELEMENTS = 1 << 22
+# Elements of the largest fp32 temporary: (rows_per_chunk, V). 2**23 * 4 bytes = 32 MiB: 256 rows at
+# V = 32000, where a 1-thread fp32 matmul of the chunk runs ~10% faster than at 128 rows (AMD EPYC, MKL).
+CHUNK_ELEMENTS = 1 << 23
 
 Chunk = tuple[slice, list[torch.Tensor]]
 
 
+# BLAS kernels accumulate a matmul whose row count is not a multiple of this less accurately (MKL 2024.2
+# on AMD EPYC, fp32, K = V = 1000: 1.7x the error of 8 or 16 rows at 7 rows, 2x at 1 row), so chunks are
+# sized in multiples of it and the lm_head backward pads a ragged chunk's rows up to it.
+ROW_MULTIPLE = 8
+
+
 def rows_per_chunk(vocab: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    return max(1, chunk_elements // max(vocab, 1))
+    rows = max(1, chunk_elements // max(vocab, 1))
+    return rows - rows % ROW_MULTIPLE if rows > ROW_MULTIPLE else rows
+
+
+def _round_up(n: int) -> int:
+    return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
 def row_chunks(n: int, vocab: int, chunk_rows: int | None = None) -> list[slice]:
@@ -30,11 +42,18 @@ def row_chunks(n: int, vocab: int, chunk_rows: int | None = None) -> list[slice]
 
 def logits_chunks(logits: Sequence[torch.Tensor], temperature: float,
                   chunk_rows: int | None = None) -> Iterator[Chunk]:
-    """Chunks of (N, V) logits tensors: zs[i] = logits[i][rows] as a fresh fp32 tensor / T (callers may
-    overwrite it)."""
+    """Chunks of (N, V) logits tensors: zs[i] = logits[i][rows] / T in fp32, in a buffer that the next chunk
+    overwrites (callers may overwrite it too)."""
     n, vocab = logits[0].shape
-    for rows in row_chunks(n, vocab, chunk_rows):
-        yield rows, [x[rows].to(torch.float32, copy=True).div_(temperature) for x in logits]
+    chunks = row_chunks(n, vocab, chunk_rows)
+    if not chunks:
+        return
+    # one buffer per input, reused by every chunk: a fresh (rows, V) tensor per chunk costs its page faults
+    bufs = torch.empty(len(logits), chunks[0].stop - chunks[0].start, vocab, dtype=torch.float32,
+                       device=logits[0].device)
+    for rows in chunks:
+        zs = [buf[: rows.stop - rows.start].copy_(x[rows]) for x, buf in zip(logits, bufs)]
+        yield rows, zs if temperature == 1.0 else [z.div_(temperature) for z in zs]
 
 
 def lm_head_chunks(heads: Sequence[tuple], temperature: float, chunk_rows: int | None = None) -> Iterator[Chunk]:
@@ -46,7 +65,8 @@ def lm_head_chunks(heads: Sequence[tuple], temperature: float, chunk_rows: int |
     if not chunks:
         return
     first = chunks[0]
-    buf = torch.empty(len(heads), first.stop - first.start, vocab, dtype=torch.float32,
+    # rows rounded up so that lm_head_backward can multiply a ragged chunk as a padded one
+    buf = torch.empty(len(heads), _round_up(first.stop - first.start), vocab, dtype=torch.float32,
                       device=heads[0][0].device)
     for rows in chunks:
         yield rows, [_linear_into(h[rows], w, b, temperature, out) for (h, w, b), out in zip(heads, buf)]
@@ -81,7 +101,7 @@ def lm_head_backward(grad_chunks: Iterable[tuple[slice, torch.Tensor]], hidden, 
     for rows, dz in grad_chunks:
         if need_h:
             if fp32:
-                torch.mm(dz, weight, out=d_hidden[rows])
+                _mm_padded_rows(dz, weight, d_hidden[rows])
             else:
                 d_hidden[rows] = dz.to(weight.dtype) @ weight
         if need_w:
@@ -91,3 +111,16 @@ def lm_head_backward(grad_chunks: Iterable[tuple[slice, torch.Tensor]], hidden, 
     d_weight = None if d_weight32 is None else d_weight32.to(weight.dtype)
     d_bias = None if d_bias32 is None else d_bias32.to(bias.dtype)
     return d_hidden, d_weight, d_bias
+
+
+def _mm_padded_rows(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out <- a @ b for a (n, K), a row slice of a buffer with spare rows (lm_head_chunks' buffer): when n
+    is not a multiple of ROW_MULTIPLE, multiply the rows rounded up (row i of a product depends on row i
+    of a alone, so the spare rows' stale values only reach the discarded rows) for BLAS's accurate kernel."""
+    n = a.shape[0]
+    n_pad = _round_up(n)
+    room = a.untyped_storage().nbytes() // a.element_size() - a.storage_offset()
+    if n_pad == n or a.stride(1) != 1 or room < n_pad * a.stride(0):
+        torch.mm(a, b, out=out)
+        return
+    out.copy_(torch.mm(a.as_strided((n_pad, a.shape[1]), a.stride()), b)[:n])

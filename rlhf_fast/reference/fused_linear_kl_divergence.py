@@ -135,7 +135,7 @@ def backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, st
     """Returns (d hidden, d weight, d bias), None where not needed."""
     chunks = lm_head_chunks(((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias)), temperature, chunk_rows)
     cut_chunks = ((rows, zs) for rows, zs, _ in _cut(chunks, cutoffs, None, mask_ref=False))
-    grads = ((rows, dz) for rows, dz, _ in kld.grads_over(cut_chunks, stats, kl, grad_kl, temperature, False))
+    grads = kld.grads_over(cut_chunks, stats, kl, grad_kl, temperature)
     return lm_head_backward(grads, hidden, weight, bias, need)
 
 

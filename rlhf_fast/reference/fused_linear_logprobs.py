@@ -2,6 +2,9 @@
 
 Only one chunk of logits, (chunk_rows, V) fp32, exists at a time. The backward recomputes each chunk's
 logits (one extra matmul) instead of keeping them, and accumulates d(weight) over chunks in fp32.
+In fp32 the matmuls are ~94% of the time (1 thread, N=4096, H=512, V=32000): each chunk's block is
+written by the matmul and then worked on in place (max, exp, sum; in the backward exp, one multiply
+and a scatter of the one-hot term), with no (chunk_rows, V) temporary.
 """
 from __future__ import annotations
 

@@ -29,59 +29,64 @@ def validate(logits, ref_logits, temperature) -> None:
     _validate.check_positive("temperature", temperature)
 
 
-def row_stats(z: torch.Tensor, zr: torch.Tensor):
-    """z, zr (n, V) fp32 (already / T) -> (kl (n,), stats (5, n) = (m_p, log s_p, m_q, log s_q, mean)).
+def row_stats(z: torch.Tensor, zr: torch.Tensor, scratch: torch.Tensor | None = None):
+    """z, zr (n, V) fp32 (already / T), both overwritten -> (kl (n,), stats (5, n) = (m_p, log s_p, m_q,
+    log s_q, mean)).
 
     As in token_logprobs, log p = (z - m) - log s (never z - lse) keeps every log-probability exact to
-    its own ulp; KL is then sum p (log p - log q), the formula PyTorch uses. mean = sum p ((z - m_p) -
-    (zr - m_q)) = KL + log s_p - log s_q is the row constant of the Triton backward
-    (kernels/kl_divergence.py); it is stored here only so that both backends' stats have one layout
-    (this backward uses KL with its own log p, log q, which row_stats summed).
+    its own ulp; KL is then sum p (log p - log q), the formula PyTorch uses, evaluated as
+    sum e_p (x_p - x_q) / s_p - log s_p + log s_q with x = z - m, e = exp(x). mean = KL + log s_p -
+    log s_q is the row constant of the Triton backward (kernels/kl_divergence.py); it is stored here
+    only so that both backends' stats have one layout. `scratch` (n, V) fp32, when given, holds the
+    exponentials so the chunk loop allocates no (n, V) block.
     """
-    m_p, m_q = z.max(-1).values, zr.max(-1).values
-    log_p = z - m_p[:, None]
-    log_q = zr - m_q[:, None]
-    log_s_p = torch.log(log_p.exp().sum(-1))
-    log_s_q = torch.log(log_q.exp().sum(-1))
-    log_p.sub_(log_s_p[:, None])
-    log_q.sub_(log_s_q[:, None])
-    # p = 0 terms (-inf logits) contribute 0, as in torch.distributions (not 0 * (-inf - -inf) = NaN)
-    kl = (log_p.exp() * (log_p - log_q)).masked_fill_(log_p.isneginf(), 0.0).sum(-1)
+    m_p, m_q = z.amax(-1), zr.amax(-1)
+    x_p, x_q = z.sub_(m_p[:, None]), zr.sub_(m_q[:, None])
+    e = torch.exp(x_q, out=scratch[: x_q.shape[0]]) if scratch is not None else x_q.exp()
+    log_s_q = e.sum(-1).log_()
+    impossible = x_p.isneginf()  # p = 0 (-inf logits) contributes 0, as in torch.distributions
+    e = torch.exp(x_p, out=e)
+    s_p = e.sum(-1)
+    log_s_p = s_p.log()
+    kl = x_p.sub_(x_q).masked_fill_(impossible, 0.0).mul_(e).sum(-1).div_(s_p).sub_(log_s_p).add_(log_s_q)
     mean = kl + (log_s_p - log_s_q)
     return kl, torch.stack([m_p, log_s_p, m_q, log_s_q, mean])
 
 
-def grads_(z, zr, stats, kl, grad_kl, temperature: float, need_ref: bool):
-    """Overwrite z (and zr when need_ref) with d/d(logits) (and d/d(ref_logits)); returns (dz, dzr or None)."""
-    g = grad_kl.float()[:, None]
-    z.sub_(stats[0][:, None]).sub_(stats[1][:, None])     # log p
-    zr.sub_(stats[2][:, None]).sub_(stats[3][:, None])    # log q
-    diff = (z - zr).sub_(kl[:, None]).masked_fill_(z.isneginf(), 0.0)  # p = 0: zero gradient
-    z.exp_()                                              # p
-    dzr = None
-    if need_ref:
-        dzr = zr.exp_().sub_(z).mul_(g)                   # (q - p) g
-        if temperature != 1.0:
-            dzr.div_(temperature)
-    dz = z.mul_(diff).mul_(g)
-    if temperature != 1.0:
-        dz.div_(temperature)
-    return dz, dzr
+def grad_z_(z, zr, stats, kl, grad_kl, temperature: float, scratch: torch.Tensor | None = None):
+    """Overwrite z with d KL / d(logits) for one chunk and return it; zr is left holding x_q = zr - m_q
+    and `scratch` (when given) e_p = exp(z - m_p), which the logits backward reuses for d(ref_logits).
+
+    d KL / dz = p (log p - log q - KL) with p = e_p / s_p, i.e. c e_p (x_p - x_q + log s_q - log s_p - KL)
+    with the row factor c = grad_kl / (T s_p), folded in before the multiply by e_p.
+    """
+    x_p, x_q = z.sub_(stats[0][:, None]), zr.sub_(stats[2][:, None])
+    impossible = x_p.isneginf()  # p = 0: zero gradient
+    e = torch.exp(x_p, out=scratch[: x_p.shape[0]]) if scratch is not None else x_p.exp()
+    shift = stats[3] - stats[1] - kl
+    c = grad_kl.float() * torch.exp(-stats[1]) / temperature
+    return x_p.sub_(x_q).add_(shift[:, None]).mul_(c[:, None]).masked_fill_(impossible, 0.0).mul_(e)
 
 
 def kl_over(chunks, n: int, device):
     """row_stats over (rows, [z, zr]) chunks covering N rows -> (kl (N,), stats (5, N)), fp32."""
     kl = torch.empty(n, dtype=torch.float32, device=device)
     stats = torch.empty(5, n, dtype=torch.float32, device=device)
+    scratch = None
     for rows, (z, zr) in chunks:
-        kl[rows], stats[:, rows] = row_stats(z, zr)
+        if scratch is None:
+            scratch = torch.empty_like(z)
+        kl[rows], stats[:, rows] = row_stats(z, zr, scratch)
     return kl, stats
 
 
-def grads_over(chunks, stats, kl, grad_kl, temperature: float, need_ref: bool):
-    """Yield (rows, dz, dzr or None) for each (rows, [z, zr]) chunk; grads_ overwrites the chunk's z, zr."""
+def grads_over(chunks, stats, kl, grad_kl, temperature: float):
+    """Yield (rows, d KL / d(logits) fp32) for each (rows, [z, zr]) chunk; grad_z_ overwrites z and zr."""
+    scratch = None
     for rows, (z, zr) in chunks:
-        yield rows, *grads_(z, zr, stats[:, rows], kl[rows], grad_kl[rows], temperature, need_ref)
+        if scratch is None:
+            scratch = torch.empty_like(z)
+        yield rows, grad_z_(z, zr, stats[:, rows], kl[rows], grad_kl[rows], temperature, scratch)
 
 
 def forward(logits, ref_logits, temperature: float, chunk_rows: int | None = None):
@@ -94,11 +99,17 @@ def backward(grad_kl, logits, ref_logits, stats, kl, temperature: float, need_re
     """Returns (d logits, d ref_logits or None), in the inputs' dtypes."""
     d_logits = torch.empty_like(logits)
     d_ref = torch.empty_like(ref_logits) if need_ref else None
-    for rows, dz, dzr in grads_over(logits_chunks((logits, ref_logits), temperature, chunk_rows), stats, kl,
-                                    grad_kl, temperature, need_ref):
-        d_logits[rows] = dz
+    scratch = None
+    for rows, (z, zr) in logits_chunks((logits, ref_logits), temperature, chunk_rows):
+        if scratch is None:
+            scratch = torch.empty_like(z)
+        st = stats[:, rows]
+        d_logits[rows] = grad_z_(z, zr, st, kl[rows], grad_kl[rows], temperature, scratch)
         if need_ref:
-            d_ref[rows] = dzr
+            # grad_z_ left x_q = zr - m_q in zr and e_p = exp(z - m_p) in scratch: (q - p) grad / T
+            q = zr.sub_(st[3][:, None]).exp_()
+            p = scratch[: q.shape[0]].mul_(torch.exp(-st[1])[:, None])
+            d_ref[rows] = q.sub_(p).mul_((grad_kl[rows].float() / temperature)[:, None])
     return d_logits, d_ref
 
 

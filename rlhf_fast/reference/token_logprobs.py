@@ -123,47 +123,71 @@ def check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int)
                          f"found {first}")
 
 
-def row_stats(z: torch.Tensor, targets: torch.Tensor, ignore_index: int, want_entropy: bool):
-    """z: (n, V) fp32 logits already divided by T -> (logp, entropy or None, stats).
+# Floor for z - max before it multiplies a probability: exp(-1e4) is 0 in fp32 like exp(-inf), but
+# 0 * -1e4 = 0 where 0 * -inf = NaN (a -inf logit, i.e. a masked vocabulary entry, has p = 0).
+_LOG_FLOOR = -1e4
+
+
+def row_stats(z: torch.Tensor, targets: torch.Tensor, ignore_index: int, want_entropy: bool, scratch=None):
+    """z: (n, V) fp32 logits already divided by T, overwritten -> (logp, entropy or None, stats).
 
     stats (2, n) fp32 holds (m, log s) with m = max z and s = sum exp(z - m), so lse = m + log s.
     Keeping the two parts lets every consumer form log p = (z - m) - log s, which is exact to an ulp
     of log p; z - lse would add an ulp of lse (|lse| ~ |logits|). Ignored rows get logp = entropy = 0.
+    The entropy is log s - sum e (z - m) / s with e = exp(z - m) (= -sum p log p), computed in
+    `scratch` (n, V) fp32 when given, so the chunk loop allocates nothing.
     """
-    m = z.max(-1).values
-    log_s = torch.log(torch.exp(z - m[:, None]).sum(-1))
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0).long()
-    logp = torch.where(valid, (z.gather(-1, safe[:, None]).squeeze(-1) - m) - log_s, 0.0)
+    m = z.amax(-1)
+    z_t = z.gather(-1, safe[:, None]).squeeze(-1)
+    x = z.sub_(m[:, None])  # z - m <= 0
     entropy = None
     if want_entropy:
-        log_p = (z - m[:, None]).sub_(log_s[:, None])
-        p_log_p = (log_p.exp() * log_p).masked_fill_(log_p.isneginf(), 0.0)  # 0 log 0 = 0 (-inf logits)
-        entropy = torch.where(valid, -p_log_p.sum(-1), 0.0)
+        e = torch.exp(x, out=scratch[: x.shape[0]]) if scratch is not None else x.exp()
+        s = e.sum(-1)
+        log_s = s.log()
+        entropy = torch.where(valid, log_s - x.clamp_(min=_LOG_FLOOR).mul_(e).sum(-1) / s, 0.0)
+    else:
+        log_s = x.exp_().sum(-1).log_()
+    logp = torch.where(valid, (z_t - m) - log_s, 0.0)
     return logp, entropy, torch.stack([m, log_s])
 
 
 def grad_z_(z: torch.Tensor, targets, stats, entropy, grad_logp, grad_entropy, ignore_index: int,
-            temperature: float) -> torch.Tensor:
-    """Overwrite z (n, V) fp32 with d(loss)/d(logits) for one chunk and return it; stats (2, n).
+            temperature: float, scratch=None) -> torch.Tensor:
+    """Overwrite z (n, V) fp32 (logits / T) with d(loss)/d(logits) for one chunk and return it; stats (2, n).
 
-    d logp / dz = onehot(t) - p;  d H / dz = -p * (log p + H);  then divided by T (z = logits / T).
+    d logp / dz = onehot(t) - p;  d H / dz = -p (log p + H);  then divided by T (z = logits / T).
+    With x = z - m, e = exp(x) and p = e / s, the per-row factors (g, 1 / s, 1 / T) are folded into one
+    multiplier so that the block sees x -> exp -> one multiply (-> one fused multiply-add with the
+    entropy), and the one-hot term is a scatter of n values. The entropy path needs `scratch` (n, V)
+    fp32 for e (or allocates it). Rows whose logits are -inf get p = 0 and zero gradient there.
     """
     valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0).long()[:, None]
     g_logp = torch.where(valid, grad_logp.float(), 0.0) if grad_logp is not None else torch.zeros_like(stats[0])
-    z.sub_(stats[0][:, None]).sub_(stats[1][:, None])  # z <- log p
-    impossible = z.isneginf()  # -inf logits (masked vocabulary): p = 0 and zero gradient, not 0 * inf
-    if grad_entropy is not None:
-        g_ent = torch.where(valid, grad_entropy.float(), 0.0)
-        coef = (z + entropy[:, None]).mul_(g_ent[:, None]).add_(g_logp[:, None])
+    inv_s = torch.exp(-stats[1])
+    x = z.sub_(stats[0][:, None])  # z - m
+    if grad_entropy is None:
+        dz = x.exp_().mul_((g_logp * inv_s).div_(-temperature)[:, None])
     else:
-        coef = g_logp[:, None]
-    z.exp_().mul_(coef).neg_().masked_fill_(impossible, 0.0)
-    safe = torch.where(valid, targets, 0).long()
-    z.scatter_add_(-1, safe[:, None], g_logp[:, None])
-    if temperature != 1.0:
-        z.div_(temperature)
-    return z
+        # p (g + g_H (log p + H)) = e (alpha + beta x), log p = x - log s; d(loss)/dz is its negative
+        g_ent = torch.where(valid, grad_entropy.float(), 0.0)
+        alpha = (g_logp + g_ent * (entropy - stats[1])).mul_(inv_s).div_(-temperature)
+        beta = (g_ent * inv_s).div_(-temperature)
+        e = torch.exp(x, out=scratch[: x.shape[0]]) if scratch is not None else x.exp()
+        dz = x.clamp_(min=_LOG_FLOOR).mul_(beta[:, None]).add_(alpha[:, None]).mul_(e)
+    return dz.scatter_add_(-1, safe, (g_logp / temperature)[:, None])
+
+
+def _scratch_like(chunks, want: bool):
+    """Yield chunks with one (rows, V) fp32 scratch block allocated on the first chunk (None unless want)."""
+    scratch = None
+    for rows, zs in chunks:
+        if want and scratch is None:
+            scratch = torch.empty_like(zs[0])
+        yield rows, zs, scratch
 
 
 def stats_over(chunks, targets, want_entropy: bool, ignore_index: int, cuts=None):
@@ -174,14 +198,14 @@ def stats_over(chunks, targets, want_entropy: bool, ignore_index: int, cuts=None
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=dev)
     stats = torch.empty(2, n, dtype=torch.float32, device=dev)
-    for rows, (z,) in chunks:
+    for rows, (z,), scratch in _scratch_like(chunks, want_entropy):
         off_set = None
         if cuts is not None:
             mask_chunk_(z, cuts, rows)
-            t = targets[rows]  # targets off the kept set, read before row_stats may reuse z
+            t = targets[rows]  # targets off the kept set, read before row_stats works on z in place
             z_t = z.gather(-1, torch.where(t != ignore_index, t, 0).long()[:, None]).squeeze(-1)
             off_set = (t != ignore_index) & z_t.isneginf()
-        lp, ent, st = row_stats(z, targets[rows], ignore_index, want_entropy)
+        lp, ent, st = row_stats(z, targets[rows], ignore_index, want_entropy, scratch)
         if off_set is not None:
             lp = lp.masked_fill_(off_set, float("-inf"))  # also in a row that keeps nothing
         logp[rows], stats[:, rows] = lp, st
@@ -197,7 +221,7 @@ def grads_over(chunks, targets, stats, entropy, grad_logp, grad_entropy, ignore_
     With cuts (cut_points), d(logits) = 0 off the kept set: the dropped logits are -inf, which grad_z_
     gives a zero gradient; a dropped target gets no one-hot term, and a row that keeps nothing (max -inf)
     is zero, not 0 * NaN."""
-    for rows, (z,) in chunks:
+    for rows, (z,), scratch in _scratch_like(chunks, grad_entropy is not None):
         ent = entropy[rows] if grad_entropy is not None else None
         g_e = grad_entropy[rows] if grad_entropy is not None else None
         g_l = grad_logp[rows] if grad_logp is not None else None
@@ -207,7 +231,7 @@ def grads_over(chunks, targets, stats, entropy, grad_logp, grad_entropy, ignore_
             if g_l is not None:
                 z_t = z.gather(-1, torch.where(t != ignore_index, t, 0).long()[:, None]).squeeze(-1)
                 g_l = g_l.masked_fill(z_t.isneginf(), 0.0)
-        dz = grad_z_(z, t, stats[:, rows], ent, g_l, g_e, ignore_index, temperature)
+        dz = grad_z_(z, t, stats[:, rows], ent, g_l, g_e, ignore_index, temperature, scratch)
         if cuts is not None:
             empty = stats[0, rows] == float("-inf")
             if empty.any():
