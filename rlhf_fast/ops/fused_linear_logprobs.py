@@ -186,7 +186,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
             there (entropy as usual, a finite gradient), for a caller that handles it (an RL update whose
             policy has moved since the rollout: the drawn token may have left the set).
         chunk_size: tokens per chunk for the reference backend (default: so that one (chunk, V) fp32
-            block is 16 MiB). The Triton backend tiles on its own and ignores it.
+            block is 32 MiB). The Triton backend tiles on its own and ignores it.
         backend: "auto" | "triton" | "reference".
 
     Returns:
