@@ -17,8 +17,9 @@ zeroed inside `run`); the launcher calls `run(choose(...))`, so its outputs are 
    has spent its tuning budget (`RLHF_FAST_AUTOTUNE_BUDGET_S`, default 120 s, compiles included), the
    table pick is returned (and not remembered). Otherwise each candidate is timed
    (`triton.testing.do_bench`, median of a short run), the table pick first; a candidate Triton cannot
-   launch (out of shared memory or registers) is skipped. The fastest is written atomically (temporary file, then os.replace: a reader never sees half a file; two processes tuning at
-   once both write a valid winner) and one line reports the time spent.
+   launch (out of shared memory or registers) is skipped. The fastest is written atomically (temporary
+   file, then os.replace: a reader never sees half a file; two processes tuning at once both write a
+   valid winner) and one line reports the time spent.
 """
 from __future__ import annotations
 
