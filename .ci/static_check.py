@@ -6,8 +6,10 @@ Every module kernels/<name>.py (imported as rlhf_fast.kernels.<name>; modules wh
 launcher picks from. For each spec and each arch in spec.archs this script compiles the kernel with
 Triton's ahead-of-time API (triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))), reads
 registers and spill stores/loads from the log of the ptxas -v that Triton runs (TRITON_DUMP_PTXAS_LOG)
-and the dynamic shared memory from the compiled metadata. It fails on a compile error, any spill, shared
-memory over what one block may use on the arch, PTX lacking an instruction the spec names in
+and the dynamic shared memory from the compiled metadata. It fails on a compile error, a spill that
+--known-spills does not accept (.ci/known_spills.json: Triton version, spec name, arch, the most bytes
+accepted and the reason; a tuning set's public config may spill a little, since it is timed and launched
+only if it wins), shared memory over what one block may use on the arch, PTX lacking an instruction the spec names in
 `ptx_contains` (e.g. TMA's cp.async.bulk.tensor: a config meant to use a hardware feature must get it),
 or an argument named in `int64_args` (the attention kernels' strides) used in the TTIR other than by
 `arith.extsi ... : i32 to i64`: offsets built from it in 32 bits wrap past 2^31 elements.

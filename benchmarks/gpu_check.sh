@@ -143,7 +143,7 @@ add_row preflight "$(grep -m1 '^preflight:' "$out/preflight.txt" | cut -c12-)"
 # shellcheck disable=SC2329  # run through `bash -c`
 build_extension() {
     if [ "$dry_run" -eq 1 ]; then
-        python -c 'from rlhf_fast import _extension as e; print("sources", *e._sources(True))'
+        python -c 'from rlhf_fast import _extension as e; print("sources", *sorted(p.name for p in e.source_dir().iterdir()))'
         return
     fi
     RLHF_FAST_VERBOSE_BUILD=1 python - <<'EOF'

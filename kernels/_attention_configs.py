@@ -98,7 +98,7 @@ _PUBLIC_SETS = {
     ("fwd", 90): {_SMALL: ((128, 64, 4, 3), (128, 128, 8, 3)), _D128: ((128, 128, 8, 3), (128, 64, 4, 3)),
                   _D256: ((64, 64, 4, 2),)},
     ("fwd", 80): {_SMALL: ((128, 64, 4, 4),), _D128: ((128, 128, 8, 3), (128, 32, 4, 2))},
-    ("bwd_dkdv", 90): {_SMALL: ((32, 128, 4, 5),), _D128: ((32, 128, 8, 3),)},
+    ("bwd_dkdv", 90): {_SMALL: ((32, 128, 4, 5),), _D128: ((32, 128, 8, 3),), _D256: ((16, 64, 8, 1),)},
     ("bwd_dkdv", 80): {_SMALL: ((64, 64, 4, 3),), _D128: ((64, 64, 4, 2),)},
     ("bwd_dq", 90): {_SMALL: ((128, 32, 4, 5),), _D128: ((128, 32, 4, 5),)},
     ("bwd_dq", 80): {_SMALL: ((64, 64, 4, 3),), _D128: ((64, 64, 4, 2),)},
@@ -107,6 +107,13 @@ _PUBLIC_SETS = {
 # product added it spilled 4.3 KB (Triton 3.9), past anything worth timing
 _PUBLIC_SETS[("bwd_dkdv_atomic", 90)] = _PUBLIC_SETS[("bwd_dkdv", 90)]
 _PUBLIC_SETS[("bwd_dkdv_atomic", 80)] = {_SMALL: _PUBLIC_SETS[("bwd_dkdv", 80)][_SMALL]}
+# sm_90 fp16/bf16 configs allowed to run their dots on mma.sync instead of wgmma (the static check requires
+# wgmma of every other Hopper attention config), with the reason. A warpgroup MMA covers 64 rows: the
+# dK/dV kernel's dots at D=256 take BLOCK_N=64 key rows for it, and every such tile keeps dK and dV
+# (64 x 256 fp32 each) in registers and spills (16x64/8 warps, added to the set above: 1060 B under
+# Triton 3.9, 532 B under 3.6); the table pick, 32 key rows, is the spill-free fallback.
+HOPPER_MMA_SYNC = {(stage, 256, (16, 32, 8, 2)): "dK/dV at D=256: no wgmma tile free of spills"
+                   for stage in ("bwd_dkdv", "bwd_dkdv_atomic")}
 STAGES = ("fwd", "bwd_pre", "bwd_dkdv", "bwd_dkdv_atomic", "bwd_dq")
 
 

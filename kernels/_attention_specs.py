@@ -5,13 +5,15 @@ kernels/causal_attention.py, packed in kernels/causal_attention_varlen.py).
 Rules beyond the check's own (spills, shared memory, int64 strides):
 - Hopper (sm_90) fp16/bf16 forward and backward configs must lower their dots to wgmma (`HOPPER_DOT`):
   a tile that falls back to mma.sync runs at a fraction of the tensor cores' rate, and such a config
-  has no place in a tuning set. The TMA forward must also show its bulk tensor copies.
+  has no place in a tuning set. The exceptions, each with its reason, are kernels/_attention_configs.
+  HOPPER_MMA_SYNC. The TMA forward must also show its bulk tensor copies.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from ._attention_configs import ARCHS, DTYPES, HEAD_DIMS, has_config, tma_block, tuning_set, uses_tma
+from ._attention_configs import (ARCHS, DTYPES, HEAD_DIMS, HOPPER_MMA_SYNC, has_config, tma_block, tuning_set,
+                                 uses_tma)
 from ._spec import KernelSpec
 
 HOPPER_DOT = "wgmma"
@@ -97,13 +99,14 @@ def _specs_for(kern, arch: int, dtype: str, d: int, varlen: bool) -> list[Kernel
                         f"{_strides('q', 'k', 'v', 'do', 'dk', 'dv', 'dq')} {lse} max_seqlen n_kv_heads group "
                         "scale qk_scale")
         sig["DQ"] = "*fp32" if atomic else f"*{dtype}"
-        for c in tuning_set("bwd_dkdv_atomic" if atomic else "bwd_dkdv", arch, d, dtype):
+        stage = "bwd_dkdv_atomic" if atomic else "bwd_dkdv"
+        for c in tuning_set(stage, arch, d, dtype):
             out.append(KernelSpec(
                 f"attn_bwd_dkdv[{tag},{_tile(c)}{',atomic_dq' if atomic else ''}]",
                 kern._attn_bwd_dkdv_kernel, sig,
                 dict(HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, IS_VARLEN=varlen, ATOMIC_DQ=atomic,
                      DOT_PRECISION=prec), c.num_warps, c.num_stages, (arch,), maxnreg=c.maxnreg,
-                ptx_contains=hopper_ptx(arch, dtype)))
+                ptx_contains={} if (stage, d, tuple(c)[:4]) in HOPPER_MMA_SYNC else hopper_ptx(arch, dtype)))
     for c in tuning_set("bwd_dq", arch, d, dtype):
         out.append(KernelSpec(
             f"attn_bwd_dq[{tag},{_tile(c)}]", kern._attn_bwd_dq_kernel,

@@ -151,6 +151,16 @@ def test_spent_budget_and_graph_capture_launch_the_table_pick(monkeypatch):
     assert _choose(timer) == CANDIDATES[1]  # a winner known to the process is used during capture too
 
 
+def test_a_cached_winner_is_used_when_no_timing_is_allowed(monkeypatch):
+    """Budget spent or graph capture: nothing is timed, but a winner cached by an earlier process is read."""
+    _choose(FakeTimer({CANDIDATES[0]: 3.0, CANDIDATES[1]: 1.0, CANDIDATES[2]: 2.0}))
+    _autotune.reset()
+    monkeypatch.setenv(_autotune.ENV_BUDGET, "0")
+    monkeypatch.setattr(_autotune, "host_sync_forbidden", lambda: True)
+    timer = FakeTimer({c: 1.0 for c in CANDIDATES})
+    assert _choose(timer) == CANDIDATES[1] and timer.timed == []
+
+
 def test_a_config_that_cannot_launch_is_skipped_but_the_table_pick_must_launch(capsys):
     from triton.runtime.errors import OutOfResources
 

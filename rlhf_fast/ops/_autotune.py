@@ -7,18 +7,19 @@ call's own tensors, repeatable (a kernel that accumulates, like attention's atom
 zeroed inside `run`); the launcher calls `run(choose(...))`, so its outputs are always the winner's.
 
 1. The table pick is returned without timing where tuning is off: CPU tensors (Triton's interpreter),
-   `RLHF_FAST_AUTOTUNE=0`, a one-config set, while a host sync is forbidden (CUDA-graph capture,
-   torch.compile tracing: a winner already known in this process is still used there), or once this
-   process has spent its tuning budget (`RLHF_FAST_AUTOTUNE_BUDGET_S`, default 120 s, compiles included).
+   `RLHF_FAST_AUTOTUNE=0`, a one-config set.
 2. A winner found earlier in the process is returned from memory.
 3. Else the cache file `<dir>/<kernel>-<hash>.json` is read (dir: `RLHF_FAST_AUTOTUNE_DIR`, default
    ~/.cache/rlhf_fast/autotune). Its key holds the GPU name, driver, CUDA, Triton, torch and rlhf_fast
    versions, the kernel, the regime and the candidate list, so an upgrade or a new tuning set retunes.
    A file that does not parse, or whose winner is not a candidate, is ignored with a warning.
-4. Else each candidate is timed (`triton.testing.do_bench`, median of a short run), the table pick first;
-   a candidate Triton cannot launch (out of shared memory or registers) is skipped. The fastest is written
-   atomically (temporary file, then os.replace: a reader never sees half a file; two processes tuning at
-   once both write a valid winner) and one line reports the time spent.
+4. Else, while a host sync is forbidden (CUDA-graph capture, torch.compile tracing) or once this process
+   has spent its tuning budget (`RLHF_FAST_AUTOTUNE_BUDGET_S`, default 120 s, compiles included), the
+   table pick is returned (and not remembered). Otherwise each candidate is timed
+   (`triton.testing.do_bench`, median of a short run), the table pick first; a candidate Triton cannot
+   launch (out of shared memory or registers) is skipped. The fastest is written atomically (temporary
+   file, then os.replace: a reader never sees half a file; two processes tuning at once both write a
+   valid winner) and one line reports the time spent.
 """
 from __future__ import annotations
 
@@ -182,10 +183,10 @@ def choose(kernel: str, regime: str, candidates: Sequence[tuple], run: Callable[
     name = str(path)
     if name in _winners:
         return _winners[name]
-    if host_sync_forbidden() or _spent_s >= budget_s():
-        return table_pick
     winner = read_winner(path, key, candidates)
     if winner is None:
+        if host_sync_forbidden() or _spent_s >= budget_s():
+            return table_pick  # not remembered: a later call (after capture) may still tune
         t0 = time.perf_counter()
         # do_bench times on the current device: make it the tensors' (a model on cuda:1)
         with torch.cuda.device(device) if on_gpu(device) and torch.cuda.is_available() else contextlib.nullcontext():
