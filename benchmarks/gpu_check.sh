@@ -11,7 +11,7 @@
 #   env        GPU, driver, python/torch/triton/nvcc versions                       30 s -> env.txt
 #   preflight  every module the tests, benches and package import, present or not   15 s -> preflight.txt
 #   build      JIT build of the csrc extension with its CUDA kernels (~40 s, sm_90)  90 s -> build.log
-#   parity     tests/test_<op>.py of every op in rlhf_fast/ops, on CUDA tensors     170 s -> parity.log
+#   parity     tests/test_<op>.py of every op + the cutoffs exactness tests, CUDA   200 s -> parity.log
 #   ceilings   copy GB/s and bf16 matmul TFLOP/s (benchmarks/ceilings.py --quick)    25 s -> ceilings.log
 #   tune       every config of every tuning set the benchmark shapes launch, timed, with the winners
 #              (benchmarks/tune_check.py --quick; they also warm the autotune cache the benches use)  60 s
@@ -173,7 +173,13 @@ for f in rlhf_fast/ops/[a-z]*.py; do
     t="tests/test_$(basename "$f")"
     [ -e "$t" ] && parity+=("$t")
 done
-step parity 170 parity.log "${pytest_cmd[@]}" --junitxml="$out/parity.xml" "${parity[@]}"
+# the sampler's cutoffs and the filtered logprob/KL kernels on CUDA, and ratio 1 / KL 0 in PPO and GRPO with
+# every sampling filter on (issue 13): the same property as on CPU, with the CUDA sampler and Triton kernels
+for t in tests/test_sample_cutoffs.py tests/test_filtered_logprobs.py tests/test_fused_linear_kl_divergence_cutoffs.py \
+         tests/rlhf/test_policy_space.py; do
+    [ -e "$t" ] && parity+=("$t")
+done
+step parity 200 parity.log "${pytest_cmd[@]}" --junitxml="$out/parity.xml" "${parity[@]}"
 add_row parity "$(tests_figures parity.log)"
 
 step ceilings 25 ceilings.log python -m benchmarks.ceilings --quick --device "$device"
@@ -207,6 +213,7 @@ done
 other_benches=()
 for f in benchmarks/bench_*.py; do
     name="$(basename "$f" .py)"
+    [[ "$name" == *_cpu ]] && continue  # CPU-only comparisons (bench_logprobs_cpu)
     [[ " ${first_benches[*]} " == *" $name "* ]] || other_benches+=("$name")
 done
 rest=()
