@@ -217,11 +217,13 @@ def static_configs():
                    "stride_x": "i32", "stride_w": "i32", "stride_xr": "i32", "stride_wr": "i32", "temp": "fp32",
                    "tiles_per_split": "i32", "has_bias": "i32", "has_ref_bias": "i32",
                    "HAS_CUTOFFS": "constexpr", "HAS_TARGETS": "constexpr", **{k: "constexpr" for k in table_cx}}
-        for fwd_cfg in FWD_TUNING_SETS[dt]:
+        for j, fwd_cfg in enumerate(FWD_TUNING_SETS[dt]):
             cx, tag = tile_constexprs(fwd_cfg, dt)
-            for cut, tgt in FWD_VARIANTS:
+            # launches with cutoffs or targets take the table pick (no timing): only it is compiled with them
+            for cut, tgt in FWD_VARIANTS if j == 0 else FWD_VARIANTS[:1]:
+                variant = f",CUT={cut},TGT={tgt}" if (cut or tgt) else ""  # the plain forward keeps its name
                 specs.append(KernelSpec(
-                    f"fused_linear_kl_fwd[{tag},CUT={cut},TGT={tgt}]", _fused_linear_kl_divergence_fwd_kernel,
+                    f"fused_linear_kl_fwd[{tag}{variant}]", _fused_linear_kl_divergence_fwd_kernel,
                     fwd_sig, {**cx, "HAS_CUTOFFS": cut, "HAS_TARGETS": tgt}, fwd_cfg.num_warps, fwd_cfg.num_stages))
         bwd_sig = {**ptrs, "stats_ptr": "*fp32", "g_ptr": "*fp32",
                    "dx_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32",
@@ -230,16 +232,16 @@ def static_configs():
                    "temp": "fp32", "has_bias": "i32", "has_ref_bias": "i32", "need_b": "i32",
                    "NEED_X": "constexpr", "NEED_W": "constexpr", "HAS_CUTOFFS": "constexpr",
                    **{k: "constexpr" for k in table_cx}}
-        for bwd_cfg in BWD_TUNING_SETS[dt]:
+        for j, bwd_cfg in enumerate(BWD_TUNING_SETS[dt]):
             cx, tag = tile_constexprs(bwd_cfg, dt)
             bwd = [KernelSpec(f"fused_linear_kl_bwd[{tag},X={need_x},W={need_w}]",
                               _fused_linear_kl_divergence_bwd_kernel, bwd_sig,
                               {**cx, "NEED_X": need_x, "NEED_W": need_w, "HAS_CUTOFFS": False},
                               bwd_cfg.num_warps, bwd_cfg.num_stages) for need_x, need_w in NEED_PAIRS]
-            specs += bwd + [_with_cutoffs(bwd[0])]
-        for pair in REDUCE_TUNING_SETS[dt]:
+            specs += bwd + ([_with_cutoffs(bwd[0])] if j == 0 else [])
+        for j, pair in enumerate(REDUCE_TUNING_SETS[dt]):
             reduce = [dataclasses.replace(s, constexprs={**s.constexprs, "HAS_CUTOFFS": False})
                       for s in reduce_specs("fused_linear_kl_bwd_reduce", _fused_linear_kl_divergence_bwd_reduce_kernel,
                                             bwd_sig, dt, pair)]
-            specs += reduce + [_with_cutoffs(s) for s in reduce]
+            specs += reduce + ([_with_cutoffs(s) for s in reduce] if j == 0 else [])
     return specs

@@ -46,8 +46,9 @@ def _triton_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temp
             tiles_per_split, int(bias is not None), int(ref_bias is not None), HAS_CUTOFFS=cutoffs is not None,
             HAS_TARGETS=targets is not None, **tile_kwargs(cfg, prec))
         return part
-    variant = ("" if cutoffs is None else "_cut") + ("" if targets is None else "_tgt")
-    part = run(tuned_tile("fused_linear_kl_fwd" + variant, kk.FWD_TUNING_SETS, hidden, vocab, run))
+    # with cutoffs or targets the table pick (what the static check compiles with them); else the tuned one
+    plain = cutoffs is None and targets is None
+    part = run(tuned_tile("fused_linear_kl_fwd", kk.FWD_TUNING_SETS, hidden, vocab, run) if plain else cfg)
     # the splits' row sums are stored and combined in fp64, as the kernel sums them (kernels/kl_divergence.py)
     m_p, s_p, s_d, m_q, s_q = part[:5].double().unbind(0)
     big_p, big_q = m_p.max(0).values, m_q.max(0).values
@@ -88,8 +89,8 @@ def _triton_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_
 
     return run_backward_slices(launch, hidden, weight, bias, need, cfg,
                                reduce_tile_configs(hidden.dtype, kk.FUSED_REDUCE_CONFIGS),
-                               ("fused_linear_kl_bwd" + ("" if cutoffs is None else "_cut"), kk.BWD_TUNING_SETS,
-                                kk.REDUCE_TUNING_SETS))
+                               None if cutoffs is not None else
+                               ("fused_linear_kl_bwd", kk.BWD_TUNING_SETS, kk.REDUCE_TUNING_SETS))
 
 
 @torch.library.custom_op("rlhf_fast::fused_linear_kl_divergence_fwd", mutates_args=())

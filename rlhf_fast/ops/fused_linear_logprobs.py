@@ -32,8 +32,9 @@ def _triton_forward(hidden, weight, bias, targets, temperature, want_entropy, ig
             weight.stride(0), temperature, ignore_index, tiles_per_split, int(bias is not None), int(want_entropy),
             HAS_CUTOFFS=cutoffs is not None, **tile_kwargs(cfg, prec))
         return part
-    kernel = "fused_linear_logprobs_fwd" + ("" if cutoffs is None else "_cut")
-    part = run(tuned_tile(kernel, k.FWD_TUNING_SETS, hidden, vocab, run))
+    # with cutoffs the table pick (what the static check compiles with HAS_CUTOFFS); without, the tuned one
+    part = run(tuned_tile("fused_linear_logprobs_fwd", k.FWD_TUNING_SETS, hidden, vocab, run) if cutoffs is None
+               else cfg)
     m, s, sy, zt = part.unbind(0)
     big_m = m.max(0).values
     scale = torch.exp(m - big_m)
@@ -78,8 +79,8 @@ def _triton_backward(grad_logp, grad_entropy, hidden, weight, bias, targets, sta
 
     return run_backward_slices(launch, hidden, weight, bias, need, cfg,
                                reduce_tile_configs(hidden.dtype, k.REDUCE_CONFIGS),
-                               ("fused_linear_logprobs_bwd" + ("" if cutoffs is None else "_cut"), k.BWD_TUNING_SETS,
-                                k.REDUCE_TUNING_SETS))
+                               None if cutoffs is not None else
+                               ("fused_linear_logprobs_bwd", k.BWD_TUNING_SETS, k.REDUCE_TUNING_SETS))
 
 
 def _cut_args(cutoffs, vocab, dummy):

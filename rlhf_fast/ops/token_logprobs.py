@@ -25,14 +25,14 @@ def _triton_forward(logits, targets, temperature, want_entropy, ignore_index, cu
     if n == 0:
         return logp, entropy, stats
     cut_t, cut_i = _cut_args(cutoffs, vocab, stats)
-    variant = "" if cutoffs is None else "_cut"
 
     def run(cfg):  # one whole launch: what autotuning times, then the launch with the winner
         k._token_logprobs_fwd_kernel[(n,)](
             logits, targets, cut_t, cut_i, logp, entropy, stats, logits.stride(0), vocab, temperature, ignore_index,
             WANT_ENTROPY=want_entropy, HAS_CUTOFFS=cutoffs is not None, BLOCK_V=cfg.block_v,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    run(_autotune.row_config("token_logprobs_fwd" + variant, k, logits, run))
+    # with cutoffs the table pick (what the static check compiles with HAS_CUTOFFS); without, the tuned one
+    run(_autotune.row_config("token_logprobs_fwd", k, logits, run) if cutoffs is None else k.tuning_set(vocab)[0])
     return logp, entropy, stats
 
 
@@ -45,7 +45,6 @@ def _triton_backward(grad_logp, grad_entropy, logits, targets, stats, entropy, t
         return grad
     have_ent = grad_entropy is not None
     cut_t, cut_i = _cut_args(cutoffs, vocab, stats)
-    variant = "" if cutoffs is None else "_cut"
 
     def run(cfg):
         k._token_logprobs_bwd_kernel[(n,)](
@@ -53,7 +52,7 @@ def _triton_backward(grad_logp, grad_entropy, logits, targets, stats, entropy, t
             grad_entropy if have_ent else grad_logp, grad, logits.stride(0), grad.stride(0), vocab,
             temperature, ignore_index, HAVE_ENTROPY=have_ent, HAS_CUTOFFS=cutoffs is not None, BLOCK_V=cfg.block_v,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    run(_autotune.row_config("token_logprobs_bwd" + variant, k, logits, run))
+    run(_autotune.row_config("token_logprobs_bwd", k, logits, run) if cutoffs is None else k.tuning_set(vocab)[0])
     return grad
 
 
