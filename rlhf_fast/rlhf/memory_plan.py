@@ -9,11 +9,13 @@ keeps for backward in this GPT (elements; times 4 bytes, 2 under bf16 autocast):
 
     2 norms (input, output)                       4 C
     q, k, v as attention reads them, its output   4 Hq D
-    attention probabilities (reference attention,
-      CPU: the (T, T) score matrix per head)      Hq T
+    the attention's log-sum-exp (fp32, per head)  Hq
     MLP: GELU input and output                     2 F      (SwiGLU: gate|up, silu(gate), product: 4 F)
 
-with C = n_embd, Hq D = heads x head size, F = MLP width, T = the sequence length. Gradient checkpointing
+with C = n_embd, Hq D = heads x head size, F = MLP width, T = the sequence length. No attention keeps a
+(T, T) matrix for backward (the kernels and the reference both recompute); the reference attention (CPU,
+backend="reference") builds one layer's fp32 scores, probabilities and their gradients, 4 Hq T^2 per
+sequence, while that layer runs: a transient added once (dense_attention). Gradient checkpointing
 keeps each block's input (C) and recomputes one block at a time. The LM head never holds the logits (the
 fused logprob op works in chunks of CHUNK_ELEMENTS). A stage's total adds every model's weights, gradients
 and optimizer state, the largest model's activations (models train one after another) and, for RL
@@ -102,19 +104,22 @@ def activation_bytes(config: dict, rows: int, seq_len: int, *, checkpointing: bo
     lm_head, the fused logprob op's transient logits chunk (value and reward heads have none)."""
     C, Q, F, H = _dims(config)
     swiglu = config.get("mlp", "gelu") == "swiglu"
-    per_block = 4 * C + 4 * Q + (H * seq_len if dense_attention else 0) + (4 if swiglu else 2) * F  # per token
+    per_block = 4 * C + 4 * Q + H + (4 if swiglu else 2) * F  # per token
     tokens = rows * seq_len
+    # the reference attention's (T, T) fp32 blocks of one layer (scores, probabilities; their gradients in
+    # backward): transient, one layer at a time
+    dense = rows * H * seq_len * seq_len * 4 * (4 if training else 2) if dense_attention else 0
     vocab = config["vocab_size"]
     # the LM head's logits chunk (fp32; with its softmax and gradient in backward); value/reward heads: none
     head = min(tokens * vocab, max(vocab, CHUNK_ELEMENTS)) * 4 * (3 if training else 1) if lm_head else 0
     if not training:
-        return tokens * per_block * elem_bytes + head
+        return tokens * per_block * elem_bytes + head + dense
     layers = config["n_layer"]
     if checkpointing:
         held = layers * C + per_block  # block inputs, and one block recomputed in backward
     else:
         held = layers * per_block
-    return (tokens * (held + 2 * C)) * elem_bytes + head  # + embeddings and the final norm
+    return (tokens * (held + 2 * C)) * elem_bytes + head + dense  # + embeddings and the final norm
 
 
 def kv_cache_bytes(config: dict, rows: int, seq_len: int, elem_bytes: int = 4) -> int:
