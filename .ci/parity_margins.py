@@ -5,7 +5,8 @@
 
 ratio = max|ours - ref64| / (2 * max|torch - ref64| + atol): the test fails above 1. Comparisons above
 --warn are listed as at risk on another CPU (BLAS kernels and the interpreter's numpy matmul differ
-between machines). Informational: it never fails a run (the tests do).
+between machines). Informational: it never fails a run (the tests do). Strict xfails (bf16 in Triton's
+interpreter) show up above 1; tests/ci/'s planted kernels are left out.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parity margins: no log at {args.log}")
         return 0
     rows = [json.loads(line) for line in args.log.read_text().splitlines() if line.strip()]
+    # tests/ci/ plants kernels the rule must reject: their comparisons fail by design
+    rows = [r for r in rows if not r["test"].startswith("tests/ci/")]
     rows.sort(key=lambda r: -r["ratio"])
     at_risk = [r for r in rows if r["ratio"] > args.warn]
     print(f"parity margins: {len(rows)} comparisons, {len(at_risk)} above {args.warn} of their bound, "
