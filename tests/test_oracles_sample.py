@@ -237,14 +237,18 @@ def test_sample_bf16_vocab_top_k_top_p_ties_vs_warpers(backend, device):
     """GPT-2-sized bf16 logits, top_k=50, top_p=0.9, rows where the top-p cut splits a tie: every
     draw lies in the warpers' support (stable sort: lowest tied indices removed), each kept token with
     p > 8 / n is drawn, logprobs match; the stock warpers (unstable CPU sort) keep as many tied tokens,
-    so the processed probabilities agree as a multiset."""
+    so the kept logits agree as a multiset."""
     need_backend(backend, device)
     V, n, top_k, top_p = 50257, 300, 50, 0.9
     for seed in (0, 1, 2):
         x = _bf16_row_with_cut_tie(seed, V, top_k, top_p)
         want = hf_warped_probs(x[None], 1.0, top_k, top_p, 0.0)[0].double()
         stock = hf_warped_probs(x[None], 1.0, top_k, top_p, 0.0, stable=False)[0].double()
-        torch.testing.assert_close(want.sort().values, stock.sort().values, atol=0, rtol=0)
+        # as many tied tokens kept, so the same multiset of kept logits (exact; the probabilities themselves
+        # differ in the last bit with the summation order, which the tied tokens' places and the CPU's
+        # vector width decide)
+        assert int((want > 0).sum()) == int((stock > 0).sum()), f"kept sets differ in size (seed {seed})"
+        torch.testing.assert_close(x[want > 0].sort().values, x[stock > 0].sort().values, atol=0, rtol=0)
         tokens, logprobs = draw_many(x.bfloat16().to(device), n, backend, top_k=top_k, top_p=top_p, seed=seed)
         tokens, logprobs = tokens.cpu(), logprobs.cpu()
         assert bool((want[tokens] > 0).all()), f"drew a token the warpers removed (seed {seed})"
