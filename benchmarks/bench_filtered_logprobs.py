@@ -5,9 +5,12 @@
 
 Each op runs forward + backward of sum(g * logp) (token_logprobs: also the entropy, sum(g * logp + g2 * H)),
 once with cutoffs=None ("plain", the baseline) and once with cutoffs ("filtered", ours). The cutoffs keep,
-per row, the tokens with x > x[target] - 1 (x = logit / T): a kept set of a few to a few hundred tokens
-around each target, which always holds the target. The kept set's size does not change the work: every
-logit is compared once either way.
+per row (KEPT_SETS):
+  sampler  the sampler's own: rlhf_fast.sample(T=0.7, top_k=50, top_p=0.9, return_cutoffs=True), its drawn
+           tokens as the targets (at most 50 kept per row: the use the op is for);
+  wide     the tokens with x > x[target] - 1 (x = logit / T), targets uniform: about half the vocabulary
+           kept, the worst case of the reference backend, which then masks the chunk densely.
+The Triton kernels compare every logit once either way.
 
 CPU suite (reference backend; shapes below): time = median of 5 runs per variant, the two variants
 alternating in one process (so a change of machine load hits both), after one warm-up each; peak extra
@@ -38,24 +41,34 @@ from benchmarks.common import machine, markdown_table, write_results
 TEMPERATURE = 0.7
 CPU_SHAPES = {"fused_linear_logprobs": (4096, 256, 32000), "token_logprobs": (1024, None, 32000)}  # N, H, V
 GPU_SHAPES = {"fused_linear_logprobs": (8192, 4096, 128256), "token_logprobs": (8192, None, 128256)}
+KEPT_SETS = ("sampler", "wide")
 VARIANTS = ("plain", "filtered")
 
 
-def make_inputs(op: str, n: int, h: int | None, vocab: int, dtype, device, seed=0) -> dict:
-    """The op's inputs, its targets, upstream gradients and cutoffs keeping x > x[target] - 1."""
+def make_inputs(op: str, n: int, h: int | None, vocab: int, dtype, device, kept: str = "sampler", seed=0) -> dict:
+    """The op's inputs, targets, upstream gradients and cutoffs (KEPT_SETS[kept])."""
+    import rlhf_fast
     gen = torch.Generator(device=device).manual_seed(seed)
     targets = torch.randint(0, vocab, (n,), generator=gen, device=device)
     g = torch.randn(2, n, generator=gen, device=device)
     if op == "token_logprobs":
         logits = torch.randn(n, vocab, generator=gen, device=device, dtype=dtype).mul_(3).requires_grad_()
-        x_target = logits.detach().gather(-1, targets[:, None]).squeeze(-1).float() / TEMPERATURE
         inputs = {"logits": logits}
+        full = lambda rows: logits.detach()[rows]  # noqa: E731
     else:
         hidden = torch.randn(n, h, generator=gen, device=device, dtype=dtype).requires_grad_()
         weight = torch.randn(vocab, h, generator=gen, device=device, dtype=dtype).mul_(3 * h ** -0.5).requires_grad_()
-        x_target = (hidden.detach().float() * weight.detach()[targets].float()).sum(-1) / TEMPERATURE
         inputs = {"hidden": hidden, "weight": weight}
-    cutoffs = torch.stack([(x_target - 1).double(), torch.zeros_like(x_target, dtype=torch.float64)], -1)
+        full = lambda rows: hidden.detach()[rows] @ weight.detach().T  # noqa: E731
+    if kept == "sampler":  # the drawn tokens and the sampler's cutoffs, 512 rows at a time
+        parts = [rlhf_fast.sample(full(slice(s, s + 512)), temperature=TEMPERATURE, top_k=50, top_p=0.9,
+                                  seed=seed + s, return_cutoffs=True) for s in range(0, n, 512)]
+        targets = torch.cat([t for t, _ in parts])
+        cutoffs = torch.cat([c for _, c in parts])
+    else:
+        x_target = torch.cat([full(slice(s, s + 512)).float().gather(-1, targets[s:s + 512, None]).squeeze(-1)
+                              for s in range(0, n, 512)]) / TEMPERATURE
+        cutoffs = torch.stack([(x_target - 1).double(), torch.zeros_like(x_target, dtype=torch.float64)], -1)
     return {**inputs, "targets": targets, "g": g, "cutoffs": cutoffs}
 
 
@@ -77,7 +90,7 @@ def step(op: str, variant: str, inp: dict, backend: str) -> None:
     loss.backward()
 
 
-def cpu_worker(op: str, what: str) -> dict:
+def cpu_worker(op: str, what: str, kept: str) -> dict:
     """In a fresh process: both variants' median times (alternating), or one variant's peak memory."""
     torch.manual_seed(0)
     n, h, vocab = CPU_SHAPES[op]
@@ -85,7 +98,7 @@ def cpu_worker(op: str, what: str) -> dict:
     for v in VARIANTS:
         step(op, v, warm, "reference")  # thread pools and allocator warm before any baseline
     del warm
-    inp = make_inputs(op, n, h, vocab, torch.float32, "cpu")
+    inp = make_inputs(op, n, h, vocab, torch.float32, "cpu", kept)
     if what in VARIANTS:
         base = _rss_bytes()
         _reset_peak_rss()
@@ -102,8 +115,8 @@ def cpu_worker(op: str, what: str) -> dict:
     return {"runs_s": runs, "threads": torch.get_num_threads()}
 
 
-def _spawn(op: str, what: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_filtered_logprobs", "--worker", op, what],
+def _spawn(op: str, what: str, kept: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_filtered_logprobs", "--worker", op, what, kept],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -121,12 +134,13 @@ def _row(op, shape, dtype, times, mem, unit, mib, **extra) -> dict:
 def run_cpu() -> list[dict]:
     rows = []
     for op, (n, h, vocab) in CPU_SHAPES.items():
-        timing = _spawn(op, "time")
-        mem = {v: _spawn(op, v)["extra_mb"] for v in VARIANTS}
-        times = {v: statistics.median(timing["runs_s"][v]) for v in VARIANTS}
-        shape = f"N={n},V={vocab}" if h is None else f"N={n},H={h},V={vocab}"
-        rows.append(_row(op, shape, "float32", times, mem, "s (mem MiB)", 1.0, backend="reference",
-                         threads=timing["threads"], runs=timing["runs_s"]))
+        for kept in KEPT_SETS:
+            timing = _spawn(op, "time", kept)
+            mem = {v: _spawn(op, v, kept)["extra_mb"] for v in VARIANTS}
+            times = {v: statistics.median(timing["runs_s"][v]) for v in VARIANTS}
+            shape = f"N={n},V={vocab}" if h is None else f"N={n},H={h},V={vocab}"
+            rows.append(_row(op, shape, "float32", times, mem, "s (mem MiB)", 1.0, kept=kept, backend="reference",
+                             threads=timing["threads"], runs=timing["runs_s"]))
     return rows
 
 
@@ -141,7 +155,7 @@ def run_gpu(quick: bool) -> list[dict]:
 def _gpu_row(op: str, quick: bool) -> dict:
     import triton.testing
     n, h, vocab = GPU_SHAPES[op]
-    inp = make_inputs(op, n, h, vocab, torch.bfloat16, "cuda")
+    inp = make_inputs(op, n, h, vocab, torch.bfloat16, "cuda", "sampler")
     times, mem = {}, {}
     for v in VARIANTS:
         step(op, v, inp, "triton")
@@ -154,14 +168,14 @@ def _gpu_row(op: str, quick: bool) -> dict:
         times[v] = triton.testing.do_bench(lambda: step(op, v, inp, "triton"), warmup=10 if quick else 25,
                                            rep=40 if quick else 100, return_mode="median")
     shape = f"N={n},V={vocab}" if h is None else f"N={n},H={h},V={vocab}"
-    return _row(op, shape, "bfloat16", times, mem, "ms (mem GB)", 2**20 / 1e9, backend="triton")
+    return _row(op, shape, "bfloat16", times, mem, "ms (mem GB)", 2**20 / 1e9, kept="sampler", backend="triton")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="fewer do_bench repetitions (gpu_check.sh)")
-    parser.add_argument("--worker", nargs=2, metavar=("OP", "WHAT"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("OP", "WHAT", "KEPT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(cpu_worker(*args.worker)))

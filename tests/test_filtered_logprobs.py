@@ -21,9 +21,12 @@ import rlhf_fast.ops._fused_linear_launch as launch
 from conftest import need_backend
 from parity import assert_close_to_reference
 from rlhf_fast.reference import fused_linear_logprobs as ref_fl
+from rlhf_fast.reference import _kept
 from rlhf_fast.reference import token_logprobs as ref_tl
 
-BACKENDS = ["reference", "triton"]
+# reference: its compact kept-set path forced on every chunk; reference-dense: its dense path (the op picks
+# one per chunk by the kept sets' width: rlhf_fast/reference/_kept.py)
+BACKENDS = ["reference", "reference-dense", "triton"]
 FP32, BF16 = torch.float32, torch.bfloat16
 IGNORE = -100
 # (N, V, dtype, temperature)
@@ -34,6 +37,17 @@ TOKEN_CASES = [(1, 1, FP32, 0.7), (1, 17, BF16, 1.3), (17, 17, FP32, 1.3), (17, 
 FUSED_CASES = [(1, 16, 17, FP32, 0.7, True), (17, 24, 1000, FP32, 1.3, False), (17, 32, 1000, BF16, 0.7, True),
                (17, 16, 17, BF16, 1.3, False), (1, 8, 1, FP32, 1.3, True), (17, 8, 1, BF16, 0.7, False),
                (5, 16, 3000, FP32, 0.7, True)]  # several vocab splits, most with no kept logit
+
+
+def use_backend(backend: str, device, monkeypatch) -> str:
+    """need_backend, and the reference's kept-set path pinned (its mask built in small blocks); returns the
+    op's backend name."""
+    if backend.startswith("reference"):
+        monkeypatch.setattr(_kept, "SPARSE_FRACTION", 1 << 62 if backend == "reference-dense" else 1)
+        monkeypatch.setattr(_kept, "MASK_ELEMENTS", 2000)  # masks of 1 to 117 rows: several blocks per chunk
+        backend = "reference"
+    need_backend(backend, device)
+    return backend
 
 
 def kept_set(x32: torch.Tensor, cutoffs: torch.Tensor) -> torch.Tensor:
@@ -114,8 +128,8 @@ def token_inputs(n, vocab, dtype, temperature, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n, vocab, dtype, temperature", TOKEN_CASES,
                          ids=[f"N{n}-V{v}-{str(d)[6:]}-T{t}" for n, v, d, t in TOKEN_CASES])
-def test_token_logprobs_with_cutoffs_match_float64(backend, n, vocab, dtype, temperature, device):
-    need_backend(backend, device)
+def test_token_logprobs_with_cutoffs_match_float64(backend, n, vocab, dtype, temperature, device, monkeypatch):
+    backend = use_backend(backend, device, monkeypatch)
     logits, targets, cutoffs = token_inputs(n, vocab, dtype, temperature, device)
     kept = kept_set(logits.float() / temperature, cutoffs)
     g = torch.randn(2, n, device=device)
@@ -178,8 +192,8 @@ def fused_oracle(hidden, weight, bias, targets, temperature, kept):
                          ids=[f"N{n}-H{h}-V{v}-{str(d)[6:]}-T{t}-{'b' if b else 'nob'}"
                               for n, h, v, d, t, b in FUSED_CASES])
 def test_fused_linear_logprobs_with_cutoffs_match_float64(backend, n, h, vocab, dtype, temperature, with_bias,
-                                                          device):
-    need_backend(backend, device)
+                                                          device, monkeypatch):
+    backend = use_backend(backend, device, monkeypatch)
     check_fused(backend, n, h, vocab, dtype, temperature, with_bias, device)
 
 
@@ -220,9 +234,9 @@ def check_fused(backend, n, h, vocab, dtype, temperature, with_bias, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_no_filter_rows_equal_plain_call(backend, device):
+def test_no_filter_rows_equal_plain_call(backend, device, monkeypatch):
     """cutoffs of only (-inf, 0) rows change nothing: the same numbers as cutoffs=None (fp32 rounding)."""
-    need_backend(backend, device)
+    backend = use_backend(backend, device, monkeypatch)
     logits = torch.randn(5, 3, 41, device=device)
     targets = torch.randint(0, 41, (5, 3), device=device)
     none = torch.zeros(5, 3, 2, dtype=torch.float64, device=device)
@@ -239,9 +253,9 @@ def test_no_filter_rows_equal_plain_call(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_twins_and_ops_agree_with_cutoffs(backend, device):
+def test_twins_and_ops_agree_with_cutoffs(backend, device, monkeypatch):
     """The ops and their rlhf_fast.reference autograd.Function twins agree (fp32 rounding apart)."""
-    need_backend(backend, device)
+    backend = use_backend(backend, device, monkeypatch)
     logits, targets, cutoffs = token_inputs(17, 300, FP32, 0.7, device)
     hidden, weight, bias, f_targets, f_cutoffs, _ = fused_inputs(17, 16, 300, FP32, 0.7, True, device)
     kw = {"temperature": 0.7, "return_entropy": True}
@@ -264,8 +278,9 @@ def test_twins_and_ops_agree_with_cutoffs(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_target_off_the_kept_set_raises(backend, device):
+def test_target_off_the_kept_set_raises(backend, device, monkeypatch):
     """Row 0 keeps x > 2 and the tie x == 2 from index 3 on; row 1 has no filter. Both ops, each backend."""
+    backend = use_backend(backend, device, monkeypatch)
     row = torch.tensor([0.0, 1.0, 2.0, 2.0, 3.0], device=device)
     logits = row.repeat(2, 1)
     hidden, weight = torch.ones(2, 1, device=device), row[:, None].clone()  # hidden @ weight.T == logits
@@ -335,12 +350,12 @@ def test_compiled_with_cutoffs_matches_eager(device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
-def test_drawn_tokens_get_the_samplers_logprobs(backend, dtype, device):
+def test_drawn_tokens_get_the_samplers_logprobs(backend, dtype, device, monkeypatch):
     """The consumer side of the contract: cutoffs from the reference sampler (top_k 20, top_p 0.9,
     min_p 0.05, T 0.7) make both ops return the sampler's logprob of each drawn token (within 1e-5).
     bf16 logits tie often, so cuts fall inside runs of tied tokens. The fused op's logits are exact (see
     fused_inputs), so it sees the sampler's x bit for bit."""
-    need_backend(backend, device)
+    backend = use_backend(backend, device, monkeypatch)
     kw = {"temperature": 0.7, "top_k": 20, "top_p": 0.9, "min_p": 0.05, "seed": 1234}
     logits = (torch.randn(64, 1000, device=device) * 2).to(dtype)
     hidden, weight, bias, _, _, _ = fused_inputs(64, 32, 1000, dtype, 0.7, True, device)
@@ -356,11 +371,11 @@ def test_drawn_tokens_get_the_samplers_logprobs(backend, dtype, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_check_kept_false_gives_minus_inf_and_no_gradient_through_it(backend, device):
+def test_check_kept_false_gives_minus_inf_and_no_gradient_through_it(backend, device, monkeypatch):
     """check_kept=False: a target off its kept set gets logp = -inf instead of ValueError; that constant
     takes no gradient (a nonzero upstream gradient there changes nothing), the entropy and the other
     gradients stay finite; both ops (the fused one on hidden = I, weight = logits.T: the same logits)."""
-    need_backend(backend, device)
+    backend = use_backend(backend, device, monkeypatch)
     logits, _, cutoffs = token_inputs(17, 40, FP32, 0.7, device)
     kept = kept_set(logits.float() / 0.7, cutoffs)
     off = torch.nonzero(kept.any(-1) & ~kept.all(-1)).flatten()[:3]

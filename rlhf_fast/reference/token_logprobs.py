@@ -2,15 +2,16 @@
 
 The forward keeps only per-row statistics (max, log-sum-exp, entropy); the backward recomputes softmax one chunk of
 rows at a time and writes d(logits) straight into a tensor of the logits' dtype, so the largest fp32
-temporary is (chunk_rows, V), never (N, V). With cutoffs (CUTOFFS.md) each chunk's logits off the kept set are
-set to -inf before the statistics (mask_chunk_) and their d(logits) to 0, so the chunk stays the largest temporary
-(its masks are transient bools, freed before the softmax temporaries exist).
+temporary is (chunk_rows, V), never (N, V). With cutoffs (CUTOFFS.md) the statistics cover each row's kept
+set only, and d(logits) is 0 off it: computed on a compact copy of the kept logits when they are few, else
+on the chunk with the dropped logits set to -inf (_kept.py); a reused 1 MiB bool block marks them.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _validate
+from . import _kept
 from ._chunks import logits_chunks
 
 
@@ -59,27 +60,6 @@ def cut_points(cutoffs: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.T
     t32 = torch.where(invalid, float("inf"), t).to(torch.float32)
     i32 = torch.where(invalid, float(vocab), cutoffs[:, 1].clamp(0, vocab)).to(torch.int32)
     return t32.contiguous(), i32.contiguous()
-
-
-def mask_chunk_(z: torch.Tensor, cuts, rows: slice) -> None:
-    """Set the logits of chunk z (fp32 logits / T of `rows`) that lie off their row's kept set to -inf, in
-    place; the softmax of z is then the kept, renormalized distribution. cuts: cut_points(cutoffs), or
-    None (nothing to do).
-
-    Dropped: z < t, or z == t at an index below i. Only rows with i > 0 (a top-p cut inside a run of
-    ties) can drop a logit equal to t, and their logits at the cut are few, so they are found as indices.
-    The only (n, V) temporary is a transient bool mask, freed before the caller's softmax math allocates
-    its own."""
-    if cuts is None:
-        return
-    t, i = cuts[0][rows][:, None], cuts[1][rows]
-    tie_rows = torch.nonzero(i > 0).flatten()
-    if tie_rows.numel():
-        at_cut = torch.nonzero(z[tie_rows] == t[tie_rows])
-        r, c = tie_rows[at_cut[:, 0]], at_cut[:, 1]
-        below_i = c < i[r]
-        z[r[below_i], c[below_i]] = float("-inf")
-    z.masked_fill_(z < t, float("-inf"))
 
 
 def check_targets_kept(logp: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> None:
@@ -181,61 +161,84 @@ def grad_z_(z: torch.Tensor, targets, stats, entropy, grad_logp, grad_entropy, i
     return dz.scatter_add_(-1, safe, (g_logp / temperature)[:, None])
 
 
-def _scratch_like(chunks, want: bool):
-    """Yield chunks with one (rows, V) fp32 scratch block allocated on the first chunk (None unless want)."""
-    scratch = None
-    for rows, zs in chunks:
-        if want and scratch is None:
-            scratch = torch.empty_like(zs[0])
-        yield rows, zs, scratch
-
-
 def stats_over(chunks, targets, want_entropy: bool, ignore_index: int, cuts=None):
     """row_stats over (rows, [z]) chunks covering targets' N rows -> (logp (N,), entropy (N,) or (0,),
     stats (2, N)), fp32. cuts: None or cut_points(cutoffs): the statistics of the kept, renormalized
-    distribution, and logp = -inf for a target off the kept set."""
+    distribution (on the kept logits alone when they are few: _kept.py), and logp = -inf for a target off
+    the kept set."""
     n, dev = targets.shape[0], targets.device
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=dev)
     stats = torch.empty(2, n, dtype=torch.float32, device=dev)
-    for rows, (z,), scratch in _scratch_like(chunks, want_entropy):
-        off_set = None
+    scratch = keep_buf = None
+    for rows, (z,) in chunks:
+        t, off_set = targets[rows], None
         if cuts is not None:
-            mask_chunk_(z, cuts, rows)
-            t = targets[rows]  # targets off the kept set, read before row_stats works on z in place
-            z_t = z.gather(-1, torch.where(t != ignore_index, t, 0).long()[:, None]).squeeze(-1)
-            off_set = (t != ignore_index) & z_t.isneginf()
-        lp, ent, st = row_stats(z, targets[rows], ignore_index, want_entropy, scratch)
+            if not _kept.keeps_all(cuts, rows):
+                keep_buf = keep_buf if keep_buf is not None else _kept.mask_buffer(z)
+                kept = _kept.compact(z, cuts, rows, t, ignore_index, keep_buf)
+                if kept is not None:
+                    lp, ent, st = row_stats(kept.zk, kept.targets, _kept.IGNORE, want_entropy)
+                    _store(logp, entropy, stats, rows, lp.masked_fill_(kept.dropped, float("-inf")), ent, st)
+                    continue
+                _kept.mask_dropped_(z, cuts, rows, keep_buf)
+            off_set = _target_dropped(z, t, ignore_index)  # read before row_stats works on z in place
+        if want_entropy and scratch is None:
+            scratch = torch.empty_like(z)
+        lp, ent, st = row_stats(z, t, ignore_index, want_entropy, scratch)
         if off_set is not None:
             lp = lp.masked_fill_(off_set, float("-inf"))  # also in a row that keeps nothing
-        logp[rows], stats[:, rows] = lp, st
-        if want_entropy:
-            entropy[rows] = ent
+        _store(logp, entropy, stats, rows, lp, ent, st)
     return logp, entropy, stats
+
+
+def _target_dropped(z, t, ignore_index: int) -> torch.Tensor:
+    """(n,) bool: the valid targets whose logit in z (dropped ones set to -inf) is -inf."""
+    z_t = z.gather(-1, torch.where(t != ignore_index, t, 0).long()[:, None]).squeeze(-1)
+    return (t != ignore_index) & z_t.isneginf()
+
+
+def _store(logp, entropy, stats, rows, lp, ent, st) -> None:
+    logp[rows], stats[:, rows] = lp, st
+    if ent is not None:
+        entropy[rows] = ent
 
 
 def grads_over(chunks, targets, stats, entropy, grad_logp, grad_entropy, ignore_index: int, temperature: float,
                cuts=None):
     """Yield (rows, d(logits) fp32) for each (rows, [z]) chunk; grad_z_ overwrites the chunk's z.
 
-    With cuts (cut_points), d(logits) = 0 off the kept set: the dropped logits are -inf, which grad_z_
-    gives a zero gradient; a dropped target gets no one-hot term, and a row that keeps nothing (max -inf)
-    is zero, not 0 * NaN."""
-    for rows, (z,), scratch in _scratch_like(chunks, grad_entropy is not None):
+    With cuts (cut_points), d(logits) = 0 off the kept set (computed on the kept logits alone when they
+    are few: _kept.py; else the dropped logits are set to -inf, which grad_z_ gives a zero gradient); a
+    dropped target gets no one-hot term, and a row that keeps nothing (max -inf) is zero, not 0 * NaN."""
+    scratch = keep_buf = None
+    for rows, (z,) in chunks:
         ent = entropy[rows] if grad_entropy is not None else None
         g_e = grad_entropy[rows] if grad_entropy is not None else None
         g_l = grad_logp[rows] if grad_logp is not None else None
-        t = targets[rows]
-        if cuts is not None:
-            mask_chunk_(z, cuts, rows)
-            if g_l is not None:
-                z_t = z.gather(-1, torch.where(t != ignore_index, t, 0).long()[:, None]).squeeze(-1)
-                g_l = g_l.masked_fill(z_t.isneginf(), 0.0)
-        dz = grad_z_(z, t, stats[:, rows], ent, g_l, g_e, ignore_index, temperature, scratch)
-        if cuts is not None:
-            empty = stats[0, rows] == float("-inf")
-            if empty.any():
-                dz[empty] = 0.0
+        t, st = targets[rows], stats[:, rows]
+        if cuts is None:
+            if grad_entropy is not None and scratch is None:
+                scratch = torch.empty_like(z)
+            yield rows, grad_z_(z, t, st, ent, g_l, g_e, ignore_index, temperature, scratch)
+            continue
+        kept = None
+        if not _kept.keeps_all(cuts, rows):
+            keep_buf = keep_buf if keep_buf is not None else _kept.mask_buffer(z)
+            kept = _kept.compact(z, cuts, rows, t, ignore_index, keep_buf)
+            if kept is None:
+                _kept.mask_dropped_(z, cuts, rows, keep_buf)
+        if kept is not None:
+            g_l = g_l.masked_fill(kept.dropped, 0.0) if g_l is not None else None
+            dz = kept.scatter_into(z, grad_z_(kept.zk, kept.targets, st, ent, g_l, g_e, _kept.IGNORE, temperature))
+        else:
+            g_l = g_l.masked_fill(_target_dropped(z, t, ignore_index), 0.0) if g_l is not None else None
+            if grad_entropy is not None and scratch is None:
+                scratch = torch.empty_like(z)
+            dz = grad_z_(z, t, st, ent, g_l, g_e, ignore_index, temperature, scratch)
+        empty = st[0] == float("-inf")
+        if empty.any():
+            dz[empty] = 0.0
         yield rows, dz
 
 
