@@ -26,7 +26,6 @@ Target (issue 13): filtered / plain time <= 1.1 and the same peak memory.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ import time
 import torch
 
 from benchmarks.bench_logprobs import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
-from benchmarks.common import machine, markdown_table, write_results
+from benchmarks.common import suite_main
 
 TEMPERATURE = 0.7
 CPU_SHAPES = {"fused_linear_logprobs": (4096, 256, 32000), "token_logprobs": (1024, None, 32000)}  # N, H, V
@@ -172,25 +171,7 @@ def _gpu_row(op: str, quick: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer do_bench repetitions (gpu_check.sh)")
-    parser.add_argument("--worker", nargs=3, metavar=("OP", "WHAT", "KEPT"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(cpu_worker(*args.worker)))
-        return
-    if args.suite == "gpu":
-        if not torch.cuda.is_available():
-            print("bench_filtered_logprobs --suite gpu: no CUDA device here; GPU figures unmeasured")
-            return
-        rows = run_gpu(args.quick)
-    else:
-        rows = run_cpu()
-    print(markdown_table([{k: v for k, v in r.items() if k != "runs"} for r in rows]))
-    path = write_results(f"filtered_logprobs-{args.suite}", rows)
-    print(f"machine: {machine()}")
-    print(f"wrote {path}")
+    suite_main("bench_filtered_logprobs", __doc__, run_cpu, run_gpu, cpu_worker, ("OP", "WHAT", "KEPT"))
 
 
 if __name__ == "__main__":

@@ -25,11 +25,10 @@ import argparse
 import copy
 import os
 import statistics
-import time
 
 import torch
 
-from benchmarks.common import machine, markdown_table, write_results
+from benchmarks.common import machine, markdown_table, stand_in_tokenizer, timed, write_results
 
 SUITES = {
     # name: (model kwargs, batch, prompt length, new tokens, autocast dtype, device)
@@ -51,29 +50,6 @@ def _config(model_kwargs: dict, P: int, T: int, B: int, device: str, filters: bo
     if filters:
         overrides.update({f"{s}.{k}": v for s in ("ppo", "rl") for k, v in FILTERS.items()})
     return build_config(None, overrides)
-
-
-def _timed(fn, device: str, reps: int, warm_up: bool = True) -> tuple[float, float]:
-    """(best seconds, peak memory GiB or nan) of fn over `reps` runs after a warm-up."""
-    if warm_up:
-        fn()
-    best, peak = float("inf"), float("nan")
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() / 2 ** 30
-        best = min(best, time.perf_counter() - t0)
-    return best, peak
-
-
-def _tok(V: int):
-    """A tokenizer stand-in whose only stop id is the last one (a row rarely stops before T tokens)."""
-    return type("Tok", (), {"pad_id": 0, "bos_id": None, "stop_ids": (V - 1,)})
 
 
 def _models(cfg, V: int, device: str, noisy_ref: bool = False) -> dict:
@@ -123,7 +99,7 @@ def cost_rows(name: str, reps: int) -> list[dict]:
 
         def generation():
             with autocast(cfg, rt.device):
-                state["gen"] = generate_chunk(models["policy"], prompts, P, _tok(V), max_new_tokens=T,
+                state["gen"] = generate_chunk(models["policy"], prompts, P, stand_in_tokenizer((V - 1,)), max_new_tokens=T,
                                               temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
                                               min_p=c.min_p, seed=0, device=rt.device, return_cutoffs=True)
 
@@ -154,9 +130,9 @@ def cost_rows(name: str, reps: int) -> list[dict]:
                 policy_update(trained, rl_opt, b, adv, P, rl_cfgs[kind], rt, 1, resolve(rl_cfgs[kind].rl))
             return run
 
-        gen_s, _ = _timed(generation, device, min(reps, 5))
+        gen_s, _ = timed(generation, device, min(reps, 5))
         scoring("full")()
-        train_s, _ = _timed(training, device, min(reps, 5))
+        train_s, _ = timed(training, device, min(reps, 5))
         phases = {("scoring", "k1"): scoring("k1"), ("scoring", "full"): scoring("full"),
                   ("grpo_update_kl_in_loss", "k3"): grpo_update("k3"),
                   ("grpo_update_kl_in_loss", "full"): grpo_update("full")}
@@ -167,7 +143,7 @@ def cost_rows(name: str, reps: int) -> list[dict]:
             for phase in ("scoring", "grpo_update_kl_in_loss"):
                 pair = [key for key in phases if key[0] == phase]
                 for key in (pair if rep % 2 == 0 else pair[::-1]):
-                    times[key].append(_timed(phases[key], device, 1, warm_up=False)[0])
+                    times[key].append(timed(phases[key], device, 1, warm_up=False)[0])
         tag = "on" if filters else "off"
         rows.append({"op": "kl_kind/generation", "filters": tag, "kl_kind": "any", "ms": gen_s * 1e3, "shape": shape})
         rows.append({"op": "kl_kind/ppo_update", "filters": tag, "kl_kind": "any", "ms": train_s * 1e3,
@@ -210,7 +186,7 @@ def spread_rows(name: str, steps: int) -> list[dict]:
             prompts = torch.randint(1, V, (B, P), generator=torch.Generator().manual_seed(s)).tolist()
             with torch.no_grad(), autocast(cfg, torch.device(device)):
                 seqs, amask, mask, logprobs, cutoffs = generate_chunk(
-                    models["policy"], prompts, P, _tok(V), max_new_tokens=T, temperature=c.temperature, top_k=c.top_k,
+                    models["policy"], prompts, P, stand_in_tokenizer((V - 1,)), max_new_tokens=T, temperature=c.temperature, top_k=c.top_k,
                     top_p=c.top_p, min_p=c.min_p, seed=1000 + s, device=torch.device(device), return_cutoffs=True)
                 lp, ref_lp, kl = score_logprobs(models["policy"], models["ref"], seqs, amask, mask, P, c, logprobs,
                                                 cutoffs, "full")

@@ -22,7 +22,6 @@ Targets: extra memory <= 1.5 GB, forward+backward no slower than naive at every 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import resource
@@ -33,7 +32,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine, markdown_table, write_results
+from benchmarks.common import suite_main
 
 CPU_SHAPE = (4096, 256, 32000)  # N, H, V
 
@@ -175,25 +174,7 @@ def run_gpu(quick: bool) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer do_bench repetitions (gpu_check.sh)")
-    parser.add_argument("--worker", nargs=2, metavar=("PROVIDER", "WHAT"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(cpu_worker(*args.worker)))
-        return
-    if args.suite == "gpu":
-        if not torch.cuda.is_available():
-            print("bench_logprobs --suite gpu: no CUDA device here; GPU figures unmeasured")
-            return
-        rows = run_gpu(args.quick)
-    else:
-        rows = run_cpu()
-    print(markdown_table(rows))
-    path = write_results(f"logprobs-{args.suite}", rows)
-    print(f"machine: {machine()}")
-    print(f"wrote {path}")
+    suite_main("bench_logprobs", __doc__, run_cpu, run_gpu, cpu_worker, ("PROVIDER", "WHAT"))
 
 
 if __name__ == "__main__":

@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import time
 
 import torch
 
-from benchmarks.common import machine, markdown_table, write_results
+from benchmarks.common import machine, markdown_table, stand_in_tokenizer, timed, write_results
 
 SUITES = {
     # name: (model kwargs, batch, prompt length, new tokens, autocast dtype, device)
@@ -40,23 +39,6 @@ def _config(model_kwargs: dict, backend: str, P: int, T: int, B: int, device: st
                       "run.progress": "false", "ppo.max_new_tokens": T, "ppo.rollout_batch_size": B,
                       "ppo.gen_batch_size": B, "ppo.minibatch_size": B, "ppo.ppo_epochs": 1})
     return build_config(None, overrides)
-
-
-def _timed(fn, device: str, reps: int) -> tuple[float, float]:
-    """(best seconds, peak memory GiB or nan) of fn over `reps` runs after a warm-up."""
-    fn()
-    best, peak = float("inf"), float("nan")
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() / 2 ** 30
-        best = min(best, time.perf_counter() - t0)
-    return best, peak
 
 
 def _chosen() -> str:
@@ -88,7 +70,7 @@ def run_suite(name: str, reps: int) -> list[dict]:
         reward = build_model(cfg, V, head="reward").to(device).eval().requires_grad_(False)
         models = {"policy": policy, "ref": ref, "value": value, "reward": reward}
         opts = {"policy": make_optimizer(policy, 1e-5, 0.0), "value": make_optimizer(value, 1e-5, 0.0)}
-        tok = type("Tok", (), {"pad_id": 0, "eos_id": None})()  # no EOS: every row runs T tokens
+        tok = stand_in_tokenizer((V - 1,))  # one stop id in V: rows rarely stop before T tokens
         prompts = torch.randint(1, V, (B, P)).tolist()
         state = {}
 
@@ -114,7 +96,7 @@ def run_suite(name: str, reps: int) -> list[dict]:
 
         for phase, fn, tokens in (("generation", generation, B * T), ("scoring", scoring, B * (P + T)),
                                   ("training", training, B * (P + T))):
-            seconds, peak = _timed(fn, device, reps)
+            seconds, peak = timed(fn, device, reps)
             rows.append({"op": f"ppo_step/{phase}", "shape": f"B={B} P={P} T={T} {model_kwargs}",
                          "dtype": "bf16-autocast" if dtype else "fp32", "provider": label,
                          "ms": seconds * 1e3, "tokens_per_s": tokens / seconds, "peak_gib": peak,

@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -66,3 +67,55 @@ def write_results(suite: str, rows: list[dict], extra: dict | None = None) -> Pa
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
     return path
+
+
+def timed(fn, device: str, reps: int, warm_up: bool = True) -> tuple[float, float]:
+    """(best seconds, peak memory GiB or nan) of fn over `reps` runs, after one warm-up run unless
+    warm_up=False; on CUDA each run is synchronized and its peak allocation measured."""
+    if warm_up:
+        fn()
+    best, peak = float("inf"), float("nan")
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        best = min(best, time.perf_counter() - t0)
+    return best, peak
+
+
+def suite_main(name: str, doc: str, run_cpu, run_gpu, worker=None, worker_args: tuple = ()) -> None:
+    """The command line of a benchmark with a CPU and a GPU suite: --suite cpu|gpu [--quick]; prints the
+    table, writes benchmarks/results/<name>-<suite>-<machine>.json. worker(*args) runs one measurement
+    in a fresh process (--worker ARGS, printed as JSON); worker_args names its arguments."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer do_bench repetitions (gpu_check.sh)")
+    if worker is not None:
+        parser.add_argument("--worker", nargs=len(worker_args), metavar=worker_args, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if worker is not None and args.worker:
+        print(json.dumps(worker(*args.worker)))
+        return
+    if args.suite == "gpu":
+        if not torch.cuda.is_available():
+            print(f"{name} --suite gpu: no CUDA device here; GPU figures unmeasured")
+            return
+        rows = run_gpu(args.quick)
+    else:
+        rows = run_cpu()
+    print(markdown_table([{k: v for k, v in r.items() if k != "runs"} for r in rows]))
+    path = write_results(f"{name.removeprefix('bench_')}-{args.suite}", rows)
+    print(f"machine: {machine()}")
+    print(f"wrote {path}")
+
+
+def stand_in_tokenizer(stop_ids: tuple[int, ...]):
+    """What the rollout reads of a tokenizer (pad, BOS, stop ids: at least one) for benchmarks on random
+    token ids."""
+    return type("Tok", (), {"pad_id": 0, "bos_id": None, "stop_ids": tuple(stop_ids)})()
