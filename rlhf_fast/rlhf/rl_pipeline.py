@@ -93,12 +93,11 @@ def run_rl(cfg: Config, resume: bool = False, on_step=None, overwrite: bool = Fa
         rm = init_model_state(stage_init(c.reward_init, out, "rm"), head="reward", need_head=True,
                               backend=cfg.run.backend)
         models["reward"] = frozen(cfg, load_model(rm, rt.device, merge=True))
-    eval_fn = None
-    if eval_prompts:
-        def eval_fn(step):  # noqa: ARG001 - a fixed seed: every evaluation sees the same sampling noise
-            return task_score(policy, eval_prompts, prompt_len, tok, scorer, rt, chunk=c.gen_batch_size,
-                              max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
-                              top_p=c.top_p, min_p=c.min_p, seed=cfg.run.seed)
+    def evaluate(step):  # noqa: ARG001 - a fixed seed: every evaluation sees the same sampling noise
+        return task_score(policy, eval_prompts, prompt_len, tok, scorer, rt, chunk=c.gen_batch_size,
+                          max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
+                          top_p=c.top_p, min_p=c.min_p, seed=cfg.run.seed)
+    eval_fn = evaluate if eval_prompts else None
     record = train_critic_free(cfg, rt, tok, models, prompts, fields, prompt_len, out / "rl", state,
                                eval_fn=eval_fn, rewards=rewards, scorer=task_reward if builtin else None,
                                on_step=on_step)
