@@ -15,6 +15,24 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    """Inductor's compiled kernels go to a fresh folder per test process (unless TORCHINDUCTOR_CACHE_DIR is
+    set): the shared default, /tmp/torchinductor_<user>, may hold kernels that another process compiled
+    under other settings (ATEN_CPU_CAPABILITY=avx2 here once: its wrappers then ran this CPU's kernels
+    and crashed the test with a double free), and a test must not depend on what ran before it."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # xdist workers inherit the controller's folder
+        import tempfile
+        config._rlhf_fast_inductor_dir = tempfile.mkdtemp(prefix="rlhf_fast_inductor_")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = config._rlhf_fast_inductor_dir
+
+
+def pytest_unconfigure(config):
+    made = getattr(config, "_rlhf_fast_inductor_dir", None)
+    if made is not None:
+        import shutil
+        shutil.rmtree(made, ignore_errors=True)
+
+
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", choices=["cpu", "cuda"],
                      help="device the tensors of every test live on")

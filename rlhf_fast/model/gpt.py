@@ -130,14 +130,12 @@ class GPT(nn.Module):
             lead = (mask.cumsum(1) == 0).sum(1)  # (B,) leading pads per row
             roll = (pos[None, :] + lead[:, None]) % T  # rolled[b, j] = original[b, roll[b, j]]
             unroll = (pos[None, :] - lead[:, None]) % T  # original[b, t] = rolled[b, unroll[b, t]]
-            # pad ids may be anything (e.g. -1); they are never attended. torch.where, not masked_fill(~mask):
-            # Inductor's AVX2 code for the latter, fused with this gather, gives NaN logits (torch 2.13)
-            idx = torch.where(mask, idx, 0)
+            idx = idx.masked_fill(~mask, 0)  # pad ids may be anything (e.g. -1); they are never attended
             x = self._backbone(idx.gather(1, roll), pos, Padded(self.config.backend))  # (B, T, C) rolled
             x = x.gather(1, unroll[:, :, None].expand_as(x))  # (B, T, C) original layout
             last = lead + mask.sum(1) - 1  # (B,) last real token
             if targets is not None:
-                targets = torch.where(mask, targets, ignore_index)
+                targets = targets.masked_fill(~mask, ignore_index)
         return self._head(x, last, targets, temperature, return_entropy, ignore_index, **extra)
 
     def _forward_packed(self, idx, targets, cu_seqlens, max_seqlen, temperature, return_entropy, ignore_index,
