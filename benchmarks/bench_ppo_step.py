@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_ppo_step --suite cpu   # small GPT on CPU
     python -m benchmarks.bench_ppo_step --suite gpu   # 125M GPT-2 shape, bf16 autocast (skipped without CUDA)
+    python -m benchmarks.bench_ppo_step --suite trl   # whole update against trl 1.12's PPOTrainer (CPU, 1 thread)
 
 Phases, on random weights and random prompts (no EOS, so every row runs max_new_tokens):
 - generation: ``policy.generate`` (prefill + KV-cache decode + ``rlhf_fast.sample``); tokens/s counts
@@ -32,12 +33,12 @@ SUITES = {
 }
 
 
-def _config(model_kwargs: dict, backend: str, P: int, T: int, B: int, device: str):
+def _config(model_kwargs: dict, backend: str, P: int, T: int, B: int, device: str, epochs: int = 1):
     from rlhf_fast.rlhf.config import build_config
     overrides = {f"model.{k}": v for k, v in model_kwargs.items() if k != "vocab_size"}
     overrides.update({"model.block_size": P + T, "run.backend": backend, "run.device": device,
                       "run.progress": "false", "ppo.max_new_tokens": T, "ppo.rollout_batch_size": B,
-                      "ppo.gen_batch_size": B, "ppo.minibatch_size": B, "ppo.ppo_epochs": 1})
+                      "ppo.gen_batch_size": B, "ppo.minibatch_size": B, "ppo.ppo_epochs": epochs})
     return build_config(None, overrides)
 
 
@@ -47,56 +48,63 @@ def _chosen() -> str:
     return ", ".join(f"{op}={how}" for op, how in sorted(extension_info()["chosen"].items()))
 
 
-def run_suite(name: str, reps: int) -> list[dict]:
+def our_phases(model_kwargs: dict, B: int, P: int, T: int, dtype, device: str, backend: str, reps: int,
+               epochs: int = 1) -> dict:
+    """{phase: (best seconds, peak GiB)} of one PPO update of rlhf_fast (generation, scoring, training)."""
     from rlhf_fast.rlhf.ppo import ppo_update
     from rlhf_fast.rlhf.rollout import Rollout, generate_chunk, response_logprobs, response_values
     from rlhf_fast.rlhf.runtime import Runtime, autocast, build_model, make_optimizer
 
+    cfg = _config(model_kwargs, backend, P, T, B, device, epochs)
+    if dtype is not None:
+        cfg.run.dtype = "bfloat16"
+    rt = Runtime(device=torch.device(device))
+    torch.manual_seed(0)
+    V = model_kwargs["vocab_size"]
+    policy = build_model(cfg, V).to(device).eval()
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    value = build_model(cfg, V, head="value").to(device).eval()
+    reward = build_model(cfg, V, head="reward").to(device).eval().requires_grad_(False)
+    models = {"policy": policy, "ref": ref, "value": value, "reward": reward}
+    opts = {"policy": make_optimizer(policy, 1e-5, 0.0), "value": make_optimizer(value, 1e-5, 0.0)}
+    tok = stand_in_tokenizer((V - 1,))  # one stop id in V: rows rarely stop before T tokens
+    prompts = torch.randint(1, V, (B, P)).tolist()
+    state = {}
+
+    def generation():
+        with autocast(cfg, rt.device):
+            state["gen"] = generate_chunk(policy, prompts, P, tok, max_new_tokens=T, temperature=1.0, top_k=0,
+                                          top_p=1.0, seed=0, device=rt.device)
+
+    @torch.no_grad()
+    def scoring():
+        seqs, amask, mask, logprobs = state["gen"][:4]
+        with autocast(cfg, rt.device):
+            ref_lp, _ = response_logprobs(ref, seqs, amask, mask, P, 1.0)
+            values = response_values(value, seqs, amask, P, T)
+            scores = reward(seqs, attention_mask=amask)
+        state["rollout"] = Rollout(seqs, amask, mask, logprobs.float(), ref_lp.float(), values.float(),
+                                   scores.float(), torch.full_like(scores, float("nan")), torch.ones_like(scores))
+
+    def training():
+        b = state["rollout"]
+        adv = torch.randn_like(b.values) * b.mask
+        ppo_update(models, opts, b, adv, b.values + adv, P, cfg, rt, step=1)
+
+    return {phase: timed(fn, device, reps) for phase, fn in
+            (("generation", generation), ("scoring", scoring), ("training", training))}
+
+
+def run_suite(name: str, reps: int) -> list[dict]:
     model_kwargs, B, P, T, dtype, device = SUITES[name]
     if device == "cuda" and not torch.cuda.is_available():
         print(f"suite {name!r} skipped: no CUDA device")
         return []
     rows = []
     for backend, label in (("auto", "fused"), ("reference", "reference")):
-        cfg = _config(model_kwargs, backend, P, T, B, device)
-        if dtype is not None:
-            cfg.run.dtype = "bfloat16"
-        rt = Runtime(device=torch.device(device))
-        torch.manual_seed(0)
-        V = model_kwargs["vocab_size"]
-        policy = build_model(cfg, V).to(device).eval()
-        ref = copy.deepcopy(policy).requires_grad_(False)
-        value = build_model(cfg, V, head="value").to(device).eval()
-        reward = build_model(cfg, V, head="reward").to(device).eval().requires_grad_(False)
-        models = {"policy": policy, "ref": ref, "value": value, "reward": reward}
-        opts = {"policy": make_optimizer(policy, 1e-5, 0.0), "value": make_optimizer(value, 1e-5, 0.0)}
-        tok = stand_in_tokenizer((V - 1,))  # one stop id in V: rows rarely stop before T tokens
-        prompts = torch.randint(1, V, (B, P)).tolist()
-        state = {}
-
-        def generation():
-            with autocast(cfg, rt.device):
-                state["gen"] = generate_chunk(policy, prompts, P, tok, max_new_tokens=T, temperature=1.0, top_k=0,
-                                              top_p=1.0, seed=0, device=rt.device)
-
-        @torch.no_grad()
-        def scoring():
-            seqs, amask, mask, logprobs = state["gen"]
-            with autocast(cfg, rt.device):
-                ref_lp, _ = response_logprobs(ref, seqs, amask, mask, P, 1.0)
-                values = response_values(value, seqs, amask, P, T)
-                scores = reward(seqs, attention_mask=amask)
-            state["rollout"] = Rollout(seqs, amask, mask, logprobs.float(), ref_lp.float(), values.float(),
-                                       scores.float(), torch.full_like(scores, float("nan")), torch.ones_like(scores))
-
-        def training():
-            b = state["rollout"]
-            adv = torch.randn_like(b.values) * b.mask
-            ppo_update(models, opts, b, adv, b.values + adv, P, cfg, rt, step=1)
-
-        for phase, fn, tokens in (("generation", generation, B * T), ("scoring", scoring, B * (P + T)),
-                                  ("training", training, B * (P + T))):
-            seconds, peak = timed(fn, device, reps)
+        phases = our_phases(model_kwargs, B, P, T, dtype, device, backend, reps)
+        for phase, tokens in (("generation", B * T), ("scoring", B * (P + T)), ("training", B * (P + T))):
+            seconds, peak = phases[phase]
             rows.append({"op": f"ppo_step/{phase}", "shape": f"B={B} P={P} T={T} {model_kwargs}",
                          "dtype": "bf16-autocast" if dtype else "fp32", "provider": label,
                          "ms": seconds * 1e3, "tokens_per_s": tokens / seconds, "peak_gib": peak,
@@ -107,18 +115,53 @@ def run_suite(name: str, reps: int) -> list[dict]:
     return rows
 
 
+# trl 1.12's PPOTrainer as the peer (issue 16): (model kwargs, prompts, prompt length, new tokens, PPO epochs)
+TRL_CONFIGS = [
+    (dict(n_layer=4, n_head=4, n_embd=256, vocab_size=8192), 16, 32, 32, 2),
+    (dict(n_layer=4, n_head=4, n_embd=256, vocab_size=50257), 16, 32, 64, 2),
+]
+
+
+def run_trl_suite(reps: int) -> list[dict]:
+    """One PPO update, rlhf_fast against trl's PPOTrainer, phase by phase and in total, 1 CPU thread, fp32;
+    best of `reps` updates each (trl: after one warm-up update). speedup = trl's seconds / ours."""
+    from benchmarks import _trl_peer
+    why = _trl_peer.available()
+    if why is not None:
+        print(f"suite 'trl' skipped: {why}")
+        return []
+    rows = []
+    for model_kwargs, B, P, T, epochs in TRL_CONFIGS:
+        ours = {k: v[0] for k, v in our_phases(model_kwargs, B, P, T, None, "cpu", "auto", reps, epochs).items()}
+        updates = _trl_peer.update_phases(model_kwargs, B, P, T, epochs, updates=reps + 1)[1:]
+        peer = {k: min(u[k] for u in updates) for k in ours}
+        ours["total"], peer["total"] = sum(ours.values()), sum(peer.values())
+        for phase in ours:
+            rows.append({"op": f"ppo_update/{phase}", "shape": f"B={B} P={P} T={T} epochs={epochs} {model_kwargs}",
+                         "dtype": "fp32", "ours_ms": ours[phase] * 1e3, "trl_ms": peer[phase] * 1e3,
+                         "speedup_vs_trl": peer[phase] / ours[phase], "threads": torch.get_num_threads(),
+                         "target": "total >= 1.5x" if phase == "total" else "",
+                         "met": peer[phase] / ours[phase] >= 1.5 if phase == "total" else None})
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=sorted(SUITES), default="cpu")
+    parser.add_argument("--suite", choices=sorted(SUITES) + ["trl"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = parser.parse_args(argv)
     quick = args.quick or os.environ.get("RLHF_FAST_BENCH_QUICK") == "1"
-    if args.suite == "cpu":
+    if args.suite in ("cpu", "trl"):
         torch.set_num_threads(1)
-    rows = run_suite(args.suite, reps=1 if quick else 5)
+    reps = 1 if quick else 5
+    if args.suite == "trl":
+        rows = run_trl_suite(reps if quick else 3)
+        columns = ["op", "ours_ms", "trl_ms", "speedup_vs_trl", "target", "met", "threads", "shape"]
+    else:
+        rows = run_suite(args.suite, reps)
+        columns = ["op", "provider", "dtype", "ms", "tokens_per_s", "speedup_vs_reference", "peak_gib", "shape"]
     print(machine())
-    print(markdown_table(rows, ["op", "provider", "dtype", "ms", "tokens_per_s", "speedup_vs_reference",
-                                "peak_gib", "shape"]))
+    print(markdown_table(rows, columns))
     if rows:
         print(write_results(f"ppo_step-{args.suite}", rows))
 
