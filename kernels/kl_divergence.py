@@ -12,29 +12,13 @@ log p, log q), and s_p, s_d summed in fp64 (row scalars and tile sums only; the 
 fp32 sums the kernel's d(hidden) reached 2x PyTorch's fp32 error (fused-linear op, V = 1000, T = 0.7).
 
 """
-from collections import namedtuple
 
 import triton
 import triton.language as tl
 
 from ._online_softmax import _kl_online_update
+from ._row_configs import CONFIGS, TUNING_SETS, RowConfig, tuning_set  # noqa: F401 - the launchers' and CI's
 from ._spec import KernelSpec
-
-RowConfig = namedtuple("RowConfig", "block_v num_warps num_stages")
-# The launcher picks the first config whose block_v covers V, else the last one (looping over tiles).
-CONFIGS = (RowConfig(1024, 4, 2), RowConfig(4096, 8, 2))
-# Tuning sets per vocab regime, table pick first (rlhf_fast/ops/_autotune.py times them on the GPU). The
-# fastest public Triton row kernel, Liger-Kernel's cross entropy, walks a row in min(32768, next_pow2(V))
-# blocks with 32 warps: for LLM vocabularies (V > 16k) one 32768-wide block. Rows that fit the table's
-# first tile (V <= 1024) have nothing to tune.
-TUNING_SETS = {"V<=1024": (CONFIGS[0],), "V>1024": (CONFIGS[1], RowConfig(32768, 32, 3))}
-
-
-def tuning_set(vocab: int) -> tuple:
-    """The configs the launcher may time for a row of `vocab` logits, the table pick first (the first
-    config whose tile covers the row, else the widest, which loops over tiles)."""
-    return TUNING_SETS["V<=1024" if vocab <= CONFIGS[0].block_v else "V>1024"]
-
 
 @triton.jit
 def _kl_fwd_kernel(p_ptr, q_ptr, kl_ptr, stats_ptr, stride_p, stride_q, V, temp, BLOCK_V: tl.constexpr):

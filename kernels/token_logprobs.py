@@ -11,30 +11,14 @@ membership with one compare per logit on the same z; the forward sets dropped lo
 statistics become those of the kept, renormalized distribution) and the backward writes d(logits) = 0
 there.
 """
-from collections import namedtuple
 
 import triton
 import triton.language as tl
 
 from ._cutoffs import _dropped
 from ._online_softmax import _online_lse_step, _rebased_sum
+from ._row_configs import CONFIGS, TUNING_SETS, RowConfig, tuning_set  # noqa: F401 - the launchers' and CI's
 from ._spec import KernelSpec
-
-RowConfig = namedtuple("RowConfig", "block_v num_warps num_stages")
-# The launcher picks the first config whose block_v covers V, else the last one (looping over tiles).
-CONFIGS = (RowConfig(1024, 4, 2), RowConfig(4096, 8, 2))
-# Tuning sets per vocab regime, table pick first (rlhf_fast/ops/_autotune.py times them on the GPU). The
-# fastest public Triton row kernel, Liger-Kernel's cross entropy, walks a row in min(32768, next_pow2(V))
-# blocks with 32 warps: for LLM vocabularies (V > 16k) one 32768-wide block. Rows that fit the table's
-# first tile (V <= 1024) have nothing to tune.
-TUNING_SETS = {"V<=1024": (CONFIGS[0],), "V>1024": (CONFIGS[1], RowConfig(32768, 32, 3))}
-
-
-def tuning_set(vocab: int) -> tuple:
-    """The configs the launcher may time for a row of `vocab` logits, the table pick first (the first
-    config whose tile covers the row, else the widest, which loops over tiles)."""
-    return TUNING_SETS["V<=1024" if vocab <= CONFIGS[0].block_v else "V>1024"]
-
 
 @triton.jit
 def _token_logprobs_fwd_kernel(logits_ptr, targets_ptr, cut_t_ptr, cut_i_ptr, logp_ptr, entropy_ptr, stats_ptr,
