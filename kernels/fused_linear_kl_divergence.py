@@ -14,6 +14,7 @@ import triton.language as tl
 
 from ._fused_linear import (CCE_BWD, CCE_FWD, NEED_PAIRS, TileConfig, _grad_products, _logits_tile,
                             _reduce_steps, _reduce_tile, reduce_specs, tile_constexprs)
+from ._cutoffs import _dropped, _load_cut
 from ._online_softmax import _kl_online_update
 from ._spec import KernelSpec
 
@@ -47,20 +48,12 @@ REDUCE_TUNING_SETS = {dt: (pair,) if dt == "fp32" else (pair, (_CCE_BWD, _CCE_BW
 
 
 @triton.jit
-def _load_cut(cut_t_ptr, cut_i_ptr, rows, row_mask):
-    """(t fp32, i int32) of the rows' cutoffs, as the launcher passes them (i clamped to [0, V])."""
-    return (tl.load(cut_t_ptr + rows, mask=row_mask, other=float("-inf")),
-            tl.load(cut_i_ptr + rows, mask=row_mask, other=0))
-
-
-@triton.jit
 def _kept(z, t, i, cols):
     """(BLOCK_N, BLOCK_V) bool: is token cols[v] in row n's kept set, for z the policy's tempered logits
     and (t, i) the rows' cutoffs. The contract's `z > t or (z == t and v >= i)` as
     `not (z < t or (z == t and v < i))`: a NaN logit stays in (its row turns NaN, as without cutoffs) and
     a NaN t keeps nothing (as the reference's `off_k`)."""
-    below = (z < t[:, None]) | ((z == t[:, None]) & (cols[None, :] < i[:, None]))
-    return (below == 0) & (t == t)[:, None]
+    return (_dropped(z, cols[None, :], t[:, None], i[:, None]) == 0) & (t == t)[:, None]
 
 
 @triton.jit

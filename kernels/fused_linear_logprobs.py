@@ -26,7 +26,7 @@ from dataclasses import replace
 import triton
 import triton.language as tl
 
-from ._cutoffs import _dropped
+from ._cutoffs import _dropped, _load_cut
 from ._fused_linear import (CCE_BWD, CCE_FWD, NEED_PAIRS, TileConfig, _grad_products, _logits_tile,
                             _reduce_steps, _reduce_tile, reduce_specs, tile_constexprs)
 from ._online_softmax import _online_lse_step, _rebased_sum
@@ -73,8 +73,8 @@ def _fused_linear_logprobs_fwd_kernel(x_ptr, w_ptr, b_ptr, t_ptr, cut_t_ptr, cut
     sy = tl.zeros((BLOCK_N,), tl.float32)
     zt = tl.zeros((BLOCK_N,), tl.float32)
     if HAS_CUTOFFS:
-        cut_t = tl.load(cut_t_ptr + rows, mask=row_mask, other=float("-inf"))[:, None]
-        cut_i = tl.load(cut_i_ptr + rows, mask=row_mask, other=0)[:, None]
+        cut_t, cut_i = _load_cut(cut_t_ptr, cut_i_ptr, rows, row_mask)
+        cut_t, cut_i = cut_t[:, None], cut_i[:, None]
     v_begin = split * tiles_per_split * BLOCK_V
     # A fixed trip count (not a bound derived from program_id): the launcher makes every split start
     # inside the vocab, so the first tile has a finite max and later all-masked tiles change nothing.
@@ -117,8 +117,7 @@ def _logprobs_dlogits(x_ptr, w_ptr, b_ptr, t_ptr, cut_t_ptr, cut_i_ptr, stats_pt
         # off the kept set p = 0, so d = 0 below: the launcher zeroes g_logp of a target off its set and
         # gives a row that keeps nothing finite stats. Masking z here, not d at the end, keeps the mask's
         # registers out of the tile's busiest stretch (a late mask spilled in the reduce dx pass on sm_80).
-        cut_t = tl.load(cut_t_ptr + rows, mask=row_mask, other=float("-inf"))
-        cut_i = tl.load(cut_i_ptr + rows, mask=row_mask, other=0)
+        cut_t, cut_i = _load_cut(cut_t_ptr, cut_i_ptr, rows, row_mask)
         z = tl.where(_dropped(z, cols[None, :], cut_t[:, None], cut_i[:, None]), float("-inf"), z)
     t = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (t != ignore_index)
