@@ -116,3 +116,22 @@ def compact(z: torch.Tensor, cuts, rows: slice, targets: torch.Tensor, ignore_in
     mapped[r[hit]] = pos[hit]
     mapped = torch.where(valid, mapped, IGNORE)
     return Compact(r, c, pos, zk, mapped, valid & ~found)
+
+
+class KeptSets:
+    """The kept sets of one op call, walked chunk by chunk; holds the reused mask buffer."""
+
+    def __init__(self, cuts):
+        self.cuts, self.buf = cuts, None
+
+    def prepare_(self, z: torch.Tensor, rows: slice, targets: torch.Tensor, ignore_index: int) -> Compact | None:
+        """The chunk's Compact when its kept sets are small; else None, with z's dropped logits set to -inf
+        in place (the dense path; nothing to set when every row is unfiltered)."""
+        if keeps_all(self.cuts, rows):
+            return None
+        if self.buf is None:
+            self.buf = mask_buffer(z)
+        kept = compact(z, self.cuts, rows, targets, ignore_index, self.buf)
+        if kept is None:
+            mask_dropped_(z, self.cuts, rows, self.buf)
+        return kept

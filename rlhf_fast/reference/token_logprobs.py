@@ -170,18 +170,15 @@ def stats_over(chunks, targets, want_entropy: bool, ignore_index: int, cuts=None
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=dev)
     stats = torch.empty(2, n, dtype=torch.float32, device=dev)
-    scratch = keep_buf = None
+    scratch, kept_sets = None, None if cuts is None else _kept.KeptSets(cuts)
     for rows, (z,) in chunks:
         t, off_set = targets[rows], None
-        if cuts is not None:
-            if not _kept.keeps_all(cuts, rows):
-                keep_buf = keep_buf if keep_buf is not None else _kept.mask_buffer(z)
-                kept = _kept.compact(z, cuts, rows, t, ignore_index, keep_buf)
-                if kept is not None:
-                    lp, ent, st = row_stats(kept.zk, kept.targets, _kept.IGNORE, want_entropy)
-                    _store(logp, entropy, stats, rows, lp.masked_fill_(kept.dropped, float("-inf")), ent, st)
-                    continue
-                _kept.mask_dropped_(z, cuts, rows, keep_buf)
+        if kept_sets is not None:
+            kept = kept_sets.prepare_(z, rows, t, ignore_index)
+            if kept is not None:
+                lp, ent, st = row_stats(kept.zk, kept.targets, _kept.IGNORE, want_entropy)
+                _store(logp, entropy, stats, rows, lp.masked_fill_(kept.dropped, float("-inf")), ent, st)
+                continue
             off_set = _target_dropped(z, t, ignore_index)  # read before row_stats works on z in place
         if want_entropy and scratch is None:
             scratch = torch.empty_like(z)
@@ -211,34 +208,26 @@ def grads_over(chunks, targets, stats, entropy, grad_logp, grad_entropy, ignore_
     With cuts (cut_points), d(logits) = 0 off the kept set (computed on the kept logits alone when they
     are few: _kept.py; else the dropped logits are set to -inf, which grad_z_ gives a zero gradient); a
     dropped target gets no one-hot term, and a row that keeps nothing (max -inf) is zero, not 0 * NaN."""
-    scratch = keep_buf = None
+    scratch, kept_sets = None, None if cuts is None else _kept.KeptSets(cuts)
     for rows, (z,) in chunks:
         ent = entropy[rows] if grad_entropy is not None else None
         g_e = grad_entropy[rows] if grad_entropy is not None else None
         g_l = grad_logp[rows] if grad_logp is not None else None
         t, st = targets[rows], stats[:, rows]
-        if cuts is None:
-            if grad_entropy is not None and scratch is None:
-                scratch = torch.empty_like(z)
-            yield rows, grad_z_(z, t, st, ent, g_l, g_e, ignore_index, temperature, scratch)
-            continue
-        kept = None
-        if not _kept.keeps_all(cuts, rows):
-            keep_buf = keep_buf if keep_buf is not None else _kept.mask_buffer(z)
-            kept = _kept.compact(z, cuts, rows, t, ignore_index, keep_buf)
-            if kept is None:
-                _kept.mask_dropped_(z, cuts, rows, keep_buf)
+        kept = kept_sets.prepare_(z, rows, t, ignore_index) if kept_sets is not None else None
         if kept is not None:
             g_l = g_l.masked_fill(kept.dropped, 0.0) if g_l is not None else None
             dz = kept.scatter_into(z, grad_z_(kept.zk, kept.targets, st, ent, g_l, g_e, _kept.IGNORE, temperature))
         else:
-            g_l = g_l.masked_fill(_target_dropped(z, t, ignore_index), 0.0) if g_l is not None else None
+            if kept_sets is not None and g_l is not None:
+                g_l = g_l.masked_fill(_target_dropped(z, t, ignore_index), 0.0)
             if grad_entropy is not None and scratch is None:
                 scratch = torch.empty_like(z)
             dz = grad_z_(z, t, st, ent, g_l, g_e, ignore_index, temperature, scratch)
-        empty = st[0] == float("-inf")
-        if empty.any():
-            dz[empty] = 0.0
+        if kept_sets is not None:
+            empty = st[0] == float("-inf")
+            if empty.any():
+                dz[empty] = 0.0
         yield rows, dz
 
 
