@@ -5,7 +5,8 @@ Accumulation never changes what a step computes, only how many forwards it takes
 scales a rank's loss by (its share of the loss's denominator * world / the global denominator) so that
 DDP's gradient average equals one process's gradient; a micro-batch is scaled the same way with its own
 share of the *whole* batch's denominator, and the gradients of the micro-batches add up to the batch's
-(to fp32 rounding of the sums). The optimizer steps once per batch, after the last micro-batch.
+(to fp32 rounding of the sums). The optimizer steps once per batch, after the last micro-batch. DDP and
+FSDP2 communicate gradients once per batch too, in the last micro-batch's backward (grad_sync).
 """
 from __future__ import annotations
 
@@ -43,15 +44,22 @@ def micro_batches(rows: Sequence[T] | torch.Tensor, grad_accum: int) -> list:
     return [rows[i * k:(i + 1) * k] for i in range(grad_accum)]
 
 
+@contextlib.contextmanager
 def grad_sync(last: bool, *models):
-    """Context for one micro-batch's forward and backward: DDP all-reduces gradients only in the last
-    micro-batch's backward (the earlier ones add up locally first, as no_sync documents); FSDP and one
-    process are left as they are (FSDP reduces every micro-batch: correct, not the fastest)."""
-    stack = contextlib.ExitStack()
-    for model in models:
-        if not last and hasattr(model, "no_sync"):
-            stack.enter_context(model.no_sync())
-    return stack
+    """Context for one micro-batch's forward and backward: DDP and FSDP2 models reduce gradients only in
+    the last micro-batch's backward; before it each rank adds its gradients up locally (DDP: no_sync, into
+    .grad; FSDP2: set_requires_gradient_sync(False), into unsharded gradients that the last backward adds
+    in before its reduce-scatter, so until then a rank holds a full-size gradient, as under DDP). FSDP2's
+    flag is a module attribute, not a context: it is True again on leaving, even if the micro-batch raises.
+    One process: nothing to do."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 (fully_shard)
+                model.set_requires_gradient_sync(last)
+                stack.callback(model.set_requires_gradient_sync, True)
+            elif not last and hasattr(model, "no_sync"):  # DDP
+                stack.enter_context(model.no_sync())
+        yield
 
 
 def in_chunks(fn: Callable[..., torch.Tensor | tuple], size: int, *tensors: torch.Tensor, **kwargs):

@@ -9,17 +9,19 @@ and the parameters after AdamW differ by more than rounding where a gradient ele
 level (its update g / (|g| + eps) then flips): measured, at most 2.6e-5 after the RM's two warmup steps
 (lr 5e-5 and 1e-4), below 3e-7 elsewhere. So the gradients are what is compared, step by step.
 """
+import copy
 import shutil
 
 import pytest
 import torch
 
 from rlhf_fast.rlhf import critic_free_trainer, pipeline, ppo, reward, sft
+from rlhf_fast.rlhf.microbatch import grad_sync
 from rlhf_fast.rlhf.rl_pipeline import run_rl
 from rlhf_fast.rlhf.run_io import read_metrics
 
 from .stop_after import Stop, stop_after
-from .test_distributed import _same_metrics
+from .test_distributed import CLI, FSDP, _same_metrics, _torchrun
 from .test_pipeline import tiny
 from .test_rl import RL
 
@@ -122,14 +124,60 @@ def test_grad_accum_that_does_not_divide_the_batch_is_refused_naming_the_key(tmp
         tiny(tmp_path / "y", device, **{"train.grad_accum": 0})
 
 
-def test_two_gloo_processes_accumulating_match_one_process_that_does_not(sft_rm_run, tmp_path, device):
-    """DDP reduces gradients in the last micro-batch only (no_sync before): the sum is the same."""
+@pytest.fixture(scope="module")
+def ppo_without_accum(sft_rm_run, tmp_path_factory, device):
+    """PPO in this process (1 rank), one micro-batch per minibatch: what the accumulating runs must log."""
     if device.type != "cpu":
         pytest.skip("the gloo equivalence tests run on CPU")
-    from .test_distributed import CLI, _torchrun
-    one, two = tmp_path / "one", tmp_path / "two"
-    for out in (one, two):
-        shutil.copytree(sft_rm_run, out)
-    pipeline.run_ppo(tiny(one, device))
-    _torchrun(CLI, "ppo", two, device, "--train.grad_accum=2")
-    _same_metrics(one, two, "ppo")
+    out = tmp_path_factory.mktemp("ppo_one")
+    shutil.copytree(sft_rm_run, out, dirs_exist_ok=True)
+    pipeline.run_ppo(tiny(out, device))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gloo_processes_accumulating_match_one_process_that_does_not(sft_rm_run, ppo_without_accum, tmp_path,
+                                                                         device, mode):
+    """DDP and FSDP2 reduce gradients in the last micro-batch only (no_sync, set_requires_gradient_sync(False)
+    before): the sum is the same. An FSDP2 flag left off would leave the step without its reduced gradient."""
+    two = tmp_path / "two"
+    shutil.copytree(sft_rm_run, two)
+    _torchrun(CLI, "ppo", two, device, "--train.grad_accum=2", *([FSDP] if mode == "fsdp" else []))
+    _same_metrics(ppo_without_accum, two, "ppo")
+
+
+@pytest.fixture
+def one_rank_gloo(tmp_path):
+    """A process group of this process alone, destroyed afterwards (the stages' runtime creates its own)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_fsdp2_reduce_scatters_only_in_the_last_micro_batch(one_rank_gloo):
+    """Gradient sync off before the last micro-batch: no reduce-scatter writes the sharded .grad (FSDP2 keeps
+    the sum unsharded); the last one's writes the sum of all three. A micro-batch that raises does not leave
+    sync off: the next backward outside grad_sync writes .grad again."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(4, 3)
+    model = fully_shard(copy.deepcopy(plain), mesh=init_device_mesh("cpu", (1,)))
+    xs = torch.randn(3, 2, 4)
+    for i, x in enumerate(xs):
+        with grad_sync(i == len(xs) - 1, model):
+            model(x).square().sum().backward()
+        plain(x).square().sum().backward()
+        if i < len(xs) - 1:
+            assert all(p.grad is None for p in model.parameters()), i
+    for p, ref in zip(model.parameters(), plain.parameters()):
+        got = p.grad.full_tensor()
+        assert float((got - ref.grad).abs().max()) <= _tolerance(ref.grad)
+
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="micro-batch failed"):
+        with grad_sync(False, model):
+            raise RuntimeError("micro-batch failed")
+    model(xs[0]).square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
