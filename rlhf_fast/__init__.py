@@ -7,6 +7,9 @@ Public ops (each takes ``backend="auto" | "triton" | "cuda" | "reference"``, see
   ``fused_linear_kl_divergence``, ``kl_penalty``
 - sampling:  ``sample``, ``sample_from_probs``
 
+and one composite over the logprob op: ``fused_linear_token_loss`` (a per-token training loss of the
+lm_head's logprobs, its gradient taken in the forward; ``rlhf_fast/fused_loss.py``).
+
 Ops are imported lazily on first attribute access, so ``import rlhf_fast`` is cheap and never
 imports Triton or builds the extension.
 """
@@ -59,6 +62,7 @@ _LAZY = {
     "kl_penalty": "rlhf_fast.ops.kl_penalty",
     "sample": "rlhf_fast.ops.sample",
     "sample_from_probs": "rlhf_fast.ops.sample",
+    "fused_linear_token_loss": "rlhf_fast.fused_loss",
 }
 
 __all__ = ["BACKENDS", "BackendUnavailable", "extension_info", *_LAZY]

@@ -60,6 +60,58 @@ def backward(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entr
     return lm_head_backward(grads, hidden, weight, bias, need)
 
 
+def forward_with_loss(hidden, weight, bias, targets, loss_fn, temperature: float, want_entropy: bool,
+                      ignore_index: int, chunk_rows: int | None = None, need=(True, True, True)):
+    """forward and backward in one pass, for a caller that knows its loss in the forward
+    (rlhf_fast.fused_linear_token_loss): per chunk of rows, the logits (one matmul), their statistics,
+    the chunk's loss and its gradient (`chunk_loss_grads`), and d(logits) pushed through the lm_head
+    (two matmuls) while the chunk's exp(z - m) is still in hand: 3 (N, H, V) matmuls where
+    forward + backward take 4, and still one (chunk_rows, V) block of memory.
+
+    Returns (loss 0-dim fp32, logp (N,), entropy (N,) or (0,), d hidden, d weight, d bias), an entry of
+    the last three None where `need` says it is not wanted."""
+    n, dev = targets.shape[0], hidden.device
+    logp = torch.empty(n, dtype=torch.float32, device=dev)
+    entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=dev)
+    losses = []
+
+    def grad_chunks():
+        scratch = None
+        for rows, (z,) in lm_head_chunks(((hidden, weight, bias),), temperature, chunk_rows):
+            t = targets[rows]
+            if want_entropy and scratch is None:
+                scratch = torch.empty_like(z)
+            lp, ent, st = tl.row_stats(z, t, ignore_index, want_entropy, scratch)
+            logp[rows] = lp
+            if want_entropy:
+                entropy[rows] = ent
+            loss, g_logp, g_ent = chunk_loss_grads(loss_fn, rows, lp, ent)
+            losses.append(loss)
+            yield rows, tl.grad_after_stats_(z, scratch, t, st, ent, g_logp, g_ent, ignore_index, temperature)
+
+    grads = lm_head_backward(grad_chunks(), hidden, weight, bias, need)
+    loss = torch.stack(losses).double().sum().float() if losses else torch.zeros((), dtype=torch.float32, device=dev)
+    return (loss, logp, entropy, *grads)
+
+
+def chunk_loss_grads(loss_fn, rows: slice, logp: torch.Tensor, entropy: torch.Tensor | None):
+    """(loss, d loss / d logp, d loss / d entropy or None) of loss_fn(rows, logp, entropy) for one chunk
+    of rows, by autograd on its (n,) inputs alone (everything else loss_fn reads is a constant)."""
+    with torch.enable_grad():
+        lp = logp.detach().requires_grad_()
+        ent = None if entropy is None else entropy.detach().requires_grad_()
+        loss = loss_fn(rows, lp, ent)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError("loss_fn must return a 0-dim tensor (the loss of its rows), got "
+                             f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+        inputs = [lp] if ent is None else [lp, ent]
+        grads = (torch.autograd.grad(loss, inputs, allow_unused=True) if loss.requires_grad
+                 else [None] * len(inputs))
+    g_logp = torch.zeros_like(lp) if grads[0] is None else grads[0]
+    g_ent = None if ent is None else (torch.zeros_like(ent) if grads[1] is None else grads[1])
+    return loss.detach().float(), g_logp, g_ent
+
+
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_rows, cutoffs):

@@ -161,6 +161,28 @@ def grad_z_(z: torch.Tensor, targets, stats, entropy, grad_logp, grad_entropy, i
     return dz.scatter_add_(-1, safe, (g_logp / temperature)[:, None])
 
 
+def grad_after_stats_(z: torch.Tensor, scratch, targets, stats, entropy, grad_logp, grad_entropy,
+                      ignore_index: int, temperature: float) -> torch.Tensor:
+    """grad_z_ for a chunk that row_stats has just worked on (same arguments; z and scratch as row_stats
+    left them), so a pass that knows its upstream gradients in the forward never recomputes the logits.
+
+    row_stats leaves e = exp(z - m) in z (no entropy), or e in `scratch` and max(z - m, floor) * e in z,
+    which are the two factors of grad_z_'s d(logits) = e (alpha + beta x): one multiply, or two and an add.
+    """
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0).long()[:, None]
+    g_logp = torch.where(valid, grad_logp.float(), 0.0)
+    inv_s = torch.exp(-stats[1])
+    if grad_entropy is None:
+        dz = z.mul_((g_logp * inv_s).div_(-temperature)[:, None])
+    else:
+        g_ent = torch.where(valid, grad_entropy.float(), 0.0)
+        alpha = (g_logp + g_ent * (entropy - stats[1])).mul_(inv_s).div_(-temperature)
+        beta = (g_ent * inv_s).div_(-temperature)
+        dz = z.mul_(beta[:, None]).add_(scratch[: z.shape[0]].mul_(alpha[:, None]))
+    return dz.scatter_add_(-1, safe, (g_logp / temperature)[:, None])
+
+
 def stats_over(chunks, targets, want_entropy: bool, ignore_index: int, cuts=None):
     """row_stats over (rows, [z]) chunks covering targets' N rows -> (logp (N,), entropy (N,) or (0,),
     stats (2, N)), fp32. cuts: None or cut_points(cutoffs): the statistics of the kept, renormalized
