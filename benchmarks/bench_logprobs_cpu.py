@@ -4,6 +4,9 @@
 
 Providers, forward + backward of sum(g * out) in fp32 (out = per-token logprob or KL):
   rlhf_fast  the op with backend="reference" (the CPU default).
+  rlhf_fast_loss  rlhf_fast.fused_linear_token_loss with that same loss, sum(g * logp) or sum(g * kl)
+             (given the reference head), as its loss_fn: what a trainer whose loss is known in the
+             forward runs (gradient taken in the forward; rlhf_fast/fused_loss.py).
   naive      the unfused path the op replaces, e.g. for fused_linear_logprobs
              (hidden @ weight.T).log_softmax(-1).gather(-1, targets[:, None]).
   cce        cut-cross-entropy's torch.compile implementation (`pip install cut-cross-entropy`),
@@ -16,8 +19,9 @@ cce its compile with dynamic shapes), the first step at the benchmark shape give
 resident set once the inputs exist; gradients included), then `--reps` more steps give the time (median
 of process CPU time, which the other tenants of a shared machine disturb far less than wall time; the
 wall times are kept in the JSON). The matmul FLOPs are stated so the times can be read against them:
-the unfused and cce paths run 3 (N, H, V) matmuls per step, rlhf_fast 4 (the backward recomputes the
-logits instead of saving them; its custom op saves only per-row statistics), and the KL ops 4 vs 6.
+the unfused, cce and rlhf_fast_loss paths run 3 (N, H, V) matmuls per step, rlhf_fast 4 (the backward
+recomputes the logits instead of saving them; its custom op saves only per-row statistics), and for the
+KL 4 (naive, rlhf_fast_loss) vs 6.
 
 Results go to benchmarks/results/logprobs_cpu_t<threads>-<machine>.json and .md, with the CPU model
 (lscpu) and the thread count.
@@ -40,8 +44,8 @@ from benchmarks.common import RESULTS_DIR, machine, machine_tag, markdown_table,
 SHAPES = {"fused_linear_logprobs": [(4096, 512, 32000), (8192, 768, 50257)],
           "fused_linear_kl_divergence": [(4096, 512, 32000)],
           "token_logprobs": [(4096, 0, 32000), (8192, 0, 50257)]}
-PROVIDERS = {"fused_linear_logprobs": ("rlhf_fast", "naive", "cce"),
-             "fused_linear_kl_divergence": ("rlhf_fast", "naive"),
+PROVIDERS = {"fused_linear_logprobs": ("rlhf_fast", "rlhf_fast_loss", "naive", "cce"),
+             "fused_linear_kl_divergence": ("rlhf_fast", "rlhf_fast_loss", "naive"),
              "token_logprobs": ("rlhf_fast", "naive")}
 QUICK_SHAPES = {op: [(512, 64 if shapes[0][1] else 0, 4000)] for op, shapes in SHAPES.items()}
 
@@ -79,6 +83,11 @@ def step_fn(op: str, provider: str):
         if provider == "rlhf_fast":
             return lambda h, w, t, g: (rlhf_fast.fused_linear_logprobs(h, w, t, backend="reference") * g
                                        ).sum().backward()
+        if provider == "rlhf_fast_loss":
+            def token_loss(h, w, t, g):
+                rlhf_fast.fused_linear_token_loss(h, w, t, lambda rows, stats: (stats.logp * g[rows]).sum(),
+                                                  backend="reference")[0].backward()
+            return token_loss
         if provider == "naive":
             return lambda h, w, t, g: ((h @ w.T).log_softmax(-1).gather(-1, t[:, None]).squeeze(-1) * g
                                        ).sum().backward()
@@ -89,6 +98,12 @@ def step_fn(op: str, provider: str):
         if provider == "rlhf_fast":
             return lambda h, w, rh, rw, g: (rlhf_fast.fused_linear_kl_divergence(h, w, rh, rw, backend="reference")
                                             * g).sum().backward()
+        if provider == "rlhf_fast_loss":
+            def kl_loss(h, w, rh, rw, g):
+                t = torch.zeros(h.shape[0], dtype=torch.long)  # the composite reads a target per row (unused here)
+                rlhf_fast.fused_linear_token_loss(h, w, t, lambda rows, stats: (stats.kl * g[rows]).sum(),
+                                                  ref_hidden=rh, ref_weight=rw, backend="reference")[0].backward()
+            return kl_loss
 
         def naive_kl(h, w, rh, rw, g):
             log_p, log_q = (h @ w.T).log_softmax(-1), (rh @ rw.T).log_softmax(-1)

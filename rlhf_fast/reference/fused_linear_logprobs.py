@@ -8,9 +8,12 @@ and a scatter of the one-hot term), with no (chunk_rows, V) temporary.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .. import _validate
+from . import kl_divergence as kld
 from . import token_logprobs as tl
 from ._chunks import lm_head_backward, lm_head_chunks
 
@@ -60,56 +63,76 @@ def backward(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entr
     return lm_head_backward(grads, hidden, weight, bias, need)
 
 
-def forward_with_loss(hidden, weight, bias, targets, loss_fn, temperature: float, want_entropy: bool,
-                      ignore_index: int, chunk_rows: int | None = None, need=(True, True, True)):
-    """forward and backward in one pass, for a caller that knows its loss in the forward
-    (rlhf_fast.fused_linear_token_loss): per chunk of rows, the logits (one matmul), their statistics,
-    the chunk's loss and its gradient (`chunk_loss_grads`), and d(logits) pushed through the lm_head
-    (two matmuls) while the chunk's exp(z - m) is still in hand: 3 (N, H, V) matmuls where
-    forward + backward take 4, and still one (chunk_rows, V) block of memory.
+class TokenStats(NamedTuple):
+    """What a fused_linear_token_loss loss_fn receives for its rows: fp32 (n,) tensors, or None where
+    not asked for (entropy without return_entropy, kl without a reference head)."""
+    logp: torch.Tensor
+    entropy: torch.Tensor | None
+    kl: torch.Tensor | None
 
-    Returns (loss 0-dim fp32, logp (N,), entropy (N,) or (0,), d hidden, d weight, d bias), an entry of
-    the last three None where `need` says it is not wanted."""
+
+def forward_with_loss(hidden, weight, bias, targets, loss_fn, temperature: float, want_entropy: bool,
+                      ignore_index: int, chunk_rows: int | None = None, need=(True, True, True), ref=None):
+    """forward and backward in one pass, for a caller that knows its loss in the forward
+    (rlhf_fast.fused_linear_token_loss): per chunk of rows, the logits (one matmul; two with `ref`, the
+    reference's (hidden, weight, bias), for KL(pi || pi_ref)), their statistics, the chunk's loss and its
+    gradient (`chunk_loss_grads`), and d(logits) pushed through the lm_head (two matmuls) while the
+    chunk's exponentials are still in hand: 3 (N, H, V) matmuls where forward + backward take 4 (with
+    the KL, 4 where they take 6), and still one (chunk_rows, V) block per buffer.
+
+    Returns (loss 0-dim fp32, TokenStats over all N rows (entropy (0,) / kl (0,) when not asked for),
+    d hidden, d weight, d bias), an entry of the last three None where `need` says it is not wanted."""
     n, dev = targets.shape[0], hidden.device
-    logp = torch.empty(n, dtype=torch.float32, device=dev)
-    entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=dev)
+    out = TokenStats(*(torch.empty(n if want else 0, dtype=torch.float32, device=dev)
+                       for want in (True, want_entropy, ref is not None)))
+    heads = ((hidden, weight, bias),) if ref is None else ((hidden, weight, bias), tuple(ref))
     losses = []
 
     def grad_chunks():
         scratch = None
-        for rows, (z,) in lm_head_chunks(((hidden, weight, bias),), temperature, chunk_rows):
+        for rows, zs in lm_head_chunks(heads, temperature, chunk_rows):
             t = targets[rows]
-            if want_entropy and scratch is None:
-                scratch = torch.empty_like(z)
-            lp, ent, st = tl.row_stats(z, t, ignore_index, want_entropy, scratch)
-            logp[rows] = lp
-            if want_entropy:
-                entropy[rows] = ent
-            loss, g_logp, g_ent = chunk_loss_grads(loss_fn, rows, lp, ent)
+            if scratch is None and (want_entropy or ref is not None):
+                scratch = torch.empty(1 + (ref is not None), *zs[0].shape, dtype=torch.float32, device=dev)
+            if ref is None:
+                lp, ent, st = tl.row_stats(zs[0], t, ignore_index, want_entropy, None if scratch is None else scratch[0])
+                stats = TokenStats(lp, ent, None)
+            else:
+                *values, st = kld.loss_row_stats(zs[0], zs[1], t, ignore_index, want_entropy, scratch)
+                stats = TokenStats(*values)
+            for buf, value in zip(out, stats):
+                if value is not None:
+                    buf[rows] = value
+            loss, grads = chunk_loss_grads(loss_fn, rows, stats)
             losses.append(loss)
-            yield rows, tl.grad_after_stats_(z, scratch, t, st, ent, g_logp, g_ent, ignore_index, temperature)
+            if ref is None:
+                yield rows, tl.grad_after_stats_(zs[0], None if scratch is None else scratch[0], t, st, stats.entropy,
+                                                 grads.logp, grads.entropy, ignore_index, temperature)
+            else:
+                yield rows, kld.grad_after_loss_stats_(zs[0], zs[1], scratch[0], t, st, stats.entropy, stats.kl,
+                                                       grads, ignore_index, temperature)
 
-    grads = lm_head_backward(grad_chunks(), hidden, weight, bias, need)
+    d = lm_head_backward(grad_chunks(), hidden, weight, bias, need)
     loss = torch.stack(losses).double().sum().float() if losses else torch.zeros((), dtype=torch.float32, device=dev)
-    return (loss, logp, entropy, *grads)
+    return (loss, out, *d)
 
 
-def chunk_loss_grads(loss_fn, rows: slice, logp: torch.Tensor, entropy: torch.Tensor | None):
-    """(loss, d loss / d logp, d loss / d entropy or None) of loss_fn(rows, logp, entropy) for one chunk
-    of rows, by autograd on its (n,) inputs alone (everything else loss_fn reads is a constant)."""
+def chunk_loss_grads(loss_fn, rows: slice, stats: TokenStats) -> tuple[torch.Tensor, TokenStats]:
+    """(loss, its gradient with respect to each of `stats`) of loss_fn(rows, stats) for one chunk of
+    rows, by autograd on those (n,) inputs alone (everything else loss_fn reads is a constant); a
+    statistic the loss does not use gets a zero gradient."""
     with torch.enable_grad():
-        lp = logp.detach().requires_grad_()
-        ent = None if entropy is None else entropy.detach().requires_grad_()
-        loss = loss_fn(rows, lp, ent)
+        leaves = TokenStats(*(None if x is None else x.detach().requires_grad_() for x in stats))
+        loss = loss_fn(rows, leaves)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError("loss_fn must return a 0-dim tensor (the loss of its rows), got "
                              f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
-        inputs = [lp] if ent is None else [lp, ent]
-        grads = (torch.autograd.grad(loss, inputs, allow_unused=True) if loss.requires_grad
-                 else [None] * len(inputs))
-    g_logp = torch.zeros_like(lp) if grads[0] is None else grads[0]
-    g_ent = None if ent is None else (torch.zeros_like(ent) if grads[1] is None else grads[1])
-    return loss.detach().float(), g_logp, g_ent
+        inputs = [x for x in leaves if x is not None]
+        grads = iter(torch.autograd.grad(loss, inputs, allow_unused=True) if loss.requires_grad
+                     else [None] * len(inputs))
+    grads = [None if x is None else next(grads) for x in leaves]
+    return loss.detach().float(), TokenStats(*(g if g is not None or x is None else torch.zeros_like(x)
+                                                for g, x in zip(grads, leaves)))
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):

@@ -11,6 +11,7 @@ import torch
 
 from .. import _validate
 from ._chunks import logits_chunks
+from .token_logprobs import _LOG_FLOOR
 
 
 def validate(logits, ref_logits, temperature) -> None:
@@ -66,6 +67,57 @@ def grad_z_(z, zr, stats, kl, grad_kl, temperature: float, scratch: torch.Tensor
     shift = stats[3] - stats[1] - kl
     c = grad_kl.float() * torch.exp(-stats[1]) / temperature
     return x_p.sub_(x_q).add_(shift[:, None]).mul_(c[:, None]).masked_fill_(impossible, 0.0).mul_(e)
+
+
+def loss_row_stats(z, zr, targets, ignore_index: int, want_entropy: bool, scratch):
+    """The statistics of a loss pass with a reference (fused_linear_token_loss): z, zr (n, V) fp32
+    (already / T), overwritten, and scratch (2, >= n, V) fp32 -> (logp, entropy or None, kl, saved), each
+    (n,), 0 on ignored rows; saved = (s_p, log s_p, log s_q) for grad_after_loss_stats_, which reuses what
+    this leaves: max(x_p, floor) in z, x_p - x_q in zr (0 where p = 0), e_p = exp(x_p) in scratch[0].
+
+    KL as row_stats computes it (sum e_p (x_p - x_q) / s_p - log s_p + log s_q); logp and entropy as
+    token_logprobs.row_stats does (log p = x_p - log s_p, entropy = log s_p - sum e_p x_p / s_p).
+    """
+    n = z.shape[0]
+    e, prod = scratch[0, :n], scratch[1, :n]
+    valid = targets != ignore_index
+    zero = torch.zeros((), dtype=torch.float32, device=z.device)
+    m_p, m_q = z.amax(-1), zr.amax(-1)
+    z_t = z.gather(-1, torch.where(valid, targets, 0).long()[:, None]).squeeze(-1)
+    x_p, x_q = z.sub_(m_p[:, None]), zr.sub_(m_q[:, None])
+    log_s_q = torch.exp(x_q, out=e).sum(-1).log_()
+    impossible = x_p.isneginf()  # p = 0 (-inf logits) contributes 0, as in torch.distributions
+    s_p = torch.exp(x_p, out=e).sum(-1)
+    log_s_p = s_p.log()
+    d = torch.sub(x_p, x_q, out=x_q).masked_fill_(impossible, 0.0)
+    kl = torch.where(valid, torch.mul(e, d, out=prod).sum(-1).div_(s_p).sub_(log_s_p).add_(log_s_q), zero)
+    x_p.clamp_(min=_LOG_FLOOR)
+    entropy = (torch.where(valid, log_s_p - torch.mul(e, x_p, out=prod).sum(-1) / s_p, zero)
+               if want_entropy else None)
+    logp = torch.where(valid, (z_t - m_p) - log_s_p, zero)
+    return logp, entropy, kl, (s_p, log_s_p, log_s_q)
+
+
+def grad_after_loss_stats_(z, zr, e, targets, saved, entropy, kl, grads, ignore_index: int, temperature: float):
+    """d(loss)/d(policy logits) of one chunk after loss_row_stats (z, zr, e as it left them), for the
+    gradients `grads` (logp, entropy or None, kl) of the loss with respect to those statistics; d(logits) is
+    returned in zr's buffer. With log p = x_p - log s_p and log q = x_q - log s_q, per token v:
+        g_logp (onehot - p) - g_H p (log p + H) + g_KL p (log p - log q - KL)
+      = onehot g_logp + (e_p / s_p) (alpha + beta x_p + gamma (x_p - x_q)),  all / T,
+    alpha = -g_logp + g_H (log s_p - H) + g_KL (log s_q - log s_p - KL), beta = -g_H, gamma = g_KL;
+    the row factors 1 / (s_p T) are folded into alpha, beta, gamma before the (n, V) passes."""
+    s_p, log_s_p, log_s_q = saved
+    valid = targets != ignore_index
+    g_logp, g_ent, g_kl = (None if g is None else torch.where(valid, g.float(), 0.0) for g in grads)
+    c = 1.0 / (s_p * temperature)
+    alpha = g_kl * (log_s_q - log_s_p - kl) - g_logp
+    dz = zr.mul_((g_kl * c)[:, None])
+    if g_ent is not None:
+        alpha = alpha + g_ent * (log_s_p - entropy)
+        dz.add_(z.mul_((-g_ent * c)[:, None]))
+    dz.add_((alpha * c)[:, None]).mul_(e[: dz.shape[0]])
+    safe = torch.where(valid, targets, 0).long()[:, None]
+    return dz.scatter_add_(-1, safe, (g_logp / temperature)[:, None])
 
 
 def kl_over(chunks, n: int, device):
