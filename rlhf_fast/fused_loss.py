@@ -40,8 +40,8 @@ def fused_linear_token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets:
                             bias: torch.Tensor | None = None, ref_hidden: torch.Tensor | None = None,
                             ref_weight: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None,
                             temperature: float = 1.0, return_entropy: bool = False, ignore_index: int = -100,
-                            cutoffs: torch.Tensor | None = None, chunk_size: int | None = None,
-                            backend: str = "auto"):
+                            cutoffs: torch.Tensor | None = None, check_kept: bool = True,
+                            chunk_size: int | None = None, backend: str = "auto"):
     """loss = sum over chunks of rows of loss_fn(rows, TokenStats(logp[rows], entropy[rows], kl[rows])), with
     logp, entropy = fused_linear_logprobs(hidden, weight, targets, ...) and
     kl = fused_linear_kl_divergence(hidden, weight, ref_hidden, ref_weight, ...) (when a reference is
@@ -61,6 +61,8 @@ def fused_linear_token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets:
             (as in ``fused_linear_kl_divergence``; no gradient flows to them), to give loss_fn the exact
             per-token KL(pi || pi_ref) over the vocabulary (over the kept sets, with cutoffs).
         return_entropy: give loss_fn the entropies (and return them).
+        check_kept: with cutoffs, as in ``fused_linear_logprobs``: False gives a target off its kept set
+            logp = -inf (loss_fn must give it weight 0) instead of raising ValueError.
         chunk_size: rows per chunk (default: 32 MiB of fp32 logits per chunk and model).
         backend: "auto" | "triton" | "reference" (see the module docstring for what each runs).
 
@@ -86,7 +88,8 @@ def fused_linear_token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets:
         raise ValueError(f"loss_fn must be callable (rows, stats) -> 0-dim tensor, got {type(loss_fn).__name__}")
     ref_tl.check_targets_in_range(targets, weight.shape[0], ignore_index)
     chosen = _backend.resolve(_OP, backend, hidden.device, gpu="triton")
-    settings = (float(temperature), bool(return_entropy), ignore_index, chunk_size, chosen, loss_fn, ref_head)
+    settings = (float(temperature), bool(return_entropy), ignore_index, chunk_size, chosen, loss_fn, ref_head,
+                bool(check_kept))
     loss, *stats = _TokenLoss.apply(hidden, weight, bias, targets, cutoffs, settings)
     return loss, TokenStats(stats[0], stats[1] if return_entropy else None, stats[2] if ref_head is not None else None)
 
@@ -94,7 +97,7 @@ def fused_linear_token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets:
 class _TokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, cutoffs, settings):
-        temperature, want_entropy, ignore_index, chunk_rows, chosen, loss_fn, ref_head = settings
+        temperature, want_entropy, ignore_index, chunk_rows, chosen, loss_fn, ref_head, _ = settings
         need = ctx.needs_input_grad[:3]
         if chosen == "reference" and cutoffs is None:
             loss, stats, *grads = ref.forward_with_loss(hidden, weight, bias, targets, loss_fn, temperature,
@@ -117,12 +120,13 @@ def _through_the_ops(hidden, weight, bias, targets, cutoffs, settings, need):
     then their backwards with that gradient, all now (the backend's kernels, or cutoffs)."""
     from .ops.fused_linear_kl_divergence import fused_linear_kl_divergence
     from .ops.fused_linear_logprobs import fused_linear_logprobs
-    temperature, want_entropy, ignore_index, chunk_rows, chosen, loss_fn, ref_head = settings
+    temperature, want_entropy, ignore_index, chunk_rows, chosen, loss_fn, ref_head, check_kept = settings
     with torch.enable_grad():
-        leaves = [None if x is None else x.detach().requires_grad_(bool(n)) for x, n in zip((hidden, weight, bias), need)]
+        leaves = [None if x is None else x.detach().requires_grad_(bool(n))
+                  for x, n in zip((hidden, weight, bias), need)]
         out = fused_linear_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], temperature=temperature,
                                     return_entropy=want_entropy, ignore_index=ignore_index, cutoffs=cutoffs,
-                                    chunk_size=chunk_rows, backend=chosen)
+                                    check_kept=check_kept, chunk_size=chunk_rows, backend=chosen)
         logp, entropy = out if want_entropy else (out, None)
         kl = None
         if ref_head is not None:

@@ -25,6 +25,9 @@ head        targets               returns
                                   the exact KL(pi || pi_ref) per position via
                                   `fused_linear_kl_divergence` (and, when scoring, the
                                   reference's logprob of the targets from the same pass)
+"lm"        targets + token_loss  (loss, TokenStats (logp, entropy, kl) of (B, T) fp32 or None):
+                                  a training loss with its gradient taken in the forward
+                                  (`fused_linear_token_loss`; targeted positions only)
 "lm"        return_hidden=True    final hidden states (B, T, C), the lm_head's input
 "value"     -                     values (B, T) fp32: one scalar per token (PPO critic)
 "reward"    -                     rewards (B,) fp32 at each row's last real token
@@ -41,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 import rlhf_fast
 
+from ..fused_loss import TokenStats
 from .config import GPTConfig
 from .layers import (Block, Decode, KVCache, Packed, Padded, init_weights, make_norm, rope_cos_sin,
                      rope_inv_freq)
@@ -80,7 +84,7 @@ class GPT(nn.Module):
                 attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None, temperature: float = 1.0, return_entropy: bool = True,
                 ignore_index: int = -100, cutoffs: torch.Tensor | None = None, reference=None,
-                return_hidden: bool = False, check_kept: bool = True):
+                return_hidden: bool = False, check_kept: bool = True, token_loss=None):
         """See the module docstring for layouts and outputs.
 
         idx: (B, T) int64, or (N,) with cu_seqlens (S + 1,) int32 and max_seqlen (int).
@@ -102,17 +106,26 @@ class GPT(nn.Module):
             and the entropy come from fused_linear_logprobs and ref_logprobs is None.
         return_hidden: return the final hidden states (B, T, C) (lm head, no targets): what a model
             passes as `reference` to another.
+        token_loss: a training loss known in the forward, ``token_loss(positions, stats) -> 0-dim tensor``
+            for the flat positions (int64 indices into targets.reshape(-1)) of some targeted rows and
+            their TokenStats (logp, entropy or None, kl or None with `reference`): a sum of per-position
+            terms (rlhf_fast.fused_linear_token_loss, which takes its gradient in the forward: one lm_head
+            matmul fewer). Returns (loss, TokenStats of targets' shape, detached, 0 at ignored
+            positions) instead; only the targeted positions go through the lm_head.
         """
         if targets is not None and self.head != "lm":
             raise ValueError(f"targets are only accepted by the 'lm' head, this model has head={self.head!r}")
-        if (cutoffs is not None or reference is not None) and targets is None:
-            raise ValueError("cutoffs and reference need targets (the tokens they score)")
+        if (cutoffs is not None or reference is not None or token_loss is not None) and targets is None:
+            raise ValueError("cutoffs, reference and token_loss need targets (the tokens they score)")
+        if token_loss is not None and not callable(token_loss):
+            raise ValueError(f"token_loss must be callable (positions, stats) -> loss, got {type(token_loss).__name__}")
         if return_hidden and (self.head != "lm" or targets is not None):
             raise ValueError("return_hidden is for the 'lm' head without targets")
         if cutoffs is not None and (not isinstance(cutoffs, torch.Tensor) or cutoffs.shape != (*targets.shape, 2)):
             raise ValueError(f"cutoffs must be a tensor of shape targets.shape + (2,) = {(*targets.shape, 2)}, "
                              f"got {getattr(cutoffs, 'shape', type(cutoffs).__name__)}")
-        extra = dict(cutoffs=cutoffs, reference=reference, return_hidden=return_hidden, check_kept=check_kept)
+        extra = dict(cutoffs=cutoffs, reference=reference, return_hidden=return_hidden, check_kept=check_kept,
+                     token_loss=token_loss)
         if cu_seqlens is not None:
             return self._forward_packed(idx, targets, cu_seqlens, max_seqlen, temperature, return_entropy,
                                         ignore_index, extra)
@@ -174,7 +187,7 @@ class GPT(nn.Module):
         return tf.ln_f(x)
 
     def _head(self, x, last, targets, temperature, return_entropy, ignore_index, cutoffs=None, reference=None,
-              return_hidden=False, check_kept=True):
+              return_hidden=False, check_kept=True, token_loss=None):
         """x (..., C) final hidden; last: index into dim -2 of x (or dim 0 when packed) of each sequence's end."""
         if self.head != "lm":  # a trainable fp32 head over a frozen bf16 backbone (LoRA value model) reads fp32
             x = x.to(self.score.weight.dtype)
@@ -196,6 +209,10 @@ class GPT(nn.Module):
             hidden, weight = hidden.to(dtype), weight.to(dtype)
         flat_targets = targets.reshape(-1)
         flat_cutoffs = None if cutoffs is None else cutoffs.reshape(-1, 2)
+        if token_loss is not None:
+            loss, stats = _token_loss(hidden, weight, reference, flat_targets, flat_cutoffs, token_loss, temperature,
+                                      return_entropy, ignore_index, check_kept, self.config.backend)
+            return loss, TokenStats(*(None if v is None else v.view(targets.shape) for v in stats))
         scoring = not return_entropy and not torch.is_grad_enabled()
         if reference is not None:
             kl, logp, ref_logp = _reference_terms(hidden, weight, reference, flat_targets, flat_cutoffs,
@@ -300,6 +317,30 @@ def _reference_terms(hidden, weight, reference, targets, cutoffs, temperature, i
         return scatter(out), None, None
     kl, logp, ref_logp = out
     return scatter(kl), scatter(logp.detach()), scatter(ref_logp.detach())
+
+
+def _token_loss(hidden, weight, reference, targets, cutoffs, token_loss, temperature, return_entropy, ignore_index,
+                check_kept, backend):
+    """(loss, TokenStats of (N,) fp32, 0 at ignored targets) of fused_linear_token_loss over the targeted rows
+    of hidden (N, C) only; token_loss sees their flat positions. reference as in _reference_terms."""
+    rows = (targets != ignore_index).nonzero().squeeze(1)  # (M,)
+    ref_kw = {}
+    if reference is not None:
+        ref_hidden, ref_weight = reference
+        ref_hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+        if ref_hidden.shape[0] != hidden.shape[0]:
+            raise ValueError(f"reference hidden states must have {hidden.shape[0]} positions (this model's), "
+                             f"got {ref_hidden.shape[0]}")
+        ref_kw = {"ref_hidden": ref_hidden[rows].to(hidden.dtype).detach(),
+                  "ref_weight": (weight if ref_weight is None else ref_weight).to(hidden.dtype).detach()}
+    loss, stats = rlhf_fast.fused_linear_token_loss(
+        hidden[rows], weight, targets[rows], lambda r, st: token_loss(rows[r], st), temperature=temperature,
+        return_entropy=return_entropy, ignore_index=ignore_index,
+        cutoffs=None if cutoffs is None else cutoffs[rows], check_kept=check_kept, backend=backend, **ref_kw)
+
+    def scatter(v):  # (M,) -> (N,), 0 at the untargeted rows
+        return None if v is None else hidden.new_zeros(hidden.shape[0], dtype=torch.float32).index_put((rows,), v)
+    return loss, TokenStats(*(scatter(v) for v in stats))
 
 
 def _check_idx(idx, ndim: int, config: GPTConfig) -> None:

@@ -94,8 +94,9 @@ def forward_with_loss(hidden, weight, bias, targets, loss_fn, temperature: float
             t = targets[rows]
             if scratch is None and (want_entropy or ref is not None):
                 scratch = torch.empty(1 + (ref is not None), *zs[0].shape, dtype=torch.float32, device=dev)
+            e = None if scratch is None else scratch[0]
             if ref is None:
-                lp, ent, st = tl.row_stats(zs[0], t, ignore_index, want_entropy, None if scratch is None else scratch[0])
+                lp, ent, st = tl.row_stats(zs[0], t, ignore_index, want_entropy, e)
                 stats = TokenStats(lp, ent, None)
             else:
                 *values, st = kld.loss_row_stats(zs[0], zs[1], t, ignore_index, want_entropy, scratch)
@@ -106,10 +107,10 @@ def forward_with_loss(hidden, weight, bias, targets, loss_fn, temperature: float
             loss, grads = chunk_loss_grads(loss_fn, rows, stats)
             losses.append(loss)
             if ref is None:
-                yield rows, tl.grad_after_stats_(zs[0], None if scratch is None else scratch[0], t, st, stats.entropy,
-                                                 grads.logp, grads.entropy, ignore_index, temperature)
+                yield rows, tl.grad_after_stats_(zs[0], e, t, st, stats.entropy, grads.logp, grads.entropy,
+                                                 ignore_index, temperature)
             else:
-                yield rows, kld.grad_after_loss_stats_(zs[0], zs[1], scratch[0], t, st, stats.entropy, stats.kl,
+                yield rows, kld.grad_after_loss_stats_(zs[0], zs[1], e, t, st, stats.entropy, stats.kl,
                                                        grads, ignore_index, temperature)
 
     d = lm_head_backward(grad_chunks(), hidden, weight, bias, need)

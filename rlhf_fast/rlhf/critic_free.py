@@ -122,6 +122,23 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: str, 
     return loss.sum() / (per_token_loss.shape[0] * max_len)
 
 
+def aggregate_weights(mask: torch.Tensor, mode: str, *, max_len: int | None = None) -> torch.Tensor:
+    """(B, T) float32 per-token weights w with aggregate_loss(x, mask, mode) == (w * x).sum() for finite x:
+    the form a loss taken token by token needs (rlhf_fast.fused_linear_token_loss); 0 off the mask."""
+    valid = (mask != 0).float()
+    if mode not in _AGGREGATIONS:
+        raise ValueError(f"mode must be one of {_AGGREGATIONS}, got {mode!r}")
+    if mode == "seq_mean_token_mean":
+        return valid / (valid.sum(dim=1, keepdim=True).clamp(min=1) * valid.shape[0])
+    if mode == "token_mean":
+        return valid / valid.sum().clamp(min=1)
+    T = valid.shape[1]
+    max_len = T if max_len is None else max_len
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < T:
+        raise ValueError(f"max_len must be an int >= T={T} (the generation budget), got {max_len!r}")
+    return valid / (valid.shape[0] * max_len)
+
+
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """Per-token returns ``R_t = r_t + gamma * R_{t+1}`` within each row's response, (B, T).
 

@@ -17,15 +17,16 @@ import torch
 import rlhf_fast
 
 from . import checkpoint
-from .critic_free import aggregate_loss, group_advantages, reinforce_pp_advantages
+from .critic_free import aggregate_loss, aggregate_weights, group_advantages, reinforce_pp_advantages
 from .data import BatchSampler
 from .microbatch import check_stage_accum, grad_sync, in_chunks, micro_batches
 from .ppo import UpdateStats, chunk_seed, minibatch_rows
-from .ppo_math import masked_mean, per_token_rewards, policy_loss
+from .ppo_loss import policy_loss, ppo_token_loss
+from .ppo_math import masked_mean, per_token_rewards
 from .policy_space import (drop_left_kept, filters_on, no_cutoffs, reference_hidden, response_terms,
                            score_logprobs, training_cutoffs)
 from .rollout import (Rollout, decode_rows, gather_rollout, kl_per_token, left_pad, response_logprobs,
-                      response_targets)
+                      response_targets, response_token_loss, spread_response)
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, make_optimizer, model_state,
                       optimizer_state, resume_training, save_checkpoint, unwrap)
 
@@ -141,6 +142,15 @@ def policy_update(models: dict, opt, b: Rollout, adv: torch.Tensor, prompt_len: 
             scale = n_local * rt.world / n_local_global  # this micro-batch's share of the minibatch's loss
             kept = training_cutoffs(c, mb.cutoffs, prompt_len, width)
             with grad_sync(i == cfg.train.grad_accum - 1, models["policy"]):
+                if kept is None and cfg.train.fused_loss:  # the loss's gradient in the lm_head pass
+                    with autocast(cfg, rt.device):
+                        loss, pg_loss, stats, entropy = fused_update_loss(models, mb, mb_adv, scale, prompt_len,
+                                                                          c, clip_kw, kl_loss_coef, exact_kl)
+                    check_finite("rl", step, loss=loss)
+                    loss.backward()
+                    out.add({"pg_loss": pg_loss, "entropy": masked_mean(entropy.float(), mb.mask), **stats},
+                            n_tokens, n_tokens_global, loss_n=(n_local, n_local_global), new_update=i == 0)
+                    continue
                 with autocast(cfg, rt.device):
                     if exact_kl:  # the reference's hidden states again (not kept from scoring: (B, T, C) each)
                         reference = reference_hidden(models["ref"], mb.sequences, mb.attention_mask)
@@ -170,6 +180,37 @@ def policy_update(models: dict, opt, b: Rollout, adv: torch.Tensor, prompt_len: 
                      **stats}, n_tokens, n_tokens_global, loss_n=(n_local, n_local_global), new_update=i == 0)
         clip_and_step(models["policy"], opt, c.grad_clip, "rl", step)
     return out.means()
+
+
+def fused_update_loss(models: dict, mb: Rollout, mb_adv, scale, prompt_len: int, c, clip_kw: dict,
+                      kl_loss_coef: float, exact_kl: bool):
+    """policy_update's micro-batch loss (times scale) with its gradient taken in the policy's lm_head pass
+    (rlhf_fast.fused_linear_token_loss) -> (that loss, pg_loss and stats as policy_update logs them,
+    entropy (B, T)): the same per-token terms and aggregation weights as policy_loss + aggregate_loss."""
+    width, agg = mb.sequences.shape[1], clip_kw["loss_agg"]
+    weights = aggregate_weights(mb.mask, agg, max_len=clip_kw["max_len"]) * scale
+
+    def flat(x):
+        return spread_response(x.float(), width, prompt_len)
+    pg_fn = ppo_token_loss(flat(mb.logprobs), flat(mb_adv), flat(weights), c.clip_range,
+                           clip_kw["clip_range_high"], clip_kw["dual_clip"])
+    w, ref_logprobs = flat(weights), flat(mb.ref_logprobs)
+
+    def loss_fn(positions, st):
+        loss = pg_fn(positions, st)
+        if kl_loss_coef > 0:
+            per_token = st.kl if exact_kl else rlhf_fast.kl_penalty(st.logp, ref_logprobs[positions], "k3")
+            loss = loss + kl_loss_coef * (per_token * w[positions]).sum()
+        return loss
+    reference = reference_hidden(models["ref"], mb.sequences, mb.attention_mask) if exact_kl else None
+    loss, st = response_token_loss(models["policy"], mb.sequences, mb.attention_mask, mb.mask, prompt_len,
+                                   c.temperature, loss_fn, reference=reference)
+    with torch.no_grad():  # the same terms, for the log
+        pg_loss, stats = policy_loss(st.logp, mb.logprobs, mb_adv, mb.mask, c.clip_range, **clip_kw)
+        if kl_loss_coef > 0:
+            per_token = st.kl if exact_kl else rlhf_fast.kl_penalty(st.logp, mb.ref_logprobs, "k3")
+            stats["kl_loss"] = aggregate_loss(per_token, mb.mask, agg, max_len=c.max_new_tokens)
+    return loss, pg_loss, stats, st.entropy
 
 
 def rollout_stats(b: Rollout, kl: torch.Tensor, group_size: int, has_ref: bool) -> dict:

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import torch
 
+from .ppo_loss import policy_loss, ppo_token_loss
 from .ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, explained_variance, masked_mean,
-                       masked_whiten, per_token_rewards, policy_loss, value_loss)
+                       masked_whiten, per_token_rewards, value_loss)
 from . import checkpoint
 from .data import BatchSampler
 from .microbatch import check_stage_accum, grad_sync, micro_batches
 from .policy_space import drop_left_kept, training_cutoffs
-from .rollout import Rollout, gather_rollout, kl_per_token, make_rollout, response_logprobs, response_values
+from .rollout import (Rollout, gather_rollout, kl_per_token, make_rollout, response_logprobs, response_token_loss,
+                      response_values, spread_response)
 from .runtime import (Runtime, StageLog, autocast, check_finite, clip_and_step, make_optimizer, model_state,
                       optimizer_state, resume_training, save_checkpoint, unwrap)
 
@@ -114,15 +116,25 @@ def ppo_update(models: dict, opts: dict, b: Rollout, advantages, returns, prompt
             with grad_sync(i == cfg.train.grad_accum - 1, models["policy"], models["value"]):
                 with autocast(cfg, rt.device):
                     kept = training_cutoffs(c, mb.cutoffs, prompt_len, width)
-                    logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask,
-                                                          mb.mask, prompt_len, c.temperature, return_entropy=True,
-                                                          cutoffs=kept, check_kept=False)
-                    loss_mask, left = drop_left_kept(logprobs, mb.mask)
-                    pg_loss, pg_stats = policy_loss(logprobs.float(), mb.logprobs, mb_adv, loss_mask, c.clip_range)
-                    if kept is not None:
-                        pg_stats["left_kept_set"] = left
+                    if kept is None and cfg.train.fused_loss:  # the loss's gradient in the lm_head pass
+                        weights = mb.mask * (scale / n_local)  # policy_loss's masked mean, times scale
+                        fused, (logprobs, entropy, _) = response_token_loss(
+                            models["policy"], mb.sequences, mb.attention_mask, mb.mask, prompt_len, c.temperature,
+                            ppo_token_loss(*(spread_response(x.float(), width, prompt_len)
+                                             for x in (mb.logprobs, mb_adv, weights)), c.clip_range))
+                        with torch.no_grad():  # the same loss, for the log, and its stats
+                            pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb_adv, mb.mask, c.clip_range)
+                    else:
+                        logprobs, entropy = response_logprobs(models["policy"], mb.sequences, mb.attention_mask,
+                                                              mb.mask, prompt_len, c.temperature, return_entropy=True,
+                                                              cutoffs=kept, check_kept=False)
+                        loss_mask, left = drop_left_kept(logprobs, mb.mask)
+                        pg_loss, pg_stats = policy_loss(logprobs.float(), mb.logprobs, mb_adv, loss_mask, c.clip_range)
+                        fused = pg_loss * scale
+                        if kept is not None:
+                            pg_stats["left_kept_set"] = left
                 check_finite("ppo", step, pg_loss=pg_loss)
-                (pg_loss * scale).backward()
+                fused.backward()
                 with autocast(cfg, rt.device):  # a separate model: its loss does not see the policy step
                     vpred = response_values(models["value"], mb.sequences, mb.attention_mask, prompt_len, T)
                     vf_loss, vf_stats = value_loss(vpred.float(), mb.values, mb_ret, mb.mask, c.value_clip_range)

@@ -1,4 +1,4 @@
-"""PPO-for-RLHF math as small pure functions on (B, T) tensors.
+"""PPO-for-RLHF math as small pure functions on (B, T) tensors (the clipped policy loss is in policy_loss.py).
 
 Every function takes a ``mask`` of the same shape (bool, integer or float; nonzero = a response token
 that counts). Rows are usually right-padded: ``mask[b] = [1, ..., 1, 0, ..., 0]``. Names follow
@@ -17,7 +17,7 @@ import operator
 import torch
 
 __all__ = [
-    "masked_mean", "masked_var", "masked_whiten", "compute_gae", "policy_loss", "value_loss",
+    "masked_mean", "masked_var", "masked_whiten", "compute_gae", "value_loss",
     "explained_variance", "FixedKLController", "AdaptiveKLController", "per_token_rewards",
 ]
 
@@ -202,72 +202,6 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
         next_value, next_adv = v[:, t], adv
     returns = torch.where(valid, advantages + v, 0.0)
     return advantages, returns
-
-
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_range: float, *, clip_range_high: float | None = None,
-                dual_clip: float | None = None, loss_agg: str | None = None,
-                max_len: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), to minimize.
-
-    logprobs: (B, T) log pi(a_t|s_t) under the current policy (differentiable); old_logprobs,
-    advantages: (B, T) from the rollout (treated as constants); mask: (B, T). With
-    ``ratio = exp(logprobs - old_logprobs)`` and ``hi = clip_range_high`` (default ``clip_range``)::
-
-        pg_losses = max(-A * ratio, -A * clamp(ratio, 1 - clip_range, 1 + hi))
-        pg_losses = min(pg_losses, -A * dual_clip)  where A < 0      (only with dual_clip)
-        pg_loss   = masked_mean(pg_losses)
-        clipfrac  = masked_mean(float(-A * clamp(ratio, ...) > -A * ratio))
-        approx_kl = masked_mean((ratio - 1) - log(ratio))
-
-    ``clip_range_high > clip_range`` is DAPO's clip-higher (Yu et al. 2025): more room for
-    low-probability tokens to grow. ``dual_clip`` (a number > 1, Ye et al. 2020) bounds the loss of a
-    negative-advantage token by ``dual_clip * |A|`` however large its ratio. With both off the loss is
-    today's PPO loss, bit for bit. ``clipfrac_low`` / ``clipfrac_high`` split ``clipfrac`` into the
-    tokens clipped at ``1 - clip_range`` (A < 0) and at ``1 + hi`` (A > 0); ``dual_clipfrac`` (only
-    with dual_clip) counts the tokens the dual clip bounded.
-
-    ``approx_kl`` is the k3 estimator of KL(pi_old || pi) (Schulman, "Approximating KL
-    divergence"): unbiased for samples from pi_old and never negative, as CleanRL logs it.
-    Half-precision inputs are upcast to float32 (the ratio is compared with 1 +- clip_range).
-    ``loss_agg`` (with ``max_len``) reduces the per-token losses with ``critic_free.aggregate_loss``
-    instead of the masked mean (GRPO / Dr. GRPO token weighting); the stats stay token means.
-    Returns ``(pg_loss, stats)``; the stats are detached scalars. Padding may hold inf: it is zeroed
-    before use, so the loss and the gradient stay finite.
-    """
-    if clip_range_high is None:
-        clip_range_high = clip_range
-    elif not _is_real(clip_range_high) or not clip_range_high > 0:
-        raise ValueError(f"clip_range_high must be a number > 0 (or None for clip_range), got {clip_range_high!r}")
-    if dual_clip is not None and (not _is_real(dual_clip) or not dual_clip > 1):
-        raise ValueError(f"dual_clip must be a number > 1 (or None for off), got {dual_clip!r}")
-    logprobs, old_logprobs, adv = _clipped_loss_inputs(mask, clip_range, logprobs=logprobs,
-                                                       old_logprobs=old_logprobs, advantages=advantages)
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    pg_losses = -adv * ratio
-    pg_losses_clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range_high)
-    clipped_losses = torch.maximum(pg_losses, pg_losses_clipped)
-    if dual_clip is not None:
-        dual_bound = -adv * dual_clip
-        dual_active = (adv < 0) & (clipped_losses > dual_bound)
-        clipped_losses = torch.where(dual_active, dual_bound, clipped_losses)
-    if loss_agg is None:
-        loss = masked_mean(clipped_losses, mask)
-    else:
-        from .critic_free import aggregate_loss  # critic_free builds on this module
-        loss = aggregate_loss(clipped_losses, mask, loss_agg, max_len=max_len)
-    with torch.no_grad():
-        clipped = pg_losses_clipped > pg_losses
-        stats = {
-            "clipfrac": masked_mean(clipped.to(ratio.dtype), mask),
-            "clipfrac_low": masked_mean((clipped & (ratio < 1.0 - clip_range)).to(ratio.dtype), mask),
-            "clipfrac_high": masked_mean((clipped & (ratio > 1.0 + clip_range_high)).to(ratio.dtype), mask),
-            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
-        }
-        if dual_clip is not None:
-            stats["dual_clipfrac"] = masked_mean(dual_active.to(ratio.dtype), mask)
-    return loss, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

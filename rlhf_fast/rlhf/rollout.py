@@ -74,6 +74,29 @@ def response_logprobs(policy, sequences, attention_mask, mask, prompt_len: int, 
     return logprobs[:, cols], (entropy[:, cols] if entropy is not None else None)
 
 
+def response_token_loss(policy, sequences, attention_mask, mask, prompt_len: int, temperature: float, loss_fn,
+                        reference=None):
+    """A policy loss known in the forward, through the GPT's fused lm_head pass (GPT.forward's token_loss):
+    returns (loss with its gradient, TokenStats (logp, entropy, kl or None without `reference`) over the
+    response, (B, T) each, detached). loss_fn sees the flat positions of the model's (B, P + T) layout
+    (`spread_response` lays out its constants)."""
+    T = mask.shape[1]
+    targets = response_targets(sequences, mask, prompt_len)
+    loss, stats = policy(sequences, targets, attention_mask=attention_mask, temperature=temperature,
+                         return_entropy=True, reference=reference, token_loss=loss_fn)
+    cols = slice(prompt_len - 1, prompt_len - 1 + T)
+    return loss, type(stats)(*(None if x is None else x[:, cols] for x in stats))
+
+
+def spread_response(x: torch.Tensor, width: int, prompt_len: int) -> torch.Tensor:
+    """(B, T) per-response-token values -> flat (B * width,) over the model's positions (response_targets'
+    layout: token t of the response is scored at position prompt_len - 1 + t), 0 elsewhere."""
+    B, T = x.shape
+    full = x.new_zeros(B, width)
+    full[:, prompt_len - 1:prompt_len - 1 + T] = x
+    return full.reshape(-1)
+
+
 def response_values(value_model, sequences, attention_mask, prompt_len: int, T: int) -> torch.Tensor:
     """(B, T): the value of the state before each response token."""
     values = value_model(sequences, attention_mask=attention_mask)  # (B, P + T)

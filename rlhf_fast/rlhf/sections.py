@@ -352,6 +352,10 @@ class TrainConfig:
     """memory the plan must fit in (0 = the device's free memory; on CPU the available RAM)"""
     memory_check: bool = True
     """stop before loading anything when the memory plan does not fit (false: print it and go on)"""
+    fused_loss: bool = True
+    """RL updates without sampling filters take the policy loss's gradient inside the lm_head pass
+    (fused_linear_token_loss: one lm_head matmul fewer, over the response positions only); false: the
+    logprob op, then the loss and its backward"""
 
 
 @dataclass

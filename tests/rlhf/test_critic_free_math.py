@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-from rlhf_fast.rlhf import (aggregate_loss, discounted_returns, group_advantages, policy_loss,
+from rlhf_fast.rlhf import (aggregate_loss, aggregate_weights, discounted_returns, group_advantages, policy_loss,
                             reinforce_pp_advantages)
 from rlhf_fast.rlhf.ppo_math import masked_whiten
 
@@ -217,3 +217,17 @@ def test_policy_loss_aggregation_by_definition(device, mode):
     torch.testing.assert_close(got, t64(want, device), **F64)
     _, base_stats = policy_loss(lp.to(device), old.to(device), adv.to(device), mask.to(device), lo, clip_range_high=hi)
     assert torch.equal(stats["clipfrac"], base_stats["clipfrac"])  # the stats stay token means
+
+
+@pytest.mark.parametrize("mode", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
+def test_aggregate_weights_give_aggregate_loss(mode):
+    """The per-token weights a fused token loss uses reproduce aggregate_loss (float64, an empty row and inf
+    on the padding included: the weights are 0 there and the padding is never read)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 17, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(5, 17, generator=gen) < 0.7).long()
+    mask[2] = 0
+    want = aggregate_loss(x.masked_fill(mask == 0, float("inf")), mask, mode, max_len=20)
+    weights = aggregate_weights(mask, mode, max_len=20)
+    assert weights.dtype == torch.float32 and (weights[mask == 0] == 0).all()
+    torch.testing.assert_close((weights.double() * x).sum(), want, rtol=1e-6, atol=0)
