@@ -42,10 +42,12 @@ class ModelMemory:
     activation_bytes: int  # peak of one training forward + backward (frozen models: one scoring forward)
     shards: int = 1  # FSDP: ranks its gradients and optimizer state are sharded over (weights are gathered
     # whole for generation, so they are counted whole)
+    grad_shards: int | None = None  # where gradients are not sharded like the optimizer state: FSDP with
+    # accumulation holds whole (unsharded) gradients until the last micro-batch (microbatch.grad_sync)
 
     @property
     def grad_bytes(self) -> int:
-        return 4 * self.trainable // self.shards
+        return 4 * self.trainable // (self.shards if self.grad_shards is None else self.grad_shards)
 
     @property
     def optimizer_bytes(self) -> int:
@@ -149,7 +151,7 @@ def stage_plan(cfg, stage: str, policy: dict, reward: dict | None = None, *, wor
     `device_type`. policy: GPTConfig dict of the model the stage trains (rm: the reward model); reward:
     that of the reward model (ppo, and rl when it scores with one). seq_len: tokens per sequence
     (default model.block_size, the longest a stage allows); sharded: FSDP (gradients and AdamW state of
-    the trained models split over the ranks)."""
+    the trained models split over the ranks; gradients whole with train.grad_accum > 1)."""
     t, T = cfg.train, seq_len or cfg.model.block_size
     act_bytes = 2 if cfg.run.dtype == "bfloat16" else 4
     frozen_bytes = 2 if t.frozen_dtype == "bfloat16" else 4
@@ -163,7 +165,8 @@ def stage_plan(cfg, stage: str, policy: dict, reward: dict | None = None, *, wor
         return ModelMemory(name, params, trainable, 4 * trainable + base_bytes * (params - trainable),
                            activation_bytes(config, rows, T, checkpointing=t.grad_checkpointing,
                                             dense_attention=dense, elem_bytes=act_bytes, training=trained,
-                                            lm_head=head == "lm"), world if sharded else 1)
+                                            lm_head=head == "lm"), world if sharded else 1,
+                            grad_shards=world if sharded and t.grad_accum == 1 else 1)
 
     def share(batch: int) -> int:  # rows of one micro-batch on one rank
         if batch % (world * t.grad_accum):

@@ -84,6 +84,8 @@ def test_ppo_plan_rows_follow_the_switches():
 
     fsdp = stage_plan(_cfg(), "ppo", LLAMA, GPT2, world=2, sharded=True).models[0]
     assert (fsdp.weight_bytes, fsdp.grad_bytes, fsdp.optimizer_bytes) == (4 * n, 2 * n, 4 * n)  # over 2 ranks
+    fsdp_accum = stage_plan(_cfg(**{"train.grad_accum": 2}), "ppo", LLAMA, GPT2, world=2, sharded=True).models[0]
+    assert (fsdp_accum.grad_bytes, fsdp_accum.optimizer_bytes) == (4 * n, 4 * n)  # whole until the last micro-batch
     accum = stage_plan(_cfg(**{"train.grad_accum": 4}), "ppo", LLAMA, GPT2)
     assert accum.models[0].activation_bytes == pytest.approx(full.models[0].activation_bytes / 4, rel=1e-9)
     with pytest.raises(ValueError, match="grad_accum=3"):
