@@ -174,9 +174,10 @@ for f in rlhf_fast/ops/[a-z]*.py; do
     [ -e "$t" ] && parity+=("$t")
 done
 # the sampler's cutoffs and the filtered logprob/KL kernels on CUDA, and ratio 1 / KL 0 in PPO and GRPO with
-# every sampling filter on (issue 13): the same property as on CPU, with the CUDA sampler and Triton kernels
+# every sampling filter on (issue 13): the same property as on CPU, with the CUDA sampler and Triton kernels;
+# and the fused training loss the RL updates run (through the Triton ops)
 for t in tests/test_sample_cutoffs.py tests/test_filtered_logprobs.py tests/test_fused_linear_kl_divergence_cutoffs.py \
-         tests/rlhf/test_policy_space.py; do
+         tests/rlhf/test_policy_space.py tests/test_fused_loss.py; do
     [ -e "$t" ] && parity+=("$t")
 done
 step parity 200 parity.log "${pytest_cmd[@]}" --junitxml="$out/parity.xml" "${parity[@]}"
