@@ -63,6 +63,29 @@ def test_targets_give_logprobs_entropy_and_gradients_of_transformers(device):
         assert (ours.grad - ref_grad).abs().max().item() < 1e-4 * ref_grad.abs().max().item()
 
 
+def test_ignored_positions_skip_the_lm_head(device, monkeypatch):
+    """Only targeted positions reach the fused logprob op (a rollout's prompt rows cost no lm_head work);
+    the others read 0 and get no gradient, as the op gives an ignored target."""
+    import rlhf_fast
+    hf = hf_gpt2(device)
+    model = GPT.from_hf_gpt2(hf).to(device)
+    idx = torch.randint(0, V, (2, 19), device=device)
+    targets = torch.randint(0, V, (2, 19), device=device)
+    targets[:, :11] = -100
+    rows, real = [], rlhf_fast.fused_linear_logprobs
+
+    def spy(hidden, *args, **kwargs):
+        rows.append(hidden.shape[0])
+        return real(hidden, *args, **kwargs)
+    monkeypatch.setattr(rlhf_fast, "fused_linear_logprobs", spy)
+    logprobs, entropy = model(idx, targets, temperature=0.7)
+    assert rows == [16]
+    lsm = (hf(idx).logits / 0.7).log_softmax(-1)
+    ref_lp = lsm.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)
+    assert (logprobs - ref_lp).abs().max().item() < 1e-4 and (logprobs[:, :11] == 0).all()
+    assert (entropy[:, :11] == 0).all() and (entropy[:, 11:] > 0).all()
+
+
 def test_from_pretrained_reads_a_safetensors_folder(tmp_path):
     hf = hf_gpt2("cpu")
     hf.save_pretrained(tmp_path, safe_serialization=True)

@@ -219,13 +219,14 @@ class GPT(nn.Module):
                                                   temperature, ignore_index, self.config.backend, scoring)
             if scoring:  # the KL pass has the logprobs
                 return logp.view(targets.shape), None, kl.view(targets.shape), ref_logp.view(targets.shape)
-        out = rlhf_fast.fused_linear_logprobs(hidden, weight, flat_targets, temperature=temperature,
-                                              return_entropy=return_entropy, ignore_index=ignore_index,
-                                              cutoffs=flat_cutoffs, check_kept=check_kept,
-                                              backend=self.config.backend)
+        rows = _targeted_rows(flat_targets, ignore_index)  # a rollout's prompt positions skip the lm_head
+        out = rlhf_fast.fused_linear_logprobs(_rows(hidden, rows), weight, _rows(flat_targets, rows),
+                                              temperature=temperature, return_entropy=return_entropy,
+                                              ignore_index=ignore_index, cutoffs=_rows(flat_cutoffs, rows),
+                                              check_kept=check_kept, backend=self.config.backend)
         logprobs, entropy = out if return_entropy else (out, None)
-        logprobs = logprobs.view(targets.shape)
-        entropy = entropy.view(targets.shape) if return_entropy else None
+        logprobs = _scatter_rows(logprobs, rows, flat_targets.shape[0]).view(targets.shape)
+        entropy = _scatter_rows(entropy, rows, flat_targets.shape[0]).view(targets.shape) if return_entropy else None
         if reference is None:
             return logprobs, entropy
         return logprobs, entropy, kl.view(targets.shape), None
@@ -312,7 +313,7 @@ def _reference_terms(hidden, weight, reference, targets, cutoffs, temperature, i
         targets=targets[rows] if with_logprobs else None, return_logprobs=with_logprobs, backend=backend)
 
     def scatter(v):  # (M,) -> (N,), 0 at the untargeted rows
-        return hidden.new_zeros(hidden.shape[0], dtype=torch.float32).index_put((rows,), v.float())
+        return _scatter_rows(v.float(), rows, hidden.shape[0])
     if not with_logprobs:
         return scatter(out), None, None
     kl, logp, ref_logp = out
@@ -323,7 +324,7 @@ def _token_loss(hidden, weight, reference, targets, cutoffs, token_loss, tempera
                 check_kept, backend):
     """(loss, TokenStats of (N,) fp32, 0 at ignored targets) of fused_linear_token_loss over the targeted rows
     of hidden (N, C) only; token_loss sees their flat positions. reference as in _reference_terms."""
-    rows = (targets != ignore_index).nonzero().squeeze(1)  # (M,)
+    rows = (targets != ignore_index).nonzero().squeeze(1)  # (M,); eager only (token_loss is a Python callable)
     ref_kw = {}
     if reference is not None:
         ref_hidden, ref_weight = reference
@@ -338,9 +339,25 @@ def _token_loss(hidden, weight, reference, targets, cutoffs, token_loss, tempera
         return_entropy=return_entropy, ignore_index=ignore_index,
         cutoffs=None if cutoffs is None else cutoffs[rows], check_kept=check_kept, backend=backend, **ref_kw)
 
-    def scatter(v):  # (M,) -> (N,), 0 at the untargeted rows
-        return None if v is None else hidden.new_zeros(hidden.shape[0], dtype=torch.float32).index_put((rows,), v)
-    return loss, TokenStats(*(scatter(v) for v in stats))
+    return loss, TokenStats(*(None if v is None else _scatter_rows(v, rows, hidden.shape[0]) for v in stats))
+
+
+def _targeted_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """The (M,) indices of the targeted positions, or None where every position is targeted or where
+    indices cannot be taken (torch.compile tracing, CUDA-graph capture: a data-dependent shape)."""
+    if torch.compiler.is_compiling() or (targets.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    rows = (targets != ignore_index).nonzero().squeeze(1)  # one host sync on CUDA
+    return None if rows.shape[0] == targets.shape[0] else rows
+
+
+def _rows(x: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    return x if x is None or rows is None else x[rows]
+
+
+def _scatter_rows(v: torch.Tensor, rows: torch.Tensor | None, n: int) -> torch.Tensor:
+    """(M,) values of `rows` -> (N,), 0 elsewhere (what the ops give an ignored position)."""
+    return v if rows is None else v.new_zeros(n).index_put((rows,), v)
 
 
 def _check_idx(idx, ndim: int, config: GPTConfig) -> None:
