@@ -39,10 +39,10 @@ def _tokenizer(vocab: int):
 
 
 def update_phases(model_kwargs: dict, B: int, P: int, T: int, epochs: int, updates: int = 3,
-                  seed: int = 0) -> list[dict]:
+                  seed: int = 0, clock=time.perf_counter) -> list[dict]:
     """Seconds of each phase of `updates` PPO updates of trl's trainer on B prompts of P random ids plus
     T new tokens, `epochs` PPO epochs over one minibatch, GPT-2 models of model_kwargs (n_layer, n_head,
-    n_embd, vocab_size)."""
+    n_embd, vocab_size), read off `clock`."""
     import datasets
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
@@ -72,14 +72,14 @@ def update_phases(model_kwargs: dict, B: int, P: int, T: int, epochs: int, updat
         real_generation, real_forward = trainer_module.batch_generation, trainer_module.forward
 
         def batch_generation(*a, **k):
-            marks.append(("gen_start", time.perf_counter()))
+            marks.append(("gen_start", clock()))
             out_ = real_generation(*a, **k)
-            marks.append(("gen_end", time.perf_counter()))
+            marks.append(("gen_end", clock()))
             return out_
 
         def forward(*a, **k):
             if torch.is_grad_enabled() and marks and marks[-1][0] == "gen_end":
-                marks.append(("train_start", time.perf_counter()))
+                marks.append(("train_start", clock()))
             return real_forward(*a, **k)
 
         trainer_module.batch_generation, trainer_module.forward = batch_generation, forward
@@ -87,7 +87,7 @@ def update_phases(model_kwargs: dict, B: int, P: int, T: int, epochs: int, updat
             trainer.train()
         finally:
             trainer_module.batch_generation, trainer_module.forward = real_generation, real_forward
-        marks.append(("gen_start", time.perf_counter()))  # the end of the last update
+        marks.append(("gen_start", clock()))  # the end of the last update
     phases = []
     starts = [i for i, (name, _) in enumerate(marks) if name == "gen_start"]
     for a, b in zip(starts, starts[1:]):
