@@ -257,8 +257,15 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    params = [p for p in unwrap(model).parameters() if p.requires_grad]  # a LoRA model: its adapters only
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    """AdamW over the trainable parameters (a LoRA model: its adapters and heads only). torch's fused kernel
+    (one pass over all tensors, CPU and CUDA) where it applies: on CPU, where the default is a Python loop
+    over the tensors, a 4-layer width-256 GPT's step took 5 ms instead of 25 ms (1 thread). FSDP2's
+    DTensor parameters keep torch's default implementation."""
+    from torch.distributed.tensor import DTensor
+    params = [p for p in unwrap(model).parameters() if p.requires_grad]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor) for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95),
+                             **({"fused": True} if fused else {}))
 
 
 def check_finite(stage: str, step: int, **values) -> None:
