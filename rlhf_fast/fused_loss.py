@@ -137,10 +137,9 @@ def _through_the_ops(hidden, weight, bias, targets, cutoffs, settings, need):
         losses = []
         for rows in row_chunks(targets.shape[0], weight.shape[0], chunk_rows):
             loss = loss_fn(rows, TokenStats(*(None if x is None else x[rows] for x in (logp, entropy, kl))))
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                raise ValueError("loss_fn must return a 0-dim tensor (the loss of its rows)")
+            ref.check_chunk_loss(loss)
             losses.append(loss)
-        loss = torch.stack(losses).double().sum().float() if losses else logp.new_zeros(())
+        loss = ref.sum_chunk_losses(losses, logp.device)
         wanted = [x for x in leaves if x is not None and x.requires_grad]
         grads = iter(torch.autograd.grad(loss, wanted, allow_unused=True) if wanted and loss.requires_grad
                      else [None] * len(wanted))

@@ -114,8 +114,21 @@ def forward_with_loss(hidden, weight, bias, targets, loss_fn, temperature: float
                                                        grads, ignore_index, temperature)
 
     d = lm_head_backward(grad_chunks(), hidden, weight, bias, need)
-    loss = torch.stack(losses).double().sum().float() if losses else torch.zeros((), dtype=torch.float32, device=dev)
-    return (loss, out, *d)
+    return (sum_chunk_losses(losses, dev), out, *d)
+
+
+def check_chunk_loss(loss) -> None:
+    """loss_fn's result for its rows must be a 0-dim tensor."""
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError("loss_fn must return a 0-dim tensor (the loss of its rows), got "
+                         f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+
+
+def sum_chunk_losses(losses: list, device) -> torch.Tensor:
+    """The chunks' losses summed in fp64 (their order then does not matter to fp32), as a 0-dim fp32 tensor."""
+    if not losses:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack(losses).double().sum().float()
 
 
 def chunk_loss_grads(loss_fn, rows: slice, stats: TokenStats) -> tuple[torch.Tensor, TokenStats]:
@@ -125,9 +138,7 @@ def chunk_loss_grads(loss_fn, rows: slice, stats: TokenStats) -> tuple[torch.Ten
     with torch.enable_grad():
         leaves = TokenStats(*(None if x is None else x.detach().requires_grad_() for x in stats))
         loss = loss_fn(rows, leaves)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise ValueError("loss_fn must return a 0-dim tensor (the loss of its rows), got "
-                             f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+        check_chunk_loss(loss)
         inputs = [x for x in leaves if x is not None]
         grads = iter(torch.autograd.grad(loss, inputs, allow_unused=True) if loss.requires_grad
                      else [None] * len(inputs))

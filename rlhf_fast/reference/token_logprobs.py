@@ -144,21 +144,30 @@ def grad_z_(z: torch.Tensor, targets, stats, entropy, grad_logp, grad_entropy, i
     entropy), and the one-hot term is a scatter of n values. The entropy path needs `scratch` (n, V)
     fp32 for e (or allocates it). Rows whose logits are -inf get p = 0 and zero gradient there.
     """
+    safe, one_hot, alpha, beta = _grad_factors(targets, stats, entropy, grad_logp, grad_entropy, ignore_index,
+                                               temperature)
+    x = z.sub_(stats[0][:, None])  # z - m
+    if beta is None:
+        dz = x.exp_().mul_(alpha[:, None])
+    else:
+        e = torch.exp(x, out=scratch[: x.shape[0]]) if scratch is not None else x.exp()
+        dz = x.clamp_(min=_LOG_FLOOR).mul_(beta[:, None]).add_(alpha[:, None]).mul_(e)
+    return dz.scatter_add_(-1, safe, one_hot[:, None])
+
+
+def _grad_factors(targets, stats, entropy, grad_logp, grad_entropy, ignore_index: int, temperature: float):
+    """The per-row factors of d(loss)/d(logits) = e (alpha + beta x) + onehot(t) * one_hot, with x = z - m and
+    e = exp(x) (beta None without an entropy gradient) -> (safe targets (n, 1), one_hot, alpha, beta):
+    p (g + g_H (log p + H)) = e (alpha + beta x) with log p = x - log s, negated and divided by T."""
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0).long()[:, None]
     g_logp = torch.where(valid, grad_logp.float(), 0.0) if grad_logp is not None else torch.zeros_like(stats[0])
     inv_s = torch.exp(-stats[1])
-    x = z.sub_(stats[0][:, None])  # z - m
     if grad_entropy is None:
-        dz = x.exp_().mul_((g_logp * inv_s).div_(-temperature)[:, None])
-    else:
-        # p (g + g_H (log p + H)) = e (alpha + beta x), log p = x - log s; d(loss)/dz is its negative
-        g_ent = torch.where(valid, grad_entropy.float(), 0.0)
-        alpha = (g_logp + g_ent * (entropy - stats[1])).mul_(inv_s).div_(-temperature)
-        beta = (g_ent * inv_s).div_(-temperature)
-        e = torch.exp(x, out=scratch[: x.shape[0]]) if scratch is not None else x.exp()
-        dz = x.clamp_(min=_LOG_FLOOR).mul_(beta[:, None]).add_(alpha[:, None]).mul_(e)
-    return dz.scatter_add_(-1, safe, (g_logp / temperature)[:, None])
+        return safe, g_logp / temperature, (g_logp * inv_s).div_(-temperature), None
+    g_ent = torch.where(valid, grad_entropy.float(), 0.0)
+    alpha = (g_logp + g_ent * (entropy - stats[1])).mul_(inv_s).div_(-temperature)
+    return safe, g_logp / temperature, alpha, (g_ent * inv_s).div_(-temperature)
 
 
 def grad_after_stats_(z: torch.Tensor, scratch, targets, stats, entropy, grad_logp, grad_entropy,
@@ -169,18 +178,13 @@ def grad_after_stats_(z: torch.Tensor, scratch, targets, stats, entropy, grad_lo
     row_stats leaves e = exp(z - m) in z (no entropy), or e in `scratch` and max(z - m, floor) * e in z,
     which are the two factors of grad_z_'s d(logits) = e (alpha + beta x): one multiply, or two and an add.
     """
-    valid = targets != ignore_index
-    safe = torch.where(valid, targets, 0).long()[:, None]
-    g_logp = torch.where(valid, grad_logp.float(), 0.0)
-    inv_s = torch.exp(-stats[1])
-    if grad_entropy is None:
-        dz = z.mul_((g_logp * inv_s).div_(-temperature)[:, None])
+    safe, one_hot, alpha, beta = _grad_factors(targets, stats, entropy, grad_logp, grad_entropy, ignore_index,
+                                               temperature)
+    if beta is None:
+        dz = z.mul_(alpha[:, None])
     else:
-        g_ent = torch.where(valid, grad_entropy.float(), 0.0)
-        alpha = (g_logp + g_ent * (entropy - stats[1])).mul_(inv_s).div_(-temperature)
-        beta = (g_ent * inv_s).div_(-temperature)
         dz = z.mul_(beta[:, None]).add_(scratch[: z.shape[0]].mul_(alpha[:, None]))
-    return dz.scatter_add_(-1, safe, (g_logp / temperature)[:, None])
+    return dz.scatter_add_(-1, safe, one_hot[:, None])
 
 
 def stats_over(chunks, targets, want_entropy: bool, ignore_index: int, cuts=None):

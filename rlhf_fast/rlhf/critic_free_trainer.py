@@ -188,13 +188,12 @@ def fused_update_loss(models: dict, mb: Rollout, mb_adv, scale, prompt_len: int,
     (rlhf_fast.fused_linear_token_loss) -> (that loss, pg_loss and stats as policy_update logs them,
     entropy (B, T)): the same per-token terms and aggregation weights as policy_loss + aggregate_loss."""
     width, agg = mb.sequences.shape[1], clip_kw["loss_agg"]
-    weights = aggregate_weights(mb.mask, agg, max_len=clip_kw["max_len"]) * scale
-
     def flat(x):
         return spread_response(x.float(), width, prompt_len)
-    pg_fn = ppo_token_loss(flat(mb.logprobs), flat(mb_adv), flat(weights), c.clip_range,
-                           clip_kw["clip_range_high"], clip_kw["dual_clip"])
-    w, ref_logprobs = flat(weights), flat(mb.ref_logprobs)
+    w = flat(aggregate_weights(mb.mask, agg, max_len=clip_kw["max_len"]) * scale)
+    pg_fn = ppo_token_loss(flat(mb.logprobs), flat(mb_adv), w, c.clip_range, clip_kw["clip_range_high"],
+                           clip_kw["dual_clip"])
+    ref_logprobs = flat(mb.ref_logprobs)
 
     def loss_fn(positions, st):
         loss = pg_fn(positions, st)
