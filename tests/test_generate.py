@@ -253,9 +253,13 @@ def test_sampling_state_draws_what_eager_scalars_draw(device):
 @pytest.mark.parametrize("backend", ["reference", "cuda"])
 def test_decode_loop_reads_the_host_once_not_per_token(device, backend, monkeypatch):
     """16 sampled tokens: no host read per token (seed and offset stay on the device, the sampler's
-    check is off); the one read is the end-of-loop check for unsampled rows."""
+    check is off); the one read is the end-of-loop check for unsampled rows. The decode attention
+    reference's CPU shortcut (it reads the cache lengths, free on CPU, never on a GPU) is off, so the
+    loop runs as it would on CUDA."""
     from conftest import need_backend
+    from rlhf_fast.reference import decode_attention as decode_ref
     need_backend(backend, device)
+    monkeypatch.setattr(decode_ref, "host_length_span", lambda seqlens: None)
     model = make_model("modern", device)
     idx = torch.randint(0, V, (3, 5), device=device)
     cache = KVCache(model.config, 3, 21, device, torch.float32)
