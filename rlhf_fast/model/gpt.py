@@ -42,9 +42,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import rlhf_fast
 
 from ..fused_loss import TokenStats
+from . import head_rows
 from .config import GPTConfig
 from .layers import (Block, Decode, KVCache, Packed, Padded, init_weights, make_norm, rope_cos_sin,
                      rope_inv_freq)
@@ -84,7 +84,8 @@ class GPT(nn.Module):
                 attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None, temperature: float = 1.0, return_entropy: bool = True,
                 ignore_index: int = -100, cutoffs: torch.Tensor | None = None, reference=None,
-                return_hidden: bool = False, check_kept: bool = True, token_loss=None):
+                return_hidden: bool = False, check_kept: bool = True, token_loss=None,
+                outputs_at: torch.Tensor | None = None):
         """See the module docstring for layouts and outputs.
 
         idx: (B, T) int64, or (N,) with cu_seqlens (S + 1,) int32 and max_seqlen (int).
@@ -121,6 +122,10 @@ class GPT(nn.Module):
             raise ValueError(f"token_loss must be callable (positions, stats) -> loss, got {type(token_loss).__name__}")
         if return_hidden and (self.head != "lm" or targets is not None):
             raise ValueError("return_hidden is for the 'lm' head without targets")
+        if outputs_at is not None and (self.head != "value" or not isinstance(outputs_at, torch.Tensor)
+                                       or outputs_at.dtype != torch.bool or outputs_at.shape != idx.shape):
+            raise ValueError(f"outputs_at is a bool tensor of idx's shape {tuple(idx.shape)} for the 'value' head "
+                             f"(this model has head={self.head!r}), got {getattr(outputs_at, 'shape', outputs_at)!r}")
         if cutoffs is not None and (not isinstance(cutoffs, torch.Tensor) or cutoffs.shape != (*targets.shape, 2)):
             raise ValueError(f"cutoffs must be a tensor of shape targets.shape + (2,) = {(*targets.shape, 2)}, "
                              f"got {getattr(cutoffs, 'shape', type(cutoffs).__name__)}")
@@ -128,31 +133,51 @@ class GPT(nn.Module):
                      token_loss=token_loss)
         if cu_seqlens is not None:
             return self._forward_packed(idx, targets, cu_seqlens, max_seqlen, temperature, return_entropy,
-                                        ignore_index, extra)
+                                        ignore_index, outputs_at, extra)
         _check_idx(idx, 2, self.config)
         B, T = idx.shape
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
         pos = torch.arange(T, device=idx.device)  # (T,)
+        starts = torch.arange(B, device=idx.device) * T  # (B,) flat index of each row's column 0
         if attention_mask is None:
-            x = self._backbone(idx, pos, Padded(self.config.backend))  # (B, T, C)
             last = torch.full((B,), T - 1, device=idx.device)
+            rows = head_rows.wanted_rows(self._wanted(idx, targets, ignore_index, outputs_at, starts + last))
+            x = self._backbone(idx, pos, Padded(self.config.backend), rows)  # (B, T, C), or (M, C) of rows
         else:
             _check_mask(attention_mask, idx)
             mask = attention_mask.to(torch.bool)
             lead = (mask.cumsum(1) == 0).sum(1)  # (B,) leading pads per row
             roll = (pos[None, :] + lead[:, None]) % T  # rolled[b, j] = original[b, roll[b, j]]
-            unroll = (pos[None, :] - lead[:, None]) % T  # original[b, t] = rolled[b, unroll[b, t]]
             idx = idx.masked_fill(~mask, 0)  # pad ids may be anything (e.g. -1); they are never attended
-            x = self._backbone(idx.gather(1, roll), pos, Padded(self.config.backend))  # (B, T, C) rolled
-            x = x.gather(1, unroll[:, :, None].expand_as(x))  # (B, T, C) original layout
             last = lead + mask.sum(1) - 1  # (B,) last real token
             if targets is not None:
                 targets = targets.masked_fill(~mask, ignore_index)
-        return self._head(x, last, targets, temperature, return_entropy, ignore_index, **extra)
+            want = self._wanted(idx, targets, ignore_index, outputs_at, starts + last)
+            keep = head_rows.wanted_rows(None if want is None else (want & mask).gather(1, roll))  # rolled layout
+            x = self._backbone(idx.gather(1, roll), pos, Padded(self.config.backend), keep)  # rolled
+            if keep is None:
+                unroll = (pos[None, :] - lead[:, None]) % T  # original[b, t] = rolled[b, unroll[b, t]]
+                x = x.gather(1, unroll[:, :, None].expand_as(x))  # (B, T, C) original layout
+                rows = None
+            else:  # (M, C) already: the kept rows' original flat positions, ascending as they are
+                rows = (starts[:, None] + roll).reshape(-1)[keep]
+        return self._head(x, rows, idx.shape, last, targets, temperature, return_entropy, ignore_index, **extra)
+
+    def _wanted(self, idx, targets, ignore_index, outputs_at, last_flat) -> torch.Tensor | None:
+        """idx-shaped bool: the positions the head reads (last_flat: each sequence's last token, flat), or
+        None for every position (or where row indices cannot be taken: head_rows.rows_allowed)."""
+        if not head_rows.rows_allowed(idx):
+            return None
+        if self.head == "reward":
+            want = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
+            return want.index_fill_(0, last_flat, True).view(idx.shape)
+        if self.head == "value":
+            return outputs_at
+        return None if targets is None else targets != ignore_index
 
     def _forward_packed(self, idx, targets, cu_seqlens, max_seqlen, temperature, return_entropy, ignore_index,
-                        extra):
+                        outputs_at, extra):
         _check_idx(idx, 1, self.config)
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
             raise ValueError("cu_seqlens must be a 1-D int32 tensor of sequence boundaries (S + 1,)")
@@ -165,11 +190,15 @@ class GPT(nn.Module):
         starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff().long()  # (S,)
         seq = torch.repeat_interleave(torch.arange(len(lengths), device=idx.device), lengths, output_size=N)
         pos = torch.arange(N, device=idx.device) - starts[seq]  # (N,) position inside its own sequence
-        x = self._backbone(idx, pos, Packed(self.config.backend, cu_seqlens, max_seqlen))  # (N, C)
-        return self._head(x, cu_seqlens[1:].long() - 1, targets, temperature, return_entropy, ignore_index, **extra)
+        last = cu_seqlens[1:].long() - 1  # (S,) each sequence's last token
+        rows = head_rows.wanted_rows(self._wanted(idx, targets, ignore_index, outputs_at, last))
+        x = self._backbone(idx, pos, Packed(self.config.backend, cu_seqlens, max_seqlen), rows)  # (N, C) or (M, C)
+        return self._head(x, rows, idx.shape, last, targets, temperature, return_entropy, ignore_index, **extra)
 
-    def _backbone(self, idx: torch.Tensor, pos: torch.Tensor, attend) -> torch.Tensor:
-        """Token ids (...,) at positions pos (broadcastable to idx) -> final-normed hidden (..., C)."""
+    def _backbone(self, idx: torch.Tensor, pos: torch.Tensor, attend, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (...,) at positions pos (broadcastable to idx) -> final-normed hidden (..., C), or with
+        `keep` (M,) flat indices into idx's positions only those rows (M, C): the last block runs its
+        output projection and MLP on them alone."""
         tf, cfg = self.transformer, self.config
         x = tf.wte(idx)  # (..., C)
         rope = None
@@ -180,53 +209,52 @@ class GPT(nn.Module):
         x = tf.drop(x)
         remat = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(tf.h):
+            rows = keep if layer == len(tf.h) - 1 else None
             if remat:
-                x = checkpoint(block, x, layer, attend, rope, use_reentrant=False)
+                x = checkpoint(block, x, layer, attend, rope, rows, use_reentrant=False)
             else:
-                x = block(x, layer, attend, rope)
+                x = block(x, layer, attend, rope, rows)
         return tf.ln_f(x)
 
-    def _head(self, x, last, targets, temperature, return_entropy, ignore_index, cutoffs=None, reference=None,
-              return_hidden=False, check_kept=True, token_loss=None):
-        """x (..., C) final hidden; last: index into dim -2 of x (or dim 0 when packed) of each sequence's end."""
+    def _head(self, x, rows, shape, last, targets, temperature, return_entropy, ignore_index, cutoffs=None,
+              reference=None, return_hidden=False, check_kept=True, token_loss=None):
+        """x: final hidden (*shape, C), or (M, C) of the flat positions `rows` (then only those are read:
+        head_rows); last: each sequence's last position (into dim -2 of x, or dim 0 when packed)."""
+        n = shape.numel()
         if self.head != "lm":  # a trainable fp32 head over a frozen bf16 backbone (LoRA value model) reads fp32
             x = x.to(self.score.weight.dtype)
         if self.head == "value":
-            return self.score(x).squeeze(-1).float()  # (...,)
+            return head_rows.scatter_rows(self.score(x).squeeze(-1).float(), rows, n).view(shape)  # (*shape)
         if self.head == "reward":
-            if x.dim() == 3:
-                x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, C)
-            else:
-                x = x[last]  # (S, C)
+            if rows is None:  # else x holds just the last rows, in sequence order
+                x = x[torch.arange(x.shape[0], device=x.device), last] if x.dim() == 3 else x[last]  # (B, C)
             return self.score(x).squeeze(-1).float()  # (B,)
         if return_hidden:
             return x
         if targets is None:
             return self.lm_head(x)  # (..., V)
-        hidden, weight = x.reshape(-1, x.shape[-1]), self.lm_head.weight  # (N, C), (V, C)
+        hidden, weight = x.reshape(-1, x.shape[-1]), self.lm_head.weight  # (N or M, C), (V, C)
         if torch.is_autocast_enabled(x.device.type):  # custom ops are not autocast: cast as a matmul would
             dtype = torch.get_autocast_dtype(x.device.type)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
         flat_targets = targets.reshape(-1)
         flat_cutoffs = None if cutoffs is None else cutoffs.reshape(-1, 2)
+        backend = self.config.backend
         if token_loss is not None:
-            loss, stats = _token_loss(hidden, weight, reference, flat_targets, flat_cutoffs, token_loss, temperature,
-                                      return_entropy, ignore_index, check_kept, self.config.backend)
+            loss, stats = head_rows.token_loss_terms(hidden, rows, weight, reference, flat_targets, flat_cutoffs,
+                                                     token_loss, temperature, return_entropy, ignore_index,
+                                                     check_kept, backend)
             return loss, TokenStats(*(None if v is None else v.view(targets.shape) for v in stats))
         scoring = not return_entropy and not torch.is_grad_enabled()
         if reference is not None:
-            kl, logp, ref_logp = _reference_terms(hidden, weight, reference, flat_targets, flat_cutoffs,
-                                                  temperature, ignore_index, self.config.backend, scoring)
+            kl, logp, ref_logp = head_rows.reference_terms(hidden, rows, weight, reference, flat_targets, flat_cutoffs,
+                                                           temperature, ignore_index, backend, scoring)
             if scoring:  # the KL pass has the logprobs
                 return logp.view(targets.shape), None, kl.view(targets.shape), ref_logp.view(targets.shape)
-        rows = _targeted_rows(flat_targets, ignore_index)  # a rollout's prompt positions skip the lm_head
-        out = rlhf_fast.fused_linear_logprobs(_rows(hidden, rows), weight, _rows(flat_targets, rows),
-                                              temperature=temperature, return_entropy=return_entropy,
-                                              ignore_index=ignore_index, cutoffs=_rows(flat_cutoffs, rows),
-                                              check_kept=check_kept, backend=self.config.backend)
-        logprobs, entropy = out if return_entropy else (out, None)
-        logprobs = _scatter_rows(logprobs, rows, flat_targets.shape[0]).view(targets.shape)
-        entropy = _scatter_rows(entropy, rows, flat_targets.shape[0]).view(targets.shape) if return_entropy else None
+        logprobs, entropy = head_rows.logprob_terms(hidden, rows, weight, flat_targets, flat_cutoffs, temperature,
+                                                    return_entropy, ignore_index, check_kept, backend)
+        logprobs = logprobs.view(targets.shape)
+        entropy = None if entropy is None else entropy.view(targets.shape)
         if reference is None:
             return logprobs, entropy
         return logprobs, entropy, kl.view(targets.shape), None
@@ -240,9 +268,9 @@ class GPT(nn.Module):
         and sets cache.seqlens = lengths.
         """
         T = idx.shape[1]
-        x = self._backbone(idx, torch.arange(T, device=idx.device), Padded(self.config.backend, cache))
+        last = cache.rows * T + lengths.long() - 1  # (B,) flat index of each row's last token
+        x = self._backbone(idx, torch.arange(T, device=idx.device), Padded(self.config.backend, cache), last)  # (B, C)
         cache.seqlens.copy_(lengths)
-        x = x[cache.rows, lengths.long() - 1]  # (B, C)
         return self.lm_head(x).float()
 
     @torch.no_grad()
@@ -292,72 +320,6 @@ class GPT(nn.Module):
         """Write a Hugging Face folder (config.json + safetensors) in this model's family format. See hf.py."""
         from .hf import save_pretrained
         return save_pretrained(self, path, **kwargs)
-
-
-def _reference_terms(hidden, weight, reference, targets, cutoffs, temperature, ignore_index, backend, with_logprobs):
-    """Per-token (kl, logprobs, ref_logprobs), each (N,) fp32, 0 at ignored targets, of the policy's hidden
-    (N, C) and lm_head weight against `reference` = (ref_hidden (..., C_ref), ref_weight (V, C_ref) or None
-    for `weight`); kl differentiable in the policy, the logprobs constants (None without `with_logprobs`:
-    then the targets are not read, and one that left its kept set does not matter). Only the targeted rows
-    go through the op (a rollout's prompt positions are skipped)."""
-    ref_hidden, ref_weight = reference
-    ref_hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
-    if ref_hidden.shape[0] != hidden.shape[0]:
-        raise ValueError(f"reference hidden states must have {hidden.shape[0]} positions (this model's), "
-                         f"got {ref_hidden.shape[0]}")
-    ref_weight = weight.detach() if ref_weight is None else ref_weight
-    rows = (targets != ignore_index).nonzero().squeeze(1)  # (M,)
-    out = rlhf_fast.fused_linear_kl_divergence(
-        hidden[rows], weight, ref_hidden[rows].to(hidden.dtype).detach(), ref_weight.to(hidden.dtype).detach(),
-        temperature=temperature, cutoffs=None if cutoffs is None else cutoffs[rows],
-        targets=targets[rows] if with_logprobs else None, return_logprobs=with_logprobs, backend=backend)
-
-    def scatter(v):  # (M,) -> (N,), 0 at the untargeted rows
-        return _scatter_rows(v.float(), rows, hidden.shape[0])
-    if not with_logprobs:
-        return scatter(out), None, None
-    kl, logp, ref_logp = out
-    return scatter(kl), scatter(logp.detach()), scatter(ref_logp.detach())
-
-
-def _token_loss(hidden, weight, reference, targets, cutoffs, token_loss, temperature, return_entropy, ignore_index,
-                check_kept, backend):
-    """(loss, TokenStats of (N,) fp32, 0 at ignored targets) of fused_linear_token_loss over the targeted rows
-    of hidden (N, C) only; token_loss sees their flat positions. reference as in _reference_terms."""
-    rows = (targets != ignore_index).nonzero().squeeze(1)  # (M,); eager only (token_loss is a Python callable)
-    ref_kw = {}
-    if reference is not None:
-        ref_hidden, ref_weight = reference
-        ref_hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
-        if ref_hidden.shape[0] != hidden.shape[0]:
-            raise ValueError(f"reference hidden states must have {hidden.shape[0]} positions (this model's), "
-                             f"got {ref_hidden.shape[0]}")
-        ref_kw = {"ref_hidden": ref_hidden[rows].to(hidden.dtype).detach(),
-                  "ref_weight": (weight if ref_weight is None else ref_weight).to(hidden.dtype).detach()}
-    loss, stats = rlhf_fast.fused_linear_token_loss(
-        hidden[rows], weight, targets[rows], lambda r, st: token_loss(rows[r], st), temperature=temperature,
-        return_entropy=return_entropy, ignore_index=ignore_index,
-        cutoffs=None if cutoffs is None else cutoffs[rows], check_kept=check_kept, backend=backend, **ref_kw)
-
-    return loss, TokenStats(*(None if v is None else _scatter_rows(v, rows, hidden.shape[0]) for v in stats))
-
-
-def _targeted_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """The (M,) indices of the targeted positions, or None where every position is targeted or where
-    indices cannot be taken (torch.compile tracing, CUDA-graph capture: a data-dependent shape)."""
-    if torch.compiler.is_compiling() or (targets.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return None
-    rows = (targets != ignore_index).nonzero().squeeze(1)  # one host sync on CUDA
-    return None if rows.shape[0] == targets.shape[0] else rows
-
-
-def _rows(x: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
-    return x if x is None or rows is None else x[rows]
-
-
-def _scatter_rows(v: torch.Tensor, rows: torch.Tensor | None, n: int) -> torch.Tensor:
-    """(M,) values of `rows` -> (N,), 0 elsewhere (what the ops give an ignored position)."""
-    return v if rows is None else v.new_zeros(n).index_put((rows,), v)
 
 
 def _check_idx(idx, ndim: int, config: GPTConfig) -> None:

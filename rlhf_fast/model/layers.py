@@ -152,7 +152,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, layer: int, attend, rope=None):  # x (..., C): (B, T, C), (N, C) or (B, C)
+    def forward(self, x, layer: int, attend, rope=None, keep=None):  # x (..., C): (B, T, C), (N, C) or (B, C)
+        """keep: optional (M,) flat indices into x's positions: attention still runs over every position
+        (they are all keys and values), the output projection only for these rows -> (M, C)."""
         lead = x.shape[:-1]
         D = self.head_size
         q, k, v = self.c_attn(x).split([self.n_head * D, self.n_kv_head * D, self.n_kv_head * D], dim=-1)
@@ -168,6 +170,8 @@ class CausalSelfAttention(nn.Module):
         if pad:
             y = y[..., :D]
         y = y.reshape(*lead, self.n_head * D).to(x.dtype)  # (..., Hq * D)
+        if keep is not None:
+            y = y.reshape(-1, y.shape[-1])[keep]  # (M, Hq * D)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -199,8 +203,12 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, layer: int, attend, rope=None):
-        x = x + self.attn(self.ln_1(x), layer, attend, rope)
+    def forward(self, x, layer: int, attend, rope=None, keep=None):
+        """x (..., C) -> (..., C), or with keep ((M,) flat indices into x's positions) those rows only (M, C)."""
+        a = self.attn(self.ln_1(x), layer, attend, rope, keep)
+        if keep is not None:
+            x = x.reshape(-1, x.shape[-1])[keep]
+        x = x + a
         return x + self.mlp(self.ln_2(x))
 
 

@@ -98,8 +98,10 @@ def spread_response(x: torch.Tensor, width: int, prompt_len: int) -> torch.Tenso
 
 
 def response_values(value_model, sequences, attention_mask, prompt_len: int, T: int) -> torch.Tensor:
-    """(B, T): the value of the state before each response token."""
-    values = value_model(sequences, attention_mask=attention_mask)  # (B, P + T)
+    """(B, T): the value of the state before each response token (0 after a row's last real token)."""
+    read = torch.zeros(sequences.shape, dtype=torch.bool, device=sequences.device)
+    read[:, prompt_len - 1:prompt_len - 1 + T] = True  # the prompt's other positions skip the last block's MLP
+    values = value_model(sequences, attention_mask=attention_mask, outputs_at=read)  # (B, P + T)
     return values[:, prompt_len - 1:prompt_len - 1 + T]
 
 
