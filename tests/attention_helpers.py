@@ -54,10 +54,10 @@ def fwd_bwd(fn, q, k, v, do, **kw):
     return (out, *grads)
 
 
-def check_against_float64(q, k, v, **kw):
-    """Compare out, dq, dk, dv of the Triton path with the float64 reference, FlashAttention's rule."""
+def check_against_float64(q, k, v, backend="triton", **kw):
+    """Compare out, dq, dk, dv of the op's `backend` with the float64 math, FlashAttention's rule."""
     do = torch.randn_like(q)
-    ours = fwd_bwd(causal_attention, q, k, v, do, backend="triton", **kw)
+    ours = fwd_bwd(causal_attention, q, k, v, do, backend=backend, **kw)
     ref64 = fwd_bwd(reference, q.double(), k.double(), v.double(), do.double())
     same = fwd_bwd(attention_math, q, k, v, do)
     for name, a, r, s in zip(("out", "dq", "dk", "dv"), ours, ref64, same):

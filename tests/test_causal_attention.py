@@ -63,6 +63,14 @@ def test_strided_bthd_view(device):
     check_against_float64(q, k, v)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("hq,hkv,t,d", [(2, 2, 1, 16), (4, 1, 17, 64), (8, 2, 130, 128), (2, 2, 64, 256)])
+def test_reference_backend_on_cpu_matches_float64(hq, hkv, t, d, dtype):
+    """The reference backend on CPU (torch's fused CPU attention; its backward from the saved out and lse)
+    against float64 math, forward and gradients, MHA/GQA/MQA."""
+    check_against_float64(*_inputs(2, hq, hkv, t, d, dtype, "cpu"), backend="reference")
+
+
 def test_reference_backend_is_sdpa(device):
     q, k, v = _inputs(2, 4, 2, 19, 16, torch.float32, device)
     torch.testing.assert_close(causal_attention(q, k, v, backend="reference", scale=0.3),

@@ -34,7 +34,7 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
          lse: torch.Tensor, scale: float, deterministic: bool,
          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _backend.resolve(_OP, backend, q.device, gpu="triton") == "reference":
-        grads = _ref.backward(do, q, k, v, scale)
+        grads = _ref.backward(do, q, k, v, scale, out, lse)
         return tuple(_launch.empty_like_unit_last(t).copy_(g) for t, g in zip((q, k, v), grads))
     return _launch.attention_bwd(do, q, k, v, out, lse, None, q.shape[2], scale, deterministic)
 
