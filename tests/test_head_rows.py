@@ -109,6 +109,13 @@ def test_reward_reads_the_last_token_only(device):
     assert seen[-1] == [4]
     _assert_same_grads(rm, critic)
 
+    cu = torch.tensor([0, 5, 6, 23, 32], dtype=torch.int32, device=device)  # packed: each sequence's last token
+    flat = torch.randint(0, V, (32,), device=device)
+    with torch.no_grad():
+        rewards = rm(flat, cu_seqlens=cu, max_seqlen=17)
+        ref = critic(flat, cu_seqlens=cu, max_seqlen=17)[cu[1:].long() - 1]
+    assert (rewards - ref).abs().max().item() < 1e-5 and seen[-1][-1] == 4
+
 
 def test_outputs_at_needs_a_value_head_and_idx_shape(device):
     model = GPT(CONFIGS["gpt2"]()).to(device)

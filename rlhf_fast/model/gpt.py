@@ -141,8 +141,8 @@ class GPT(nn.Module):
         pos = torch.arange(T, device=idx.device)  # (T,)
         starts = torch.arange(B, device=idx.device) * T  # (B,) flat index of each row's column 0
         if attention_mask is None:
-            last = torch.full((B,), T - 1, device=idx.device)
-            rows = head_rows.wanted_rows(self._wanted(idx, targets, ignore_index, outputs_at, starts + last))
+            rows = starts + T - 1 if self.head == "reward" else head_rows.wanted_rows(
+                self._wanted(idx, targets, ignore_index, outputs_at))
             x = self._backbone(idx, pos, Padded(self.config.backend), rows)  # (B, T, C), or (M, C) of rows
         else:
             _check_mask(attention_mask, idx)
@@ -153,25 +153,25 @@ class GPT(nn.Module):
             last = lead + mask.sum(1) - 1  # (B,) last real token
             if targets is not None:
                 targets = targets.masked_fill(~mask, ignore_index)
-            want = self._wanted(idx, targets, ignore_index, outputs_at, starts + last)
-            keep = head_rows.wanted_rows(None if want is None else (want & mask).gather(1, roll))  # rolled layout
+            if self.head == "reward":  # rolled, a row's real tokens fill its first columns
+                keep, rows = starts + mask.sum(1) - 1, starts + last
+            else:
+                want = self._wanted(idx, targets, ignore_index, outputs_at)
+                keep = head_rows.wanted_rows(None if want is None else (want & mask).gather(1, roll))  # rolled
+                # the kept rows' original flat positions, ascending as they are
+                rows = None if keep is None else (starts[:, None] + roll).reshape(-1)[keep]
             x = self._backbone(idx.gather(1, roll), pos, Padded(self.config.backend), keep)  # rolled
             if keep is None:
                 unroll = (pos[None, :] - lead[:, None]) % T  # original[b, t] = rolled[b, unroll[b, t]]
                 x = x.gather(1, unroll[:, :, None].expand_as(x))  # (B, T, C) original layout
-                rows = None
-            else:  # (M, C) already: the kept rows' original flat positions, ascending as they are
-                rows = (starts[:, None] + roll).reshape(-1)[keep]
-        return self._head(x, rows, idx.shape, last, targets, temperature, return_entropy, ignore_index, **extra)
+        return self._head(x, rows, idx.shape, targets, temperature, return_entropy, ignore_index, **extra)
 
-    def _wanted(self, idx, targets, ignore_index, outputs_at, last_flat) -> torch.Tensor | None:
-        """idx-shaped bool: the positions the head reads (last_flat: each sequence's last token, flat), or
-        None for every position (or where row indices cannot be taken: head_rows.rows_allowed)."""
+    def _wanted(self, idx, targets, ignore_index, outputs_at) -> torch.Tensor | None:
+        """idx-shaped bool: the positions the lm or value head reads, or None for every position (or where
+        row indices cannot be taken: head_rows.rows_allowed). A reward model reads each sequence's last
+        token: one row per sequence, a static size, which the callers index directly (no sync)."""
         if not head_rows.rows_allowed(idx):
             return None
-        if self.head == "reward":
-            want = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
-            return want.index_fill_(0, last_flat, True).view(idx.shape)
         if self.head == "value":
             return outputs_at
         return None if targets is None else targets != ignore_index
@@ -190,10 +190,11 @@ class GPT(nn.Module):
         starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff().long()  # (S,)
         seq = torch.repeat_interleave(torch.arange(len(lengths), device=idx.device), lengths, output_size=N)
         pos = torch.arange(N, device=idx.device) - starts[seq]  # (N,) position inside its own sequence
-        last = cu_seqlens[1:].long() - 1  # (S,) each sequence's last token
-        rows = head_rows.wanted_rows(self._wanted(idx, targets, ignore_index, outputs_at, last))
+        last = cu_seqlens[1:].long() - 1  # (S,) each sequence's last token: what a reward model reads
+        rows = last if self.head == "reward" else head_rows.wanted_rows(self._wanted(idx, targets, ignore_index,
+                                                                                     outputs_at))
         x = self._backbone(idx, pos, Packed(self.config.backend, cu_seqlens, max_seqlen), rows)  # (N, C) or (M, C)
-        return self._head(x, rows, idx.shape, last, targets, temperature, return_entropy, ignore_index, **extra)
+        return self._head(x, rows, idx.shape, targets, temperature, return_entropy, ignore_index, **extra)
 
     def _backbone(self, idx: torch.Tensor, pos: torch.Tensor, attend, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (...,) at positions pos (broadcastable to idx) -> final-normed hidden (..., C), or with
@@ -216,18 +217,16 @@ class GPT(nn.Module):
                 x = block(x, layer, attend, rope, rows)
         return tf.ln_f(x)
 
-    def _head(self, x, rows, shape, last, targets, temperature, return_entropy, ignore_index, cutoffs=None,
+    def _head(self, x, rows, shape, targets, temperature, return_entropy, ignore_index, cutoffs=None,
               reference=None, return_hidden=False, check_kept=True, token_loss=None):
         """x: final hidden (*shape, C), or (M, C) of the flat positions `rows` (then only those are read:
-        head_rows); last: each sequence's last position (into dim -2 of x, or dim 0 when packed)."""
+        head_rows; a reward head's rows are each sequence's last token, one per sequence in order)."""
         n = shape.numel()
         if self.head != "lm":  # a trainable fp32 head over a frozen bf16 backbone (LoRA value model) reads fp32
             x = x.to(self.score.weight.dtype)
         if self.head == "value":
             return head_rows.scatter_rows(self.score(x).squeeze(-1).float(), rows, n).view(shape)  # (*shape)
-        if self.head == "reward":
-            if rows is None:  # else x holds just the last rows, in sequence order
-                x = x[torch.arange(x.shape[0], device=x.device), last] if x.dim() == 3 else x[last]  # (B, C)
+        if self.head == "reward":  # x holds each sequence's last row only, in order (forward's rows)
             return self.score(x).squeeze(-1).float()  # (B,)
         if return_hidden:
             return x
