@@ -42,7 +42,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
 from ..fused_loss import TokenStats
 from . import head_rows
 from .config import GPTConfig

@@ -98,12 +98,9 @@ def token_loss_terms(hidden, rows, weight, reference, targets, cutoffs, token_lo
 def logprob_terms(hidden, rows, weight, targets, cutoffs, temperature, return_entropy, ignore_index, check_kept,
                   backend):
     """(logprobs, entropy or None), each (N,) fp32, 0 at ignored targets, of fused_linear_logprobs over the
-    targeted rows (hidden, rows as in reference_terms, except that with rows None and every position
-    targeted, or while compiling or capturing, all N rows go through the op)."""
+    rows GPT.forward kept (hidden, rows as in reference_terms; with rows None, all N rows go through the
+    op, which gives the ignored ones 0: every position is targeted, or indices could not be taken)."""
     n = targets.shape[0]
-    if rows is None and rows_allowed(targets):
-        rows = wanted_rows(targets != ignore_index)  # a rollout's prompt positions skip the lm_head
-        hidden = take_rows(hidden, rows)
     out = rlhf_fast.fused_linear_logprobs(hidden, weight, take_rows(targets, rows), temperature=temperature,
                                           return_entropy=return_entropy, ignore_index=ignore_index,
                                           cutoffs=take_rows(cutoffs, rows), check_kept=check_kept, backend=backend)
